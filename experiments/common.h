@@ -1,0 +1,52 @@
+/*
+ * common.h - helpers shared by the experiment drivers (not part of libccr).
+ *
+ * Command-line parsing with one-line errors and exit code 2, a monotonic
+ * timer, a progress line on stderr, and the fields every JSONL record carries
+ * (driver, git revision, machine, OpenBLAS core, seed).
+ */
+#ifndef CCR_DRV_COMMON_H
+#define CCR_DRV_COMMON_H
+
+#include <stdbool.h>
+#include <stddef.h>
+
+#include "ccr/ccr.h"
+
+/* Prints "PROG: message" and exits with status 2 (bad usage). */
+void drv_usage_error(const char *prog, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3), noreturn));
+
+/* Prints "PROG: what: ctx message" and exits with status 1 (run failure). */
+void drv_fail(const char *prog, ccr_ctx *ctx, ccr_status s, const char *what)
+    __attribute__((noreturn));
+
+/* Parse a flag's value or exit 2 naming the flag. */
+size_t drv_parse_size(const char *prog, const char *flag, const char *v, size_t min);
+double drv_parse_double(const char *prog, const char *flag, const char *v, double min,
+                        double max);
+unsigned long drv_parse_seed(const char *prog, const char *flag, const char *v);
+
+/* Parses "512,256" into out (at most cap values, each >= 1); returns count. */
+size_t drv_parse_size_list(const char *prog, const char *flag, const char *v, size_t *out,
+                           size_t cap);
+
+/* Seconds from a monotonic clock. */
+double drv_now(void);
+
+/* One progress line on stderr, rewritten in place ("\r"), with rate and ETA. */
+void drv_progress(const char *label, size_t done, size_t total, double t_start,
+                  const char *extra);
+/* Ends the progress line. */
+void drv_progress_end(void);
+
+/* The CPU model from /proc/cpuinfo and the host's core count, e.g.
+ * "AMD EPYC 9B45 (2 cores)". */
+const char *drv_machine(void);
+
+/* Adds driver, version, git, machine, blas_core, blas_threads, backend and
+ * seed fields to a record. */
+ccr_status drv_record_base(ccr_record *r, const char *driver, const ccr_backend *be,
+                           unsigned long seed);
+
+#endif /* CCR_DRV_COMMON_H */

@@ -1,0 +1,293 @@
+/*
+ * ccr-train - trains an MLP classifier on Fashion-MNIST (or any IDX pair).
+ *
+ * The dense baseline of ccr: d_in -> hidden... -> classes with the chosen
+ * activation, softmax cross-entropy, SGD+momentum or Adam.  The driver owns
+ * the loop (INITIALIZE / ITERATE / TEST): it shuffles the training split each
+ * epoch with the seeded GSL RNG, calls ccr_train_step per mini-batch, and
+ * after each epoch evaluates on the validation and test sets and writes one
+ * JSONL record (loss, accuracy, params, FLOPs per example, seconds).
+ */
+#include <gsl/gsl_errno.h>
+#include <gsl/gsl_math.h>
+#include <gsl/gsl_rng.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "common.h"
+
+#define PROG "ccr-train"
+#define MAX_HIDDEN 16
+
+static void usage(void)
+{
+    printf(
+        "usage: ccr-train [options]\n"
+        "Trains an MLP on Fashion-MNIST; one JSONL record per epoch.\n\n"
+        "  --data DIR         IDX files (train-images-idx3-ubyte[.gz] ...)\n"
+        "                     [/usr/share/datasets/fashion-mnist]\n"
+        "  --hidden LIST      hidden layer widths, comma-separated [512,256]\n"
+        "  --act NAME         relu | tanh | sigmoid [relu]\n"
+        "  --optim NAME       adam | sgd [adam]\n"
+        "  --lr X             learning rate [1e-3 adam, 0.05 sgd]\n"
+        "  --momentum X       SGD momentum [0.9]\n"
+        "  --weight-decay X   L2 weight decay [0]\n"
+        "  --schedule NAME    cosine | constant learning rate over epochs [cosine]\n"
+        "  --batch N          mini-batch size [128]\n"
+        "  --epochs N         epochs [10]\n"
+        "  --valid N          examples held out of train for validation [5000]\n"
+        "  --max-train N      use at most N training examples (0 = all) [0]\n"
+        "  --seed N           GSL RNG seed (init, split, shuffles) [1]\n"
+        "  --out FILE         JSONL results file [none]\n"
+        "  --save FILE        write the final parameters (safetensors) [none]\n"
+        "  --quick            smoke run: 1 epoch on 6000 examples\n"
+        "  --help             this text\n\n"
+        "OpenBLAS threads follow OPENBLAS_NUM_THREADS; the core in use is printed\n"
+        "and recorded (set OPENBLAS_CORETYPE=SkylakeX for AVX-512 kernels).\n");
+}
+
+typedef struct options {
+    const char *data, *out, *save;
+    size_t hidden[MAX_HIDDEN], n_hidden;
+    ccr_act act;
+    ccr_optim_config oc;
+    bool lr_set;
+    bool cosine;
+    size_t batch, epochs, valid, max_train;
+    unsigned long seed;
+} options;
+
+static void parse(int argc, char **argv, options *o)
+{
+    *o = (options){.data = "/usr/share/datasets/fashion-mnist", .hidden = {512, 256},
+                   .n_hidden = 2, .act = CCR_ACT_RELU,
+                   .oc = ccr_optim_defaults(CCR_OPTIM_ADAM), .batch = 128, .epochs = 10,
+                   .valid = 5000, .seed = 1, .cosine = true};
+    float momentum = 0.9f, wd = 0.0f, lr = 0.0f;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0) {
+            usage();
+            exit(0);
+        } else if (strcmp(a, "--quick") == 0) {
+            o->epochs = 1;
+            o->max_train = 6000;
+            o->valid = 1000;
+            continue;
+        }
+        if (strncmp(a, "--", 2) != 0)
+            drv_usage_error(PROG, "unexpected argument '%s'", a);
+        i++;
+        if (strcmp(a, "--data") == 0 && v) o->data = v;
+        else if (strcmp(a, "--out") == 0 && v) o->out = v;
+        else if (strcmp(a, "--save") == 0 && v) o->save = v;
+        else if (strcmp(a, "--hidden") == 0)
+            o->n_hidden = drv_parse_size_list(PROG, a, v, o->hidden, MAX_HIDDEN);
+        else if (strcmp(a, "--act") == 0) {
+            if (v == NULL || ccr_act_from_name(v, &o->act) != CCR_OK || o->act == CCR_ACT_IDENTITY)
+                drv_usage_error(PROG, "--act must be relu, tanh or sigmoid");
+        } else if (strcmp(a, "--optim") == 0) {
+            if (v && strcmp(v, "adam") == 0) o->oc.kind = CCR_OPTIM_ADAM;
+            else if (v && strcmp(v, "sgd") == 0) o->oc.kind = CCR_OPTIM_SGD;
+            else drv_usage_error(PROG, "--optim must be adam or sgd");
+        } else if (strcmp(a, "--lr") == 0) {
+            lr = (float)drv_parse_double(PROG, a, v, 1e-12, 100.0);
+            o->lr_set = true;
+        } else if (strcmp(a, "--momentum") == 0) momentum = (float)drv_parse_double(PROG, a, v, 0, 0.999999);
+        else if (strcmp(a, "--weight-decay") == 0) wd = (float)drv_parse_double(PROG, a, v, 0, 1);
+        else if (strcmp(a, "--schedule") == 0) {
+            if (v && strcmp(v, "cosine") == 0) o->cosine = true;
+            else if (v && strcmp(v, "constant") == 0) o->cosine = false;
+            else drv_usage_error(PROG, "--schedule must be cosine or constant");
+        } else if (strcmp(a, "--batch") == 0) o->batch = drv_parse_size(PROG, a, v, 1);
+        else if (strcmp(a, "--epochs") == 0) o->epochs = drv_parse_size(PROG, a, v, 1);
+        else if (strcmp(a, "--valid") == 0) o->valid = drv_parse_size(PROG, a, v, 1);
+        else if (strcmp(a, "--max-train") == 0) o->max_train = drv_parse_size(PROG, a, v, 0);
+        else if (strcmp(a, "--seed") == 0) o->seed = drv_parse_seed(PROG, a, v);
+        else if (v == NULL) drv_usage_error(PROG, "%s needs a value", a);
+        else drv_usage_error(PROG, "unknown option '%s'", a);
+    }
+    ccr_optim_config base = ccr_optim_defaults(o->oc.kind);
+    o->oc = base;
+    o->oc.lr = o->lr_set ? lr : (o->oc.kind == CCR_OPTIM_SGD ? 0.05f : base.lr);
+    o->oc.momentum = momentum;
+    o->oc.weight_decay = wd;
+}
+
+/* Loads "<dir>/<stem>" trying ".gz" first, then the plain name. */
+static ccr_status load_pair(ccr_ctx *ctx, const char *dir, const char *img, const char *lab,
+                            ccr_dataset **out)
+{
+    char pi[1024], pl[1024];
+    snprintf(pi, sizeof pi, "%s/%s.gz", dir, img);
+    snprintf(pl, sizeof pl, "%s/%s.gz", dir, lab);
+    if (access(pi, R_OK) != 0)
+        snprintf(pi, sizeof pi, "%s/%s", dir, img);
+    if (access(pl, R_OK) != 0)
+        snprintf(pl, sizeof pl, "%s/%s", dir, lab);
+    return ccr_dataset_load_idx(ctx, pi, pl, out);
+}
+
+int main(int argc, char **argv)
+{
+    gsl_set_error_handler_off();
+    options o;
+    parse(argc, argv, &o);
+
+    ccr_ctx *ctx;
+    if (ccr_ctx_init(&ctx) != CCR_OK)
+        return 1;
+    ccr_status s;
+    ccr_backend *be;
+    if ((s = ccr_backend_cpu_init(ctx, &be)) != CCR_OK)
+        drv_fail(PROG, ctx, s, "backend");
+    gsl_rng *rng = gsl_rng_alloc(gsl_rng_mt19937);
+    if (rng == NULL)
+        return 1;
+    gsl_rng_set(rng, o.seed);
+
+    ccr_dataset *full, *test, *train, *valid;
+    if ((s = load_pair(ctx, o.data, "train-images-idx3-ubyte", "train-labels-idx1-ubyte", &full)) != CCR_OK)
+        drv_usage_error(PROG, "cannot load training data from %s: %s", o.data, ccr_ctx_errmsg(ctx));
+    if ((s = load_pair(ctx, o.data, "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", &test)) != CCR_OK)
+        drv_usage_error(PROG, "cannot load test data from %s: %s", o.data, ccr_ctx_errmsg(ctx));
+    if (o.valid >= full->n)
+        drv_usage_error(PROG, "--valid %zu leaves no training examples (%zu in all)", o.valid, full->n);
+    if ((s = ccr_dataset_split(ctx, full, rng, o.valid, &train, &valid)) != CCR_OK)
+        drv_fail(PROG, ctx, s, "split");
+    ccr_dataset_free(full);
+    size_t n_train = o.max_train && o.max_train < train->n ? o.max_train : train->n;
+    size_t classes = train->n_classes > test->n_classes ? train->n_classes : test->n_classes;
+
+    /* INITIALIZE */
+    ccr_net *net;
+    ccr_optim *opt;
+    if ((s = ccr_net_init(be, train->dim, o.batch, &net)) != CCR_OK)
+        drv_fail(PROG, ctx, s, "network");
+    for (size_t i = 0; i < o.n_hidden && s == CCR_OK; i++) {
+        s = ccr_net_add_linear(net, o.hidden[i]);
+        if (s == CCR_OK)
+            s = ccr_net_add_act(net, o.act);
+    }
+    if (s == CCR_OK) s = ccr_net_add_linear(net, classes);
+    if (s == CCR_OK) s = ccr_net_finalize(net, rng);
+    if (s == CCR_OK) s = ccr_optim_init(ccr_net_params(net), &o.oc, &opt);
+    if (s != CCR_OK)
+        drv_fail(PROG, ctx, s, "network");
+    ccr_flops fl = ccr_net_flops(net);
+
+    char arch[256];
+    int w = snprintf(arch, sizeof arch, "%zu", train->dim);
+    for (size_t i = 0; i < o.n_hidden; i++)
+        w += snprintf(arch + w, sizeof arch - (size_t)w, "-%zu", o.hidden[i]);
+    snprintf(arch + w, sizeof arch - (size_t)w, "-%zu", classes);
+    fprintf(stderr, "%s: mlp %s (%s), %zu params, %.0f fwd + %.0f bwd FLOPs/example; "
+            "train %zu valid %zu test %zu; %s; %s\n", PROG, arch, ccr_act_name(o.act),
+            ccr_net_n_params(net), fl.fwd, fl.bwd, n_train, valid->n, test->n,
+            ccr_backend_describe(be), drv_machine());
+
+    ccr_jsonl *out = NULL;
+    ccr_record *rec;
+    if ((s = ccr_record_init(ctx, &rec)) != CCR_OK)
+        drv_fail(PROG, ctx, s, "record");
+    if (o.out && (s = ccr_jsonl_open(ctx, o.out, false, &out)) != CCR_OK)
+        drv_usage_error(PROG, "cannot open --out %s: %s", o.out, ccr_ctx_errmsg(ctx));
+
+    size_t *perm = malloc(train->n * sizeof *perm);
+    float *xb = malloc(o.batch * train->dim * sizeof *xb);
+    int32_t *yb = malloc(o.batch * sizeof *yb);
+    if (!perm || !xb || !yb)
+        return 1;
+    size_t steps_per_epoch = (n_train + o.batch - 1) / o.batch;
+    double t0 = drv_now();
+    for (size_t epoch = 1; epoch <= o.epochs; epoch++) {
+        /* ITERATE.  Cosine annealing (Loshchilov & Hutter 2017) per epoch:
+         * lr_e = lr / 2 * (1 + cos(pi (e - 1) / epochs)). */
+        float lr_e = o.oc.lr;
+        if (o.cosine)
+            lr_e = (float)(0.5 * o.oc.lr * (1.0 + cos(M_PI * (double)(epoch - 1) / (double)o.epochs)));
+        if ((s = ccr_optim_set_lr(opt, lr_e)) != CCR_OK)
+            drv_fail(PROG, ctx, s, "schedule");
+        double te = drv_now(), loss_sum = 0.0;
+        size_t correct = 0, seen = 0;
+        ccr_permutation(rng, perm, train->n);
+        for (size_t step = 0; step < steps_per_epoch; step++) {
+            size_t b = n_train - step * o.batch < o.batch ? n_train - step * o.batch : o.batch;
+            ccr_dataset_gather(train, perm + step * o.batch, b, xb, yb);
+            ccr_step_stats st;
+            if ((s = ccr_train_step(net, opt, rng, xb, yb, b, &st)) != CCR_OK)
+                drv_fail(PROG, ctx, s, "train step");
+            loss_sum += st.loss * (double)b;
+            correct += st.correct;
+            seen += b;
+            if (step % 20 == 0 || step + 1 == steps_per_epoch) {
+                char extra[96], label[48];
+                snprintf(label, sizeof label, "epoch %zu/%zu step", epoch, o.epochs);
+                snprintf(extra, sizeof extra, "loss %.4f acc %.4f", loss_sum / (double)seen,
+                         (double)correct / (double)seen);
+                drv_progress(label, step + 1, steps_per_epoch, te, extra);
+            }
+        }
+        double train_s = drv_now() - te;
+        /* TEST */
+        ccr_step_stats sv, stt;
+        if ((s = ccr_net_eval(net, valid->x, valid->y, valid->n, &sv)) != CCR_OK ||
+            (s = ccr_net_eval(net, test->x, test->y, test->n, &stt)) != CCR_OK)
+            drv_fail(PROG, ctx, s, "evaluation");
+        drv_progress_end();
+        double tr_loss = loss_sum / (double)seen, tr_acc = (double)correct / (double)seen;
+        double va_acc = (double)sv.correct / (double)sv.batch;
+        double te_acc = (double)stt.correct / (double)stt.batch;
+        fprintf(stderr, "epoch %zu: train loss %.4f acc %.4f | valid loss %.4f acc %.4f | "
+                "test loss %.4f acc %.4f | %.1fs (%.0f ex/s)\n", epoch, tr_loss, tr_acc,
+                sv.loss, va_acc, stt.loss, te_acc, train_s, (double)seen / train_s);
+        ccr_record_clear(rec);
+        s = drv_record_base(rec, PROG, be, o.seed);
+        if (s == CCR_OK) s = ccr_record_add_str(rec, "model", "mlp");
+        if (s == CCR_OK) s = ccr_record_add_str(rec, "arch", arch);
+        if (s == CCR_OK) s = ccr_record_add_str(rec, "act", ccr_act_name(o.act));
+        if (s == CCR_OK) s = ccr_record_add_str(rec, "optim", o.oc.kind == CCR_OPTIM_ADAM ? "adam" : "sgd");
+        if (s == CCR_OK) s = ccr_record_add_double(rec, "lr", o.oc.lr);
+        if (s == CCR_OK) s = ccr_record_add_str(rec, "schedule", o.cosine ? "cosine" : "constant");
+        if (s == CCR_OK) s = ccr_record_add_double(rec, "epoch_lr", lr_e);
+        if (s == CCR_OK) s = ccr_record_add_int(rec, "batch", (int64_t)o.batch);
+        if (s == CCR_OK) s = ccr_record_add_int(rec, "epoch", (int64_t)epoch);
+        if (s == CCR_OK) s = ccr_record_add_int(rec, "n_train", (int64_t)n_train);
+        if (s == CCR_OK) s = ccr_record_add_double(rec, "train_loss", tr_loss);
+        if (s == CCR_OK) s = ccr_record_add_double(rec, "train_acc", tr_acc);
+        if (s == CCR_OK) s = ccr_record_add_double(rec, "valid_loss", sv.loss);
+        if (s == CCR_OK) s = ccr_record_add_double(rec, "valid_acc", va_acc);
+        if (s == CCR_OK) s = ccr_record_add_double(rec, "test_loss", stt.loss);
+        if (s == CCR_OK) s = ccr_record_add_double(rec, "test_acc", te_acc);
+        if (s == CCR_OK) s = ccr_record_add_int(rec, "params", (int64_t)ccr_net_n_params(net));
+        if (s == CCR_OK) s = ccr_record_add_double(rec, "flops_fwd_per_example", fl.fwd);
+        if (s == CCR_OK) s = ccr_record_add_double(rec, "flops_bwd_per_example", fl.bwd);
+        if (s == CCR_OK) s = ccr_record_add_double(rec, "epoch_seconds", train_s);
+        if (s == CCR_OK) s = ccr_record_add_double(rec, "seconds", drv_now() - t0);
+        if (s != CCR_OK)
+            drv_fail(PROG, ctx, s, "record");
+        if (out && (s = ccr_jsonl_write(out, rec)) != CCR_OK)
+            drv_fail(PROG, ctx, s, "write results");
+    }
+    if (o.save && (s = ccr_net_save(net, o.save)) != CCR_OK)
+        drv_fail(PROG, ctx, s, "save");
+    if ((s = ccr_jsonl_close(out)) != CCR_OK)
+        drv_fail(PROG, ctx, s, "close results");
+
+    free(perm);
+    free(xb);
+    free(yb);
+    ccr_record_free(rec);
+    ccr_optim_free(opt);
+    ccr_net_free(net);
+    ccr_dataset_free(train);
+    ccr_dataset_free(valid);
+    ccr_dataset_free(test);
+    gsl_rng_free(rng);
+    ccr_backend_free(be);
+    ccr_ctx_free(ctx);
+    return 0;
+}

@@ -1,0 +1,71 @@
+/*
+ * ccr_jsonl.h - JSON Lines results writer.
+ *
+ * Every experiment driver writes one JSON object per measurement, one per
+ * line, so results can be appended, streamed and read by analysis/ with a
+ * line-by-line parser.  A record is built field by field, then written;
+ * field order is kept.  Non-finite doubles are written as null (JSON has no
+ * NaN), so a reader can tell a failed measurement from a number.
+ *
+ *     ccr_jsonl *out;
+ *     ccr_jsonl_open(ctx, "results.jsonl", false, &out);
+ *     ccr_record *r;
+ *     ccr_record_init(ctx, &r);
+ *     ccr_record_add_str(r, "gate", "topk");
+ *     ccr_record_add_int(r, "epoch", 3);
+ *     ccr_record_add_double(r, "loss", 0.4321);
+ *     ccr_jsonl_write(out, r);          // {"gate":"topk","epoch":3,"loss":0.4321}
+ *     ccr_record_clear(r);              // reuse for the next line
+ *     ...
+ *     ccr_record_free(r);
+ *     ccr_jsonl_close(out);
+ */
+#ifndef CCR_JSONL_H
+#define CCR_JSONL_H
+
+#include <stdbool.h>
+
+#include "ccr_common.h"
+#include "ccr_ctx.h"
+#include "ccr_status.h"
+
+CCR_BEGIN_DECLS
+
+typedef struct ccr_record ccr_record;
+typedef struct ccr_jsonl ccr_jsonl;
+
+/* Creates an empty record.  Returns CCR_EINVAL or CCR_ENOMEM. */
+ccr_status ccr_record_init(ccr_ctx *ctx, ccr_record **out);
+void ccr_record_free(ccr_record *r);
+/* Removes every field. */
+void ccr_record_clear(ccr_record *r);
+
+/* Adds a field.  A key already present is replaced in place.  Return
+ * CCR_EINVAL for NULL/empty keys, NULL values and keys or strings that are
+ * not valid UTF-8 (every line must be valid JSON), and CCR_ENOMEM. */
+ccr_status ccr_record_add_str(ccr_record *r, const char *key, const char *value);
+ccr_status ccr_record_add_int(ccr_record *r, const char *key, int64_t value);
+ccr_status ccr_record_add_double(ccr_record *r, const char *key, double value);
+ccr_status ccr_record_add_bool(ccr_record *r, const char *key, bool value);
+/* An array of n doubles (non-finite entries become null). */
+ccr_status ccr_record_add_doubles(ccr_record *r, const char *key, const double *v, size_t n);
+
+/* The record as one line of JSON without the newline; the caller frees the
+ * string with free().  Returns CCR_ENOMEM. */
+ccr_status ccr_record_to_string(const ccr_record *r, char **out);
+
+/* Opens path for writing (truncating) or appending.  Returns CCR_EIO if it
+ * cannot be opened. */
+ccr_status ccr_jsonl_open(ccr_ctx *ctx, const char *path, bool append, ccr_jsonl **out);
+
+/* Writes the record as one line and flushes it, so a crash loses at most the
+ * line in progress.  Returns CCR_EIO on a write error. */
+ccr_status ccr_jsonl_write(ccr_jsonl *w, const ccr_record *r);
+
+/* Closes the file; returns CCR_EIO if the final flush fails.  NULL is
+ * accepted (returns CCR_OK). */
+ccr_status ccr_jsonl_close(ccr_jsonl *w);
+
+CCR_END_DECLS
+
+#endif /* CCR_JSONL_H */

@@ -1,0 +1,181 @@
+/*
+ * ccr_nn.h - layers, networks, the softmax cross-entropy loss, training steps.
+ *
+ * A network is a stack of layers on one backend, built in three phases:
+ * declare the layers, finalize (one parameter arena, one block of activation
+ * buffers sized for max_batch, parameters initialised from the caller's RNG),
+ * then run.  Training follows GSL's INITIALIZE / ITERATE / TEST shape: the
+ * library offers one step, the driver owns the loop and the logging.
+ *
+ *     ccr_net *net;
+ *     ccr_net_init(be, 784, 128, &net);             // d_in, max_batch
+ *     ccr_net_add_linear(net, 256);
+ *     ccr_net_add_act(net, CCR_ACT_RELU);
+ *     ccr_net_add_linear(net, 10);
+ *     ccr_net_finalize(net, rng);                   // PyTorch-default init
+ *     ccr_optim *opt;
+ *     ccr_optim_config oc = ccr_optim_defaults(CCR_OPTIM_ADAM);
+ *     ccr_optim_init(ccr_net_params(net), &oc, &opt);
+ *     for (each batch) {                            // ITERATE
+ *         ccr_step_stats st;
+ *         ccr_train_step(net, opt, rng, x, y, batch, &st);
+ *     }
+ *     ccr_net_eval(net, xtest, ytest, n, &st);     // TEST (chunks of max_batch)
+ *
+ * FLOP accounting is exact for the work ccr executes: a multiply-add counts
+ * 2 FLOPs (as Shazeer et al. 2017 count ops), a bias addition 1; element-wise
+ * nonlinearities, the loss and optimiser updates are not counted (they are
+ * O(width), not O(parameters)).  Backward counts what is executed: the input
+ * gradient of the first layer is never computed, so it is not counted.
+ */
+#ifndef CCR_NN_H
+#define CCR_NN_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include <gsl/gsl_rng.h>
+
+#include "ccr_arena.h"
+#include "ccr_backend.h"
+#include "ccr_common.h"
+#include "ccr_status.h"
+
+CCR_BEGIN_DECLS
+
+typedef enum ccr_act {
+    CCR_ACT_IDENTITY = 0,
+    CCR_ACT_RELU = 1,
+    CCR_ACT_TANH = 2,
+    CCR_ACT_SIGMOID = 3
+} ccr_act;
+
+/* "identity", "relu", "tanh", "sigmoid" (NULL for an unknown value), and the
+ * reverse lookup (CCR_EINVAL for an unknown name; *act untouched). */
+const char *ccr_act_name(ccr_act act);
+ccr_status ccr_act_from_name(const char *name, ccr_act *act);
+
+typedef struct ccr_net ccr_net;
+
+/* Starts a network taking d_in inputs per example, for batches of at most
+ * max_batch examples.  Returns CCR_EINVAL for zero sizes or NULL. */
+ccr_status ccr_net_init(ccr_backend *be, size_t d_in, size_t max_batch, ccr_net **out);
+
+/* Releases the network, its arena and buffers.  NULL is accepted. */
+void ccr_net_free(ccr_net *net);
+
+/* Appends y = x W + b, W [d_prev, d_out] named "layers.<i>.w", b [d_out]
+ * named "layers.<i>.b" (i = layer index).  Returns CCR_EINVAL for d_out == 0
+ * or after finalize. */
+ccr_status ccr_net_add_linear(ccr_net *net, size_t d_out);
+
+/* Appends an element-wise activation.  Returns CCR_EINVAL for an unknown
+ * activation or after finalize. */
+ccr_status ccr_net_add_act(ccr_net *net, ccr_act act);
+
+/* Allocates parameters (one arena) and activations (one block) and draws
+ * every linear layer's W and b from U(-1/sqrt(d_in), 1/sqrt(d_in)) (the
+ * PyTorch default) using rng, layer by layer.  Returns CCR_EINVAL for an
+ * empty network, a network without parameters, or a second call. */
+ccr_status ccr_net_finalize(ccr_net *net, gsl_rng *rng);
+
+/* Sizes and parts. */
+size_t ccr_net_d_in(const ccr_net *net);
+size_t ccr_net_d_out(const ccr_net *net);
+size_t ccr_net_max_batch(const ccr_net *net);
+size_t ccr_net_n_layers(const ccr_net *net);
+ccr_arena *ccr_net_params(const ccr_net *net);   /* NULL before finalize */
+ccr_backend *ccr_net_backend(const ccr_net *net);
+
+/* Facts about layer i (< ccr_net_n_layers). */
+typedef struct ccr_layer_info {
+    const char *kind;    /* "linear", "relu", "tanh", "sigmoid", "identity" */
+    size_t d_in, d_out;
+    size_t n_params;
+    double flops_fwd;    /* per example */
+    double flops_bwd;    /* per example, as executed (no dx for layer 0) */
+} ccr_layer_info;
+ccr_status ccr_net_layer_info(const ccr_net *net, size_t i, ccr_layer_info *info);
+
+/* Totals over the layers (per example). */
+typedef struct ccr_flops {
+    double fwd;          /* forward FLOPs per example */
+    double bwd;          /* backward FLOPs per example */
+} ccr_flops;
+ccr_flops ccr_net_flops(const ccr_net *net);
+size_t ccr_net_n_params(const ccr_net *net);
+
+/* Forward pass of `batch` (1..max_batch) examples x (host memory,
+ * batch x d_in).  *out receives the network output on the backend
+ * (batch x d_out, valid until the next call).  Returns CCR_EBADLEN for a bad
+ * batch, CCR_EDOM if x holds NaN or infinity, CCR_EINVAL before finalize. */
+ccr_status ccr_net_forward(ccr_net *net, const float *x, size_t batch, const float **out);
+
+/* Backward pass for the last forward: dout (backend memory, batch x d_out)
+ * is the gradient of the loss with respect to the output; parameter
+ * gradients are *added* to the arena's gradient block. */
+ccr_status ccr_net_backward(ccr_net *net, const float *dout);
+
+/* Per-batch results. */
+typedef struct ccr_step_stats {
+    double loss;         /* mean softmax cross-entropy over the batch */
+    size_t correct;      /* examples whose argmax equals the label */
+    size_t batch;        /* examples seen */
+} ccr_step_stats;
+
+/* Forward + mean softmax cross-entropy against labels (host, batch values in
+ * [0, d_out)) + backward, gradients accumulated; no parameter update.
+ * Returns CCR_EINVAL for a label out of range (nothing computed). */
+ccr_status ccr_net_loss_grad(ccr_net *net, const float *x, const int32_t *labels,
+                             size_t batch, ccr_step_stats *stats);
+
+/* Loss and accuracy over n examples (any n >= 1; processed in chunks of
+ * max_batch), no gradients.  stats->loss is the mean over all n. */
+ccr_status ccr_net_eval(ccr_net *net, const float *x, const int32_t *labels, size_t n,
+                        ccr_step_stats *stats);
+
+/* Writes the parameters to a safetensors checkpoint ("param.layers.0.w" ...)
+ * with the architecture in __metadata__; reads them back into a network of
+ * the same architecture (CCR_EFORMAT if it differs; values untouched). */
+ccr_status ccr_net_save(const ccr_net *net, const char *path);
+ccr_status ccr_net_load(ccr_net *net, const char *path);
+
+/* ---- optimisers ---------------------------------------------------------- */
+
+typedef enum ccr_optim_kind { CCR_OPTIM_SGD = 0, CCR_OPTIM_ADAM = 1 } ccr_optim_kind;
+
+typedef struct ccr_optim_config {
+    ccr_optim_kind kind;
+    float lr;            /* learning rate, > 0 */
+    float momentum;      /* SGD momentum in [0, 1) */
+    float beta1, beta2;  /* Adam, in [0, 1) */
+    float eps;           /* Adam, > 0 */
+    float weight_decay;  /* L2 added to the gradient, >= 0 */
+} ccr_optim_config;
+
+/* Defaults: SGD lr 0.1 momentum 0.9; Adam lr 1e-3, betas 0.9/0.999, eps 1e-8;
+ * no weight decay. */
+ccr_optim_config ccr_optim_defaults(ccr_optim_kind kind);
+
+typedef struct ccr_optim ccr_optim;
+
+/* Creates an optimiser over a finalized arena, allocating its moment
+ * buffers once.  Returns CCR_EINVAL for a bad configuration. */
+ccr_status ccr_optim_init(ccr_arena *params, const ccr_optim_config *cfg, ccr_optim **out);
+void ccr_optim_free(ccr_optim *opt);
+
+/* One update of every parameter from the accumulated gradients. */
+ccr_status ccr_optim_step(ccr_optim *opt);
+
+/* Changes the learning rate (schedules); CCR_EINVAL unless lr > 0. */
+ccr_status ccr_optim_set_lr(ccr_optim *opt, float lr);
+
+/* One training step: zero gradients, ccr_net_loss_grad, ccr_optim_step.
+ * rng is reserved for layers that draw noise (may be NULL for deterministic
+ * networks).  Parameters are unchanged if the step fails before the update. */
+ccr_status ccr_train_step(ccr_net *net, ccr_optim *opt, gsl_rng *rng, const float *x,
+                          const int32_t *labels, size_t batch, ccr_step_stats *stats);
+
+CCR_END_DECLS
+
+#endif /* CCR_NN_H */

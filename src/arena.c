@@ -1,0 +1,299 @@
+/*
+ * arena.c - parameter and gradient arenas (llm.c's one-allocation pattern).
+ *
+ * Tensors are declared first (name, shape); finalize computes offsets, each
+ * rounded up to 16 floats (64 bytes) so vector kernels see aligned tensors,
+ * and makes exactly one backend allocation for the values and one for the
+ * gradients.  Save and load go through safetensors (ccr_safetensors.h).
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "arena_impl.h"    // provides: ccr_arena_backend
+#include "backend_impl.h"  // provides: struct ccr_backend
+#include "ccr/ccr_arena.h"
+#include "ccr/ccr_safetensors.h"
+#include "internal.h"      // provides: CCR_FAIL, ccr_mul_ok
+
+typedef struct arena_tensor {
+    char name[CCR_ARENA_MAX_NAME];
+    size_t rank;
+    size_t shape[CCR_ARENA_MAX_RANK];
+    size_t size;     /* product of shape */
+    size_t offset;   /* in floats from the block start */
+} arena_tensor;
+
+struct ccr_arena {
+    ccr_backend *be;
+    arena_tensor *t;
+    size_t n, cap;
+    size_t n_params;   /* sum of sizes */
+    size_t block_len;  /* floats in each block, padding included */
+    float *values, *grads;
+};
+
+#define ARENA_ALIGN 16
+
+ccr_status ccr_arena_init(ccr_backend *be, ccr_arena **out)
+{
+    if (be == NULL)
+        return CCR_EINVAL;
+    CCR_CHECK_NULL(be->ctx, out);
+    ccr_arena *a = calloc(1, sizeof *a);
+    if (a == NULL)
+        CCR_FAIL(be->ctx, CCR_ENOMEM, "cannot allocate arena");
+    a->be = be;
+    *out = a;
+    return CCR_OK;
+}
+
+void ccr_arena_free(ccr_arena *a)
+{
+    if (a == NULL)
+        return;
+    ccr_backend_free_buffer(a->be, a->values);
+    ccr_backend_free_buffer(a->be, a->grads);
+    free(a->t);
+    free(a);
+}
+
+ccr_status ccr_arena_add(ccr_arena *a, const char *name, size_t rank, const size_t *shape,
+                         size_t *index)
+{
+    if (a == NULL)
+        return CCR_EINVAL;
+    ccr_ctx *ctx = a->be->ctx;
+    CCR_CHECK_NULL(ctx, name);
+    CCR_CHECK_NULL(ctx, shape);
+    if (a->values != NULL)
+        CCR_FAIL(ctx, CCR_EINVAL, "arena already finalized; cannot add '%s'", name);
+    size_t len = strlen(name);
+    if (len == 0 || len >= CCR_ARENA_MAX_NAME)
+        CCR_FAIL(ctx, CCR_EINVAL, "tensor name length %zu not in 1..%d", len,
+                 CCR_ARENA_MAX_NAME - 1);
+    if (rank == 0 || rank > CCR_ARENA_MAX_RANK)
+        CCR_FAIL(ctx, CCR_EINVAL, "tensor '%s': rank %zu not in 1..%d", name, rank,
+                 CCR_ARENA_MAX_RANK);
+    size_t size = 1;
+    for (size_t d = 0; d < rank; d++) {
+        if (shape[d] == 0)
+            CCR_FAIL(ctx, CCR_EINVAL, "tensor '%s': extent %zu is zero", name, d);
+        if (!ccr_mul_ok(size, shape[d], &size))
+            CCR_FAIL(ctx, CCR_EINVAL, "tensor '%s': size overflows", name);
+    }
+    for (size_t i = 0; i < a->n; i++)
+        if (strcmp(a->t[i].name, name) == 0)
+            CCR_FAIL(ctx, CCR_EINVAL, "duplicate tensor name '%s'", name);
+    size_t padded = (size + ARENA_ALIGN - 1) / ARENA_ALIGN * ARENA_ALIGN;
+    if (padded < size || a->block_len + padded < a->block_len)
+        CCR_FAIL(ctx, CCR_EINVAL, "tensor '%s': arena size overflows", name);
+    if (a->n == a->cap) {
+        size_t cap = a->cap ? 2 * a->cap : 16;
+        arena_tensor *t = realloc(a->t, cap * sizeof *t);
+        if (t == NULL)
+            CCR_FAIL(ctx, CCR_ENOMEM, "cannot grow arena table");
+        a->t = t;
+        a->cap = cap;
+    }
+    arena_tensor *t = &a->t[a->n];
+    memset(t, 0, sizeof *t);
+    memcpy(t->name, name, len + 1);
+    t->rank = rank;
+    memcpy(t->shape, shape, rank * sizeof *shape);
+    t->size = size;
+    t->offset = a->block_len;
+    a->block_len += padded;
+    a->n_params += size;
+    if (index != NULL)
+        *index = a->n;
+    a->n++;
+    return CCR_OK;
+}
+
+ccr_status ccr_arena_finalize(ccr_arena *a)
+{
+    if (a == NULL)
+        return CCR_EINVAL;
+    ccr_ctx *ctx = a->be->ctx;
+    if (a->values != NULL)
+        CCR_FAIL(ctx, CCR_EINVAL, "arena already finalized");
+    if (a->n == 0)
+        CCR_FAIL(ctx, CCR_EINVAL, "arena has no tensors");
+    size_t bytes;
+    if (!ccr_mul_ok(a->block_len, sizeof(float), &bytes))
+        CCR_FAIL(ctx, CCR_ENOMEM, "arena of %zu floats overflows", a->block_len);
+    void *v = NULL, *g = NULL;
+    CCR_TRY(ccr_backend_alloc(a->be, bytes, &v));
+    ccr_status s = ccr_backend_alloc(a->be, bytes, &g);
+    if (s != CCR_OK) {
+        ccr_backend_free_buffer(a->be, v);
+        return s;
+    }
+    a->values = v;
+    a->grads = g;
+    return CCR_OK;
+}
+
+size_t ccr_arena_count(const ccr_arena *a) { return a ? a->n : 0; }
+size_t ccr_arena_n_params(const ccr_arena *a) { return a ? a->n_params : 0; }
+size_t ccr_arena_block_len(const ccr_arena *a) { return a ? a->block_len : 0; }
+float *ccr_arena_values(const ccr_arena *a) { return a ? a->values : NULL; }
+float *ccr_arena_grads(const ccr_arena *a) { return a ? a->grads : NULL; }
+
+const char *ccr_arena_name(const ccr_arena *a, size_t i) { return a->t[i].name; }
+size_t ccr_arena_rank(const ccr_arena *a, size_t i) { return a->t[i].rank; }
+const size_t *ccr_arena_shape(const ccr_arena *a, size_t i) { return a->t[i].shape; }
+size_t ccr_arena_size(const ccr_arena *a, size_t i) { return a->t[i].size; }
+
+float *ccr_arena_value(const ccr_arena *a, size_t i)
+{
+    return a->values ? a->values + a->t[i].offset : NULL;
+}
+
+float *ccr_arena_grad(const ccr_arena *a, size_t i)
+{
+    return a->grads ? a->grads + a->t[i].offset : NULL;
+}
+
+static ccr_status arena_check_index(const ccr_arena *a, size_t i, const void *host)
+{
+    if (a == NULL)
+        return CCR_EINVAL;
+    CCR_CHECK_NULL(a->be->ctx, host);
+    if (a->values == NULL)
+        CCR_FAIL(a->be->ctx, CCR_EINVAL, "arena not finalized");
+    if (i >= a->n)
+        CCR_FAIL(a->be->ctx, CCR_EINVAL, "tensor index %zu >= %zu", i, a->n);
+    return CCR_OK;
+}
+
+ccr_status ccr_arena_set(ccr_arena *a, size_t i, const float *host)
+{
+    CCR_TRY(arena_check_index(a, i, host));
+    return ccr_backend_set(a->be, a->values + a->t[i].offset, host,
+                           a->t[i].size * sizeof(float));
+}
+
+ccr_status ccr_arena_get(const ccr_arena *a, size_t i, float *host)
+{
+    CCR_TRY(arena_check_index(a, i, host));
+    return ccr_backend_get(a->be, host, a->values + a->t[i].offset,
+                           a->t[i].size * sizeof(float));
+}
+
+ccr_status ccr_arena_get_grad(const ccr_arena *a, size_t i, float *host)
+{
+    CCR_TRY(arena_check_index(a, i, host));
+    return ccr_backend_get(a->be, host, a->grads + a->t[i].offset,
+                           a->t[i].size * sizeof(float));
+}
+
+ccr_status ccr_arena_find(const ccr_arena *a, const char *name, size_t *index)
+{
+    if (a == NULL)
+        return CCR_EINVAL;
+    CCR_CHECK_NULL(a->be->ctx, name);
+    CCR_CHECK_NULL(a->be->ctx, index);
+    for (size_t i = 0; i < a->n; i++) {
+        if (strcmp(a->t[i].name, name) == 0) {
+            *index = i;
+            return CCR_OK;
+        }
+    }
+    CCR_FAIL(a->be->ctx, CCR_EINVAL, "no tensor named '%s'", name);
+}
+
+ccr_status ccr_arena_zero_grad(ccr_arena *a)
+{
+    if (a == NULL)
+        return CCR_EINVAL;
+    if (a->grads == NULL)
+        CCR_FAIL(a->be->ctx, CCR_EINVAL, "arena not finalized");
+    return ccr_backend_memset(a->be, a->grads, 0, a->block_len * sizeof(float));
+}
+
+ccr_status ccr_arena_save(const ccr_arena *a, const char *path, int with_grads,
+                          const char *const *meta, size_t n_meta)
+{
+    if (a == NULL)
+        return CCR_EINVAL;
+    ccr_ctx *ctx = a->be->ctx;
+    CCR_CHECK_NULL(ctx, path);
+    if (a->values == NULL)
+        CCR_FAIL(ctx, CCR_EINVAL, "arena not finalized");
+    size_t n_t = with_grads ? 2 * a->n : a->n;
+    ccr_st_tensor *t = calloc(n_t, sizeof *t);
+    char (*names)[CCR_ARENA_MAX_NAME + 8] = calloc(n_t, sizeof *names);
+    float *host = malloc(a->block_len * sizeof(float) * (with_grads ? 2 : 1));
+    ccr_status s = CCR_OK;
+    if (t == NULL || names == NULL || host == NULL) {
+        s = CCR_FAIL_EXPR(ctx, CCR_ENOMEM, "cannot allocate checkpoint staging");
+        goto done;
+    }
+    /* Stage device blocks on the host (a plain copy on the CPU backend). */
+    s = ccr_backend_get(a->be, host, a->values, a->block_len * sizeof(float));
+    if (s == CCR_OK && with_grads)
+        s = ccr_backend_get(a->be, host + a->block_len, a->grads,
+                            a->block_len * sizeof(float));
+    if (s != CCR_OK)
+        goto done;
+    for (size_t j = 0; j < n_t; j++) {
+        size_t i = j % a->n;
+        bool grad = j >= a->n;
+        snprintf(names[j], sizeof names[j], "%s.%s", grad ? "grad" : "param", a->t[i].name);
+        t[j].name = names[j];
+        t[j].dtype = CCR_DTYPE_F32;
+        t[j].rank = a->t[i].rank;
+        memcpy(t[j].shape, a->t[i].shape, a->t[i].rank * sizeof(size_t));
+        t[j].data = host + (grad ? a->block_len : 0) + a->t[i].offset;
+    }
+    s = ccr_safetensors_write(ctx, path, t, n_t, meta, n_meta);
+done:
+    free(host);
+    free(names);
+    free(t);
+    return s;
+}
+
+ccr_status ccr_arena_load(ccr_arena *a, const char *path)
+{
+    if (a == NULL)
+        return CCR_EINVAL;
+    ccr_ctx *ctx = a->be->ctx;
+    CCR_CHECK_NULL(ctx, path);
+    if (a->values == NULL)
+        CCR_FAIL(ctx, CCR_EINVAL, "arena not finalized");
+    ccr_safetensors *f;
+    CCR_TRY(ccr_safetensors_read(ctx, path, &f));
+    ccr_status s = CCR_OK;
+    /* Validate every tensor before writing any, so a bad file loses nothing. */
+    for (size_t i = 0; i < a->n && s == CCR_OK; i++) {
+        char name[CCR_ARENA_MAX_NAME + 8];
+        snprintf(name, sizeof name, "param.%s", a->t[i].name);
+        const ccr_st_tensor *st = ccr_safetensors_find(f, name);
+        if (st == NULL) {
+            s = CCR_FAIL_EXPR(ctx, CCR_EFORMAT, "%s: tensor '%s' missing", path, name);
+        } else if (st->dtype != CCR_DTYPE_F32) {
+            s = CCR_FAIL_EXPR(ctx, CCR_EFORMAT, "%s: tensor '%s' is not F32", path, name);
+        } else {
+            bool same = st->rank == a->t[i].rank;
+            for (size_t d = 0; same && d < st->rank; d++)
+                same = st->shape[d] == a->t[i].shape[d];
+            if (!same)
+                s = CCR_FAIL_EXPR(ctx, CCR_EFORMAT, "%s: tensor '%s' has another shape",
+                                  path, name);
+        }
+    }
+    for (size_t i = 0; i < a->n && s == CCR_OK; i++) {
+        char name[CCR_ARENA_MAX_NAME + 8];
+        snprintf(name, sizeof name, "param.%s", a->t[i].name);
+        const ccr_st_tensor *st = ccr_safetensors_find(f, name);
+        s = ccr_backend_set(a->be, a->values + a->t[i].offset, st->data,
+                            a->t[i].size * sizeof(float));
+    }
+    ccr_safetensors_free(f);
+    return s;
+}
+
+ccr_backend *ccr_arena_backend(const ccr_arena *a) { return a->be; }

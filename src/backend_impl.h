@@ -1,0 +1,64 @@
+/*
+ * backend_impl.h - the private backend vtable and kernel table.
+ *
+ * A backend is a table of buffer operations plus a table of kernels, one
+ * typed pointer per primitive op (ggml's ggml_backend_i).  The CPU backend
+ * starts from the references in src/ref/ and overrides entries with faster
+ * versions (BLIS); the CUDA backend fills the same table with launchers.
+ * Arguments reaching these pointers have been validated by the public layer.
+ * A NULL kernel means "unsupported on this backend".
+ */
+#ifndef CCR_BACKEND_IMPL_H
+#define CCR_BACKEND_IMPL_H
+
+#include <stdbool.h>
+
+#include "ccr/ccr_backend.h"
+#include "ccr/ccr_nn.h"  // provides: ccr_act
+
+typedef struct ccr_kernels {
+    ccr_status (*gemm)(ccr_backend *be, bool ta, bool tb, size_t m, size_t n, size_t k,
+                       float alpha, const float *a, size_t lda, const float *b, size_t ldb,
+                       float beta, float *c, size_t ldc);
+    ccr_status (*bias_add)(ccr_backend *be, float *y, const float *bias, size_t rows,
+                           size_t cols);
+    ccr_status (*bias_grad)(ccr_backend *be, float *db, const float *dy, size_t rows,
+                            size_t cols);
+    ccr_status (*act_fwd)(ccr_backend *be, ccr_act act, const float *x, float *y, size_t n);
+    ccr_status (*act_bwd)(ccr_backend *be, ccr_act act, const float *y, const float *dy,
+                          float *dx, size_t n);
+    ccr_status (*softmax_xent)(ccr_backend *be, const float *logits, const int32_t *labels,
+                               size_t rows, size_t cols, float scale, float *loss,
+                               int32_t *correct, float *dlogits);
+    ccr_status (*sgd_step)(ccr_backend *be, float *w, const float *g, float *v, size_t n,
+                           float lr, float mu, float wd);
+    ccr_status (*adam_step)(ccr_backend *be, float *w, const float *g, float *m, float *v,
+                            size_t n, float lr, float b1, float b2, float eps, float wd,
+                            uint64_t t);
+} ccr_kernels;
+
+typedef struct ccr_backend_i {
+    const char *name;
+    void (*free)(ccr_backend *be);
+    ccr_status (*alloc)(ccr_backend *be, size_t bytes, void **out);
+    void (*free_buffer)(ccr_backend *be, void *buf);
+    ccr_status (*set)(ccr_backend *be, void *dst, const void *src, size_t bytes);
+    ccr_status (*get)(ccr_backend *be, void *dst, const void *src, size_t bytes);
+    ccr_status (*memset)(ccr_backend *be, void *dst, int value, size_t bytes);
+    ccr_status (*synchronize)(ccr_backend *be);
+} ccr_backend_i;
+
+struct ccr_backend {
+    const ccr_backend_i *iface;
+    const ccr_kernels *k;      /* the kernel table in use */
+    ccr_ctx *ctx;              /* where errors are reported */
+    bool is_cpu;
+    char describe[160];        /* ccr_backend_describe */
+    void *impl;                /* backend-private state (CUDA handles) */
+};
+
+/* The CPU kernel tables: references, and references + cblas GEMM. */
+extern const ccr_kernels ccr_cpu_ref_kernels;
+extern const ccr_kernels ccr_cpu_kernels;
+
+#endif /* CCR_BACKEND_IMPL_H */

@@ -1,0 +1,63 @@
+/*
+ * internal.h - private helpers shared by every ccr source file.
+ *
+ * The error discipline (docs/DESIGN.md, "Errors"): every failure goes through
+ * ccr_fail(), which formats "func: message (file:line)" into the context and
+ * returns the code, so one breakpoint on ccr_fail catches every error.
+ * Nothing here aborts or prints.
+ */
+#ifndef CCR_INTERNAL_H
+#define CCR_INTERNAL_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "ccr/ccr_ctx.h"
+#include "ccr/ccr_status.h"
+
+#if defined(__GNUC__)
+#define CCR_PRINTF(f, a) __attribute__((format(printf, f, a)))
+#else
+#define CCR_PRINTF(f, a)
+#endif
+
+#define CCR_UNUSED(x) ((void)(x))
+
+/* Records the message on ctx (if not NULL) and returns code. */
+ccr_status ccr_fail(ccr_ctx *ctx, ccr_status code, const char *func, const char *file,
+                    int line, const char *fmt, ...) CCR_PRINTF(6, 7);
+
+/* return ccr_fail(ctx, code, "fmt", ...) with the call site filled in. */
+#define CCR_FAIL(ctx, code, ...) \
+    return ccr_fail((ctx), (code), __func__, __FILE__, __LINE__, __VA_ARGS__)
+
+/* Same, as an expression (for `s = CCR_FAIL_EXPR(...)` before cleanup). */
+#define CCR_FAIL_EXPR(ctx, code, ...) \
+    ccr_fail((ctx), (code), __func__, __FILE__, __LINE__, __VA_ARGS__)
+
+/* Propagates a non-OK status (the callee already recorded the message). */
+#define CCR_TRY(expr)                      \
+    do {                                   \
+        ccr_status ccr_try_s_ = (expr);    \
+        if (ccr_try_s_ != CCR_OK)          \
+            return ccr_try_s_;             \
+    } while (0)
+
+/* Fails with CCR_EINVAL naming the argument when ptr is NULL. */
+#define CCR_CHECK_NULL(ctx, ptr) \
+    do { if ((ptr) == NULL) CCR_FAIL((ctx), CCR_EINVAL, "%s is NULL", #ptr); } while (0)
+
+/* a * b with overflow detection: returns false on overflow. */
+static inline bool ccr_mul_ok(size_t a, size_t b, size_t *out)
+{
+    if (a != 0 && b > SIZE_MAX / a)
+        return false;
+    *out = a * b;
+    return true;
+}
+
+/* Whether all n values are finite. */
+bool ccr_all_finite(const float *v, size_t n);
+
+#endif /* CCR_INTERNAL_H */

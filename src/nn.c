@@ -1,0 +1,398 @@
+/*
+ * nn.c - ccr_net: a stack of layers on one backend.
+ *
+ * Build phases: ccr_net_init, ccr_net_add_*, ccr_net_finalize.  Finalize
+ * makes one parameter arena and one backend block holding, for max_batch
+ * examples, the staged input, every layer's output and output gradient, the
+ * staged labels and the per-example loss and correctness (llm.c's
+ * "activations" block).  Nothing is allocated after finalize.
+ */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "backend_impl.h"  // provides: struct ccr_backend (kernel table)
+#include "ccr/ccr_safetensors.h"
+#include "internal.h"      // provides: CCR_FAIL, CCR_TRY
+#include "layer_impl.h"    // provides: ccr_layer, layer ops
+#include "nn_impl.h"       // provides: struct ccr_net
+
+ccr_status ccr_net_init(ccr_backend *be, size_t d_in, size_t max_batch, ccr_net **out)
+{
+    if (be == NULL)
+        return CCR_EINVAL;
+    CCR_CHECK_NULL(be->ctx, out);
+    if (d_in == 0 || max_batch == 0)
+        CCR_FAIL(be->ctx, CCR_EINVAL, "d_in=%zu and max_batch=%zu must be > 0", d_in, max_batch);
+    ccr_net *net = calloc(1, sizeof *net);
+    if (net == NULL)
+        CCR_FAIL(be->ctx, CCR_ENOMEM, "cannot allocate network");
+    net->be = be;
+    net->ctx = be->ctx;
+    net->d_in = d_in;
+    net->max_batch = max_batch;
+    *out = net;
+    return CCR_OK;
+}
+
+void ccr_net_free(ccr_net *net)
+{
+    if (net == NULL)
+        return;
+    ccr_arena_free(net->params);
+    ccr_backend_free_buffer(net->be, net->block);
+    free(net->layers);
+    free(net->host);
+    free(net);
+}
+
+static ccr_status net_push(ccr_net *net, const ccr_layer_ops *ops, size_t d_out, ccr_act act)
+{
+    if (net->params != NULL)
+        CCR_FAIL(net->ctx, CCR_EINVAL, "network already finalized");
+    if (net->n == net->cap) {
+        size_t cap = net->cap ? 2 * net->cap : 8;
+        ccr_layer *l = realloc(net->layers, cap * sizeof *l);
+        if (l == NULL)
+            CCR_FAIL(net->ctx, CCR_ENOMEM, "cannot grow layer table");
+        net->layers = l;
+        net->cap = cap;
+    }
+    ccr_layer *l = &net->layers[net->n];
+    memset(l, 0, sizeof *l);
+    l->ops = ops;
+    l->d_in = ccr_net_d_out(net);
+    l->d_out = d_out;
+    l->act = act;
+    net->n++;
+    return CCR_OK;
+}
+
+ccr_status ccr_net_add_linear(ccr_net *net, size_t d_out)
+{
+    if (net == NULL)
+        return CCR_EINVAL;
+    if (d_out == 0)
+        CCR_FAIL(net->ctx, CCR_EINVAL, "linear layer with d_out = 0");
+    return net_push(net, &ccr_layer_linear_ops, d_out, CCR_ACT_IDENTITY);
+}
+
+ccr_status ccr_net_add_act(ccr_net *net, ccr_act act)
+{
+    if (net == NULL)
+        return CCR_EINVAL;
+    if (ccr_act_name(act) == NULL)
+        CCR_FAIL(net->ctx, CCR_EINVAL, "unknown activation %d", (int)act);
+    return net_push(net, &ccr_layer_act_ops, ccr_net_d_out(net), act);
+}
+
+/* Carves the activation block: input, per-layer out/dout, labels, loss,
+ * correctness.  With block == NULL it only counts floats. */
+static size_t net_carve(ccr_net *net, float *block)
+{
+    size_t B = net->max_batch, off = 0;
+#define CARVE(ptr, type, count)                                   \
+    do {                                                          \
+        if (block != NULL)                                        \
+            (ptr) = (type *)(void *)(block + off);                \
+        off += ((count) + 15) / 16 * 16;                          \
+    } while (0)
+    CARVE(net->x_dev, float, B * net->d_in);
+    for (size_t i = 0; i < net->n; i++) {
+        CARVE(net->layers[i].out, float, B * net->layers[i].d_out);
+        CARVE(net->layers[i].dout, float, B * net->layers[i].d_out);
+    }
+    CARVE(net->labels_dev, int32_t, B);
+    CARVE(net->loss_dev, float, B);
+    CARVE(net->correct_dev, int32_t, B);
+#undef CARVE
+    return off;
+}
+
+ccr_status ccr_net_finalize(ccr_net *net, gsl_rng *rng)
+{
+    if (net == NULL)
+        return CCR_EINVAL;
+    CCR_CHECK_NULL(net->ctx, rng);
+    if (net->params != NULL)
+        CCR_FAIL(net->ctx, CCR_EINVAL, "network already finalized");
+    if (net->n == 0)
+        CCR_FAIL(net->ctx, CCR_EINVAL, "network has no layers");
+
+    ccr_arena *a = NULL;
+    float *block = NULL, *scratch = NULL;
+    ccr_status s = ccr_arena_init(net->be, &a);
+    size_t largest = 0;
+    for (size_t i = 0; i < net->n && s == CCR_OK; i++) {
+        ccr_layer *l = &net->layers[i];
+        if (l->ops->declare != NULL)
+            s = l->ops->declare(l, a, i);
+    }
+    if (s == CCR_OK && ccr_arena_count(a) == 0)
+        s = CCR_FAIL_EXPR(net->ctx, CCR_EINVAL, "network has no parameters");
+    if (s == CCR_OK)
+        s = ccr_arena_finalize(a);
+    for (size_t i = 0; s == CCR_OK && i < ccr_arena_count(a); i++)
+        if (ccr_arena_size(a, i) > largest)
+            largest = ccr_arena_size(a, i);
+    if (s == CCR_OK && (scratch = malloc(largest * sizeof *scratch)) == NULL)
+        s = CCR_FAIL_EXPR(net->ctx, CCR_ENOMEM, "cannot allocate init scratch");
+    /* Initialise layer by layer, in order: the draws are a fixed function of
+     * the seed. */
+    for (size_t i = 0; i < net->n && s == CCR_OK; i++) {
+        ccr_layer *l = &net->layers[i];
+        if (l->ops->init_params != NULL)
+            s = l->ops->init_params(l, a, rng, scratch);
+    }
+    size_t n_block = net_carve(net, NULL);
+    if (s == CCR_OK)
+        s = ccr_backend_alloc(net->be, n_block * sizeof(float), (void **)&block);
+    /* Host staging of per-example loss and correctness. */
+    if (s == CCR_OK && (net->host = malloc(2 * net->max_batch * sizeof(float))) == NULL)
+        s = CCR_FAIL_EXPR(net->ctx, CCR_ENOMEM, "cannot allocate host staging");
+    free(scratch);
+    if (s != CCR_OK) {
+        ccr_arena_free(a);
+        ccr_backend_free_buffer(net->be, block);
+        free(net->host);
+        net->host = NULL;
+        return s;
+    }
+    net_carve(net, block);
+    net->block = block;
+    net->params = a;
+    return CCR_OK;
+}
+
+size_t ccr_net_d_in(const ccr_net *net) { return net->d_in; }
+size_t ccr_net_d_out(const ccr_net *net)
+{
+    return net->n ? net->layers[net->n - 1].d_out : net->d_in;
+}
+size_t ccr_net_max_batch(const ccr_net *net) { return net->max_batch; }
+size_t ccr_net_n_layers(const ccr_net *net) { return net->n; }
+ccr_arena *ccr_net_params(const ccr_net *net) { return net->params; }
+ccr_backend *ccr_net_backend(const ccr_net *net) { return net->be; }
+
+ccr_status ccr_net_layer_info(const ccr_net *net, size_t i, ccr_layer_info *info)
+{
+    if (net == NULL)
+        return CCR_EINVAL;
+    CCR_CHECK_NULL(net->ctx, info);
+    if (i >= net->n)
+        CCR_FAIL(net->ctx, CCR_EINVAL, "layer %zu >= %zu layers", i, net->n);
+    const ccr_layer *l = &net->layers[i];
+    info->kind = l->ops == &ccr_layer_act_ops ? ccr_act_name(l->act) : l->ops->kind;
+    info->d_in = l->d_in;
+    info->d_out = l->d_out;
+    info->n_params = l->ops->n_params(l);
+    info->flops_fwd = l->ops->flops_fwd(l);
+    info->flops_bwd = l->ops->flops_bwd(l, i > 0);
+    return CCR_OK;
+}
+
+ccr_flops ccr_net_flops(const ccr_net *net)
+{
+    ccr_flops f = {0.0, 0.0};
+    for (size_t i = 0; i < net->n; i++) {
+        f.fwd += net->layers[i].ops->flops_fwd(&net->layers[i]);
+        f.bwd += net->layers[i].ops->flops_bwd(&net->layers[i], i > 0);
+    }
+    return f;
+}
+
+size_t ccr_net_n_params(const ccr_net *net)
+{
+    size_t n = 0;
+    for (size_t i = 0; i < net->n; i++)
+        n += net->layers[i].ops->n_params(&net->layers[i]);
+    return n;
+}
+
+static ccr_status net_check_input(ccr_net *net, const float *x, size_t batch)
+{
+    CCR_CHECK_NULL(net->ctx, x);
+    if (net->params == NULL)
+        CCR_FAIL(net->ctx, CCR_EINVAL, "network not finalized");
+    if (batch == 0 || batch > net->max_batch)
+        CCR_FAIL(net->ctx, CCR_EBADLEN, "batch %zu not in 1..%zu", batch, net->max_batch);
+    if (!ccr_all_finite(x, batch * net->d_in))
+        CCR_FAIL(net->ctx, CCR_EDOM, "input holds NaN or infinity");
+    return CCR_OK;
+}
+
+/* Forward over already-validated input. */
+static ccr_status net_forward(ccr_net *net, const float *x, size_t batch)
+{
+    CCR_TRY(ccr_backend_set(net->be, net->x_dev, x, batch * net->d_in * sizeof(float)));
+    const float *in = net->x_dev;
+    for (size_t i = 0; i < net->n; i++) {
+        ccr_layer *l = &net->layers[i];
+        CCR_TRY(l->ops->forward(l, net->be, net->params, in, l->out, batch));
+        in = l->out;
+    }
+    net->last_batch = batch;
+    return CCR_OK;
+}
+
+ccr_status ccr_net_forward(ccr_net *net, const float *x, size_t batch, const float **out)
+{
+    if (net == NULL)
+        return CCR_EINVAL;
+    CCR_CHECK_NULL(net->ctx, out);
+    CCR_TRY(net_check_input(net, x, batch));
+    CCR_TRY(net_forward(net, x, batch));
+    *out = net->layers[net->n - 1].out;
+    return CCR_OK;
+}
+
+ccr_status ccr_net_backward(ccr_net *net, const float *dout)
+{
+    if (net == NULL)
+        return CCR_EINVAL;
+    CCR_CHECK_NULL(net->ctx, dout);
+    if (net->last_batch == 0)
+        CCR_FAIL(net->ctx, CCR_EINVAL, "backward without a forward pass");
+    size_t batch = net->last_batch;
+    const float *dy = dout;
+    for (size_t i = net->n; i-- > 0;) {
+        ccr_layer *l = &net->layers[i];
+        const float *x = i > 0 ? net->layers[i - 1].out : net->x_dev;
+        float *dx = i > 0 ? net->layers[i - 1].dout : NULL;
+        CCR_TRY(l->ops->backward(l, net->be, net->params, x, l->out, dy, dx, batch));
+        dy = dx;
+    }
+    return CCR_OK;
+}
+
+static ccr_status net_check_labels(ccr_net *net, const int32_t *labels, size_t n)
+{
+    CCR_CHECK_NULL(net->ctx, labels);
+    size_t classes = ccr_net_d_out(net);
+    for (size_t i = 0; i < n; i++)
+        if (labels[i] < 0 || (size_t)labels[i] >= classes)
+            CCR_FAIL(net->ctx, CCR_EINVAL, "label[%zu] = %d not in 0..%zu", i, (int)labels[i],
+                     classes - 1);
+    return CCR_OK;
+}
+
+/* Loss of the last forward against staged labels; with_grad writes
+ * dlogits = (softmax - onehot) / batch into the top layer's dout.  Sums the
+ * per-example losses in order, in double. */
+static ccr_status net_loss(ccr_net *net, const int32_t *labels, size_t batch, bool with_grad,
+                           double *loss_sum, size_t *correct)
+{
+    ccr_layer *top = &net->layers[net->n - 1];
+    CCR_TRY(ccr_backend_set(net->be, net->labels_dev, labels, batch * sizeof(int32_t)));
+    CCR_TRY(net->be->k->softmax_xent(net->be, top->out, net->labels_dev, batch, top->d_out,
+                                     1.0f / (float)batch, net->loss_dev, net->correct_dev,
+                                     with_grad ? top->dout : NULL));
+    float *loss_h = net->host;
+    int32_t *corr_h = (int32_t *)(void *)(net->host + net->max_batch);
+    CCR_TRY(ccr_backend_get(net->be, loss_h, net->loss_dev, batch * sizeof(float)));
+    CCR_TRY(ccr_backend_get(net->be, corr_h, net->correct_dev, batch * sizeof(int32_t)));
+    double sum = 0.0;
+    size_t c = 0;
+    for (size_t i = 0; i < batch; i++) {
+        sum += loss_h[i];
+        c += corr_h[i] != 0;
+    }
+    *loss_sum = sum;
+    *correct = c;
+    return CCR_OK;
+}
+
+ccr_status ccr_net_loss_grad(ccr_net *net, const float *x, const int32_t *labels,
+                             size_t batch, ccr_step_stats *stats)
+{
+    if (net == NULL)
+        return CCR_EINVAL;
+    CCR_CHECK_NULL(net->ctx, stats);
+    CCR_TRY(net_check_input(net, x, batch));
+    CCR_TRY(net_check_labels(net, labels, batch));
+    CCR_TRY(net_forward(net, x, batch));
+    double sum;
+    size_t correct;
+    CCR_TRY(net_loss(net, labels, batch, true, &sum, &correct));
+    CCR_TRY(ccr_net_backward(net, net->layers[net->n - 1].dout));
+    stats->loss = sum / (double)batch;
+    stats->correct = correct;
+    stats->batch = batch;
+    return CCR_OK;
+}
+
+ccr_status ccr_net_eval(ccr_net *net, const float *x, const int32_t *labels, size_t n,
+                        ccr_step_stats *stats)
+{
+    if (net == NULL)
+        return CCR_EINVAL;
+    CCR_CHECK_NULL(net->ctx, stats);
+    CCR_CHECK_NULL(net->ctx, x);
+    if (n == 0)
+        CCR_FAIL(net->ctx, CCR_EBADLEN, "evaluation over zero examples");
+    CCR_TRY(net_check_labels(net, labels, n));
+    double total = 0.0;
+    size_t correct = 0;
+    for (size_t i0 = 0; i0 < n; i0 += net->max_batch) {
+        size_t b = n - i0 < net->max_batch ? n - i0 : net->max_batch;
+        const float *xb = x + i0 * net->d_in;
+        CCR_TRY(net_check_input(net, xb, b));
+        CCR_TRY(net_forward(net, xb, b));
+        double sum;
+        size_t c;
+        CCR_TRY(net_loss(net, labels + i0, b, false, &sum, &c));
+        total += sum;
+        correct += c;
+    }
+    stats->loss = total / (double)n;
+    stats->correct = correct;
+    stats->batch = n;
+    return CCR_OK;
+}
+
+/* "784;linear:256;relu;linear:10": the architecture, stored in checkpoints. */
+static void net_describe(const ccr_net *net, char *buf, size_t len)
+{
+    int w = snprintf(buf, len, "%zu", net->d_in);
+    for (size_t i = 0; i < net->n && w >= 0 && (size_t)w < len; i++) {
+        const ccr_layer *l = &net->layers[i];
+        if (l->ops == &ccr_layer_act_ops)
+            w += snprintf(buf + w, len - (size_t)w, ";%s", ccr_act_name(l->act));
+        else
+            w += snprintf(buf + w, len - (size_t)w, ";%s:%zu", l->ops->kind, l->d_out);
+    }
+}
+
+ccr_status ccr_net_save(const ccr_net *net, const char *path)
+{
+    if (net == NULL)
+        return CCR_EINVAL;
+    if (net->params == NULL)
+        CCR_FAIL(net->ctx, CCR_EINVAL, "network not finalized");
+    char arch[1024];
+    net_describe(net, arch, sizeof arch);
+    const char *meta[] = {"format", "ccr.net", "ccr_version", CCR_VERSION, "architecture", arch};
+    return ccr_arena_save(net->params, path, 0, meta, 3);
+}
+
+ccr_status ccr_net_load(ccr_net *net, const char *path)
+{
+    if (net == NULL)
+        return CCR_EINVAL;
+    CCR_CHECK_NULL(net->ctx, path);
+    if (net->params == NULL)
+        CCR_FAIL(net->ctx, CCR_EINVAL, "network not finalized");
+    ccr_safetensors *f;
+    CCR_TRY(ccr_safetensors_read(net->ctx, path, &f));
+    char arch[1024];
+    net_describe(net, arch, sizeof arch);
+    const char *theirs = ccr_safetensors_meta(f, "architecture");
+    ccr_status s = CCR_OK;
+    if (theirs == NULL || strcmp(theirs, arch) != 0)
+        s = CCR_FAIL_EXPR(net->ctx, CCR_EFORMAT, "%s: architecture '%s' differs from '%s'",
+                          path, theirs ? theirs : "(none)", arch);
+    ccr_safetensors_free(f);
+    CCR_TRY(s);
+    return ccr_arena_load(net->params, path);
+}

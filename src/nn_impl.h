@@ -1,0 +1,24 @@
+/* nn_impl.h - the layout of struct ccr_net (private; see nn.c). */
+#ifndef CCR_NN_IMPL_H
+#define CCR_NN_IMPL_H
+
+#include "ccr/ccr_nn.h"
+#include "layer_impl.h"  // provides: ccr_layer
+
+struct ccr_net {
+    ccr_backend *be;
+    ccr_ctx *ctx;
+    size_t d_in, max_batch;
+    ccr_layer *layers;
+    size_t n, cap;
+    ccr_arena *params;        /* NULL until finalize */
+    float *block;             /* the activation block (backend memory) */
+    float *x_dev;             /* [max_batch, d_in] staged input */
+    int32_t *labels_dev;      /* [max_batch] staged labels */
+    float *loss_dev;          /* [max_batch] per-example loss */
+    int32_t *correct_dev;     /* [max_batch] per-example correctness */
+    float *host;              /* [2 max_batch] host staging of loss, correct */
+    size_t last_batch;        /* batch of the last forward, 0 if none */
+};
+
+#endif /* CCR_NN_IMPL_H */

@@ -1,0 +1,115 @@
+/*
+ * optim.c - optimisers over a parameter arena.
+ *
+ * One update runs over the arena's whole value block with the backend's
+ * sgd_step or adam_step kernel (the padding between tensors is zero in values
+ * and gradients and stays zero).  Moment buffers are allocated once, at init.
+ */
+#include <math.h>
+#include <stdlib.h>
+
+#include "arena_impl.h"    // provides: ccr_arena_backend
+#include "backend_impl.h"  // provides: struct ccr_backend (kernel table)
+#include "internal.h"      // provides: CCR_FAIL, CCR_TRY
+
+struct ccr_optim {
+    ccr_arena *params;
+    ccr_backend *be;
+    ccr_optim_config cfg;
+    float *m, *v;     /* moments: SGD uses m as the momentum buffer */
+    uint64_t t;       /* steps taken */
+};
+
+ccr_optim_config ccr_optim_defaults(ccr_optim_kind kind)
+{
+    ccr_optim_config c = {.kind = kind, .lr = 0.1f, .momentum = 0.9f, .beta1 = 0.9f,
+                          .beta2 = 0.999f, .eps = 1e-8f, .weight_decay = 0.0f};
+    if (kind == CCR_OPTIM_ADAM)
+        c.lr = 1e-3f;
+    return c;
+}
+
+static ccr_status optim_check(ccr_ctx *ctx, const ccr_optim_config *c)
+{
+    if (c->kind != CCR_OPTIM_SGD && c->kind != CCR_OPTIM_ADAM)
+        CCR_FAIL(ctx, CCR_EINVAL, "unknown optimiser kind %d", (int)c->kind);
+    if (!(c->lr > 0.0f) || !isfinite(c->lr))
+        CCR_FAIL(ctx, CCR_EINVAL, "learning rate %g must be finite and > 0", (double)c->lr);
+    if (!(c->weight_decay >= 0.0f) || !isfinite(c->weight_decay))
+        CCR_FAIL(ctx, CCR_EINVAL, "weight decay %g must be >= 0", (double)c->weight_decay);
+    if (c->kind == CCR_OPTIM_SGD && !(c->momentum >= 0.0f && c->momentum < 1.0f))
+        CCR_FAIL(ctx, CCR_EINVAL, "momentum %g not in [0, 1)", (double)c->momentum);
+    if (c->kind == CCR_OPTIM_ADAM) {
+        if (!(c->beta1 >= 0.0f && c->beta1 < 1.0f) || !(c->beta2 >= 0.0f && c->beta2 < 1.0f))
+            CCR_FAIL(ctx, CCR_EINVAL, "Adam betas %g, %g not in [0, 1)", (double)c->beta1,
+                     (double)c->beta2);
+        if (!(c->eps > 0.0f))
+            CCR_FAIL(ctx, CCR_EINVAL, "Adam eps %g must be > 0", (double)c->eps);
+    }
+    return CCR_OK;
+}
+
+ccr_status ccr_optim_init(ccr_arena *params, const ccr_optim_config *cfg, ccr_optim **out)
+{
+    if (params == NULL)
+        return CCR_EINVAL;
+    ccr_backend *be = ccr_arena_backend(params);
+    CCR_CHECK_NULL(be->ctx, cfg);
+    CCR_CHECK_NULL(be->ctx, out);
+    if (ccr_arena_values(params) == NULL)
+        CCR_FAIL(be->ctx, CCR_EINVAL, "arena not finalized");
+    CCR_TRY(optim_check(be->ctx, cfg));
+    ccr_optim *o = calloc(1, sizeof *o);
+    if (o == NULL)
+        CCR_FAIL(be->ctx, CCR_ENOMEM, "cannot allocate optimiser");
+    o->params = params;
+    o->be = be;
+    o->cfg = *cfg;
+    size_t bytes = ccr_arena_block_len(params) * sizeof(float);
+    ccr_status s = CCR_OK;
+    bool need_m = cfg->kind == CCR_OPTIM_ADAM || cfg->momentum != 0.0f;
+    if (need_m)
+        s = ccr_backend_alloc(be, bytes, (void **)&o->m);
+    if (s == CCR_OK && cfg->kind == CCR_OPTIM_ADAM)
+        s = ccr_backend_alloc(be, bytes, (void **)&o->v);
+    if (s != CCR_OK) {
+        ccr_optim_free(o);
+        return s;
+    }
+    *out = o;
+    return CCR_OK;
+}
+
+void ccr_optim_free(ccr_optim *o)
+{
+    if (o == NULL)
+        return;
+    ccr_backend_free_buffer(o->be, o->m);
+    ccr_backend_free_buffer(o->be, o->v);
+    free(o);
+}
+
+ccr_status ccr_optim_set_lr(ccr_optim *o, float lr)
+{
+    if (o == NULL)
+        return CCR_EINVAL;
+    if (!(lr > 0.0f) || !isfinite(lr))
+        CCR_FAIL(o->be->ctx, CCR_EINVAL, "learning rate %g must be finite and > 0", (double)lr);
+    o->cfg.lr = lr;
+    return CCR_OK;
+}
+
+ccr_status ccr_optim_step(ccr_optim *o)
+{
+    if (o == NULL)
+        return CCR_EINVAL;
+    float *w = ccr_arena_values(o->params);
+    const float *g = ccr_arena_grads(o->params);
+    size_t n = ccr_arena_block_len(o->params);
+    const ccr_optim_config *c = &o->cfg;
+    o->t++;
+    if (c->kind == CCR_OPTIM_SGD)
+        return o->be->k->sgd_step(o->be, w, g, o->m, n, c->lr, c->momentum, c->weight_decay);
+    return o->be->k->adam_step(o->be, w, g, o->m, o->v, n, c->lr, c->beta1, c->beta2, c->eps,
+                               c->weight_decay, o->t);
+}

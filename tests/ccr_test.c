@@ -1,0 +1,76 @@
+/*
+ * ccr_test.c - helper implementations for the test programs.
+ */
+#include "ccr_test.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+double ccr_test_nmse(const float *a, const float *b, size_t n)
+{
+    double num = 0.0, den = 0.0;
+    for (size_t i = 0; i < n; i++) {
+        double d = (double)a[i] - (double)b[i];
+        num += d * d;
+        den += (double)b[i] * (double)b[i];
+    }
+    if (den == 0.0)
+        return num == 0.0 ? 0.0 : INFINITY;
+    return num / den;
+}
+
+void ccr_test_assert_nmse(const float *a, const float *ref, size_t n, double tol,
+                          const char *label)
+{
+    double e = ccr_test_nmse(a, ref, n);
+    if (!(e <= tol)) {
+        int shown = 0;
+        for (size_t i = 0; i < n && shown < 5; i++) {
+            if (fabsf(a[i] - ref[i]) > 1e-6f * (1.0f + fabsf(ref[i]))) {
+                fprintf(stderr, "%s: [%zu] got %.9g want %.9g\n", label, i, a[i], ref[i]);
+                shown++;
+            }
+        }
+    }
+    ck_assert_msg(e <= tol, "%s: nmse %.3g > %.3g", label, e, tol);
+}
+
+void ccr_test_fill_uniform(gsl_rng *rng, float *v, size_t n, float lo, float hi)
+{
+    for (size_t i = 0; i < n; i++)
+        v[i] = lo + (hi - lo) * (float)gsl_rng_uniform(rng);
+}
+
+const char *ccr_test_path(const char *name)
+{
+    static char bufs[8][512];
+    static int next;
+    const char *tmp = getenv("TMPDIR");
+    if (tmp == NULL || tmp[0] == '\0')
+        tmp = "/tmp";
+    char *b = bufs[next];
+    next = (next + 1) % 8;
+    snprintf(b, sizeof bufs[0], "%s/ccr-test-%ld-%s", tmp, (long)getpid(), name);
+    return b;
+}
+
+int ccr_test_write_file(const char *path, const void *data, size_t len)
+{
+    FILE *f = fopen(path, "wb");
+    if (f == NULL)
+        return -1;
+    size_t w = fwrite(data, 1, len, f);
+    int rc = fclose(f);
+    return (w == len && rc == 0) ? 0 : -1;
+}
+
+int ccr_test_run(Suite *s)
+{
+    SRunner *sr = srunner_create(s);
+    srunner_run_all(sr, CK_NORMAL);
+    int failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    return failed == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
+}

@@ -1,0 +1,2 @@
+#include "ccr_test.h"
+int main(void) { return 1; }
