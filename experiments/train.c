@@ -41,6 +41,7 @@ static void usage(void)
         "  --valid N          examples held out of train for validation [5000]\n"
         "  --max-train N      use at most N training examples (0 = all) [0]\n"
         "  --seed N           GSL RNG seed (init, split, shuffles) [1]\n"
+        "  --backend NAME     cpu | cuda (device 0) [cpu]\n"
         "  --out FILE         JSONL results file [none]\n"
         "  --save FILE        write the final parameters (safetensors) [none]\n"
         "  --quick            smoke run: 1 epoch on 6000 examples\n"
@@ -51,6 +52,7 @@ static void usage(void)
 
 typedef struct options {
     const char *data, *out, *save;
+    bool cuda;
     size_t hidden[MAX_HIDDEN], n_hidden;
     ccr_act act;
     ccr_optim_config oc;
@@ -98,7 +100,11 @@ static void parse(int argc, char **argv, options *o)
             o->lr_set = true;
         } else if (strcmp(a, "--momentum") == 0) momentum = (float)drv_parse_double(PROG, a, v, 0, 0.999999);
         else if (strcmp(a, "--weight-decay") == 0) wd = (float)drv_parse_double(PROG, a, v, 0, 1);
-        else if (strcmp(a, "--schedule") == 0) {
+        else if (strcmp(a, "--backend") == 0) {
+            if (v && strcmp(v, "cpu") == 0) o->cuda = false;
+            else if (v && strcmp(v, "cuda") == 0) o->cuda = true;
+            else drv_usage_error(PROG, "--backend must be cpu or cuda");
+        } else if (strcmp(a, "--schedule") == 0) {
             if (v && strcmp(v, "cosine") == 0) o->cosine = true;
             else if (v && strcmp(v, "constant") == 0) o->cosine = false;
             else drv_usage_error(PROG, "--schedule must be cosine or constant");
@@ -142,7 +148,8 @@ int main(int argc, char **argv)
         return 1;
     ccr_status s;
     ccr_backend *be;
-    if ((s = ccr_backend_cpu_init(ctx, &be)) != CCR_OK)
+    s = o.cuda ? ccr_backend_cuda_init(ctx, 0, &be) : ccr_backend_cpu_init(ctx, &be);
+    if (s != CCR_OK)
         drv_fail(PROG, ctx, s, "backend");
     gsl_rng *rng = gsl_rng_alloc(gsl_rng_mt19937);
     if (rng == NULL)

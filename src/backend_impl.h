@@ -16,6 +16,8 @@
 #include "ccr/ccr_backend.h"
 #include "ccr/ccr_nn.h"  // provides: ccr_act
 
+CCR_BEGIN_DECLS
+
 typedef struct ccr_kernels {
     ccr_status (*gemm)(ccr_backend *be, bool ta, bool tb, size_t m, size_t n, size_t k,
                        float alpha, const float *a, size_t lda, const float *b, size_t ldb,
@@ -60,5 +62,7 @@ struct ccr_backend {
 /* The CPU kernel tables: references, and references + cblas GEMM. */
 extern const ccr_kernels ccr_cpu_ref_kernels;
 extern const ccr_kernels ccr_cpu_kernels;
+
+CCR_END_DECLS
 
 #endif /* CCR_BACKEND_IMPL_H */

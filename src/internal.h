@@ -16,6 +16,8 @@
 #include "ccr/ccr_ctx.h"
 #include "ccr/ccr_status.h"
 
+CCR_BEGIN_DECLS
+
 #if defined(__GNUC__)
 #define CCR_PRINTF(f, a) __attribute__((format(printf, f, a)))
 #else
@@ -59,5 +61,7 @@ static inline bool ccr_mul_ok(size_t a, size_t b, size_t *out)
 
 /* Whether all n values are finite. */
 bool ccr_all_finite(const float *v, size_t n);
+
+CCR_END_DECLS
 
 #endif /* CCR_INTERNAL_H */

@@ -368,6 +368,7 @@ START_TEST(test_st_bad_length)
     expect_read_fails(make_st(hdr, 8, h + 9), CCR_EFORMAT, "follow", "past end");
     expect_read_fails(make_st(hdr, 8, h - 1), CCR_EFORMAT, "JSON", "one short");
     expect_read_fails(make_st(hdr, 8, h + 1), CCR_EFORMAT, "after the header", "one long");
+    remove(ccr_test_path("bad.safetensors"));
     /* Files shorter than the length field. */
     const char *path = ccr_test_path("short.safetensors");
     for (size_t len = 0; len < 8; len++) {

@@ -2,6 +2,10 @@
  * test_unit.c - status codes, contexts, the CPU backend (buffers, GEMM against
  * the scalar reference), matrix views and parameter arenas.
  */
+#define _GNU_SOURCE /* dladdr */
+#include <cblas.h>
+#include <dlfcn.h>
+#include <gsl/gsl_blas.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -231,6 +235,30 @@ START_TEST(test_arena_save_load)
 }
 END_TEST
 
+/* Debian's libgsl.so carries a NEEDED entry for libgslcblas, GSL's slow
+ * reference cblas.  ccr links OpenBLAS directly and never -lgslcblas, so
+ * every cblas_* symbol (ours and GSL's own gsl_blas_* calls) must bind to
+ * OpenBLAS. */
+START_TEST(test_cblas_is_openblas)
+{
+    Dl_info info;
+    ck_assert_int_ne(dladdr((void *)cblas_sgemm, &info), 0);
+    ck_assert_msg(strstr(info.dli_fname, "openblas") != NULL,
+                  "cblas_sgemm comes from %s, not OpenBLAS", info.dli_fname);
+    void *sym = dlsym(RTLD_DEFAULT, "cblas_sdot");
+    ck_assert_ptr_nonnull(sym);
+    ck_assert_int_ne(dladdr(sym, &info), 0);
+    ck_assert_msg(strstr(info.dli_fname, "openblas") != NULL, "cblas_sdot from %s",
+                  info.dli_fname);
+    /* GSL's BLAS wrapper computes through it correctly. */
+    float xv[3] = {1, 2, 3};
+    gsl_vector_float_view x = gsl_vector_float_view_array(xv, 3);
+    float r;
+    ck_assert_int_eq(gsl_blas_sdot(&x.vector, &x.vector, &r), 0);
+    ck_assert_float_eq(r, 14.0f);
+}
+END_TEST
+
 static Suite *unit_suite(void)
 {
     Suite *s = suite_create("unit");
@@ -244,6 +272,7 @@ static Suite *unit_suite(void)
     tcase_add_test(tc, test_gemm_known);
     tcase_add_test(tc, test_arena_layout);
     tcase_add_test(tc, test_arena_save_load);
+    tcase_add_test(tc, test_cblas_is_openblas);
     suite_add_tcase(s, tc);
     return s;
 }

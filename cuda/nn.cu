@@ -1,0 +1,241 @@
+/*
+ * nn.cu - CUDA kernels of the dense layers, the loss and the optimisers, and
+ * the cuBLAS GEMM: the CUDA entries of the kernel table.  Each mirrors the
+ * reference in src/ref/ and is checked against it in tests/test_cuda.c.
+ *
+ * Row-major GEMM through column-major cuBLAS: C = op(A) op(B) in row-major is
+ * C^T = op(B)^T op(A)^T in column-major, i.e. cublasSgemm with the operands
+ * swapped and the same transpose flags.
+ */
+#include <math.h>
+
+#include "cuda_common.cuh"  // provides: CCR_CUDA_TRY, ccr_cuda, ccr_grid
+
+// ---------------------------------------------------------------------------
+// kernels
+
+__global__ void bias_add_kernel(float *y, const float *bias, size_t rows, size_t cols)
+{
+    size_t n = rows * cols;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x)
+        y[i] += bias[i % cols];
+}
+
+/* One thread per column; rows summed in increasing order in double, as the
+ * reference does. */
+__global__ void bias_grad_kernel(float *db, const float *dy, size_t rows, size_t cols)
+{
+    size_t c = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (c >= cols)
+        return;
+    double acc = 0.0;
+    for (size_t r = 0; r < rows; r++)
+        acc += dy[r * cols + c];
+    db[c] += (float)acc;
+}
+
+__global__ void act_fwd_kernel(int act, const float *x, float *y, size_t n)
+{
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x) {
+        float v = x[i];
+        switch (act) {
+        case CCR_ACT_RELU: v = v > 0.0f ? v : 0.0f; break;
+        case CCR_ACT_TANH: v = tanhf(v); break;
+        case CCR_ACT_SIGMOID:
+            if (v >= 0.0f) {
+                v = 1.0f / (1.0f + expf(-v));
+            } else {
+                float e = expf(v);
+                v = e / (1.0f + e);
+            }
+            break;
+        default: break;
+        }
+        y[i] = v;
+    }
+}
+
+__global__ void act_bwd_kernel(int act, const float *y, const float *dy, float *dx, size_t n)
+{
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x) {
+        float g = dy[i], v = y[i];
+        switch (act) {
+        case CCR_ACT_RELU: g = v > 0.0f ? g : 0.0f; break;
+        case CCR_ACT_TANH: g = g * (1.0f - v * v); break;
+        case CCR_ACT_SIGMOID: g = g * v * (1.0f - v); break;
+        default: break;
+        }
+        dx[i] = g;
+    }
+}
+
+/* One warp per row: max, sum of exp in double, loss, first argmax, gradient. */
+__global__ void softmax_xent_kernel(const float *logits, const int *labels, size_t rows,
+                                    size_t cols, float scale, float *loss, int *correct,
+                                    float *dlogits)
+{
+    size_t r = blockIdx.x * (size_t)(blockDim.x / 32) + threadIdx.x / 32;
+    unsigned lane = threadIdx.x % 32;
+    if (r >= rows)
+        return;
+    const float *z = logits + r * cols;
+    float zmax = -INFINITY;
+    size_t arg = cols;
+    for (size_t c = lane; c < cols; c += 32) {
+        if (z[c] > zmax) {
+            zmax = z[c];
+            arg = c;
+        }
+    }
+    /* Reduce to the maximum, ties to the lowest index (the first argmax). */
+    for (int off = 16; off > 0; off /= 2) {
+        float om = __shfl_xor_sync(0xffffffffu, zmax, off);
+        size_t oa = __shfl_xor_sync(0xffffffffu, (unsigned long long)arg, off);
+        if (om > zmax || (om == zmax && oa < arg)) {
+            zmax = om;
+            arg = oa;
+        }
+    }
+    double sum = 0.0;
+    for (size_t c = lane; c < cols; c += 32)
+        sum += exp((double)z[c] - (double)zmax);
+    for (int off = 16; off > 0; off /= 2)
+        sum += __shfl_xor_sync(0xffffffffu, sum, off);
+    size_t y = (size_t)labels[r];
+    double lse = (double)zmax + log(sum);
+    float zy = z[y];
+    __syncwarp();
+    if (lane == 0) {
+        loss[r] = (float)(lse - (double)zy);
+        correct[r] = arg == y;
+    }
+    if (dlogits != NULL) {
+        float *d = dlogits + r * cols;
+        for (size_t c = lane; c < cols; c += 32) {
+            double p = exp((double)z[c] - lse);
+            d[c] = (float)((double)scale * (p - (c == y ? 1.0 : 0.0)));
+        }
+    }
+}
+
+__global__ void sgd_kernel(float *w, const float *g, float *v, size_t n, float lr, float mu,
+                           float wd)
+{
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x) {
+        float gi = g[i] + wd * w[i];
+        if (mu != 0.0f) {
+            v[i] = mu * v[i] + gi;
+            gi = v[i];
+        }
+        w[i] -= lr * gi;
+    }
+}
+
+__global__ void adam_kernel(float *w, const float *g, float *m, float *v, size_t n, float lr,
+                            float b1, float b2, float eps, float wd, double c1, double c2)
+{
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x) {
+        float gi = g[i] + wd * w[i];
+        m[i] = b1 * m[i] + (1.0f - b1) * gi;
+        v[i] = b2 * v[i] + (1.0f - b2) * gi * gi;
+        double mhat = m[i] / c1, vhat = v[i] / c2;
+        w[i] -= (float)((double)lr * mhat / (sqrt(vhat) + (double)eps));
+    }
+}
+
+// ---------------------------------------------------------------------------
+// launchers
+
+static ccr_status cu_gemm(ccr_backend *be, bool ta, bool tb, size_t m, size_t n, size_t k,
+                          float alpha, const float *a, size_t lda, const float *b, size_t ldb,
+                          float beta, float *c, size_t ldc)
+{
+    const size_t lim = 2147483647;
+    if (m > lim || n > lim || k > lim || lda > lim || ldb > lim || ldc > lim)
+        CCR_FAIL(be->ctx, CCR_EUNSUP, "cuBLAS sizes are int: m=%zu n=%zu k=%zu", m, n, k);
+    CCR_CUBLAS_TRY(be, cublasSgemm(ccr_cuda(be)->cublas, tb ? CUBLAS_OP_T : CUBLAS_OP_N,
+                                   ta ? CUBLAS_OP_T : CUBLAS_OP_N, (int)n, (int)m, (int)k,
+                                   &alpha, b, (int)ldb, a, (int)lda, &beta, c, (int)ldc));
+    return CCR_OK;
+}
+
+static ccr_status cu_bias_add(ccr_backend *be, float *y, const float *bias, size_t rows,
+                              size_t cols)
+{
+    bias_add_kernel<<<ccr_grid(rows * cols, 256), 256, 0, ccr_cuda(be)->stream>>>(y, bias, rows,
+                                                                                 cols);
+    CCR_CUDA_LAUNCHED(be);
+    return CCR_OK;
+}
+
+static ccr_status cu_bias_grad(ccr_backend *be, float *db, const float *dy, size_t rows,
+                               size_t cols)
+{
+    bias_grad_kernel<<<ccr_ceil_div(cols, 128), 128, 0, ccr_cuda(be)->stream>>>(db, dy, rows,
+                                                                               cols);
+    CCR_CUDA_LAUNCHED(be);
+    return CCR_OK;
+}
+
+static ccr_status cu_act_fwd(ccr_backend *be, ccr_act act, const float *x, float *y, size_t n)
+{
+    act_fwd_kernel<<<ccr_grid(n, 256), 256, 0, ccr_cuda(be)->stream>>>((int)act, x, y, n);
+    CCR_CUDA_LAUNCHED(be);
+    return CCR_OK;
+}
+
+static ccr_status cu_act_bwd(ccr_backend *be, ccr_act act, const float *y, const float *dy,
+                             float *dx, size_t n)
+{
+    act_bwd_kernel<<<ccr_grid(n, 256), 256, 0, ccr_cuda(be)->stream>>>((int)act, y, dy, dx, n);
+    CCR_CUDA_LAUNCHED(be);
+    return CCR_OK;
+}
+
+static ccr_status cu_softmax_xent(ccr_backend *be, const float *logits, const int32_t *labels,
+                                  size_t rows, size_t cols, float scale, float *loss,
+                                  int32_t *correct, float *dlogits)
+{
+    const unsigned warps = 4;
+    softmax_xent_kernel<<<ccr_ceil_div(rows, warps), warps * 32, 0, ccr_cuda(be)->stream>>>(
+        logits, (const int *)labels, rows, cols, scale, loss, (int *)correct, dlogits);
+    CCR_CUDA_LAUNCHED(be);
+    return CCR_OK;
+}
+
+static ccr_status cu_sgd_step(ccr_backend *be, float *w, const float *g, float *v, size_t n,
+                              float lr, float mu, float wd)
+{
+    sgd_kernel<<<ccr_grid(n, 256), 256, 0, ccr_cuda(be)->stream>>>(w, g, v, n, lr, mu, wd);
+    CCR_CUDA_LAUNCHED(be);
+    return CCR_OK;
+}
+
+static ccr_status cu_adam_step(ccr_backend *be, float *w, const float *g, float *m, float *v,
+                               size_t n, float lr, float b1, float b2, float eps, float wd,
+                               uint64_t t)
+{
+    double c1 = 1.0 - pow((double)b1, (double)t), c2 = 1.0 - pow((double)b2, (double)t);
+    adam_kernel<<<ccr_grid(n, 256), 256, 0, ccr_cuda(be)->stream>>>(w, g, m, v, n, lr, b1, b2,
+                                                                     eps, wd, c1, c2);
+    CCR_CUDA_LAUNCHED(be);
+    return CCR_OK;
+}
+
+void ccr_cuda_fill_kernels(ccr_kernels *k)
+{
+    memset(k, 0, sizeof *k);
+    k->gemm = cu_gemm;
+    k->bias_add = cu_bias_add;
+    k->bias_grad = cu_bias_grad;
+    k->act_fwd = cu_act_fwd;
+    k->act_bwd = cu_act_bwd;
+    k->softmax_xent = cu_softmax_xent;
+    k->sgd_step = cu_sgd_step;
+    k->adam_step = cu_adam_step;
+}
