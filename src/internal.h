@@ -62,6 +62,12 @@ static inline bool ccr_mul_ok(size_t a, size_t b, size_t *out)
 /* Whether all n values are finite. */
 bool ccr_all_finite(const float *v, size_t n);
 
+/* Whether s[0..len) is well-formed UTF-8 (RFC 3629): no overlong forms, no
+ * surrogates, nothing above U+10FFFF, no sequence cut off at len.  NUL bytes
+ * count as valid ASCII; for a C string pass strlen(s).  s may be NULL only
+ * when len is 0.  Defined in utf8.c. */
+bool ccr_utf8_valid(const char *s, size_t len);
+
 CCR_END_DECLS
 
 #endif /* CCR_INTERNAL_H */

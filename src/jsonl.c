@@ -18,7 +18,7 @@
 #include <cJSON.h>
 
 #include "ccr/ccr_jsonl.h"
-#include "internal.h"
+#include "internal.h"  // provides: CCR_FAIL, ccr_fail, ccr_utf8_valid
 
 struct ccr_record {
     ccr_ctx *ctx;
@@ -29,31 +29,6 @@ struct ccr_jsonl {
     ccr_ctx *ctx;
     FILE *f;
 };
-
-/* Whether s is well-formed UTF-8 (no overlongs, no surrogates). */
-static bool utf8_valid(const char *str)
-{
-    const unsigned char *s = (const unsigned char *)str;
-    while (*s != 0) {
-        unsigned c = *s;
-        size_t k;
-        uint32_t cp, min;
-        if (c < 0x80) { s++; continue; }
-        if ((c & 0xe0) == 0xc0) { k = 1; cp = c & 0x1f; min = 0x80; }
-        else if ((c & 0xf0) == 0xe0) { k = 2; cp = c & 0x0f; min = 0x800; }
-        else if ((c & 0xf8) == 0xf0) { k = 3; cp = c & 0x07; min = 0x10000; }
-        else return false;
-        for (size_t j = 1; j <= k; j++) {
-            if ((s[j] & 0xc0) != 0x80)   /* also stops at the terminator */
-                return false;
-            cp = (cp << 6) | (s[j] & 0x3fu);
-        }
-        if (cp < min || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff))
-            return false;
-        s += k + 1;
-    }
-    return true;
-}
 
 ccr_status ccr_record_init(ccr_ctx *ctx, ccr_record **out)
 {
@@ -102,7 +77,7 @@ static ccr_status put(ccr_record *r, const char *key, cJSON *item, const char *f
     } else if (key == NULL || key[0] == '\0') {
         s = ccr_fail(r->ctx, CCR_EINVAL, func, __FILE__, __LINE__, "key is %s",
                      key == NULL ? "NULL" : "empty");
-    } else if (!utf8_valid(key)) {
+    } else if (!ccr_utf8_valid(key, strlen(key))) {
         s = ccr_fail(r->ctx, CCR_EINVAL, func, __FILE__, __LINE__,
                      "key is not valid UTF-8");
     } else if (item == NULL) {
@@ -158,7 +133,7 @@ ccr_status ccr_record_add_str(ccr_record *r, const char *key, const char *value)
 {
     if (r != NULL && value == NULL)
         CCR_FAIL(r->ctx, CCR_EINVAL, "value of '%.80s' is NULL", key ? key : "(null)");
-    if (r != NULL && !utf8_valid(value))
+    if (r != NULL && !ccr_utf8_valid(value, strlen(value)))
         CCR_FAIL(r->ctx, CCR_EINVAL, "value of '%.80s' is not valid UTF-8",
                  key ? key : "(null)");
     return put(r, key, value ? cJSON_CreateString(value) : NULL, __func__);

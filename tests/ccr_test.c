@@ -1,12 +1,17 @@
 /*
  * ccr_test.c - helper implementations for the test programs.
  */
+#define _POSIX_C_SOURCE 200809L
+
 #include "ccr_test.h"
 
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <sys/stat.h>
 #include <unistd.h>
+
+#include <zlib.h>
 
 double ccr_test_nmse(const float *a, const float *b, size_t n)
 {
@@ -64,6 +69,65 @@ int ccr_test_write_file(const char *path, const void *data, size_t len)
     size_t w = fwrite(data, 1, len, f);
     int rc = fclose(f);
     return (w == len && rc == 0) ? 0 : -1;
+}
+
+int ccr_test_write_gz(const char *path, const void *data, size_t len)
+{
+    gzFile f = gzopen(path, "wb");
+    if (f == NULL)
+        return -1;
+    int w = len > 0 ? gzwrite(f, data, (unsigned)len) : 0;
+    int rc = gzclose(f);
+    return (w == (int)len && rc == Z_OK) ? 0 : -1;
+}
+
+ccr_test_tpath ccr_test_tmp_path(const char *name)
+{
+    ccr_test_tpath p;
+    snprintf(p.s, sizeof p.s, "%s", ccr_test_path(name));
+    return p;
+}
+
+unsigned char *ccr_test_read_file(const char *path, size_t *len)
+{
+    FILE *f = fopen(path, "rb");
+    ck_assert_msg(f != NULL, "cannot open %s", path);
+    size_t cap = 1 << 12, n = 0;
+    unsigned char *buf = malloc(cap);
+    ck_assert_ptr_nonnull(buf);
+    size_t got;
+    while ((got = fread(buf + n, 1, cap - n, f)) > 0) {
+        n += got;
+        if (n == cap) {
+            cap *= 2;
+            buf = realloc(buf, cap);
+            ck_assert_ptr_nonnull(buf);
+        }
+    }
+    fclose(f);
+    *len = n;
+    return buf;
+}
+
+bool ccr_test_exists(const char *path)
+{
+    struct stat st;
+    return stat(path, &st) == 0;
+}
+
+ccr_ctx *ccr_test_ctx(void)
+{
+    ccr_ctx *ctx = NULL;
+    ck_assert_int_eq(ccr_ctx_init(&ctx), CCR_OK);
+    return ctx;
+}
+
+gsl_rng *ccr_test_rng(unsigned long seed)
+{
+    gsl_rng *r = gsl_rng_alloc(gsl_rng_mt19937);
+    ck_assert_ptr_nonnull(r);
+    gsl_rng_set(r, seed);
+    return r;
 }
 
 int ccr_test_run(Suite *s)

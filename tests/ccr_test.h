@@ -5,6 +5,7 @@
 #define CCR_TEST_H
 
 #include <check.h>
+#include <stdbool.h>
 #include <stddef.h>
 
 #include <gsl/gsl_rng.h>
@@ -44,6 +45,29 @@ const char *ccr_test_path(const char *name);
 
 /* Writes bytes to a file (for malformed-file tests); returns 0 on success. */
 int ccr_test_write_file(const char *path, const void *data, size_t len);
+
+/* Writes bytes as a gzip file; returns 0 on success. */
+int ccr_test_write_gz(const char *path, const void *data, size_t len);
+
+/* A path that stays valid while other ccr_test_path slots are used. */
+typedef struct ccr_test_tpath {
+    char s[512];
+} ccr_test_tpath;
+
+/* ccr_test_path(name), copied into a value the caller holds. */
+ccr_test_tpath ccr_test_tmp_path(const char *name);
+
+/* The whole file as a malloc'd buffer (asserts it can be read); *len gets its size. */
+unsigned char *ccr_test_read_file(const char *path, size_t *len);
+
+/* Whether path exists (stat succeeds). */
+bool ccr_test_exists(const char *path);
+
+/* A fresh context (asserts ccr_ctx_init succeeds). */
+ccr_ctx *ccr_test_ctx(void);
+
+/* A fresh MT19937 generator seeded with seed (asserts the allocation). */
+gsl_rng *ccr_test_rng(unsigned long seed);
 
 /* Runs a suite and returns EXIT_SUCCESS only if no test failed. */
 int ccr_test_run(Suite *s);

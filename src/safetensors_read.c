@@ -1,15 +1,12 @@
 /*
- * safetensors.c - reading and writing named F32/I32 tensors in the
- * safetensors format (ccr_safetensors.h).  The writer builds the JSON header
- * with cJSON (integers are emitted as exact decimal text, never as doubles),
- * pads it with spaces to a multiple of 8 bytes, and writes header and
- * little-endian data to a temporary file beside the target which is renamed
- * into place only when everything was written.  The reader loads the whole
- * file, copies the data section into its own malloc'd (hence aligned) buffer
- * and validates the header strictly: lengths, UTF-8, JSON syntax, dtypes,
- * shapes, offsets (exact sizes, no overlap, no gap, full coverage), duplicate
- * names and string-only metadata.  Anything malformed is CCR_EFORMAT with a
- * message naming the offending entry.
+ * safetensors_read.c - reading safetensors files (ccr_safetensors_read,
+ * ccr_safetensors_free and the accessors in ccr_safetensors.h), plus
+ * ccr_st_tensor_numel.  The reader loads the whole file, copies the data
+ * section into its own malloc'd (hence aligned) buffer and validates the
+ * header strictly: lengths, UTF-8, JSON syntax, dtypes, shapes, offsets
+ * (exact sizes, no overlap, no gap, full coverage), duplicate names and
+ * string-only metadata.  Anything malformed is CCR_EFORMAT with a message
+ * naming the offending entry.
  */
 #define _POSIX_C_SOURCE 200809L
 
@@ -21,20 +18,12 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/types.h>
-#include <unistd.h>
 
 #include <cJSON.h>
 
 #include "ccr/ccr_safetensors.h"
-#include "internal.h"
-
-#define ST_ELEM_SIZE 4u                  /* bytes per element, F32 and I32 */
-#define ST_MAX_INT 9007199254740992.0    /* 2^53: larger JSON numbers are inexact */
-#define ST_META_KEY "__metadata__"
-
-/* Records the failure in s and jumps to the function's cleanup. */
-#define BAIL(code, ...) \
-    do { s = CCR_FAIL_EXPR(ctx, (code), __VA_ARGS__); goto done; } while (0)
+#include "internal.h"          // provides: CCR_FAIL, CCR_CHECK_NULL, ccr_mul_ok, ccr_utf8_valid
+#include "safetensors_impl.h"  // provides: ST_* limits, BAIL, LE helpers
 
 struct ccr_safetensors {
     size_t n;                       /* tensors, file order */
@@ -47,72 +36,15 @@ struct ccr_safetensors {
     unsigned char *data;            /* the data section (owned) */
 };
 
-/* ---- byte order and small helpers ---- */
-
-static bool host_is_le(void)
-{
-    const uint32_t one = 1;
-    unsigned char b;
-    memcpy(&b, &one, 1);
-    return b == 1;
-}
-
-static void swap32(unsigned char *p, size_t words)
-{
-    for (unsigned char *end = p + 4 * words, t; p < end; p += 4) {
-        t = p[0], p[0] = p[3], p[3] = t;
-        t = p[1], p[1] = p[2], p[2] = t;
-    }
-}
-
-static uint64_t load_u64_le(const unsigned char *p)
-{
-    uint64_t v = 0;
-    for (int i = 7; i >= 0; i--)
-        v = (v << 8) | p[i];
-    return v;
-}
-
-static void store_u64_le(unsigned char *p, uint64_t v)
-{
-    for (int i = 0; i < 8; i++, v >>= 8)
-        p[i] = (unsigned char)(v & 0xffu);
-}
-
-/* Whether s[0..len) is well-formed UTF-8 (no overlongs, no surrogates). */
-static bool utf8_valid(const unsigned char *s, size_t len)
-{
-    size_t i = 0;
-    while (i < len) {
-        unsigned c = s[i];
-        size_t k;
-        uint32_t cp, min;
-        if (c < 0x80) { i++; continue; }
-        if ((c & 0xe0) == 0xc0) { k = 1; cp = c & 0x1f; min = 0x80; }
-        else if ((c & 0xf0) == 0xe0) { k = 2; cp = c & 0x0f; min = 0x800; }
-        else if ((c & 0xf8) == 0xf0) { k = 3; cp = c & 0x07; min = 0x10000; }
-        else return false;
-        if (len - i <= k)
-            return false;
-        for (size_t j = 1; j <= k; j++) {
-            if ((s[i + j] & 0xc0) != 0x80)
-                return false;
-            cp = (cp << 6) | (s[i + j] & 0x3fu);
-        }
-        if (cp < min || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff))
-            return false;
-        i += k + 1;
-    }
-    return true;
-}
+/* ---- shared helpers and ccr_st_tensor_numel ---- */
 
 static int cmp_str_ptr(const void *a, const void *b)
 {
     return strcmp(*(const char *const *)a, *(const char *const *)b);
 }
 
-/* Sorts the n pointers in place and returns the first repeated string. */
-static const char *sorted_duplicate(const char **names, size_t n)
+/* Declared in safetensors_impl.h; the writer uses it too. */
+const char *ccr_st_sorted_duplicate(const char **names, size_t n)
 {
     if (n < 2)
         return NULL;
@@ -147,212 +79,6 @@ size_t ccr_st_tensor_numel(const ccr_st_tensor *t)
         if (!ccr_mul_ok(n, t->shape[i], &n))
             return SIZE_MAX;
     return n;
-}
-
-/* ---- writer ---- */
-
-/* Checks the arguments; fills nbytes[i] with tensor i's data size. */
-static ccr_status check_write_args(ccr_ctx *ctx, const ccr_st_tensor *tensors, size_t n,
-                                   const char *const *meta, size_t n_meta, size_t *nbytes)
-{
-    uint64_t total = 0;
-    for (size_t i = 0; i < n; i++) {
-        const ccr_st_tensor *t = &tensors[i];
-        if (t->name == NULL)
-            CCR_FAIL(ctx, CCR_EINVAL, "tensor %zu has a NULL name", i);
-        if (t->name[0] == '\0')
-            CCR_FAIL(ctx, CCR_EINVAL, "tensor %zu has an empty name", i);
-        if (strcmp(t->name, ST_META_KEY) == 0)
-            CCR_FAIL(ctx, CCR_EINVAL, "tensor %zu is named \"" ST_META_KEY "\", which is reserved", i);
-        if (!utf8_valid((const unsigned char *)t->name, strlen(t->name)))
-            CCR_FAIL(ctx, CCR_EINVAL, "tensor %zu: name is not valid UTF-8", i);
-        if (t->dtype != CCR_DTYPE_F32 && t->dtype != CCR_DTYPE_I32)
-            CCR_FAIL(ctx, CCR_EINVAL, "tensor '%.80s': unknown dtype %d", t->name, (int)t->dtype);
-        if (t->rank > CCR_ST_MAX_RANK)
-            CCR_FAIL(ctx, CCR_EINVAL, "tensor '%.80s': rank %zu exceeds %d", t->name, t->rank,
-                     CCR_ST_MAX_RANK);
-        for (size_t d = 0; d < t->rank; d++)
-            if ((double)t->shape[d] > ST_MAX_INT)
-                CCR_FAIL(ctx, CCR_EINVAL, "tensor '%.80s': dimension %zu is too large", t->name, d);
-        size_t numel = ccr_st_tensor_numel(t), bytes;   /* SIZE_MAX on overflow */
-        if (!ccr_mul_ok(numel, ST_ELEM_SIZE, &bytes) || (double)bytes > ST_MAX_INT)
-            CCR_FAIL(ctx, CCR_EINVAL, "tensor '%.80s': its byte size exceeds 2^53", t->name);
-        if (bytes > 0 && t->data == NULL)
-            CCR_FAIL(ctx, CCR_EINVAL, "tensor '%.80s': data is NULL for %zu elements", t->name,
-                     numel);
-        total += bytes;
-        if ((double)total > ST_MAX_INT)
-            CCR_FAIL(ctx, CCR_EINVAL, "tensors total more than 2^53 bytes");
-        nbytes[i] = bytes;
-    }
-    for (size_t i = 0; i < 2 * n_meta; i++) {
-        if (meta[i] == NULL)
-            CCR_FAIL(ctx, CCR_EINVAL, "metadata %s %zu is NULL", i % 2 ? "value" : "key", i / 2);
-        if (!utf8_valid((const unsigned char *)meta[i], strlen(meta[i])))
-            CCR_FAIL(ctx, CCR_EINVAL, "metadata %s %zu is not valid UTF-8",
-                     i % 2 ? "value" : "key", i / 2);
-    }
-
-    /* Duplicates: one scratch array serves tensor names, then metadata keys. */
-    size_t cap = n > n_meta ? n : n_meta;
-    if (cap < 2)
-        return CCR_OK;
-    ccr_status s = CCR_OK;
-    const char **names = malloc(cap * sizeof *names), *dup;
-    if (names == NULL)
-        BAIL(CCR_ENOMEM, "cannot allocate %zu name pointers", cap);
-    for (size_t i = 0; i < n; i++)
-        names[i] = tensors[i].name;
-    if ((dup = sorted_duplicate(names, n)) != NULL)
-        BAIL(CCR_EINVAL, "duplicate tensor name '%.80s'", dup);
-    for (size_t i = 0; i < n_meta; i++)
-        names[i] = meta[2 * i];
-    if ((dup = sorted_duplicate(names, n_meta)) != NULL)
-        BAIL(CCR_EINVAL, "duplicate metadata key '%.80s'", dup);
-done:
-    free(names);
-    return s;
-}
-
-/* Appends an unsigned integer as exact decimal text. */
-static bool add_uint(cJSON *arr, uint64_t v)
-{
-    char buf[32];
-    snprintf(buf, sizeof buf, "%" PRIu64, v);
-    cJSON *item = cJSON_CreateRaw(buf);
-    if (item == NULL)
-        return false;
-    if (!cJSON_AddItemToArray(arr, item)) {
-        cJSON_Delete(item);
-        return false;
-    }
-    return true;
-}
-
-/* Builds the header JSON; the caller releases *out with cJSON_free. */
-static ccr_status build_header(ccr_ctx *ctx, const ccr_st_tensor *tensors, size_t n,
-                               const char *const *meta, size_t n_meta, const size_t *nbytes,
-                               char **out, size_t *out_len)
-{
-    bool ok = true;
-    cJSON *root = cJSON_CreateObject();
-    if (root == NULL)
-        CCR_FAIL(ctx, CCR_ENOMEM, "cannot allocate the header");
-    /* Every item is attached to root as soon as it is created, so deleting
-     * root releases everything on any failure. */
-    if (n_meta > 0) {
-        cJSON *m = cJSON_AddObjectToObject(root, ST_META_KEY);
-        ok = m != NULL;
-        for (size_t i = 0; ok && i < n_meta; i++)
-            ok = cJSON_AddStringToObject(m, meta[2 * i], meta[2 * i + 1]) != NULL;
-    }
-    uint64_t offset = 0;
-    for (size_t i = 0; ok && i < n; i++) {
-        const ccr_st_tensor *t = &tensors[i];
-        cJSON *e = cJSON_AddObjectToObject(root, t->name);
-        ok = e != NULL && cJSON_AddStringToObject(e, "dtype", t->dtype == CCR_DTYPE_F32
-                                                                  ? "F32" : "I32") != NULL;
-        cJSON *shape = ok ? cJSON_AddArrayToObject(e, "shape") : NULL;
-        ok = shape != NULL;
-        for (size_t d = 0; ok && d < t->rank; d++)
-            ok = add_uint(shape, t->shape[d]);
-        cJSON *offs = ok ? cJSON_AddArrayToObject(e, "data_offsets") : NULL;
-        ok = offs != NULL && add_uint(offs, offset) && add_uint(offs, offset + nbytes[i]);
-        offset += nbytes[i];
-    }
-    *out = ok ? cJSON_PrintUnformatted(root) : NULL;
-    cJSON_Delete(root);
-    if (*out == NULL)
-        CCR_FAIL(ctx, CCR_ENOMEM, "cannot build the header");
-    *out_len = strlen(*out);
-    return CCR_OK;
-}
-
-/* Writes n little-endian 32-bit words. */
-static bool write_le32(FILE *f, const void *data, size_t words)
-{
-    if (words == 0)
-        return true;
-    if (host_is_le())
-        return fwrite(data, ST_ELEM_SIZE, words, f) == words;
-    unsigned char buf[4096];
-    const unsigned char *p = data;
-    while (words > 0) {
-        size_t k = words < sizeof buf / 4 ? words : sizeof buf / 4;
-        memcpy(buf, p, k * 4);
-        swap32(buf, k);
-        if (fwrite(buf, 4, k, f) != k)
-            return false;
-        p += k * 4;
-        words -= k;
-    }
-    return true;
-}
-
-ccr_status ccr_safetensors_write(ccr_ctx *ctx, const char *path,
-                                 const ccr_st_tensor *tensors, size_t n,
-                                 const char *const *meta, size_t n_meta)
-{
-    CCR_CHECK_NULL(ctx, path);
-    if (path[0] == '\0')
-        CCR_FAIL(ctx, CCR_EINVAL, "path is empty");
-    if (tensors == NULL && n > 0)
-        CCR_FAIL(ctx, CCR_EINVAL, "tensors is NULL but n = %zu", n);
-    if (meta == NULL && n_meta > 0)
-        CCR_FAIL(ctx, CCR_EINVAL, "meta is NULL but n_meta = %zu", n_meta);
-
-    ccr_status s = CCR_OK;
-    char *json = NULL, *tmp = NULL;
-    size_t json_len = 0, *nbytes = malloc((n > 0 ? n : 1) * sizeof *nbytes);
-    if (nbytes == NULL)
-        BAIL(CCR_ENOMEM, "cannot allocate %zu sizes", n);
-    if ((s = check_write_args(ctx, tensors, n, meta, n_meta, nbytes)) != CCR_OK ||
-        (s = build_header(ctx, tensors, n, meta, n_meta, nbytes, &json, &json_len)) != CCR_OK)
-        goto done;
-    /* The header is padded with spaces so the data starts 8-byte aligned. */
-    size_t hlen = (json_len + 7u) / 8u * 8u;
-    unsigned char lenbuf[8];
-    store_u64_le(lenbuf, hlen);
-
-    size_t tmp_cap = strlen(path) + 48;
-    if ((tmp = malloc(tmp_cap)) == NULL)
-        BAIL(CCR_ENOMEM, "cannot allocate the temporary name");
-    /* "x" (C11) creates exclusively, so concurrent writers never share a file. */
-    FILE *f = NULL;
-    int err = 0;
-    for (unsigned k = 0; k < 100 && f == NULL && (k == 0 || err == EEXIST); k++) {
-        snprintf(tmp, tmp_cap, "%s.tmp.%ld.%u", path, (long)getpid(), k);
-        errno = 0;
-        f = fopen(tmp, "wbx");
-        err = errno;
-    }
-    if (f == NULL)
-        BAIL(CCR_EIO, "cannot create '%.200s': %s", tmp, err ? strerror(err) : "unknown error");
-    bool ok = fwrite(lenbuf, 1, 8, f) == 8 && fwrite(json, 1, json_len, f) == json_len;
-    for (size_t i = json_len; ok && i < hlen; i++)
-        ok = fputc(' ', f) != EOF;
-    for (size_t i = 0; ok && i < n; i++)
-        ok = write_le32(f, tensors[i].data, nbytes[i] / ST_ELEM_SIZE);
-    ok = ok && fflush(f) == 0 && !ferror(f);
-    err = ok ? 0 : errno;
-    if (fclose(f) != 0 && ok) {
-        ok = false;
-        err = errno;
-    }
-    if (!ok) {
-        remove(tmp);
-        BAIL(CCR_EIO, "cannot write '%.200s': %s", tmp, err ? strerror(err) : "write error");
-    }
-    if (rename(tmp, path) != 0) {
-        err = errno;
-        remove(tmp);
-        BAIL(CCR_EIO, "cannot rename the temporary file to '%.200s': %s", path, strerror(err));
-    }
-done:
-    free(tmp);
-    cJSON_free(json);
-    free(nbytes);
-    return s;
 }
 
 /* ---- reader ---- */
@@ -509,7 +235,7 @@ static ccr_status parse_meta(ccr_ctx *ctx, const cJSON *m, ccr_safetensors *f)
         BAIL(CCR_ENOMEM, "cannot allocate %zu key pointers", n);
     for (size_t i = 0; i < n; i++)
         keys[i] = f->meta[2 * i];
-    if ((dup = sorted_duplicate(keys, n)) != NULL)
+    if ((dup = ccr_st_sorted_duplicate(keys, n)) != NULL)
         BAIL(CCR_EFORMAT, "duplicate metadata key '%.80s'", dup);
 done:
     free(keys);
@@ -541,7 +267,7 @@ static ccr_status parse_header(ccr_ctx *ctx, const char *hdr, size_t hlen, unsig
 {
     if (hlen == 0 || hdr[0] != '{')
         ST_BAD("header does not start with '{'");
-    if (!utf8_valid((const unsigned char *)hdr, hlen))
+    if (!ccr_utf8_valid(hdr, hlen))
         ST_BAD("header is not valid UTF-8");
     const char *end = NULL;
     cJSON *root = cJSON_ParseWithLengthOpts(hdr, hlen, &end, false);

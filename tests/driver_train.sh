@@ -1,0 +1,52 @@
+#!/bin/sh
+# Integration test of ccr-train: a --quick run writes a JSONL record per epoch
+# and a safetensors checkpoint; an independent Python reader
+# (analysis/safetensors_read.py) loads the checkpoint, and its element count
+# must equal the "params" field of the record.  Bad arguments exit 2 and
+# leave no output file.  Skips (77) without Debian's python3-numpy or the
+# Fashion-MNIST package.
+# Usage: driver_train.sh CCR_TRAIN SOURCE_ROOT
+set -eu
+train=$1
+src=$2
+py=/usr/bin/python3
+data=/usr/share/datasets/fashion-mnist
+if ! $py -c 'import numpy' 2>/dev/null; then echo "skip: no python3-numpy"; exit 77; fi
+if [ ! -r "$data/train-images-idx3-ubyte.gz" ]; then echo "skip: no $data"; exit 77; fi
+tmp=$(mktemp -d "${TMPDIR:-/tmp}/ccr-train-test.XXXXXX")
+trap 'rm -rf "$tmp"' EXIT
+
+"$train" --quick --seed 3 --out "$tmp/r.jsonl" --save "$tmp/m.safetensors" 2>"$tmp/err"
+$py - "$tmp/r.jsonl" "$tmp/m.safetensors" "$src/analysis" <<'PY'
+import json, math, sys
+sys.path.insert(0, sys.argv[3])
+import safetensors_read as st
+recs = [json.loads(l) for l in open(sys.argv[1])]
+assert len(recs) == 1, recs
+r = recs[0]
+for key in ("train_loss", "train_acc", "valid_acc", "test_acc", "test_loss", "params",
+            "flops_fwd_per_example", "flops_bwd_per_example", "seconds", "blas_core",
+            "machine", "git", "seed"):
+    assert key in r, f"missing {key}"
+for key in ("train_loss", "test_loss", "test_acc", "seconds"):
+    assert isinstance(r[key], float) and math.isfinite(r[key]), (key, r[key])
+assert r["test_acc"] > 0.7, r["test_acc"]          # one epoch on 6000 examples
+tensors, meta = st.read(sys.argv[2])
+numel = sum(v.size for v in tensors.values())
+assert numel == r["params"], (numel, r["params"])
+assert meta["architecture"] == "784;linear:512;relu;linear:256;relu;linear:10", meta
+# 784-512-256-10: forward FLOPs = 2 * sum(in*out) + sum(out).
+assert r["flops_fwd_per_example"] == 2 * (784*512 + 512*256 + 256*10) + 512 + 256 + 10
+print("driver_train: ok", r["test_acc"], numel)
+PY
+
+# Bad arguments: exit 2, one line on stderr, no output file.
+for args in "--gate-width 3" "--batch -4" "--epochs 0" "--act swish" "--data /nonexistent"; do
+  rc=0
+  # shellcheck disable=SC2086
+  "$train" $args --out "$tmp/bad.jsonl" 2>"$tmp/err" || rc=$?
+  [ "$rc" -eq 2 ] || { echo "ccr-train $args: exit $rc, want 2"; exit 1; }
+  [ ! -e "$tmp/bad.jsonl" ] || { echo "ccr-train $args left an output file"; exit 1; }
+  [ "$(wc -l < "$tmp/err")" -eq 1 ] || { echo "ccr-train $args: not one line:"; cat "$tmp/err"; exit 1; }
+done
+echo "driver_train: bad arguments ok"
