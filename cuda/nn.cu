@@ -7,6 +7,7 @@
  * C^T = op(B)^T op(A)^T in column-major, i.e. cublasSgemm with the operands
  * swapped and the same transpose flags.
  */
+#include <float.h>
 #include <math.h>
 
 #include "cuda_common.cuh"  // provides: CCR_CUDA_TRY, ccr_cuda, ccr_grid
@@ -116,7 +117,8 @@ __global__ void softmax_xent_kernel(const float *logits, const int *labels, size
         float *d = dlogits + r * cols;
         for (size_t c = lane; c < cols; c += 32) {
             double p = exp((double)z[c] - lse);
-            d[c] = (float)((double)scale * (p - (c == y ? 1.0 : 0.0)));
+            float g = (float)((double)scale * (p - (c == y ? 1.0 : 0.0)));
+            d[c] = fabsf(g) < FLT_MIN ? 0.0f : g; /* as src/ref/nn_ref.c */
         }
     }
 }
@@ -128,7 +130,8 @@ __global__ void sgd_kernel(float *w, const float *g, float *v, size_t n, float l
          i += (size_t)gridDim.x * blockDim.x) {
         float gi = g[i] + wd * w[i];
         if (mu != 0.0f) {
-            v[i] = mu * v[i] + gi;
+            float vi = mu * v[i] + gi;
+            v[i] = fabsf(vi) < FLT_MIN ? 0.0f : vi; /* as src/ref/optim_ref.c */
             gi = v[i];
         }
         w[i] -= lr * gi;
@@ -141,8 +144,9 @@ __global__ void adam_kernel(float *w, const float *g, float *m, float *v, size_t
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
          i += (size_t)gridDim.x * blockDim.x) {
         float gi = g[i] + wd * w[i];
-        m[i] = b1 * m[i] + (1.0f - b1) * gi;
-        v[i] = b2 * v[i] + (1.0f - b2) * gi * gi;
+        float mi = b1 * m[i] + (1.0f - b1) * gi, vi = b2 * v[i] + (1.0f - b2) * gi * gi;
+        m[i] = fabsf(mi) < FLT_MIN ? 0.0f : mi; /* as src/ref/optim_ref.c */
+        v[i] = vi < FLT_MIN ? 0.0f : vi;
         double mhat = m[i] / c1, vhat = v[i] / c2;
         w[i] -= (float)((double)lr * mhat / (sqrt(vhat) + (double)eps));
     }

@@ -12,6 +12,7 @@
 #include <string.h>
 
 #include "backend_impl.h"  // provides: struct ccr_backend, ccr_kernels
+#include "cpu_kernels.h"   // provides: ccr_cpu_adam_step
 #include "internal.h"      // provides: CCR_FAIL
 #include "ref/ref.h"       // provides: ccr_ref_* kernels
 
@@ -97,6 +98,15 @@ static ccr_status ref_adam_step(ccr_backend *be, float *w, const float *g, float
     return CCR_OK;
 }
 
+static ccr_status cpu_adam_step(ccr_backend *be, float *w, const float *g, float *m, float *v,
+                                size_t n, float lr, float b1, float b2, float eps, float wd,
+                                uint64_t t)
+{
+    CCR_UNUSED(be);
+    ccr_cpu_adam_step(w, g, m, v, n, lr, b1, b2, eps, wd, t);
+    return CCR_OK;
+}
+
 const ccr_kernels ccr_cpu_ref_kernels = {
     .gemm = ref_gemm,
     .bias_add = ref_bias_add,
@@ -116,7 +126,7 @@ const ccr_kernels ccr_cpu_kernels = {
     .act_bwd = ref_act_bwd,
     .softmax_xent = ref_softmax_xent,
     .sgd_step = ref_sgd_step,
-    .adam_step = ref_adam_step,
+    .adam_step = cpu_adam_step,
 };
 
 /* ---- buffers --------------------------------------------------------------- */

@@ -256,6 +256,49 @@ START_TEST(test_optim_closed_form)
 }
 END_TEST
 
+/* The optimised CPU Adam (float, PyTorch's arrangement) against the double
+ * reference over many steps and awkward lengths. */
+START_TEST(test_adam_fast_vs_ref)
+{
+    ccr_backend *fast, *ref;
+    ccr_arena *a[2];
+    CCR_CK_OK(ctx, ccr_backend_cpu_init(ctx, &fast));
+    CCR_CK_OK(ctx, ccr_backend_cpu_init(ctx, &ref));
+    CCR_CK_OK(ctx, ccr_backend_cpu_set_use_ref(ref, true));
+    ccr_backend *bes[2] = {fast, ref};
+    ccr_optim *o[2];
+    size_t shape[1] = {1037};
+    float w0[1037], g[1037];
+    ccr_test_fill_uniform(rng, w0, 1037, -1, 1);
+    for (int i = 0; i < 2; i++) {
+        CCR_CK_OK(ctx, ccr_arena_init(bes[i], &a[i]));
+        CCR_CK_OK(ctx, ccr_arena_add(a[i], "p", 1, shape, NULL));
+        CCR_CK_OK(ctx, ccr_arena_finalize(a[i]));
+        CCR_CK_OK(ctx, ccr_arena_set(a[i], 0, w0));
+        ccr_optim_config oc = ccr_optim_defaults(CCR_OPTIM_ADAM);
+        oc.lr = 0.01f;
+        oc.weight_decay = 1e-3f;
+        CCR_CK_OK(ctx, ccr_optim_init(a[i], &oc, &o[i]));
+    }
+    for (int step = 0; step < 50; step++) {
+        ccr_test_fill_uniform(rng, g, 1037, -1, 1);
+        for (int i = 0; i < 2; i++) {
+            memcpy(ccr_arena_grad(a[i], 0), g, sizeof g);
+            CCR_CK_OK(ctx, ccr_optim_step(o[i]));
+        }
+    }
+    ccr_test_assert_nmse(ccr_arena_value(a[0], 0), ccr_arena_value(a[1], 0), 1037, 1e-12,
+                         "adam fast vs ref");
+    ck_assert_int_ne(memcmp(ccr_arena_value(a[0], 0), w0, sizeof w0), 0);
+    for (int i = 0; i < 2; i++) {
+        ccr_optim_free(o[i]);
+        ccr_arena_free(a[i]);
+    }
+    ccr_backend_free(fast);
+    ccr_backend_free(ref);
+}
+END_TEST
+
 static Suite *grad_suite(void)
 {
     Suite *s = suite_create("grad");
@@ -270,6 +313,7 @@ static Suite *grad_suite(void)
     tcase_add_test(tc, test_grad_accumulates);
     tcase_add_test(tc, test_xent_known);
     tcase_add_test(tc, test_optim_closed_form);
+    tcase_add_test(tc, test_adam_fast_vs_ref);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -6,7 +6,14 @@
  * loss uses log-sum-exp in double.  Activation derivatives are written in
  * terms of the layer's output so that the backward pass needs no copy of the
  * pre-activation.
+ *
+ * Gradient entries below FLT_MIN in magnitude are written as 0: once a
+ * network fits its data, the softmax of the wrong classes underflows, and
+ * subnormal gradients fed to the backward GEMMs make every multiply ~100x
+ * slower on x86 (measured: a training step 2-4x slower after a few thousand
+ * steps).  Such entries cannot change any parameter in float anyway.
  */
+#include <float.h>
 #include <math.h>
 
 #include "ref/ref.h"
@@ -106,7 +113,8 @@ void ccr_ref_softmax_xent(const float *logits, const int32_t *labels, size_t row
             float *d = dlogits + r * cols;
             for (size_t c = 0; c < cols; c++) {
                 double p = exp((double)z[c] - lse);
-                d[c] = (float)((double)scale * (p - (c == y ? 1.0 : 0.0)));
+                float g = (float)((double)scale * (p - (c == y ? 1.0 : 0.0)));
+                d[c] = fabsf(g) < FLT_MIN ? 0.0f : g;
             }
         }
     }

@@ -39,20 +39,23 @@ void ccr_ref_act_bwd(ccr_act act, const float *y, const float *dy, float *dx, si
 /* Softmax cross-entropy over logits[rows, cols] with labels[rows] in
  * [0, cols): loss[r] = logsumexp(logits[r]) - logits[r, label[r]];
  * correct[r] = 1 if the first argmax of logits[r] equals the label;
- * if dlogits != NULL, dlogits[r, c] = scale * (softmax(logits[r])_c - [c == label]).
+ * if dlogits != NULL, dlogits[r, c] = scale * (softmax(logits[r])_c - [c == label]),
+ * with entries below FLT_MIN in magnitude written as 0 (see nn_ref.c).
  * dlogits may alias logits. */
 void ccr_ref_softmax_xent(const float *logits, const int32_t *labels, size_t rows,
                           size_t cols, float scale, float *loss, int32_t *correct,
                           float *dlogits);
 
 /* SGD with momentum (PyTorch convention): g' = g + wd w; v = mu v + g';
- * w -= lr v.  With mu == 0, v is not read or written (may be NULL). */
+ * w -= lr v.  With mu == 0, v is not read or written (may be NULL).
+ * Moments below FLT_MIN in magnitude are stored as 0 (see optim_ref.c). */
 void ccr_ref_sgd_step(float *w, const float *g, float *v, size_t n, float lr, float mu,
                       float wd);
 
 /* Adam (Kingma & Ba, with bias correction at step t >= 1):
  * g' = g + wd w; m = b1 m + (1-b1) g'; v = b2 v + (1-b2) g'^2;
- * w -= lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps). */
+ * w -= lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps).
+ * Moments below FLT_MIN in magnitude are stored as 0 (see optim_ref.c). */
 void ccr_ref_adam_step(float *w, const float *g, float *m, float *v, size_t n, float lr,
                        float b1, float b2, float eps, float wd, uint64_t t);
 
