@@ -23,17 +23,27 @@ __global__ void bias_add_kernel(float *y, const float *bias, size_t rows, size_t
         y[i] += bias[i % cols];
 }
 
-/* One thread per column; rows summed in increasing order in double, as the
- * reference does. */
+/* Column sums: a block of 32 x BG_ROWS threads covers 32 adjacent columns
+ * (coalesced reads); its BG_ROWS row groups stride over the rows, then the
+ * partial sums are added in shared memory, all in double.  The order differs
+ * from the reference's sequential sum; the parity test bounds the
+ * difference. */
+#define BG_ROWS 8
 __global__ void bias_grad_kernel(float *db, const float *dy, size_t rows, size_t cols)
 {
-    size_t c = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
-    if (c >= cols)
-        return;
+    __shared__ double part[BG_ROWS][32];
+    size_t c = blockIdx.x * (size_t)32 + threadIdx.x;
     double acc = 0.0;
-    for (size_t r = 0; r < rows; r++)
-        acc += dy[r * cols + c];
-    db[c] += (float)acc;
+    if (c < cols)
+        for (size_t r = threadIdx.y; r < rows; r += BG_ROWS)
+            acc += dy[r * cols + c];
+    part[threadIdx.y][threadIdx.x] = acc;
+    __syncthreads();
+    if (threadIdx.y == 0 && c < cols) {
+        for (int i = 1; i < BG_ROWS; i++)
+            acc += part[i][threadIdx.x];
+        db[c] += (float)acc;
+    }
 }
 
 __global__ void act_fwd_kernel(int act, const float *x, float *y, size_t n)
@@ -180,8 +190,8 @@ static ccr_status cu_bias_add(ccr_backend *be, float *y, const float *bias, size
 static ccr_status cu_bias_grad(ccr_backend *be, float *db, const float *dy, size_t rows,
                                size_t cols)
 {
-    bias_grad_kernel<<<ccr_ceil_div(cols, 128), 128, 0, ccr_cuda(be)->stream>>>(db, dy, rows,
-                                                                               cols);
+    bias_grad_kernel<<<ccr_ceil_div(cols, 32), dim3(32, BG_ROWS), 0, ccr_cuda(be)->stream>>>(
+        db, dy, rows, cols);
     CCR_CUDA_LAUNCHED(be);
     return CCR_OK;
 }

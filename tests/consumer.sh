@@ -9,7 +9,8 @@ build=$2
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/ccr-consumer.XXXXXX")
 trap 'rm -rf "$tmp"' EXIT
 prefix=$tmp/prefix
-meson install -C "$build" --destdir "$tmp/stage" --no-rebuild --quiet >/dev/null
+# Only the development files (headers, libccr.a, ccr.pc): the tag "devel".
+meson install -C "$build" --destdir "$tmp/stage" --no-rebuild --quiet --tags devel >/dev/null
 pc=$(find "$tmp/stage" -name ccr.pc -path '*pkgconfig*' | head -n 1)
 [ -n "$pc" ] || { echo "consumer: ccr.pc was not installed"; exit 1; }
 export PKG_CONFIG_PATH="$(dirname "$pc")"
