@@ -256,42 +256,46 @@ done:
     return s;
 }
 
+ccr_status ccr_arena_load_from(ccr_arena *a, const ccr_safetensors *f, const char *path)
+{
+    ccr_ctx *ctx = a->be->ctx;
+    if (a->values == NULL)
+        CCR_FAIL(ctx, CCR_EINVAL, "arena not finalized");
+    /* Validate every tensor before writing any, so a bad file loses nothing. */
+    for (size_t i = 0; i < a->n; i++) {
+        char name[CCR_ARENA_MAX_NAME + 8];
+        snprintf(name, sizeof name, "param.%s", a->t[i].name);
+        const ccr_st_tensor *st = ccr_safetensors_find(f, name);
+        if (st == NULL)
+            CCR_FAIL(ctx, CCR_EFORMAT, "%s: tensor '%s' missing", path, name);
+        if (st->dtype != CCR_DTYPE_F32)
+            CCR_FAIL(ctx, CCR_EFORMAT, "%s: tensor '%s' is not F32", path, name);
+        bool same = st->rank == a->t[i].rank;
+        for (size_t d = 0; same && d < st->rank; d++)
+            same = st->shape[d] == a->t[i].shape[d];
+        if (!same)
+            CCR_FAIL(ctx, CCR_EFORMAT, "%s: tensor '%s' has another shape", path, name);
+    }
+    for (size_t i = 0; i < a->n; i++) {
+        char name[CCR_ARENA_MAX_NAME + 8];
+        snprintf(name, sizeof name, "param.%s", a->t[i].name);
+        const ccr_st_tensor *st = ccr_safetensors_find(f, name);
+        CCR_TRY(ccr_backend_set(a->be, a->values + a->t[i].offset, st->data,
+                                a->t[i].size * sizeof(float)));
+    }
+    return CCR_OK;
+}
+
 ccr_status ccr_arena_load(ccr_arena *a, const char *path)
 {
     if (a == NULL)
         return CCR_EINVAL;
-    ccr_ctx *ctx = a->be->ctx;
-    CCR_CHECK_NULL(ctx, path);
+    CCR_CHECK_NULL(a->be->ctx, path);
     if (a->values == NULL)
-        CCR_FAIL(ctx, CCR_EINVAL, "arena not finalized");
+        CCR_FAIL(a->be->ctx, CCR_EINVAL, "arena not finalized");
     ccr_safetensors *f;
-    CCR_TRY(ccr_safetensors_read(ctx, path, &f));
-    ccr_status s = CCR_OK;
-    /* Validate every tensor before writing any, so a bad file loses nothing. */
-    for (size_t i = 0; i < a->n && s == CCR_OK; i++) {
-        char name[CCR_ARENA_MAX_NAME + 8];
-        snprintf(name, sizeof name, "param.%s", a->t[i].name);
-        const ccr_st_tensor *st = ccr_safetensors_find(f, name);
-        if (st == NULL) {
-            s = CCR_FAIL_EXPR(ctx, CCR_EFORMAT, "%s: tensor '%s' missing", path, name);
-        } else if (st->dtype != CCR_DTYPE_F32) {
-            s = CCR_FAIL_EXPR(ctx, CCR_EFORMAT, "%s: tensor '%s' is not F32", path, name);
-        } else {
-            bool same = st->rank == a->t[i].rank;
-            for (size_t d = 0; same && d < st->rank; d++)
-                same = st->shape[d] == a->t[i].shape[d];
-            if (!same)
-                s = CCR_FAIL_EXPR(ctx, CCR_EFORMAT, "%s: tensor '%s' has another shape",
-                                  path, name);
-        }
-    }
-    for (size_t i = 0; i < a->n && s == CCR_OK; i++) {
-        char name[CCR_ARENA_MAX_NAME + 8];
-        snprintf(name, sizeof name, "param.%s", a->t[i].name);
-        const ccr_st_tensor *st = ccr_safetensors_find(f, name);
-        s = ccr_backend_set(a->be, a->values + a->t[i].offset, st->data,
-                            a->t[i].size * sizeof(float));
-    }
+    CCR_TRY(ccr_safetensors_read(a->be->ctx, path, &f));
+    ccr_status s = ccr_arena_load_from(a, f, path);
     ccr_safetensors_free(f);
     return s;
 }

@@ -12,6 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "arena_impl.h"    // provides: ccr_arena_load_from
 #include "backend_impl.h"  // provides: struct ccr_backend (kernel table)
 #include "ccr/ccr_safetensors.h"
 #include "internal.h"      // provides: CCR_FAIL, CCR_TRY
@@ -392,7 +393,8 @@ ccr_status ccr_net_load(ccr_net *net, const char *path)
     if (theirs == NULL || strcmp(theirs, arch) != 0)
         s = CCR_FAIL_EXPR(net->ctx, CCR_EFORMAT, "%s: architecture '%s' differs from '%s'",
                           path, theirs ? theirs : "(none)", arch);
+    if (s == CCR_OK)
+        s = ccr_arena_load_from(net->params, f, path);
     ccr_safetensors_free(f);
-    CCR_TRY(s);
-    return ccr_arena_load(net->params, path);
+    return s;
 }
