@@ -150,3 +150,117 @@ ccr_status drv_record_base(ccr_record *r, const char *driver, const ccr_backend 
     if (s == CCR_OK) s = ccr_record_add_int(r, "seed", (int64_t)seed);
     return s;
 }
+
+const char drv_gate_usage[] =
+    "  --gate NAME          none | dense | topk | hmoe | switch | signtree\n"
+    "  --experts N          experts E [8]; hmoe: all groups together\n"
+    "  --k N                experts per example (topk), groups per example (hmoe) [2]\n"
+    "  --groups N           hmoe: groups a (must divide E) [2]\n"
+    "  --k2 N               hmoe: experts per selected group [2]\n"
+    "  --depth N            signtree: sign bits d [4]\n"
+    "  --combine NAME       signtree: path | leaf [path]\n"
+    "  --bits-from NAME     signtree: projection | input [projection]\n"
+    "  --grad-mode NAME     signtree: none | ste [none]\n"
+    "  --capacity-factor X  switch: capacity = ceil(X * batch / E) [1.25]\n"
+    "  --w-importance X     topk/hmoe importance loss weight [0.1]\n"
+    "  --w-load X           topk/hmoe load loss weight [0.1]\n"
+    "  --aux-alpha X        switch load-balancing loss alpha [0.01]\n"
+    "  --z-loss X           router z-loss coefficient, 0 = off [0]\n"
+    "  --noise-eps X        topk/hmoe noise epsilon [0.01]\n"
+    "  --randomize          gate weights from N(0, 1/d_in) instead of zeros\n"
+    "  --bank NAME          ffn | linear [linear for signtree, ffn otherwise]\n"
+    "  --expert-hidden N    hidden width of FFN experts [64]\n";
+
+static size_t gate_size(const char *prog, const char *flag, const char *v, size_t min)
+{
+    return drv_parse_size(prog, flag, v, min);
+}
+
+bool drv_parse_gate_option(const char *prog, const char *flag, const char *v,
+                           ccr_cond_config *cfg, bool *used_value)
+{
+    ccr_gate_config *g = &cfg->gate_cfg;
+    *used_value = true;
+    if (strcmp(flag, "--randomize") == 0) {
+        g->randomize = true;
+        *used_value = false;
+    } else if (strcmp(flag, "--gate") == 0) {
+        cfg->gate = v ? ccr_gate_type_find(v) : NULL;
+        if (cfg->gate == NULL)
+            drv_usage_error(prog, "--gate must be one of: %s", ccr_gate_type_names());
+    } else if (strcmp(flag, "--experts") == 0) g->n_experts = gate_size(prog, flag, v, 1);
+    else if (strcmp(flag, "--k") == 0) g->k = gate_size(prog, flag, v, 1);
+    else if (strcmp(flag, "--groups") == 0) g->n_groups = gate_size(prog, flag, v, 1);
+    else if (strcmp(flag, "--k2") == 0) g->k2 = gate_size(prog, flag, v, 1);
+    else if (strcmp(flag, "--depth") == 0) g->depth = gate_size(prog, flag, v, 0);
+    else if (strcmp(flag, "--expert-hidden") == 0) cfg->hidden = gate_size(prog, flag, v, 1);
+    else if (strcmp(flag, "--combine") == 0) {
+        if (v && strcmp(v, "path") == 0) g->combine = CCR_COMBINE_PATH;
+        else if (v && strcmp(v, "leaf") == 0) g->combine = CCR_COMBINE_LEAF;
+        else drv_usage_error(prog, "--combine must be path or leaf");
+    } else if (strcmp(flag, "--bits-from") == 0) {
+        if (v && strcmp(v, "projection") == 0) g->bits_from = CCR_BITS_PROJECTION;
+        else if (v && strcmp(v, "input") == 0) g->bits_from = CCR_BITS_INPUT;
+        else drv_usage_error(prog, "--bits-from must be projection or input");
+    } else if (strcmp(flag, "--grad-mode") == 0) {
+        if (v && strcmp(v, "none") == 0) g->grad_mode = CCR_GRAD_NONE;
+        else if (v && strcmp(v, "ste") == 0) g->grad_mode = CCR_GRAD_STE;
+        else drv_usage_error(prog, "--grad-mode must be none or ste");
+    } else if (strcmp(flag, "--bank") == 0) {
+        if (v && strcmp(v, "ffn") == 0) cfg->bank = CCR_BANK_FFN;
+        else if (v && strcmp(v, "linear") == 0) cfg->bank = CCR_BANK_LINEAR;
+        else drv_usage_error(prog, "--bank must be ffn or linear");
+    } else if (strcmp(flag, "--capacity-factor") == 0)
+        g->capacity_factor = drv_parse_double(prog, flag, v, 1e-9, 1e9);
+    else if (strcmp(flag, "--w-importance") == 0)
+        g->w_importance = drv_parse_double(prog, flag, v, 0, 1e6);
+    else if (strcmp(flag, "--w-load") == 0) g->w_load = drv_parse_double(prog, flag, v, 0, 1e6);
+    else if (strcmp(flag, "--aux-alpha") == 0)
+        g->aux_alpha = drv_parse_double(prog, flag, v, 0, 1e6);
+    else if (strcmp(flag, "--z-loss") == 0) g->z_loss = drv_parse_double(prog, flag, v, 0, 1e6);
+    else if (strcmp(flag, "--noise-eps") == 0)
+        g->noise_eps = drv_parse_double(prog, flag, v, 0, 1e6);
+    else {
+        *used_value = false;
+        return false;
+    }
+    return true;
+}
+
+void drv_gate_finish(ccr_cond_config *cfg, bool bank_set)
+{
+    if (cfg->gate == NULL)
+        return;
+    if (!bank_set)
+        cfg->bank = strcmp(cfg->gate->name, "signtree") == 0 ? CCR_BANK_LINEAR : CCR_BANK_FFN;
+    if (strcmp(cfg->gate->name, "none") == 0)
+        cfg->gate_cfg.n_experts = 1;
+}
+
+ccr_status drv_record_gate(ccr_record *r, const ccr_cond_config *cfg)
+{
+    const ccr_gate_config *g = &cfg->gate_cfg;
+    static const char *combine[] = {"path", "leaf"}, *bits[] = {"projection", "input"},
+                      *grad[] = {"none", "ste"}, *bank[] = {"ffn", "linear"};
+    ccr_status s = ccr_record_add_str(r, "gate", cfg->gate ? cfg->gate->name : "dense-mlp");
+    if (cfg->gate == NULL)
+        return s;
+    if (s == CCR_OK) s = ccr_record_add_str(r, "bank", bank[cfg->bank]);
+    if (s == CCR_OK) s = ccr_record_add_int(r, "expert_hidden", (int64_t)cfg->hidden);
+    if (s == CCR_OK) s = ccr_record_add_int(r, "experts", (int64_t)g->n_experts);
+    if (s == CCR_OK) s = ccr_record_add_int(r, "k", (int64_t)g->k);
+    if (s == CCR_OK) s = ccr_record_add_int(r, "groups", (int64_t)g->n_groups);
+    if (s == CCR_OK) s = ccr_record_add_int(r, "k2", (int64_t)g->k2);
+    if (s == CCR_OK) s = ccr_record_add_int(r, "depth", (int64_t)g->depth);
+    if (s == CCR_OK) s = ccr_record_add_str(r, "combine", combine[g->combine]);
+    if (s == CCR_OK) s = ccr_record_add_str(r, "bits_from", bits[g->bits_from]);
+    if (s == CCR_OK) s = ccr_record_add_str(r, "grad_mode", grad[g->grad_mode]);
+    if (s == CCR_OK) s = ccr_record_add_double(r, "capacity_factor", g->capacity_factor);
+    if (s == CCR_OK) s = ccr_record_add_double(r, "w_importance", g->w_importance);
+    if (s == CCR_OK) s = ccr_record_add_double(r, "w_load", g->w_load);
+    if (s == CCR_OK) s = ccr_record_add_double(r, "aux_alpha", g->aux_alpha);
+    if (s == CCR_OK) s = ccr_record_add_double(r, "z_loss", g->z_loss);
+    if (s == CCR_OK) s = ccr_record_add_double(r, "noise_eps", g->noise_eps);
+    if (s == CCR_OK) s = ccr_record_add_bool(r, "randomize", g->randomize);
+    return s;
+}

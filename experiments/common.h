@@ -49,4 +49,23 @@ const char *drv_machine(void);
 ccr_status drv_record_base(ccr_record *r, const char *driver, const ccr_backend *be,
                            unsigned long seed);
 
+/* Gate and bank options shared by the drivers (--gate --experts --k
+ * --groups --k2 --depth --combine --bits-from --grad-mode --capacity-factor
+ * --w-importance --w-load --aux-alpha --z-loss --noise-eps --randomize
+ * --bank --expert-hidden).  If `flag` is one of them, parses `value` into
+ * cfg (exiting 2 on a bad value), sets *used_value when the flag took the
+ * value, and returns true. */
+bool drv_parse_gate_option(const char *prog, const char *flag, const char *value,
+                           ccr_cond_config *cfg, bool *used_value);
+
+/* Usage lines for those options. */
+extern const char drv_gate_usage[];
+
+/* After parsing: fills the defaults that depend on the gate (bank: linear
+ * for signtree, FFN otherwise; none: 1 expert). */
+void drv_gate_finish(ccr_cond_config *cfg, bool bank_set);
+
+/* Adds the gate configuration to a record under the flag names. */
+ccr_status drv_record_gate(ccr_record *r, const ccr_cond_config *cfg);
+
 #endif /* CCR_DRV_COMMON_H */

@@ -46,8 +46,11 @@ static void usage(void)
         "  --save FILE        write the final parameters (safetensors) [none]\n"
         "  --quick            smoke run: 1 epoch on 6000 examples\n"
         "  --help             this text\n\n"
+        "Conditional hidden layers (each hidden layer becomes gate + bank; CPU):\n"
+        "%s\n"
         "OpenBLAS threads follow OPENBLAS_NUM_THREADS; the core in use is printed\n"
-        "and recorded (set OPENBLAS_CORETYPE=SkylakeX for AVX-512 kernels).\n");
+        "and recorded (set OPENBLAS_CORETYPE=SkylakeX for AVX-512 kernels).\n",
+        drv_gate_usage);
 }
 
 typedef struct options {
@@ -58,6 +61,7 @@ typedef struct options {
     ccr_optim_config oc;
     bool lr_set;
     bool cosine;
+    ccr_cond_config cond;   /* cond.gate == NULL: plain linear hidden layers */
     size_t batch, epochs, valid, max_train;
     unsigned long seed;
 } options;
@@ -69,8 +73,21 @@ static void parse(int argc, char **argv, options *o)
                    .oc = ccr_optim_defaults(CCR_OPTIM_ADAM), .batch = 128, .epochs = 10,
                    .valid = 5000, .seed = 1, .cosine = true};
     float momentum = 0.9f, wd = 0.0f, lr = 0.0f;
+    bool bank_set = false, used;
+    o->cond = ccr_cond_config_default();
+    o->cond.gate_cfg.n_experts = 8;
+    o->cond.gate_cfg.k = 2;
+    o->cond.gate_cfg.n_groups = 2;
+    o->cond.gate_cfg.k2 = 2;
+    o->cond.gate_cfg.depth = 4;
+    o->cond.hidden = 64;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        if (drv_parse_gate_option(PROG, a, v, &o->cond, &used)) {
+            bank_set = bank_set || strcmp(a, "--bank") == 0;
+            i += used;
+            continue;
+        }
         if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0) {
             usage();
             exit(0);
@@ -116,6 +133,7 @@ static void parse(int argc, char **argv, options *o)
         else if (v == NULL) drv_usage_error(PROG, "%s needs a value", a);
         else drv_usage_error(PROG, "unknown option '%s'", a);
     }
+    drv_gate_finish(&o->cond, bank_set);
     ccr_optim_config base = ccr_optim_defaults(o->oc.kind);
     o->oc = base;
     o->oc.lr = o->lr_set ? lr : (o->oc.kind == CCR_OPTIM_SGD ? 0.05f : base.lr);
@@ -175,7 +193,15 @@ int main(int argc, char **argv)
     if ((s = ccr_net_init(be, train->dim, o.batch, &net)) != CCR_OK)
         drv_fail(PROG, ctx, s, "network");
     for (size_t i = 0; i < o.n_hidden && s == CCR_OK; i++) {
-        s = ccr_net_add_linear(net, o.hidden[i]);
+        if (o.cond.gate != NULL) {
+            ccr_cond_config cc = o.cond;
+            cc.d_out = o.hidden[i];
+            s = ccr_net_add_cond(net, &cc);
+            if (s == CCR_EINVAL)  /* a bad gate option: a usage error */
+                drv_usage_error(PROG, "%s", ccr_ctx_errmsg(ctx));
+        } else {
+            s = ccr_net_add_linear(net, o.hidden[i]);
+        }
         if (s == CCR_OK)
             s = ccr_net_add_act(net, o.act);
     }
@@ -189,10 +215,12 @@ int main(int argc, char **argv)
     char arch[256];
     int w = snprintf(arch, sizeof arch, "%zu", train->dim);
     for (size_t i = 0; i < o.n_hidden; i++)
-        w += snprintf(arch + w, sizeof arch - (size_t)w, "-%zu", o.hidden[i]);
+        w += snprintf(arch + w, sizeof arch - (size_t)w, "-%s%zu",
+                      o.cond.gate ? o.cond.gate->name : "", o.hidden[i]);
     snprintf(arch + w, sizeof arch - (size_t)w, "-%zu", classes);
-    fprintf(stderr, "%s: mlp %s (%s), %zu params, %.0f fwd + %.0f bwd FLOPs/example; "
-            "train %zu valid %zu test %zu; %s; %s\n", PROG, arch, ccr_act_name(o.act),
+    fprintf(stderr, "%s: %s %s (%s), %zu params, %.0f fwd + %.0f bwd FLOPs/example; "
+            "train %zu valid %zu test %zu; %s; %s\n", PROG, o.cond.gate ? "net" : "mlp", arch,
+            ccr_act_name(o.act),
             ccr_net_n_params(net), fl.fwd, fl.bwd, n_train, valid->n, test->n,
             ccr_backend_describe(be), drv_machine());
 
@@ -218,8 +246,9 @@ int main(int argc, char **argv)
             lr_e = (float)(0.5 * o.oc.lr * (1.0 + cos(M_PI * (double)(epoch - 1) / (double)o.epochs)));
         if ((s = ccr_optim_set_lr(opt, lr_e)) != CCR_OK)
             drv_fail(PROG, ctx, s, "schedule");
-        double te = drv_now(), loss_sum = 0.0;
-        size_t correct = 0, seen = 0;
+        double te = drv_now(), loss_sum = 0.0, aux_sum = 0.0, flops_sum = 0.0;
+        double cv_imp = 0.0, cv_load = 0.0, cv_count = 0.0, mm_count = 0.0;
+        size_t correct = 0, seen = 0, dropped = 0, steps = 0;
         ccr_permutation(rng, perm, train->n);
         for (size_t step = 0; step < steps_per_epoch; step++) {
             size_t b = n_train - step * o.batch < o.batch ? n_train - step * o.batch : o.batch;
@@ -228,8 +257,20 @@ int main(int argc, char **argv)
             if ((s = ccr_train_step(net, opt, rng, xb, yb, b, &st)) != CCR_OK)
                 drv_fail(PROG, ctx, s, "train step");
             loss_sum += st.loss * (double)b;
+            aux_sum += st.aux_loss;
             correct += st.correct;
             seen += b;
+            steps++;
+            /* Diagnostics of the first conditional layer (index 0). */
+            ccr_gate_stats gs;
+            if (o.cond.gate != NULL && ccr_net_cond(net, 0, NULL, &gs) == CCR_OK) {
+                cv_imp += gs.cv_importance;
+                cv_load += gs.cv_load;
+                cv_count += gs.cv_load_count;
+                mm_count += gs.max_mean_count;
+                dropped += gs.dropped;
+                flops_sum += gs.flops_counted;
+            }
             if (step % 20 == 0 || step + 1 == steps_per_epoch) {
                 char extra[96], label[48];
                 snprintf(label, sizeof label, "epoch %zu/%zu step", epoch, o.epochs);
@@ -253,7 +294,19 @@ int main(int argc, char **argv)
                 sv.loss, va_acc, stt.loss, te_acc, train_s, (double)seen / train_s);
         ccr_record_clear(rec);
         s = drv_record_base(rec, PROG, be, o.seed);
-        if (s == CCR_OK) s = ccr_record_add_str(rec, "model", "mlp");
+        if (s == CCR_OK) s = ccr_record_add_str(rec, "model", o.cond.gate ? "cond-mlp" : "mlp");
+        if (s == CCR_OK) s = drv_record_gate(rec, &o.cond);
+        if (s == CCR_OK && o.cond.gate != NULL) {
+            double n = (double)steps;
+            s = ccr_record_add_double(rec, "train_aux_loss", aux_sum / n);
+            if (s == CCR_OK) s = ccr_record_add_double(rec, "cv_importance", cv_imp / n);
+            if (s == CCR_OK) s = ccr_record_add_double(rec, "cv_load", cv_load / n);
+            if (s == CCR_OK) s = ccr_record_add_double(rec, "cv_load_count", cv_count / n);
+            if (s == CCR_OK) s = ccr_record_add_double(rec, "max_mean_count", mm_count / n);
+            if (s == CCR_OK) s = ccr_record_add_int(rec, "dropped", (int64_t)dropped);
+            if (s == CCR_OK)
+                s = ccr_record_add_double(rec, "cond_flops_counted_train", flops_sum / n);
+        }
         if (s == CCR_OK) s = ccr_record_add_str(rec, "arch", arch);
         if (s == CCR_OK) s = ccr_record_add_str(rec, "act", ccr_act_name(o.act));
         if (s == CCR_OK) s = ccr_record_add_str(rec, "optim", o.oc.kind == CCR_OPTIM_ADAM ? "adam" : "sgd");

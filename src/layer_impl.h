@@ -12,6 +12,7 @@
 
 #include "ccr/ccr_arena.h"
 #include "ccr/ccr_backend.h"
+#include "ccr/ccr_cond.h"
 #include "ccr/ccr_nn.h"
 
 typedef struct ccr_layer ccr_layer;
@@ -42,9 +43,16 @@ struct ccr_layer {
     ccr_act act;          /* activation layers */
     size_t p_w, p_b;      /* arena indices of W and b (linear) */
     float *out, *dout;    /* [max_batch, d_out] on the backend */
+    /* The mode of the current pass, set by the network before forward:
+     * training (noise on) or evaluation, and the RNG for noise. */
+    bool train;
+    gsl_rng *rng;
+    ccr_cond *cond;       /* conditional layers: gate + bank */
+    ccr_gate_stats stats; /* conditional layers: diagnostics of the last forward */
 };
 
 extern const ccr_layer_ops ccr_layer_linear_ops;
 extern const ccr_layer_ops ccr_layer_act_ops;
+extern const ccr_layer_ops ccr_layer_cond_ops;
 
 #endif /* CCR_LAYER_IMPL_H */

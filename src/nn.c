@@ -41,6 +41,8 @@ void ccr_net_free(ccr_net *net)
 {
     if (net == NULL)
         return;
+    for (size_t i = 0; i < net->n; i++)
+        ccr_cond_free(net->layers[i].cond);
     ccr_arena_free(net->params);
     ccr_backend_free_buffer(net->be, net->block);
     free(net->layers);
@@ -86,6 +88,39 @@ ccr_status ccr_net_add_act(ccr_net *net, ccr_act act)
     if (ccr_act_name(act) == NULL)
         CCR_FAIL(net->ctx, CCR_EINVAL, "unknown activation %d", (int)act);
     return net_push(net, &ccr_layer_act_ops, ccr_net_d_out(net), act);
+}
+
+ccr_status ccr_net_add_cond(ccr_net *net, const ccr_cond_config *cfg)
+{
+    if (net == NULL)
+        return CCR_EINVAL;
+    CCR_CHECK_NULL(net->ctx, cfg);
+    if (net->params != NULL)
+        CCR_FAIL(net->ctx, CCR_EINVAL, "network already finalized");
+    ccr_cond_config c = *cfg;
+    c.d_in = ccr_net_d_out(net);
+    ccr_cond *cond;
+    CCR_TRY(ccr_cond_alloc(net->be, &c, net->max_batch, &cond));
+    ccr_status s = net_push(net, &ccr_layer_cond_ops, c.d_out, CCR_ACT_IDENTITY);
+    if (s != CCR_OK) {
+        ccr_cond_free(cond);
+        return s;
+    }
+    net->layers[net->n - 1].cond = cond;
+    return CCR_OK;
+}
+
+ccr_status ccr_net_cond(const ccr_net *net, size_t i, ccr_cond **cond, ccr_gate_stats *stats)
+{
+    if (net == NULL)
+        return CCR_EINVAL;
+    if (i >= net->n || net->layers[i].cond == NULL)
+        CCR_FAIL(net->ctx, CCR_EINVAL, "layer %zu is not a conditional layer", i);
+    if (cond != NULL)
+        *cond = net->layers[i].cond;
+    if (stats != NULL)
+        *stats = net->layers[i].stats;
+    return CCR_OK;
 }
 
 /* Carves the activation block: input, per-layer out/dout, labels, loss,
@@ -185,6 +220,8 @@ ccr_status ccr_net_layer_info(const ccr_net *net, size_t i, ccr_layer_info *info
         CCR_FAIL(net->ctx, CCR_EINVAL, "layer %zu >= %zu layers", i, net->n);
     const ccr_layer *l = &net->layers[i];
     info->kind = l->ops == &ccr_layer_act_ops ? ccr_act_name(l->act) : l->ops->kind;
+    if (l->cond != NULL)
+        info->kind = ccr_gate_get_type(ccr_cond_gate(l->cond))->name;
     info->d_in = l->d_in;
     info->d_out = l->d_out;
     info->n_params = l->ops->n_params(l);
@@ -223,13 +260,17 @@ static ccr_status net_check_input(ccr_net *net, const float *x, size_t batch)
     return CCR_OK;
 }
 
-/* Forward over already-validated input. */
-static ccr_status net_forward(ccr_net *net, const float *x, size_t batch)
+/* Forward over already-validated input, in training (gate noise from rng)
+ * or evaluation mode. */
+static ccr_status net_forward(ccr_net *net, const float *x, size_t batch, bool train,
+                              gsl_rng *rng)
 {
     CCR_TRY(ccr_backend_set(net->be, net->x_dev, x, batch * net->d_in * sizeof(float)));
     const float *in = net->x_dev;
     for (size_t i = 0; i < net->n; i++) {
         ccr_layer *l = &net->layers[i];
+        l->train = train;
+        l->rng = rng;
         CCR_TRY(l->ops->forward(l, net->be, net->params, in, l->out, batch));
         in = l->out;
     }
@@ -243,7 +284,7 @@ ccr_status ccr_net_forward(ccr_net *net, const float *x, size_t batch, const flo
         return CCR_EINVAL;
     CCR_CHECK_NULL(net->ctx, out);
     CCR_TRY(net_check_input(net, x, batch));
-    CCR_TRY(net_forward(net, x, batch));
+    CCR_TRY(net_forward(net, x, batch, false, NULL));
     *out = net->layers[net->n - 1].out;
     return CCR_OK;
 }
@@ -304,23 +345,40 @@ static ccr_status net_loss(ccr_net *net, const int32_t *labels, size_t batch, bo
     return CCR_OK;
 }
 
-ccr_status ccr_net_loss_grad(ccr_net *net, const float *x, const int32_t *labels,
-                             size_t batch, ccr_step_stats *stats)
+/* Sum of the conditional layers' auxiliary losses of the last forward. */
+static double net_aux_loss(const ccr_net *net)
+{
+    double aux = 0.0;
+    for (size_t i = 0; i < net->n; i++)
+        if (net->layers[i].cond != NULL)
+            aux += net->layers[i].stats.aux_loss;
+    return aux;
+}
+
+ccr_status ccr_net_loss_grad_mode(ccr_net *net, const float *x, const int32_t *labels,
+                                  size_t batch, bool train, gsl_rng *rng, ccr_step_stats *stats)
 {
     if (net == NULL)
         return CCR_EINVAL;
     CCR_CHECK_NULL(net->ctx, stats);
     CCR_TRY(net_check_input(net, x, batch));
     CCR_TRY(net_check_labels(net, labels, batch));
-    CCR_TRY(net_forward(net, x, batch));
+    CCR_TRY(net_forward(net, x, batch, train, rng));
     double sum;
     size_t correct;
     CCR_TRY(net_loss(net, labels, batch, true, &sum, &correct));
     CCR_TRY(ccr_net_backward(net, net->layers[net->n - 1].dout));
     stats->loss = sum / (double)batch;
+    stats->aux_loss = net_aux_loss(net);
     stats->correct = correct;
     stats->batch = batch;
     return CCR_OK;
+}
+
+ccr_status ccr_net_loss_grad(ccr_net *net, const float *x, const int32_t *labels,
+                             size_t batch, ccr_step_stats *stats)
+{
+    return ccr_net_loss_grad_mode(net, x, labels, batch, false, NULL, stats);
 }
 
 ccr_status ccr_net_eval(ccr_net *net, const float *x, const int32_t *labels, size_t n,
@@ -333,13 +391,14 @@ ccr_status ccr_net_eval(ccr_net *net, const float *x, const int32_t *labels, siz
     if (n == 0)
         CCR_FAIL(net->ctx, CCR_EBADLEN, "evaluation over zero examples");
     CCR_TRY(net_check_labels(net, labels, n));
-    double total = 0.0;
+    double total = 0.0, aux = 0.0;
     size_t correct = 0;
     for (size_t i0 = 0; i0 < n; i0 += net->max_batch) {
         size_t b = n - i0 < net->max_batch ? n - i0 : net->max_batch;
         const float *xb = x + i0 * net->d_in;
         CCR_TRY(net_check_input(net, xb, b));
-        CCR_TRY(net_forward(net, xb, b));
+        CCR_TRY(net_forward(net, xb, b, false, NULL));
+        aux += net_aux_loss(net) * (double)b;
         double sum;
         size_t c;
         CCR_TRY(net_loss(net, labels + i0, b, false, &sum, &c));
@@ -347,6 +406,7 @@ ccr_status ccr_net_eval(ccr_net *net, const float *x, const int32_t *labels, siz
         correct += c;
     }
     stats->loss = total / (double)n;
+    stats->aux_loss = aux / (double)n;   /* chunk-size-weighted mean */
     stats->correct = correct;
     stats->batch = n;
     return CCR_OK;
@@ -358,9 +418,15 @@ static void net_describe(const ccr_net *net, char *buf, size_t len)
     int w = snprintf(buf, len, "%zu", net->d_in);
     for (size_t i = 0; i < net->n && w >= 0 && (size_t)w < len; i++) {
         const ccr_layer *l = &net->layers[i];
-        if (l->ops == &ccr_layer_act_ops)
+        if (l->ops == &ccr_layer_act_ops) {
             w += snprintf(buf + w, len - (size_t)w, ";%s", ccr_act_name(l->act));
-        else
+        } else if (l->cond != NULL) {
+            const ccr_gate *g = ccr_cond_gate(l->cond);
+            const ccr_gate_config *gc = ccr_gate_get_config(g);
+            w += snprintf(buf + w, len - (size_t)w, ";cond:%s:%zu:E%zu:k%zu:a%zu:k%zu:d%zu:m%zu",
+                          ccr_gate_get_type(g)->name, l->d_out, gc->n_experts, gc->k,
+                          gc->n_groups, gc->k2, gc->depth, ccr_gate_n_matrices(g));
+        } else
             w += snprintf(buf + w, len - (size_t)w, ";%s:%zu", l->ops->kind, l->d_out);
     }
 }

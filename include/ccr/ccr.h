@@ -24,5 +24,7 @@
 #include "ccr_jsonl.h"
 #include "ccr_data.h"
 #include "ccr_nn.h"
+#include "ccr_gate.h"
+#include "ccr_cond.h"
 
 #endif /* CCR_H */

@@ -38,6 +38,7 @@
 
 #include "ccr_arena.h"
 #include "ccr_backend.h"
+#include "ccr_cond.h"
 #include "ccr_common.h"
 #include "ccr_status.h"
 
@@ -73,6 +74,18 @@ ccr_status ccr_net_add_linear(ccr_net *net, size_t d_out);
  * activation or after finalize. */
 ccr_status ccr_net_add_act(ccr_net *net, ccr_act act);
 
+/* Appends a conditional layer (gate + bank, ccr_cond.h) taking the current
+ * width as its d_in (cfg->d_in is ignored) and producing cfg->d_out.  Its
+ * parameters are named "layers.<i>.experts.*" and "layers.<i>.gate.*" (or
+ * "layers.<i>.tree.*" for the sign-bit tree); its auxiliary loss is added to
+ * the training loss.  Returns the gate's configuration errors, CCR_EUNSUP
+ * on a non-CPU backend, CCR_EINVAL after finalize. */
+ccr_status ccr_net_add_cond(ccr_net *net, const ccr_cond_config *cfg);
+
+/* The conditional layer at layer index i and its diagnostics from the last
+ * forward pass (CCR_EINVAL if layer i is not conditional). */
+ccr_status ccr_net_cond(const ccr_net *net, size_t i, ccr_cond **cond, ccr_gate_stats *stats);
+
 /* Allocates parameters (one arena) and activations (one block) and draws
  * every linear layer's W and b from U(-1/sqrt(d_in), 1/sqrt(d_in)) (the
  * PyTorch default) using rng, layer by layer.  Returns CCR_EINVAL for an
@@ -89,10 +102,11 @@ ccr_backend *ccr_net_backend(const ccr_net *net);
 
 /* Facts about layer i (< ccr_net_n_layers). */
 typedef struct ccr_layer_info {
-    const char *kind;    /* "linear", "relu", "tanh", "sigmoid", "identity" */
+    const char *kind;    /* "linear", "relu", "tanh", "sigmoid", "identity", or the
+                            gate name of a conditional layer ("topk", ...) */
     size_t d_in, d_out;
     size_t n_params;
-    double flops_fwd;    /* per example */
+    double flops_fwd;    /* per example (conditional layers: evaluation mode) */
     double flops_bwd;    /* per example, as executed (no dx for layer 0) */
 } ccr_layer_info;
 ccr_status ccr_net_layer_info(const ccr_net *net, size_t i, ccr_layer_info *info);
@@ -105,8 +119,8 @@ typedef struct ccr_flops {
 ccr_flops ccr_net_flops(const ccr_net *net);
 size_t ccr_net_n_params(const ccr_net *net);
 
-/* Forward pass of `batch` (1..max_batch) examples x (host memory,
- * batch x d_in).  *out receives the network output on the backend
+/* Forward pass (evaluation mode: no gate noise) of `batch` (1..max_batch)
+ * examples x (host memory, batch x d_in).  *out receives the network output on the backend
  * (batch x d_out, valid until the next call).  Returns CCR_EBADLEN for a bad
  * batch, CCR_EDOM if x holds NaN or infinity, CCR_EINVAL before finalize. */
 ccr_status ccr_net_forward(ccr_net *net, const float *x, size_t batch, const float **out);
@@ -119,13 +133,16 @@ ccr_status ccr_net_backward(ccr_net *net, const float *dout);
 /* Per-batch results. */
 typedef struct ccr_step_stats {
     double loss;         /* mean softmax cross-entropy over the batch */
+    double aux_loss;     /* sum of the conditional layers' auxiliary losses
+                            (trained on, not included in loss) */
     size_t correct;      /* examples whose argmax equals the label */
     size_t batch;        /* examples seen */
 } ccr_step_stats;
 
-/* Forward + mean softmax cross-entropy against labels (host, batch values in
- * [0, d_out)) + backward, gradients accumulated; no parameter update.
- * Returns CCR_EINVAL for a label out of range (nothing computed). */
+/* Forward (evaluation mode) + mean softmax cross-entropy against labels
+ * (host, batch values in [0, d_out)) + auxiliary losses + backward,
+ * gradients accumulated; no parameter update.  Returns CCR_EINVAL for a
+ * label out of range (nothing computed). */
 ccr_status ccr_net_loss_grad(ccr_net *net, const float *x, const int32_t *labels,
                              size_t batch, ccr_step_stats *stats);
 
@@ -170,9 +187,10 @@ ccr_status ccr_optim_step(ccr_optim *opt);
 /* Changes the learning rate (schedules); CCR_EINVAL unless lr > 0. */
 ccr_status ccr_optim_set_lr(ccr_optim *opt, float lr);
 
-/* One training step: zero gradients, ccr_net_loss_grad, ccr_optim_step.
- * rng is reserved for layers that draw noise (may be NULL for deterministic
- * networks).  Parameters are unchanged if the step fails before the update. */
+/* One training step: zero gradients, forward in training mode (gates draw
+ * their noise from rng, which may be NULL only if no layer draws noise),
+ * cross-entropy + auxiliary losses, backward, ccr_optim_step.  Parameters
+ * are unchanged if the step fails before the update. */
 ccr_status ccr_train_step(ccr_net *net, ccr_optim *opt, gsl_rng *rng, const float *x,
                           const int32_t *labels, size_t batch, ccr_step_stats *stats);
 

@@ -1,0 +1,119 @@
+/*
+ * ccr_cond.h - the conditional layer: a gate, a bank of matrices, and the
+ * routed matmul that executes the gate's routing table.
+ *
+ *     y_b = sum over slots s with id >= 0 of  w_{b,s} * M_{id_{b,s}}(x_b)
+ *
+ * Two bank kinds:
+ *   FFN experts    M_m(x) = relu(x W1_m + b1_m) W2_m + b2_m   (Shazeer's experts)
+ *   linear nodes   M_m(x) = x W_m + b_m                       (the sign-bit tree's W_p)
+ * Parameter names (under the layer's prefix): FFN "experts.w1" [E,d_in,h],
+ * "experts.b1" [E,h], "experts.w2" [E,h,d_out], "experts.b2" [E,d_out];
+ * linear "experts.w" [E,d_in,d_out], "experts.b" [E,d_out] - except that the
+ * signtree gate's bank is named "tree." ("tree.w", "tree.b") and its gate
+ * parameters too ("tree.w_bits", "tree.c_bits"); other gates' parameters are
+ * "gate.*".
+ *
+ * The routed matmul sorts the (example, slot) pairs by matrix id with a
+ * stable counting sort, runs one GEMM (per layer of the matrix) per non-empty
+ * group, and combines with a weighted sum in slot order: the result is
+ * bitwise reproducible.  Backward gives the bank's parameter gradients, dx,
+ * and dL/d(route weight), which the gate turns into its own gradients.
+ * Runs on the CPU backend (host memory); other backends get CCR_EUNSUP.
+ *
+ *     ccr_cond_config cc = ccr_cond_config_default();
+ *     cc.gate = ccr_gate_type_find("topk");
+ *     cc.gate_cfg.n_experts = 16; cc.gate_cfg.k = 2;
+ *     cc.d_in = 64; cc.d_out = 64; cc.hidden = 128;
+ *     ccr_cond *c;
+ *     ccr_cond_alloc(be, &cc, max_batch, &c);
+ *     ccr_cond_declare(c, arena, "");     ... finalize ...  ccr_cond_init_params(c, rng);
+ *     ccr_cond_forward(c, x, batch, true, rng, y, &stats);   // stats.aux_loss
+ *     ccr_cond_backward(c, dy, dx);                          // grads into the arena
+ */
+#ifndef CCR_COND_H
+#define CCR_COND_H
+
+#include <stdbool.h>
+
+#include <gsl/gsl_rng.h>
+
+#include "ccr_arena.h"
+#include "ccr_backend.h"
+#include "ccr_common.h"
+#include "ccr_gate.h"
+#include "ccr_status.h"
+
+CCR_BEGIN_DECLS
+
+typedef enum ccr_bank_kind {
+    CCR_BANK_FFN = 0,    /* d_in -> hidden (ReLU) -> d_out */
+    CCR_BANK_LINEAR = 1  /* d_in -> d_out */
+} ccr_bank_kind;
+
+typedef struct ccr_cond_config {
+    const ccr_gate_type *gate;  /* required */
+    ccr_gate_config gate_cfg;   /* d_in is overwritten with the layer's d_in */
+    ccr_bank_kind bank;
+    size_t d_in, d_out;
+    size_t hidden;              /* FFN bank only */
+} ccr_cond_config;
+
+/* Defaults: gate NULL, ccr_gate_config_default(), FFN bank, sizes 0. */
+ccr_cond_config ccr_cond_config_default(void);
+
+typedef struct ccr_cond ccr_cond;
+
+/* Allocates the layer and its gate with every workspace for max_batch.
+ * Returns CCR_EINVAL (no gate, zero sizes, bad gate config), CCR_EUNSUP on a
+ * non-CPU backend, CCR_ENOMEM. */
+ccr_status ccr_cond_alloc(ccr_backend *be, const ccr_cond_config *cfg, size_t max_batch,
+                          ccr_cond **out);
+void ccr_cond_free(ccr_cond *c);
+
+/* Declares bank and gate parameters under prefix ("" or "layers.2."). */
+ccr_status ccr_cond_declare(ccr_cond *c, ccr_arena *a, const char *prefix);
+
+/* Initialises the bank like nn.Linear (U(-1/sqrt(fan_in), 1/sqrt(fan_in)))
+ * and then the gate, drawing from rng in that order. */
+ccr_status ccr_cond_init_params(ccr_cond *c, gsl_rng *rng);
+
+/* y [batch, d_out] (host) from x [batch, d_in].  stats receives the gate's
+ * diagnostics with flops_counted filled in.  Returns the gate's errors. */
+ccr_status ccr_cond_forward(ccr_cond *c, const float *x, size_t batch, bool train,
+                            gsl_rng *rng, float *y, ccr_gate_stats *stats);
+
+/* Backward of the last forward: adds bank and gate gradients (the aux loss
+ * included, with coefficient 1) into the arena; dx [batch, d_in] is
+ * overwritten with dL/dx if not NULL. */
+ccr_status ccr_cond_backward(ccr_cond *c, const float *dy, float *dx);
+
+/* The last routing table, the gate, sizes. */
+const ccr_route *ccr_cond_route(const ccr_cond *c);
+ccr_gate *ccr_cond_gate(const ccr_cond *c);
+size_t ccr_cond_d_in(const ccr_cond *c);
+size_t ccr_cond_d_out(const ccr_cond *c);
+
+/* Parameters of the bank and gate (exact). */
+size_t ccr_cond_n_params(const ccr_cond *c);
+
+/* FLOPs of one use of one bank matrix on one example: FFN 2 d_in h + h +
+ * 2 h d_out + d_out, linear 2 d_in d_out + d_out, plus 2 d_out for the
+ * weighted combine. */
+double ccr_cond_matrix_flops(const ccr_cond *c);
+
+/* Analytic forward FLOPs per example: gate FLOPs + matrices per example x
+ * matrix FLOPs.  The counted figure (stats.flops_counted) uses the slots the
+ * routing table actually filled; they agree unless tokens are dropped. */
+double ccr_cond_flops(const ccr_cond *c, bool train);
+
+/* Analytic backward FLOPs per example: per used matrix, the products of the
+ * bank's backward (dW and, if need_dx, dx: FFN 2 h d_out + 2 h d_out +
+ * 2 d_in h [+ 2 d_in h], linear 2 d_in d_out [+ 2 d_in d_out]) plus the bias
+ * gradients and 3 d_out for the weighted output and dL/dw; plus twice the
+ * gate's forward FLOPs (its weight gradient and its input gradient). */
+double ccr_cond_flops_bwd(const ccr_cond *c, bool need_dx);
+
+CCR_END_DECLS
+
+#endif /* CCR_COND_H */

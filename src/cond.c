@@ -1,0 +1,429 @@
+/*
+ * cond.c - the conditional layer: gate + matrix bank + the routed matmul.
+ *
+ *     y_b = sum_s w_{b,s} M_{id_{b,s}}(x_b)        (Shazeer et al. 2017, eq. 1)
+ *
+ * The routed matmul is the one op that executes every gate's routing table
+ * (the analogue of ggml's mul_mat_id and of t2t's SparseDispatcher):
+ *   1. sort the (example, slot) pairs with id >= 0 by (id, pair index);
+ *   2. gather their inputs in that order;
+ *   3. one GEMM per bank layer per non-empty group of equal id;
+ *   4. combine: y_b = sum over slots in slot order of w * out.
+ * Every step has a fixed order, so the result is bitwise reproducible.  The
+ * backward pass mirrors it and also yields dL/dw_{b,s} = <dy_b, M(x_b)>,
+ * from which the gate computes its own gradients.  All buffers are sized
+ * for max_batch at allocation; forward and backward allocate nothing.
+ */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "backend_impl.h"  // provides: struct ccr_backend (kernel table)
+#include "ccr/ccr_cond.h"
+#include "internal.h"      // provides: CCR_FAIL, CCR_TRY, ccr_mul_ok
+#include "ref/ref.h"       // provides: ccr_ref_act_fwd (ReLU)
+
+/* Largest bank, in floats per block (2^34 floats = 64 GiB). */
+#define COND_MAX_BANK ((size_t)1 << 34)
+
+struct ccr_cond {
+    ccr_backend *be;
+    ccr_ctx *ctx;
+    ccr_cond_config cfg;
+    ccr_gate *gate;
+    size_t max_batch, slots, n_mat, h;
+    bool tree;                 /* the bank is named "tree." */
+    ccr_arena *arena;          /* where the bank lives (set by declare) */
+    size_t p_w1, p_b1, p_w2, p_b2;  /* FFN: w1 b1 w2 b2; linear: w1 b1 only */
+    size_t gate_first, gate_end;    /* the gate's tensors in the arena */
+    /* workspace, one allocation */
+    void *work;
+    uint64_t *keys;            /* [P] (id << 32 | pair) sorted */
+    int32_t *pos;              /* [P] pair -> sorted position, -1 if empty */
+    float *xin;                /* [max_batch, d_in] copy of the forward input */
+    float *xg, *hid, *out;     /* [P, d_in], [P, h], [P, d_out] in sorted order */
+    float *g_out, *g_hid, *g_x;/* their gradients */
+    float *dweights;           /* [P] dL/dw in pair order */
+    float *eval_hid;           /* [h] scratch of eval_matrix */
+    float *eval_out;           /* [d_out] the gate's scratch row */
+    /* last forward */
+    ccr_route route;
+    size_t batch, n_pairs;     /* examples, used pairs */
+};
+
+ccr_cond_config ccr_cond_config_default(void)
+{
+    ccr_cond_config c = {.gate = NULL, .gate_cfg = ccr_gate_config_default(),
+                         .bank = CCR_BANK_FFN, .d_in = 0, .d_out = 0, .hidden = 0};
+    return c;
+}
+
+static bool cond_ffn(const ccr_cond *c) { return c->cfg.bank == CCR_BANK_FFN; }
+
+/* Floats per bank matrix (weights and biases). */
+static size_t cond_matrix_size(const ccr_cond_config *cfg)
+{
+    if (cfg->bank == CCR_BANK_FFN)
+        return cfg->d_in * cfg->hidden + cfg->hidden + cfg->hidden * cfg->d_out + cfg->d_out;
+    return cfg->d_in * cfg->d_out + cfg->d_out;
+}
+
+ccr_status ccr_cond_alloc(ccr_backend *be, const ccr_cond_config *cfg, size_t max_batch,
+                          ccr_cond **out)
+{
+    if (be == NULL)
+        return CCR_EINVAL;
+    ccr_ctx *ctx = be->ctx;
+    CCR_CHECK_NULL(ctx, cfg);
+    CCR_CHECK_NULL(ctx, out);
+    CCR_CHECK_NULL(ctx, cfg->gate);
+    if (!be->is_cpu)
+        CCR_FAIL(ctx, CCR_EUNSUP, "conditional layers run on the CPU backend, not %s",
+                 be->iface->name);
+    if (cfg->d_in == 0 || cfg->d_out == 0 || max_batch == 0)
+        CCR_FAIL(ctx, CCR_EINVAL, "d_in=%zu, d_out=%zu and max_batch=%zu must be > 0",
+                 cfg->d_in, cfg->d_out, max_batch);
+    if (cfg->bank != CCR_BANK_FFN && cfg->bank != CCR_BANK_LINEAR)
+        CCR_FAIL(ctx, CCR_EINVAL, "unknown bank kind %d", (int)cfg->bank);
+    if (cfg->bank == CCR_BANK_FFN && cfg->hidden == 0)
+        CCR_FAIL(ctx, CCR_EINVAL, "FFN bank needs hidden > 0");
+    ccr_cond *c = calloc(1, sizeof *c);
+    if (c == NULL)
+        CCR_FAIL(ctx, CCR_ENOMEM, "cannot allocate conditional layer");
+    c->be = be;
+    c->ctx = ctx;
+    c->cfg = *cfg;
+    c->cfg.gate_cfg.d_in = cfg->d_in;
+    c->max_batch = max_batch;
+    c->h = cfg->bank == CCR_BANK_FFN ? cfg->hidden : 0;
+    c->tree = strcmp(cfg->gate->param_group, "tree.") == 0;
+    ccr_status s = ccr_gate_alloc(ctx, cfg->gate, &c->cfg.gate_cfg, max_batch, &c->gate);
+    if (s != CCR_OK) {
+        free(c);
+        return s;
+    }
+    c->slots = ccr_gate_slots(c->gate);
+    c->n_mat = ccr_gate_n_matrices(c->gate);
+    size_t bank;
+    if (!ccr_mul_ok(c->n_mat, cond_matrix_size(&c->cfg), &bank) || bank > COND_MAX_BANK) {
+        size_t n_mat = c->n_mat;
+        ccr_cond_free(c);
+        CCR_FAIL(ctx, CCR_EINVAL, "bank of %zu matrices of %zu floats is too large "
+                 "(limit %zu floats)", n_mat, cond_matrix_size(cfg), COND_MAX_BANK);
+    }
+    /* Workspace: P pairs. */
+    size_t P = max_batch * c->slots, d_in = cfg->d_in, d_out = cfg->d_out, h = c->h;
+    size_t floats = max_batch * d_in + P * (2 * d_in + 2 * h + 2 * d_out + 1) + h + d_out + 64;
+    size_t bytes = P * sizeof(uint64_t) + P * sizeof(int32_t) + floats * sizeof(float) + 64;
+    c->work = malloc(bytes);
+    if (c->work == NULL) {
+        ccr_cond_free(c);
+        CCR_FAIL(ctx, CCR_ENOMEM, "cannot allocate %zu bytes of workspace", bytes);
+    }
+    c->keys = c->work;
+    c->pos = (int32_t *)(c->keys + P);
+    float *f = (float *)(c->pos + P);
+    c->xin = f, f += max_batch * d_in;
+    c->xg = f, f += P * d_in;
+    c->g_x = f, f += P * d_in;
+    c->hid = f, f += P * h;
+    c->g_hid = f, f += P * h;
+    c->out = f, f += P * d_out;
+    c->g_out = f, f += P * d_out;
+    c->dweights = f, f += P;
+    c->eval_hid = f, f += h;
+    c->eval_out = f;
+    *out = c;
+    return CCR_OK;
+}
+
+void ccr_cond_free(ccr_cond *c)
+{
+    if (c == NULL)
+        return;
+    ccr_gate_free(c->gate);
+    free(c->work);
+    free(c);
+}
+
+static ccr_status cond_add(ccr_cond *c, ccr_arena *a, const char *prefix, const char *name,
+                           size_t rank, size_t d0, size_t d1, size_t d2, size_t *idx)
+{
+    char full[CCR_ARENA_MAX_NAME];
+    size_t shape[3] = {d0, d1, d2};
+    snprintf(full, sizeof full, "%s%s%s", prefix, c->tree ? "tree." : "experts.", name);
+    return ccr_arena_add(a, full, rank, shape, idx);
+}
+
+ccr_status ccr_cond_declare(ccr_cond *c, ccr_arena *a, const char *prefix)
+{
+    if (c == NULL)
+        return CCR_EINVAL;
+    CCR_CHECK_NULL(c->ctx, a);
+    prefix = prefix ? prefix : "";
+    size_t E = c->n_mat, d_in = c->cfg.d_in, d_out = c->cfg.d_out, h = c->h;
+    if (cond_ffn(c)) {
+        CCR_TRY(cond_add(c, a, prefix, "w1", 3, E, d_in, h, &c->p_w1));
+        CCR_TRY(cond_add(c, a, prefix, "b1", 2, E, h, 0, &c->p_b1));
+        CCR_TRY(cond_add(c, a, prefix, "w2", 3, E, h, d_out, &c->p_w2));
+        CCR_TRY(cond_add(c, a, prefix, "b2", 2, E, d_out, 0, &c->p_b2));
+    } else {
+        CCR_TRY(cond_add(c, a, prefix, "w", 3, E, d_in, d_out, &c->p_w1));
+        CCR_TRY(cond_add(c, a, prefix, "b", 2, E, d_out, 0, &c->p_b1));
+    }
+    char gp[CCR_ARENA_MAX_NAME];
+    snprintf(gp, sizeof gp, "%s%s", prefix, c->cfg.gate->param_group);
+    c->gate_first = ccr_arena_count(a);
+    CCR_TRY(ccr_gate_declare(c->gate, a, gp));
+    c->gate_end = ccr_arena_count(a);
+    c->arena = a;
+    return CCR_OK;
+}
+
+/* Fills n floats of the arena tensor idx with U(-bound, bound). */
+static void cond_uniform(ccr_cond *c, size_t idx, double bound, gsl_rng *rng)
+{
+    float *v = ccr_arena_value(c->arena, idx);
+    size_t n = ccr_arena_size(c->arena, idx);
+    for (size_t i = 0; i < n; i++)
+        v[i] = (float)((2.0 * gsl_rng_uniform(rng) - 1.0) * bound);
+}
+
+ccr_status ccr_cond_init_params(ccr_cond *c, gsl_rng *rng)
+{
+    if (c == NULL)
+        return CCR_EINVAL;
+    CCR_CHECK_NULL(c->ctx, rng);
+    if (c->arena == NULL || ccr_arena_values(c->arena) == NULL)
+        CCR_FAIL(c->ctx, CCR_EINVAL, "declare the layer and finalize its arena first");
+    /* nn.Linear's default per bank layer.  The sign-bit tree sums the d+1
+     * node matrices of a path with weight 1, so each node starts at
+     * 1/sqrt(d+1) of that scale and the effective matrix has the usual one. */
+    double path = c->tree ? sqrt(ccr_gate_matrices_per_example(c->gate)) : 1.0;
+    double b_in = 1.0 / sqrt((double)c->cfg.d_in) / path;
+    cond_uniform(c, c->p_w1, b_in, rng);
+    cond_uniform(c, c->p_b1, b_in, rng);
+    if (cond_ffn(c)) {
+        double b_h = 1.0 / sqrt((double)c->h);
+        cond_uniform(c, c->p_w2, b_h, rng);
+        cond_uniform(c, c->p_b2, b_h, rng);
+    }
+    return ccr_gate_init_params(c->gate, rng);
+}
+
+static int cmp_u64(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return (x > y) - (x < y);
+}
+
+/* Applies bank matrix m to n gathered rows: out = M_m(xg), hid kept. */
+static ccr_status cond_apply(ccr_cond *c, size_t m, const float *xg, float *hid, float *out,
+                             size_t n)
+{
+    ccr_backend *be = c->be;
+    const ccr_arena *a = c->arena;
+    size_t d_in = c->cfg.d_in, d_out = c->cfg.d_out, h = c->h;
+    if (cond_ffn(c)) {
+        CCR_TRY(be->k->gemm(be, false, false, n, h, d_in, 1.0f, xg, d_in,
+                            ccr_arena_value(a, c->p_w1) + m * d_in * h, h, 0.0f, hid, h));
+        CCR_TRY(be->k->bias_add(be, hid, ccr_arena_value(a, c->p_b1) + m * h, n, h));
+        CCR_TRY(be->k->act_fwd(be, CCR_ACT_RELU, hid, hid, n * h));
+        CCR_TRY(be->k->gemm(be, false, false, n, d_out, h, 1.0f, hid, h,
+                            ccr_arena_value(a, c->p_w2) + m * h * d_out, d_out, 0.0f, out,
+                            d_out));
+        return be->k->bias_add(be, out, ccr_arena_value(a, c->p_b2) + m * d_out, n, d_out);
+    }
+    CCR_TRY(be->k->gemm(be, false, false, n, d_out, d_in, 1.0f, xg, d_in,
+                        ccr_arena_value(a, c->p_w1) + m * d_in * d_out, d_out, 0.0f, out,
+                        d_out));
+    return be->k->bias_add(be, out, ccr_arena_value(a, c->p_b1) + m * d_out, n, d_out);
+}
+
+ccr_status ccr_cond_forward(ccr_cond *c, const float *x, size_t batch, bool train,
+                            gsl_rng *rng, float *y, ccr_gate_stats *stats)
+{
+    if (c == NULL)
+        return CCR_EINVAL;
+    CCR_CHECK_NULL(c->ctx, y);
+    CCR_CHECK_NULL(c->ctx, stats);
+    if (c->arena == NULL || ccr_arena_values(c->arena) == NULL)
+        CCR_FAIL(c->ctx, CCR_EINVAL, "declare the layer and finalize its arena first");
+    ccr_route r;
+    ccr_gate_stats st;
+    CCR_TRY(ccr_gate_forward(c->gate, x, batch, train, rng, &r, &st));
+    size_t d_in = c->cfg.d_in, d_out = c->cfg.d_out, h = c->h, S = c->slots;
+    memcpy(c->xin, x, batch * d_in * sizeof *x);
+
+    /* 1. Sort the used pairs by (id, pair index). */
+    size_t P = batch * S, n = 0;
+    for (size_t p = 0; p < P; p++) {
+        c->pos[p] = -1;
+        if (r.ids[p] >= 0)
+            c->keys[n++] = ((uint64_t)(uint32_t)r.ids[p] << 32) | (uint64_t)p;
+    }
+    qsort(c->keys, n, sizeof *c->keys, cmp_u64);
+    /* 2. Gather. */
+    for (size_t q = 0; q < n; q++) {
+        size_t p = (size_t)(c->keys[q] & 0xffffffffu);
+        c->pos[p] = (int32_t)q;
+        memcpy(c->xg + q * d_in, x + (p / S) * d_in, d_in * sizeof *x);
+    }
+    /* 3. One pass of GEMMs per group of equal id. */
+    for (size_t q0 = 0; q0 < n;) {
+        size_t m = (size_t)(c->keys[q0] >> 32), q1 = q0 + 1;
+        while (q1 < n && (size_t)(c->keys[q1] >> 32) == m)
+            q1++;
+        CCR_TRY(cond_apply(c, m, c->xg + q0 * d_in, c->hid + q0 * h, c->out + q0 * d_out,
+                           q1 - q0));
+        q0 = q1;
+    }
+    /* 4. Combine in slot order. */
+    memset(y, 0, batch * d_out * sizeof *y);
+    for (size_t b = 0; b < batch; b++) {
+        for (size_t s = 0; s < S; s++) {
+            int32_t q = c->pos[b * S + s];
+            if (q < 0)
+                continue;
+            float w = r.weights[b * S + s];
+            const float *o = c->out + (size_t)q * d_out;
+            for (size_t j = 0; j < d_out; j++)
+                y[b * d_out + j] += w * o[j];
+        }
+    }
+    c->route = r;
+    c->batch = batch;
+    c->n_pairs = n;
+    st.flops_counted = ccr_gate_flops(c->gate, train) +
+                       (double)n / (double)batch * ccr_cond_matrix_flops(c);
+    *stats = st;
+    return CCR_OK;
+}
+
+/* out[d_out] = M_m(x_row): the gate's eval_matrix callback. */
+static ccr_status cond_eval_matrix(void *bank, size_t m, const float *x_row, float *out)
+{
+    ccr_cond *c = bank;
+    if (m >= c->n_mat)
+        CCR_FAIL(c->ctx, CCR_EINVAL, "matrix %zu >= %zu", m, c->n_mat);
+    return cond_apply(c, m, x_row, c->eval_hid, out, 1);
+}
+
+ccr_status ccr_cond_backward(ccr_cond *c, const float *dy, float *dx)
+{
+    if (c == NULL)
+        return CCR_EINVAL;
+    CCR_CHECK_NULL(c->ctx, dy);
+    if (c->batch == 0)
+        CCR_FAIL(c->ctx, CCR_EINVAL, "backward without a forward pass");
+    ccr_backend *be = c->be;
+    const ccr_arena *a = c->arena;
+    size_t d_in = c->cfg.d_in, d_out = c->cfg.d_out, h = c->h, S = c->slots;
+    size_t batch = c->batch, n = c->n_pairs;
+    const ccr_route *r = &c->route;
+
+    /* dL/d(out) = w dy_b; dL/dw = <dy_b, out>. */
+    for (size_t p = 0; p < batch * S; p++) {
+        int32_t q = c->pos[p];
+        c->dweights[p] = 0.0f;
+        if (q < 0)
+            continue;
+        const float *d = dy + (p / S) * d_out, *o = c->out + (size_t)q * d_out;
+        float *g = c->g_out + (size_t)q * d_out, w = r->weights[p];
+        double dot = 0.0;
+        for (size_t j = 0; j < d_out; j++) {
+            g[j] = w * d[j];
+            dot += (double)d[j] * (double)o[j];
+        }
+        c->dweights[p] = (float)dot;
+    }
+    /* Per group: bank gradients and the gathered input gradient. */
+    for (size_t q0 = 0; q0 < n;) {
+        size_t m = (size_t)(c->keys[q0] >> 32), q1 = q0 + 1;
+        while (q1 < n && (size_t)(c->keys[q1] >> 32) == m)
+            q1++;
+        size_t cnt = q1 - q0;
+        const float *xg = c->xg + q0 * d_in;
+        float *gout = c->g_out + q0 * d_out, *gx = c->g_x + q0 * d_in;
+        if (cond_ffn(c)) {
+            float *hid = c->hid + q0 * h, *ghid = c->g_hid + q0 * h;
+            float *w1 = ccr_arena_value(a, c->p_w1) + m * d_in * h;
+            float *w2 = ccr_arena_value(a, c->p_w2) + m * h * d_out;
+            CCR_TRY(be->k->gemm(be, true, false, h, d_out, cnt, 1.0f, hid, h, gout, d_out, 1.0f,
+                                ccr_arena_grad(a, c->p_w2) + m * h * d_out, d_out));
+            CCR_TRY(be->k->bias_grad(be, ccr_arena_grad(a, c->p_b2) + m * d_out, gout, cnt,
+                                     d_out));
+            CCR_TRY(be->k->gemm(be, false, true, cnt, h, d_out, 1.0f, gout, d_out, w2, d_out,
+                                0.0f, ghid, h));
+            CCR_TRY(be->k->act_bwd(be, CCR_ACT_RELU, hid, ghid, ghid, cnt * h));
+            CCR_TRY(be->k->gemm(be, true, false, d_in, h, cnt, 1.0f, xg, d_in, ghid, h, 1.0f,
+                                ccr_arena_grad(a, c->p_w1) + m * d_in * h, h));
+            CCR_TRY(be->k->bias_grad(be, ccr_arena_grad(a, c->p_b1) + m * h, ghid, cnt, h));
+            if (dx != NULL)
+                CCR_TRY(be->k->gemm(be, false, true, cnt, d_in, h, 1.0f, ghid, h, w1, h, 0.0f,
+                                    gx, d_in));
+        } else {
+            float *w = ccr_arena_value(a, c->p_w1) + m * d_in * d_out;
+            CCR_TRY(be->k->gemm(be, true, false, d_in, d_out, cnt, 1.0f, xg, d_in, gout, d_out,
+                                1.0f, ccr_arena_grad(a, c->p_w1) + m * d_in * d_out, d_out));
+            CCR_TRY(be->k->bias_grad(be, ccr_arena_grad(a, c->p_b1) + m * d_out, gout, cnt,
+                                     d_out));
+            if (dx != NULL)
+                CCR_TRY(be->k->gemm(be, false, true, cnt, d_in, d_out, 1.0f, gout, d_out, w,
+                                    d_out, 0.0f, gx, d_in));
+        }
+        q0 = q1;
+    }
+    /* Scatter-add the input gradient in sorted order (deterministic). */
+    if (dx != NULL) {
+        memset(dx, 0, batch * d_in * sizeof *dx);
+        for (size_t q = 0; q < n; q++) {
+            size_t b = (size_t)(c->keys[q] & 0xffffffffu) / S;
+            const float *g = c->g_x + q * d_in;
+            for (size_t j = 0; j < d_in; j++)
+                dx[b * d_in + j] += g[j];
+        }
+    }
+    ccr_gate_bwd_args ga = {.x = c->xin, .batch = batch, .dweights = c->dweights, .dx = dx,
+                            .dy = dy, .d_out = d_out, .eval_matrix = cond_eval_matrix,
+                            .bank = c, .scratch = c->eval_out};
+    return ccr_gate_backward(c->gate, &ga);
+}
+
+const ccr_route *ccr_cond_route(const ccr_cond *c) { return &c->route; }
+ccr_gate *ccr_cond_gate(const ccr_cond *c) { return c->gate; }
+size_t ccr_cond_d_in(const ccr_cond *c) { return c->cfg.d_in; }
+size_t ccr_cond_d_out(const ccr_cond *c) { return c->cfg.d_out; }
+
+size_t ccr_cond_n_params(const ccr_cond *c)
+{
+    size_t n = c->n_mat * cond_matrix_size(&c->cfg);
+    for (size_t i = c->gate_first; i < c->gate_end; i++)
+        n += ccr_arena_size(c->arena, i);
+    return n;
+}
+
+double ccr_cond_matrix_flops(const ccr_cond *c)
+{
+    double d_in = (double)c->cfg.d_in, d_out = (double)c->cfg.d_out, h = (double)c->h;
+    double m = cond_ffn(c) ? 2 * d_in * h + h + 2 * h * d_out + d_out : 2 * d_in * d_out + d_out;
+    return m + 2 * d_out;
+}
+
+double ccr_cond_flops(const ccr_cond *c, bool train)
+{
+    return ccr_gate_flops(c->gate, train) +
+           ccr_gate_matrices_per_example(c->gate) * ccr_cond_matrix_flops(c);
+}
+
+double ccr_cond_flops_bwd(const ccr_cond *c, bool need_dx)
+{
+    double d_in = (double)c->cfg.d_in, d_out = (double)c->cfg.d_out, h = (double)c->h, m;
+    if (cond_ffn(c))
+        m = 4 * h * d_out + d_out + 2 * d_in * h + h + (need_dx ? 2 * d_in * h : 0);
+    else
+        m = 2 * d_in * d_out + d_out + (need_dx ? 2 * d_in * d_out : 0);
+    return ccr_gate_matrices_per_example(c->gate) * (m + 3 * d_out) +
+           2 * ccr_gate_flops(c->gate, true);
+}

@@ -1,0 +1,274 @@
+/*
+ * gate_switch.c - Switch Transformer routing (Fedus, Zoph & Shazeer,
+ * arXiv 2101.03961): top-1 on the softmax over all E experts, with an
+ * expert capacity and the load-balancing loss of eqs. 4-6.
+ *
+ * Per example b: p = softmax(x W_g), i* = argmax p (ties to the lower
+ * index); one slot, id i*, weight p_{i*}, *not* renormalised (multiplying by
+ * p_{i*} is what makes the router differentiable).
+ *
+ * Capacity C = ceil(capacity_factor * B / E), evaluated in double in that
+ * order and clamped to [1, B] (ccr's choice: ceil, so that factor 1 with a
+ * perfectly balanced batch drops nothing; the clamp makes a huge factor
+ * harmless).  Examples are assigned in batch order with 0-based positions,
+ * so exactly C fit (the paper's pseudo-code, read literally, keeps C - 1);
+ * an example whose expert is full is dropped: id -1, weight 0, and the
+ * layer outputs 0 for it.  No buffer depends on C: only per-expert counters.
+ *
+ * Aux loss (eqs. 4-6): f_i = (1/B) #{b : i*_b = i} counted *before* the
+ * drops (the router's choice; PAPERS.md §7, a loss after the mask reads
+ * low), P_i = (1/B) sum_b p_{b,i} over every example, dropped or not,
+ * loss_switch = aux_alpha * E * sum_i f_i P_i (= aux_alpha at uniform
+ * routing).  f has no gradient, so dL/dp_{b,i} = aux_alpha * E * f_i / B.
+ * Plus the optional ST-MoE z-loss (gate_router.c).
+ *
+ * Stats: Importance = sum_b p; Load = counts = kept examples per expert
+ * (no smooth load); exported as "importance", "load" and "choice" (the
+ * pre-capacity counts B f_i), each [E].
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#include "ccr/ccr_gate.h"
+#include "gate_router.h"  // provides: gate_router (logits, softmax, z-loss)
+#include "gate_util.h"    // provides: gate_topk, gate_softmax_backward, gate_cv, ...
+#include "internal.h"     // provides: CCR_FAIL, CCR_TRY, CCR_UNUSED
+
+typedef struct switch_state {
+    gate_router r;
+    size_t n;               /* E */
+    double capacity_factor;
+    double aux_alpha;
+    bool randomize;
+    int32_t *ids;           /* [max_batch] expert or -1 (dropped) */
+    float *weights;         /* [max_batch] p_{i*}, 0 when dropped */
+    int32_t *choice;        /* [max_batch] i* before the capacity mask */
+    size_t *chosen;         /* [E] #examples whose argmax is i (before drops) */
+    size_t *kept;           /* [E] #examples routed to i (after drops) */
+    double *imp;            /* [E] Importance sum_b p_{b,i} */
+    double *cnt;            /* [E] kept as doubles, for the CV helpers */
+    float *exports;         /* [3, E] importance, load, choice */
+    unsigned char *seen;    /* [E] scratch of gate_count_distinct */
+    float *dp;              /* [E] backward scratch, dL/dp of one example */
+} switch_state;
+
+static void switch_free(void *state)
+{
+    switch_state *s = state;
+    gate_router_free(&s->r);
+    free(s->ids);
+    free(s->weights);
+    free(s->choice);
+    free(s->chosen);
+    free(s->kept);
+    free(s->imp);
+    free(s->cnt);
+    free(s->exports);
+    free(s->seen);
+    free(s->dp);
+    s->ids = s->choice = NULL;
+    s->weights = s->exports = s->dp = NULL;
+    s->chosen = s->kept = NULL;
+    s->imp = s->cnt = NULL;
+    s->seen = NULL;
+}
+
+static ccr_status switch_init(void *state, ccr_ctx *ctx, const ccr_gate_config *cfg,
+                              size_t max_batch)
+{
+    switch_state *s = state;
+    if (!isfinite(cfg->capacity_factor) || cfg->capacity_factor <= 0.0)
+        CCR_FAIL(ctx, CCR_EINVAL, "gate switch: capacity_factor %g must be finite and > 0",
+                 cfg->capacity_factor);
+    if (!isfinite(cfg->aux_alpha) || cfg->aux_alpha < 0.0)
+        CCR_FAIL(ctx, CCR_EINVAL, "gate switch: aux_alpha %g must be finite and >= 0",
+                 cfg->aux_alpha);
+    const size_t n = cfg->n_experts;
+    /* Validates n_experts, z_loss and the sizes (max_batch * E fits). */
+    CCR_TRY(gate_router_init(&s->r, ctx, "switch", cfg->d_in, n, cfg->z_loss, max_batch));
+    s->n = n;
+    s->capacity_factor = cfg->capacity_factor;
+    s->aux_alpha = cfg->aux_alpha;
+    s->randomize = cfg->randomize;
+    s->ids = malloc(max_batch * sizeof *s->ids);
+    s->weights = malloc(max_batch * sizeof *s->weights);
+    s->choice = malloc(max_batch * sizeof *s->choice);
+    s->chosen = calloc(n, sizeof *s->chosen);
+    s->kept = calloc(n, sizeof *s->kept);
+    s->imp = calloc(n, sizeof *s->imp);
+    s->cnt = calloc(n, sizeof *s->cnt);
+    s->exports = n <= SIZE_MAX / 3 ? calloc(3 * n, sizeof *s->exports) : NULL;
+    s->seen = calloc(n, 1);
+    s->dp = calloc(n, sizeof *s->dp);
+    if (s->ids == NULL || s->weights == NULL || s->choice == NULL || s->chosen == NULL ||
+        s->kept == NULL || s->imp == NULL || s->cnt == NULL || s->exports == NULL ||
+        s->seen == NULL || s->dp == NULL) {
+        switch_free(s);
+        CCR_FAIL(ctx, CCR_ENOMEM, "gate switch: cannot allocate buffers for %zu x %zu",
+                 max_batch, n);
+    }
+    return CCR_OK;
+}
+
+static size_t switch_n_matrices(const void *state) { return ((const switch_state *)state)->n; }
+
+static size_t switch_slots(const void *state)
+{
+    CCR_UNUSED(state);
+    return 1;
+}
+
+static ccr_status switch_declare(void *state, ccr_arena *a, const char *prefix)
+{
+    switch_state *s = state;
+    return gate_router_declare(&s->r, a, prefix);
+}
+
+static ccr_status switch_init_params(void *state, gsl_rng *rng)
+{
+    switch_state *s = state;
+    return gate_router_init_params(&s->r, s->randomize, rng);
+}
+
+/* C = ceil(cf * batch / E) clamped to [1, batch]; the clamp happens in
+ * double, so a huge factor never becomes a huge integer. */
+static size_t switch_capacity(double cf, size_t batch, size_t n)
+{
+    double c = ceil(cf * (double)batch / (double)n);
+    if (!(c >= 1.0))
+        return 1;
+    if (c >= (double)batch)
+        return batch;
+    return (size_t)c;
+}
+
+static ccr_status switch_forward(void *state, const float *x, size_t batch, bool train,
+                                 gsl_rng *rng, ccr_route *route, ccr_gate_stats *stats)
+{
+    switch_state *s = state;
+    CCR_UNUSED(train);
+    CCR_UNUSED(rng);
+    const size_t n = s->n;
+    double loss_z;
+    CCR_TRY(gate_router_forward(&s->r, x, batch, &loss_z));
+    const size_t cap = switch_capacity(s->capacity_factor, batch, n);
+    for (size_t i = 0; i < n; i++) {
+        s->chosen[i] = 0;
+        s->kept[i] = 0;
+        s->imp[i] = 0.0;
+    }
+    size_t dropped = 0;
+    for (size_t b = 0; b < batch; b++) {
+        const float *p = s->r.probs + b * n;
+        int32_t top;
+        gate_topk(p, n, 1, &top);  /* argmax, ties to the lower index */
+        s->choice[b] = top;
+        s->chosen[top]++;
+        if (s->kept[top] < cap) {
+            s->kept[top]++;
+            s->ids[b] = top;
+            s->weights[b] = p[top];
+        } else {
+            s->ids[b] = -1;
+            s->weights[b] = 0.0f;
+            dropped++;
+        }
+        for (size_t i = 0; i < n; i++)
+            s->imp[i] += (double)p[i];
+    }
+    /* loss_switch = alpha E sum_i f_i P_i with f_i = chosen_i / B, P_i = imp_i / B. */
+    double fp = 0.0;
+    for (size_t i = 0; i < n; i++) {
+        fp += ((double)s->chosen[i] / (double)batch) * (s->imp[i] / (double)batch);
+        s->cnt[i] = (double)s->kept[i];
+        s->exports[i] = (float)s->imp[i];
+        s->exports[n + i] = (float)s->kept[i];
+        s->exports[2 * n + i] = (float)s->chosen[i];
+    }
+    const double loss_switch = s->aux_alpha * (double)n * fp;
+    *route = (ccr_route){
+        .batch = batch, .slots = 1, .n_matrices = n, .ids = s->ids, .weights = s->weights,
+    };
+    const double cv_cnt = gate_cv(s->cnt, n), mm_cnt = gate_max_over_mean(s->cnt, n);
+    *stats = (ccr_gate_stats){
+        .aux_loss = loss_switch + loss_z,
+        .loss_switch = loss_switch,
+        .loss_z = loss_z,
+        .cv_importance = gate_cv(s->imp, n),
+        .cv_load = cv_cnt,
+        .cv_load_count = cv_cnt,
+        .max_mean_load = mm_cnt,
+        .max_mean_count = mm_cnt,
+        .dropped = dropped,
+        .distinct = gate_count_distinct(s->ids, batch, n, s->seen),
+    };
+    return CCR_OK;
+}
+
+static ccr_status switch_backward(void *state, const ccr_gate_bwd_args *a)
+{
+    switch_state *s = state;
+    const size_t n = s->n, batch = a->batch;
+    float *dz = gate_router_grad_begin(&s->r, batch);
+    /* d loss_switch / dp_{b,i} = alpha E f_i / B = alpha E chosen_i / B^2. */
+    const double coef = s->aux_alpha * (double)n / ((double)batch * (double)batch);
+    for (size_t b = 0; b < batch; b++) {
+        for (size_t i = 0; i < n; i++)
+            s->dp[i] = (float)(coef * (double)s->chosen[i]);
+        if (s->ids[b] >= 0)  /* a dropped example's weight is not used */
+            s->dp[s->ids[b]] += a->dweights[b];
+        gate_softmax_backward(s->r.probs + b * n, s->dp, n, dz + b * n);
+    }
+    return gate_router_grad_end(&s->r, a->x, batch, a->dx);
+}
+
+static double switch_flops(const void *state, bool train)
+{
+    const switch_state *s = state;
+    CCR_UNUSED(train);
+    return 2.0 * (double)s->r.d_in * (double)s->n;
+}
+
+static double switch_matrices_per_example(const void *state)
+{
+    CCR_UNUSED(state);
+    return 1.0;
+}
+
+static size_t switch_n_exports(const void *state)
+{
+    CCR_UNUSED(state);
+    return 3;
+}
+
+static ccr_status switch_get_export(const void *state, size_t i, const char **name,
+                                    size_t *rank, size_t shape[4], const float **data)
+{
+    static const char *const names[3] = {"importance", "load", "choice"};
+    const switch_state *s = state;
+    *name = names[i];
+    *rank = 1;
+    shape[0] = s->n;
+    *data = s->exports + i * s->n;
+    return CCR_OK;
+}
+
+const ccr_gate_type ccr_gate_switch = {
+    .name = "switch",
+    .paper = "Fedus et al. (Switch Transformer): top-1, capacity, aux loss eqs. 4-6",
+    .param_group = "gate.",
+    .state_size = sizeof(switch_state),
+    .init = switch_init,
+    .free = switch_free,
+    .n_matrices = switch_n_matrices,
+    .slots = switch_slots,
+    .declare = switch_declare,
+    .init_params = switch_init_params,
+    .forward = switch_forward,
+    .backward = switch_backward,
+    .flops = switch_flops,
+    .matrices_per_example = switch_matrices_per_example,
+    .n_exports = switch_n_exports,
+    .get_export = switch_get_export,
+};
