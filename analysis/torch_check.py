@@ -220,8 +220,8 @@ def topk_gate(x, wg, wn, noise, k, train, eps, theirs, margin, st, what):
 
 
 def z_term(logits):
-    """(1/B) sum_b logsumexp(logits_b)^2 without the coefficient, summed over
-    the rows given (the caller divides by the batch)."""
+    """sum over the rows of logsumexp(row)^2; the z-loss is z_loss times the
+    sum of these terms divided by the batch B (ST-MoE eq. 5)."""
     return (torch.logsumexp(logits, dim=1) ** 2).sum()
 
 
@@ -263,7 +263,7 @@ def run_dense(cfg, p, x, f, st):
 
 def run_topk(cfg, p, x, f, st):
     r = Result()
-    B, E, k = x.shape[0], cfg["experts"], cfg["k"]
+    B, k = x.shape[0], cfg["k"]
     train = cfg["train"]
     noise = torch.as_tensor(f["noise"].astype(np.float64)) if train else None
     theirs = [list(row) for row in f["route.ids"]] if "route.ids" in f else None
@@ -588,7 +588,7 @@ def compare(name, c, t, rtol, atol):
     return bool(np.all(rel <= rtol)), float(err.max()), float(rel.max()), ""
 
 
-def check(path, rtol=RTOL, atol=ATOL, margin=MARGIN, quiet=False):
+def check(path, rtol=RTOL, atol=ATOL, margin=MARGIN):
     tensors, meta = safetensors_read.read(path)
     cfg = meta_config(meta)
     cfg["margin"] = margin
@@ -735,7 +735,7 @@ def main(argv):
     status = 0
     for path in files:
         try:
-            lines, failed = check(path, rtol, atol, margin, quiet)
+            lines, failed = check(path, rtol, atol, margin)
         except (OSError, ValueError, KeyError, Inconsistent) as e:
             print(f"torch_check: {path}: {e}", file=sys.stderr)
             status = 1

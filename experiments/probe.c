@@ -340,6 +340,7 @@ int main(int argc, char **argv)
     meta_size(&m, "seed", (size_t)o.seed);
     meta_str(&m, "randomize", gc->randomize ? "true" : "false");
     meta_str(&m, "train", o.train ? "true" : "false");
+    meta_str(&m, "out", o.out);
     meta_size(&m, "slots", slots);
     meta_size(&m, "n_matrices", r->n_matrices);
     meta_size(&m, "dropped", st.dropped);
