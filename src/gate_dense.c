@@ -11,6 +11,7 @@
  * backward dz = p (dw - sum_j p_j dw_j), plus the z-loss term, into W_g and
  * x.  The route's weights point at the router's probabilities.
  */
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 
@@ -83,7 +84,8 @@ static ccr_status dense_declare(void *state, ccr_arena *a, const char *prefix)
 static ccr_status dense_init_params(void *state, gsl_rng *rng)
 {
     dense_state *s = state;
-    return gate_router_init_params(&s->r, s->randomize, rng);
+    return gate_router_init_params(&s->r, s->randomize ? 1.0 / sqrt((double)s->r.d_in) : 0.0,
+                                   rng);
 }
 
 static ccr_status dense_forward(void *state, const float *x, size_t batch, bool train,

@@ -85,12 +85,15 @@ static float *router_weights(gate_router *r)
     return w;
 }
 
-ccr_status gate_router_init_params(gate_router *r, bool randomize, gsl_rng *rng)
+ccr_status gate_router_init_params(gate_router *r, double sd, gsl_rng *rng)
 {
     float *w = router_weights(r);
     if (w == NULL)
         return CCR_EINVAL;
-    gate_init_weights(w, r->d_in * r->n, r->d_in, randomize, rng);
+    if (sd > 0.0)
+        gate_init_normal(w, r->d_in * r->n, sd, rng);
+    else
+        gate_init_weights(w, r->d_in * r->n, r->d_in, false, rng);
     return CCR_OK;
 }
 

@@ -49,7 +49,8 @@ void gate_router_free(gate_router *r);
 ccr_status gate_router_declare(gate_router *r, ccr_arena *a, const char *prefix);
 
 /* Zeros, or N(0, 1/d_in) draws with randomize (row-major). */
-ccr_status gate_router_init_params(gate_router *r, bool randomize, gsl_rng *rng);
+/* W_g from N(0, sd^2), or zeros when sd == 0. */
+ccr_status gate_router_init_params(gate_router *r, double sd, gsl_rng *rng);
 
 /* logits, probs (and lse when z_loss > 0) for x [batch, d_in];
  * *loss_z = z_loss * mean_b lse_b^2 (0 when off).  CCR_EINVAL when the

@@ -198,7 +198,10 @@ static ccr_status st_init_params(void *state, gsl_rng *rng)
     float *w, *c;
     CCR_TRY(st_params(s, &w, &c, NULL, NULL));
     /* Declaration order, row-major: w_bits then c_bits. */
-    gate_init_weights(w, s->cfg.d_in * s->d, s->cfg.d_in, s->cfg.randomize, rng);
+    /* W_bits is always random, N(0, 1/d_in): a zero projection makes every
+     * bit 0 and routes every example down the leftmost path.  c_bits starts
+     * at 0 (random with randomize). */
+    gate_init_weights(w, s->cfg.d_in * s->d, s->cfg.d_in, true, rng);
     gate_init_weights(c, s->d, s->cfg.d_in, s->cfg.randomize, rng);
     return CCR_OK;
 }

@@ -128,7 +128,11 @@ static ccr_status switch_declare(void *state, ccr_arena *a, const char *prefix)
 static ccr_status switch_init_params(void *state, gsl_rng *rng)
 {
     switch_state *s = state;
-    return gate_router_init_params(&s->r, s->randomize, rng);
+    /* The Switch Transformer's router init, N(0, s/d_in) with s = 0.1 (the
+     * paper truncates at a bound it does not state; ccr does not truncate).
+     * Zeros would tie every logit and send every example to expert 0. */
+    double d = (double)s->r.d_in;
+    return gate_router_init_params(&s->r, s->randomize ? 1.0 / sqrt(d) : sqrt(0.1 / d), rng);
 }
 
 /* C = ceil(cf * batch / E) clamped to [1, batch]; the clamp happens in

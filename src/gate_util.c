@@ -93,9 +93,16 @@ double gate_logsumexp(const float *z, size_t n)
 
 void gate_init_weights(float *w, size_t n, size_t d_in, bool randomize, gsl_rng *rng)
 {
-    double sd = 1.0 / sqrt((double)d_in);
+    if (randomize)
+        gate_init_normal(w, n, 1.0 / sqrt((double)d_in), rng);
+    else
+        memset(w, 0, n * sizeof *w);
+}
+
+void gate_init_normal(float *w, size_t n, double sd, gsl_rng *rng)
+{
     for (size_t i = 0; i < n; i++)
-        w[i] = randomize ? (float)gsl_ran_gaussian(rng, sd) : 0.0f;
+        w[i] = (float)gsl_ran_gaussian(rng, sd);
 }
 
 ccr_status gate_declare(ccr_arena *a, const char *prefix, const char *name, size_t rank,

@@ -48,6 +48,9 @@ double gate_logsumexp(const float *z, size_t n);
 /* Fills n floats with N(0, 1/d_in) draws (cfg->randomize) or zeros. */
 void gate_init_weights(float *w, size_t n, size_t d_in, bool randomize, gsl_rng *rng);
 
+/* Fills n floats with N(0, sd^2) draws. */
+void gate_init_normal(float *w, size_t n, double sd, gsl_rng *rng);
+
 /* Declares a tensor named prefix+name; returns its arena index in *idx. */
 ccr_status gate_declare(ccr_arena *a, const char *prefix, const char *name, size_t rank,
                         const size_t *shape, size_t *idx);

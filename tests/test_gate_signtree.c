@@ -3,33 +3,19 @@
  * Bengio 2014, docs/GATES.md "signtree"): heap node ids and leaf ids for
  * known bits, the zero tie rule, slot and weight layout, matrix counts,
  * depth 0 and depth 20, depth validation, the two gradient modes (ste
- * checked against its definition with a small linear bank written here),
- * diagnostics on a hand case, and determinism.
+ * checked against its definition with the small linear bank of
+ * gate_ref.c), diagnostics on a hand case, and determinism.
  */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "ccr_test.h"
+#include "gate_ref.h"
 
-static ccr_ctx *ctx;
-static ccr_backend *be;
-static gsl_rng *rng;
+static void setup(void) { gate_fixture_open(11); }
 
-static void setup(void)
-{
-    ctx = ccr_test_ctx();
-    CCR_CK_OK(ctx, ccr_backend_cpu_init(ctx, &be));
-    rng = ccr_test_rng(11);
-}
-
-static void teardown(void)
-{
-    gsl_rng_free(rng);
-    ccr_backend_free(be);
-    ccr_ctx_free(ctx);
-}
+static void teardown(void) { gate_fixture_close(); }
 
 static ccr_gate_config tree_cfg(size_t d_in, size_t depth, ccr_combine comb, ccr_bits_from bf,
                                 ccr_grad_mode gm)
@@ -163,7 +149,9 @@ START_TEST(test_known_projection)
     CCR_CK_OK(ctx, ccr_arena_find(a, "tree.c_bits", &i));
     ck_assert_uint_eq(ccr_arena_rank(a, i), 1);
     ck_assert_uint_eq(ccr_arena_shape(a, i)[0], 3);
-    /* zero init: every a is 0, every example goes left */
+    /* zero parameters: every a is 0, every example goes left */
+    memset(param(a, "tree.w_bits", false), 0, 6 * sizeof(float));
+    memset(param(a, "tree.c_bits", false), 0, 3 * sizeof(float));
     const float x[4] = {1.0f, 2.0f, 3.0f, -1.0f};
     ccr_route r;
     ccr_gate_stats st;
@@ -352,55 +340,6 @@ START_TEST(test_bad_config)
 }
 END_TEST
 
-/* ---- a small linear bank for the straight-through tests --------------------- */
-
-typedef struct fake_bank {
-    size_t n, d_in, d_out;
-    float *w; /* [n, d_in, d_out] */
-    float *b; /* [n, d_out] */
-    size_t calls;
-} fake_bank;
-
-/* Output o of matrix m on x, in double: b_m + x W_m. */
-static double fake_out(const fake_bank *fb, size_t m, const float *x, size_t o)
-{
-    double v = fb->b[m * fb->d_out + o];
-    for (size_t i = 0; i < fb->d_in; i++)
-        v += (double)x[i] * fb->w[(m * fb->d_in + i) * fb->d_out + o];
-    return v;
-}
-
-/* The layer's eval_matrix callback. */
-static ccr_status fake_eval(void *bank, size_t m, const float *x, float *out)
-{
-    fake_bank *fb = bank;
-    if (m >= fb->n)
-        return CCR_EINVAL;
-    fb->calls++;
-    for (size_t o = 0; o < fb->d_out; o++)
-        out[o] = (float)fake_out(fb, m, x, o);
-    return CCR_OK;
-}
-
-/* dy . M_m(x), in double. */
-static double fake_dot(const fake_bank *fb, size_t m, const float *x, const float *dy)
-{
-    double acc = 0.0;
-    for (size_t o = 0; o < fb->d_out; o++)
-        acc += (double)dy[o] * fake_out(fb, m, x, o);
-    return acc;
-}
-
-static void fake_bank_init(fake_bank *fb, size_t n, size_t d_in, size_t d_out)
-{
-    *fb = (fake_bank){.n = n, .d_in = d_in, .d_out = d_out};
-    fb->w = malloc(n * d_in * d_out * sizeof *fb->w);
-    fb->b = malloc(n * d_out * sizeof *fb->b);
-    ck_assert(fb->w != NULL && fb->b != NULL);
-    ccr_test_fill_uniform(rng, fb->w, n * d_in * d_out, -1.0f, 1.0f);
-    ccr_test_fill_uniform(rng, fb->b, n * d_out, -1.0f, 1.0f);
-}
-
 /* Loop index: bit 0 = combine leaf, bit 1 = bits from the input, bit 2 =
  * grad_mode none (no parameter gradient, dx untouched, the bank never asked). */
 START_TEST(test_grad)
@@ -415,7 +354,7 @@ START_TEST(test_grad)
     ccr_gate *g = make_gate(&c, B, &a);
     size_t n = ccr_gate_n_matrices(g), slots = ccr_gate_slots(g);
     fake_bank fb;
-    fake_bank_init(&fb, n, d_in, d_out);
+    fake_bank_init(&fb, n, d_in, d_out, rng);
     float x[B * d_in], dy[B * d_out], dx[B * d_in], dx0[B * d_in];
     ccr_test_fill_uniform(rng, x, B * d_in, -1.0f, 1.0f);
     ccr_test_fill_uniform(rng, dy, B * d_out, -1.0f, 1.0f);
@@ -532,8 +471,7 @@ START_TEST(test_grad)
     ck_assert(memcmp(dx, dx0, sizeof dx) == 0);
     fb.n = n;
 cleanup:
-    free(fb.w);
-    free(fb.b);
+    fake_bank_free(&fb);
     ccr_gate_free(g);
     ccr_arena_free(a);
 }
@@ -589,7 +527,7 @@ static void run_once(unsigned long seed, int32_t *ids, ccr_gate_stats *st, float
     ccr_arena *a;
     ccr_gate *g = make_gate(&c, B, &a);
     fake_bank fb;
-    fake_bank_init(&fb, ccr_gate_n_matrices(g), d_in, d_out);
+    fake_bank_init(&fb, ccr_gate_n_matrices(g), d_in, d_out, rng);
     float x[B * d_in], dy[B * d_out], dw[B * 5];
     ccr_test_fill_uniform(rng, x, B * d_in, -1.0f, 1.0f);
     ccr_test_fill_uniform(rng, dy, B * d_out, -1.0f, 1.0f);
@@ -604,8 +542,7 @@ static void run_once(unsigned long seed, int32_t *ids, ccr_gate_stats *st, float
     CCR_CK_OK(ctx, ccr_gate_backward(g, &ba));
     ck_assert_uint_le(ccr_arena_block_len(a), 256);
     memcpy(grads, ccr_arena_grads(a), ccr_arena_block_len(a) * sizeof *grads);
-    free(fb.w);
-    free(fb.b);
+    fake_bank_free(&fb);
     ccr_gate_free(g);
     ccr_arena_free(a);
 }
