@@ -1,0 +1,598 @@
+/*
+ * gate_ref.c - fixtures, double-precision references and the finite-
+ * difference harness shared by the gate test programs (gate_ref.h).
+ */
+#include "gate_ref.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <gsl/gsl_cdf.h>
+
+/* ---- finite differences ------------------------------------------------------ */
+
+double gate_fd_init(gate_fd *f, gate_fd_loss_fn loss, void *u, bool exact_step, const char *tag)
+{
+    f->loss = loss, f->u = u, f->exact_step = exact_step, f->tag = tag;
+    f->total = f->skipped = 0;
+    return loss(u, f->base, &f->nbase);
+}
+
+static bool fd_same(const gate_fd *f, size_t n)
+{
+    return n == f->nbase && memcmp(f->sig, f->base, n * sizeof(int32_t)) == 0;
+}
+
+static void gate_fd_coord(gate_fd *f, float *p, double ana, const char *what, size_t j)
+{
+    const float old = *p, h = 1e-2f;
+    size_t n;
+    *p = old + h;
+    const float hp = *p - old;
+    const double lp = f->loss(f->u, f->sig, &n);
+    bool same = fd_same(f, n);
+    *p = old - h;
+    const float hm = old - *p;
+    const double lm = f->loss(f->u, f->sig, &n);
+    same = same && fd_same(f, n);
+    *p = old;
+    f->total++;
+    f->skipped += !same;
+    if (!same)
+        return;
+    const double num = (lp - lm) / (f->exact_step ? (double)hp + (double)hm : 2.0 * (double)h);
+    ck_assert_msg(fabs(num - ana) <= 2e-3 + 2e-2 * fabs(num),
+                  "%s[%zu] (%s): numeric %.6g analytic %.6g", what, j, f->tag, num, ana);
+}
+
+void gate_fd_sweep(gate_fd *f, ccr_arena *a, float *x, const float *dx, size_t nx,
+                   const char *name)
+{
+    for (size_t i = 0; i < ccr_arena_count(a); i++) {
+        const size_t n = ccr_arena_size(a, i);
+        float *ana = malloc(n * sizeof(float));
+        ck_assert(ana != NULL);
+        memcpy(ana, ccr_arena_grad(a, i), n * sizeof(float));
+        float *val = ccr_arena_value(a, i);
+        for (size_t j = 0; j < n; j++)
+            gate_fd_coord(f, val + j, ana[j], ccr_arena_name(a, i), j);
+        free(ana);
+    }
+    for (size_t j = 0; j < nx; j++)
+        gate_fd_coord(f, x + j, dx[j], "x", j);
+    ck_assert_msg(f->skipped * 10 < f->total, "%s: %zu of %zu coordinates skipped", name,
+                  f->skipped, f->total);
+}
+
+/* ---- topk and hmoe ----------------------------------------------------------- */
+
+void env_open(env *v, const ccr_gate_type *t, const ccr_gate_config *cfg, size_t max_batch,
+              unsigned long seed)
+{
+    v->ctx = ccr_test_ctx();
+    CCR_CK_OK(v->ctx, ccr_backend_cpu_init(v->ctx, &v->be));
+    CCR_CK_OK(v->ctx, ccr_arena_init(v->be, &v->a));
+    CCR_CK_OK(v->ctx, ccr_gate_alloc(v->ctx, t, cfg, max_batch, &v->g));
+    CCR_CK_OK(v->ctx, ccr_gate_declare(v->g, v->a, "gate."));
+    CCR_CK_OK(v->ctx, ccr_arena_finalize(v->a));
+    v->rng = ccr_test_rng(seed);
+    CCR_CK_OK(v->ctx, ccr_gate_init_params(v->g, v->rng));
+}
+
+void env_close(env *v)
+{
+    ccr_gate_free(v->g);
+    ccr_arena_free(v->a);
+    ccr_backend_free(v->be);
+    ccr_ctx_free(v->ctx);
+    gsl_rng_free(v->rng);
+}
+
+float *env_param(env *v, const char *name)
+{
+    size_t i;
+    CCR_CK_OK(v->ctx, ccr_arena_find(v->a, name, &i));
+    return ccr_arena_value(v->a, i);
+}
+
+/* The export of g named want (aborts if there is none), its rank and shape. */
+static const float *find_export(ccr_ctx *c, ccr_gate *g, const char *want, size_t *rank,
+                                size_t shape[4])
+{
+    for (size_t i = 0; i < ccr_gate_n_exports(g); i++) {
+        const char *name;
+        const float *data;
+        CCR_CK_OK(c, ccr_gate_get_export(g, i, &name, rank, shape, &data));
+        if (strcmp(name, want) == 0)
+            return data;
+    }
+    ck_abort_msg("no export %s", want);
+    return NULL;
+}
+
+const float *env_export(env *v, const char *want, size_t *len)
+{
+    size_t rank, shape[4], l = 1;
+    const float *data = find_export(v->ctx, v->g, want, &rank, shape);
+    for (size_t r = 0; r < rank; r++)
+        l *= shape[r];
+    if (len)
+        *len = l;
+    return data;
+}
+
+ccr_gate_config topk_cfg(size_t d, size_t e, size_t k)
+{
+    ccr_gate_config c = base_cfg(d, e);
+    c.k = k;
+    return c;
+}
+
+ccr_gate_config hmoe_cfg(size_t d, size_t a, size_t bs, size_t k, size_t k2)
+{
+    ccr_gate_config c = topk_cfg(d, a * bs, k);
+    c.n_groups = a;
+    c.k2 = k2;
+    return c;
+}
+
+void ref_mm(const float *x, const float *w, size_t d, size_t n, double *out)
+{
+    for (size_t j = 0; j < n; j++) {
+        out[j] = 0.0;
+        for (size_t i = 0; i < d; i++)
+            out[j] += (double)x[i] * (double)w[i * n + j];
+    }
+}
+
+void ref_top(const double *h, size_t n, size_t m, int *top)
+{
+    unsigned char used[MAXN] = {0};
+    for (size_t s = 0; s < m; s++) {
+        int best = -1;
+        for (size_t i = 0; i < n; i++)
+            if (!used[i] && (best < 0 || h[i] > h[best]))
+                best = (int)i;
+        top[s] = best;
+        used[best] = 1;
+    }
+}
+
+void ref_topk_row(const double *clean, const double *raw, const float *noise, size_t n, size_t k,
+                  bool train, double eps, rrow *o)
+{
+    for (size_t i = 0; i < n; i++) {
+        o->sd[i] = train ? log1p(exp(raw[i])) + eps : 0.0;
+        o->h[i] = clean[i] + (train ? (double)noise[i] * o->sd[i] : 0.0);
+    }
+    ref_top(o->h, n, k < n ? k + 1 : k, o->top);
+    double m = o->h[o->top[0]], z = 0.0;
+    for (size_t s = 0; s < k; s++)
+        z += exp(o->h[o->top[s]] - m);
+    for (size_t s = 0; s < k; s++)
+        o->g[s] = exp(o->h[o->top[s]] - m) / z;
+    for (size_t i = 0; i < n; i++) {
+        o->p[i] = 0.0;
+        if (!train || k >= n)
+            continue;
+        bool in = false;
+        for (size_t s = 0; s < k; s++)
+            in = in || o->top[s] == (int)i;
+        double thr = in ? o->h[o->top[k]] : o->h[o->top[k - 1]];
+        o->p[i] = gsl_cdf_ugaussian_P((clean[i] - thr) / o->sd[i]);
+    }
+}
+
+double ref_cv2(const double *v, size_t n)
+{
+    if (n <= 1)
+        return 0.0;
+    double m = 0.0, var = 0.0;
+    for (size_t i = 0; i < n; i++)
+        m += v[i] / (double)n;
+    for (size_t i = 0; i < n; i++)
+        var += (v[i] - m) * (v[i] - m) / (double)n;
+    return var / (m * m + 1e-10);
+}
+
+void ck_close(double got, double want, double tol, const char *what)
+{
+    ck_assert_msg(fabs(got - want) <= tol * (1.0 + fabs(want)), "%s: got %.9g want %.9g", what,
+                  got, want);
+}
+
+typedef struct gc {
+    env v;
+    const float *x;
+    const float *r;
+    size_t batch, slots;
+    bool train;
+    unsigned long nseed;
+} gc;
+
+/* The routing of the last forward: its ids and, in train, the entries that
+ * set the smooth-load thresholds (the top k+1 of H of every gate row,
+ * recomputed by the reference from the exported draws).  The loss has a
+ * kink wherever either changes. */
+static void gc_signature(gc *t, const int32_t *ids, int32_t *sig, size_t *nsig)
+{
+    const ccr_gate_config *c = ccr_gate_get_config(t->v.g);
+    const size_t d = c->d_in, k = c->k;
+    size_t n = t->batch * t->slots;
+    ck_assert_uint_le(n, GATE_FD_SIGMAX);
+    memcpy(sig, ids, n * sizeof(int32_t));
+    if (t->train) {
+        const bool hm = ccr_gate_get_type(t->v.g) == &ccr_gate_hmoe;
+        const size_t a = hm ? c->n_groups : c->n_experts, bs = c->n_experts / a, k2 = c->k2;
+        const float *pg = env_param(&t->v, hm ? "gate.primary.w_g" : "gate.w_g");
+        const float *pn = env_param(&t->v, hm ? "gate.primary.w_noise" : "gate.w_noise");
+        const float *np = env_export(&t->v, hm ? "noise.primary" : "noise", NULL);
+        for (size_t b = 0; b < t->batch; b++) {
+            double clean[MAXN], raw[MAXN];
+            rrow o, o2;
+            ref_mm(t->x + b * d, pg, d, a, clean);
+            ref_mm(t->x + b * d, pn, d, a, raw);
+            ref_topk_row(clean, raw, np + b * a, a, k, true, c->noise_eps, &o);
+            for (size_t s = 0; s < (k < a ? k + 1 : k); s++)
+                sig[n++] = o.top[s];
+            for (size_t p = 0; hm && p < k; p++) {
+                const size_t i = (size_t)o.top[p];
+                const float *sg = env_param(&t->v, "gate.secondary.w_g") + i * d * bs;
+                const float *sn = env_param(&t->v, "gate.secondary.w_noise") + i * d * bs;
+                const float *ns = env_export(&t->v, "noise.secondary", NULL);
+                ref_mm(t->x + b * d, sg, d, bs, clean);
+                ref_mm(t->x + b * d, sn, d, bs, raw);
+                ref_topk_row(clean, raw, ns + (b * a + i) * bs, bs, k2, true, c->noise_eps, &o2);
+                for (size_t s = 0; s < (k2 < bs ? k2 + 1 : k2); s++)
+                    sig[n++] = o2.top[s];
+            }
+            ck_assert_uint_le(n, GATE_FD_SIGMAX);
+        }
+    }
+    *nsig = n;
+}
+
+/* L = sum r * weights + aux_loss, with the noise re-drawn from nseed. */
+static double gc_loss(void *u, int32_t *sig, size_t *nsig)
+{
+    gc *t = u;
+    ccr_route rt;
+    ccr_gate_stats st;
+    gsl_rng_set(t->v.rng, t->nseed);
+    CCR_CK_OK(t->v.ctx, ccr_gate_forward(t->v.g, t->x, t->batch, t->train, t->v.rng, &rt, &st));
+    double L = st.aux_loss;
+    for (size_t i = 0; i < t->batch * t->slots; i++)
+        L += (double)t->r[i] * (double)rt.weights[i];
+    gc_signature(t, rt.ids, sig, nsig);
+    return L;
+}
+
+void noisy_grad_check(const ccr_gate_type *type, ccr_gate_config c, size_t batch, bool train,
+                      unsigned long seed)
+{
+    c.randomize = true;
+    c.w_importance = c.w_load = 0.5;
+    gc t = {.batch = batch, .train = train, .nseed = seed * 7 + 1};
+    env_open(&t.v, type, &c, batch, seed);
+    t.slots = ccr_gate_slots(t.v.g);
+    const size_t nx = batch * c.d_in, nr = batch * t.slots;
+    float *x = malloc(nx * sizeof(float)), *r = malloc(nr * sizeof(float));
+    float *dx = calloc(nx, sizeof(float));
+    gate_fd fd;
+    ck_assert(x && r && dx);
+    ccr_test_fill_uniform(t.v.rng, x, nx, -1, 1);
+    ccr_test_fill_uniform(t.v.rng, r, nr, -1, 1);
+    t.x = x;
+    t.r = r;
+    gate_fd_init(&fd, gc_loss, &t, true, train ? "train" : "eval");
+    CCR_CK_OK(t.v.ctx, ccr_arena_zero_grad(t.v.a));
+    ccr_gate_bwd_args ba = {.x = x, .batch = batch, .dweights = r, .dx = dx};
+    CCR_CK_OK(t.v.ctx, ccr_gate_backward(t.v.g, &ba));
+    gate_fd_sweep(&fd, t.v.a, x, dx, nx, type->name);
+    free(x);
+    free(r);
+    free(dx);
+    env_close(&t.v);
+}
+
+void noisy_expect_einval(const ccr_gate_type *t, ccr_gate_config c, const char *word)
+{
+    ccr_ctx *ectx = ccr_test_ctx();
+    int marker;
+    ccr_gate *g = (ccr_gate *)(void *)&marker;
+    if (c.d_in == 0)
+        c.d_in = 4;
+    CCR_CK_STATUS(ectx, ccr_gate_alloc(ectx, t, &c, 8, &g), CCR_EINVAL);
+    ck_assert_ptr_eq(g, (ccr_gate *)(void *)&marker);
+    ck_assert_msg(strstr(ccr_ctx_errmsg(ectx), word) != NULL, "message '%s' lacks '%s'",
+                  ccr_ctx_errmsg(ectx), word);
+    ccr_ctx_free(ectx);
+}
+
+void noisy_determinism(const ccr_gate_type *t, ccr_gate_config c, const char *noise_name)
+{
+    const size_t B = 7;
+    c.randomize = true;
+    env v;
+    env_open(&v, t, &c, B, 21);
+    const size_t slots = ccr_gate_slots(v.g), nn = B * c.n_experts;
+    float x[64], dw[64], n0[256], g0[512], dx0[64], dx[64];
+    int32_t id0[64];
+    float w0[64];
+    ccr_test_fill_uniform(v.rng, x, B * c.d_in, -1, 1);
+    ccr_test_fill_uniform(v.rng, dw, B * slots, -1, 1);
+    double aux0 = 0.0;
+    size_t nnoise;
+    for (int rep = 0; rep < 3; rep++) {
+        ccr_route r;
+        ccr_gate_stats st;
+        gsl_rng_set(v.rng, rep < 2 ? 5 : 6);
+        CCR_CK_OK(v.ctx, ccr_gate_forward(v.g, x, B, true, v.rng, &r, &st));
+        const float *noise = env_export(&v, noise_name, &nnoise);
+        ck_assert_uint_le(nnoise, nn);
+        memset(dx, 0, sizeof dx);
+        CCR_CK_OK(v.ctx, ccr_arena_zero_grad(v.a));
+        ccr_gate_bwd_args ba = {.x = x, .batch = B, .dweights = dw, .dx = dx};
+        CCR_CK_OK(v.ctx, ccr_gate_backward(v.g, &ba));
+        const size_t nb = ccr_arena_block_len(v.a);
+        ck_assert_uint_le(nb, 512);
+        if (rep == 0) {
+            memcpy(id0, r.ids, B * slots * sizeof(int32_t));
+            memcpy(w0, r.weights, B * slots * sizeof(float));
+            memcpy(n0, noise, nnoise * sizeof(float));
+            memcpy(g0, ccr_arena_grads(v.a), nb * sizeof(float));
+            memcpy(dx0, dx, sizeof dx);
+            aux0 = st.aux_loss;
+        } else if (rep == 1) {
+            ck_assert(memcmp(id0, r.ids, B * slots * sizeof(int32_t)) == 0);
+            ck_assert(memcmp(w0, r.weights, B * slots * sizeof(float)) == 0);
+            ck_assert(memcmp(n0, noise, nnoise * sizeof(float)) == 0);
+            ck_assert(memcmp(&aux0, &st.aux_loss, sizeof aux0) == 0);
+            ck_assert(memcmp(g0, ccr_arena_grads(v.a), nb * sizeof(float)) == 0);
+            ck_assert(memcmp(dx0, dx, sizeof dx) == 0);
+        } else {
+            ck_assert(memcmp(n0, noise, nnoise * sizeof(float)) != 0);
+        }
+    }
+    env_close(&v);
+}
+
+/* ---- none, dense and switch (the fixture serves signtree too) ---------------- */
+
+ccr_ctx *ctx;
+ccr_backend *be;
+gsl_rng *rng;
+
+void gate_fixture_open(unsigned long seed)
+{
+    ctx = ccr_test_ctx();
+    CCR_CK_OK(ctx, ccr_backend_cpu_init(ctx, &be));
+    rng = ccr_test_rng(seed);
+}
+
+void gate_fixture_close(void)
+{
+    gsl_rng_free(rng);
+    ccr_backend_free(be);
+    ccr_ctx_free(ctx);
+}
+
+void tgate_make(tgate *t, const ccr_gate_type *type, const ccr_gate_config *cfg,
+                size_t max_batch, unsigned long seed)
+{
+    memset(t, 0, sizeof *t);
+    CCR_CK_OK(ctx, ccr_gate_alloc(ctx, type, cfg, max_batch, &t->g));
+    CCR_CK_OK(ctx, ccr_arena_init(be, &t->a));
+    CCR_CK_OK(ctx, ccr_gate_declare(t->g, t->a, "gate."));
+    t->d_in = cfg->d_in;
+    t->n = ccr_gate_n_matrices(t->g);
+    t->slots = ccr_gate_slots(t->g);
+    if (ccr_arena_count(t->a) == 0)
+        return;
+    ck_assert_uint_eq(ccr_arena_count(t->a), 1);
+    CCR_CK_OK(ctx, ccr_arena_finalize(t->a));
+    gsl_rng *r = ccr_test_rng(seed);
+    CCR_CK_OK(ctx, ccr_gate_init_params(t->g, r));
+    gsl_rng_free(r);
+    size_t idx;
+    CCR_CK_OK(ctx, ccr_arena_find(t->a, "gate.w_g", &idx));
+    ck_assert_uint_eq(ccr_arena_size(t->a, idx), t->d_in * t->n);
+    t->w = ccr_arena_value(t->a, idx);
+    t->dw = ccr_arena_grad(t->a, idx);
+}
+
+void tgate_free(tgate *t)
+{
+    ccr_gate_free(t->g);
+    ccr_arena_free(t->a);
+}
+
+void ref_softmax_row(const tgate *t, const float *x, size_t b, double *p, double *lse)
+{
+    double z[16], m = -INFINITY, s = 0.0;
+    ck_assert_uint_le(t->n, 16);
+    ref_mm(x + b * t->d_in, t->w, t->d_in, t->n, z);
+    for (size_t j = 0; j < t->n; j++)
+        m = z[j] > m ? z[j] : m;
+    for (size_t j = 0; j < t->n; j++)
+        s += exp(z[j] - m);
+    for (size_t j = 0; j < t->n; j++)
+        p[j] = exp(z[j] - m) / s;
+    *lse = m + log(s);
+}
+
+void fwd(tgate *t, const float *x, size_t batch, ccr_route *r, ccr_gate_stats *st)
+{
+    CCR_CK_OK(ctx, ccr_gate_forward(t->g, x, batch, true, rng, r, st));
+    CCR_CK_OK(ctx, ccr_route_validate(ctx, r));
+    ck_assert_uint_eq(r->batch, batch);
+    ck_assert_uint_eq(r->slots, t->slots);
+    ck_assert_uint_eq(r->n_matrices, t->n);
+}
+
+const float *export_of(const tgate *t, const char *want, size_t len)
+{
+    size_t rank, shape[4];
+    const float *data = find_export(ctx, t->g, want, &rank, shape);
+    ck_assert_uint_eq(rank, 1);
+    ck_assert_uint_eq(shape[0], len);
+    return data;
+}
+
+ccr_gate_config base_cfg(size_t d_in, size_t n)
+{
+    ccr_gate_config c = ccr_gate_config_default();
+    c.d_in = d_in;
+    c.n_experts = n;
+    return c;
+}
+
+typedef struct tg_fd {
+    tgate *t;
+    const float *x;
+    const double *r;
+    ccr_gate_stats st; /* of the last evaluation */
+} tg_fd;
+
+/* L = sum_bs r_bs w_bs + aux_loss in double; the routing is the ids. */
+static double tg_loss(void *u, int32_t *sig, size_t *nsig)
+{
+    tg_fd *f = u;
+    ccr_route rt;
+    CCR_CK_OK(ctx, ccr_gate_forward(f->t->g, f->x, FD_B, true, rng, &rt, &f->st));
+    double L = f->st.aux_loss;
+    for (size_t i = 0; i < FD_B * f->t->slots; i++)
+        L += f->r[i] * (double)rt.weights[i];
+    *nsig = FD_B * f->t->slots;
+    memcpy(sig, rt.ids, *nsig * sizeof *sig);
+    return L;
+}
+
+void check_grad(const ccr_gate_type *type, size_t n, double cf, bool zero_r)
+{
+    ccr_gate_config c = base_cfg(FD_D, n);
+    c.randomize = true;
+    /* Without the task term, larger coefficients make the aux gradients dominate. */
+    c.aux_alpha = zero_r ? 4.0 : 0.5;
+    c.z_loss = zero_r ? 0.5 : 0.1;
+    c.capacity_factor = cf;
+    tgate t;
+    tgate_make(&t, type, &c, FD_B, 11);
+    /* Larger logits than the N(0, 1/d) init gives, for wider routing margins. */
+    for (size_t i = 0; i < FD_D * n; i++)
+        t.w[i] *= 3.0f;
+    float x[FD_B * FD_D], dx[FD_B * FD_D];
+    ccr_test_fill_uniform(rng, x, FD_B * FD_D, -1, 1);
+    const size_t ns = FD_B * t.slots;
+    double r[FD_B * 16];
+    float rf[FD_B * 16];
+    for (size_t i = 0; i < ns; i++) {
+        r[i] = zero_r ? 0.0 : 2.0 * gsl_rng_uniform(rng) - 1.0;
+        rf[i] = (float)r[i];
+    }
+    tg_fd u = {.t = &t, .x = x, .r = r};
+    gate_fd fd;
+    gate_fd_init(&fd, tg_loss, &u, false, type->name);
+    if (type == &ccr_gate_switch) {
+        ck_assert_msg(u.st.dropped > 0 && u.st.dropped < FD_B, "dropped %zu", u.st.dropped);
+        ck_assert(u.st.loss_switch > 0.0);
+    }
+    ck_assert(u.st.loss_z > 0.0);
+    CCR_CK_OK(ctx, ccr_arena_zero_grad(t.a));
+    memset(dx, 0, sizeof dx);
+    ccr_gate_bwd_args ba = {.x = x, .batch = FD_B, .dweights = rf, .dx = dx};
+    CCR_CK_OK(ctx, ccr_gate_backward(t.g, &ba));
+    gate_fd_sweep(&fd, t.a, x, dx, FD_B * FD_D, type->name); /* t.a holds w_g only */
+
+    /* Gradients accumulate: a second backward doubles them. */
+    float dw1[FD_D * 16];
+    memcpy(dw1, t.dw, FD_D * n * sizeof *dw1);
+    size_t nsig;
+    tg_loss(&u, fd.sig, &nsig);
+    CCR_CK_OK(ctx, ccr_gate_backward(t.g, &ba));
+    for (size_t i = 0; i < FD_D * n; i++)
+        ck_assert_double_eq_tol(t.dw[i], 2.0 * dw1[i], 1e-5 * (1.0 + fabs(dw1[i])));
+    tgate_free(&t);
+}
+
+void expect_einval(const ccr_gate_type *type, const ccr_gate_config *c, const char *opt)
+{
+    ccr_gate *sentinel = (ccr_gate *)&sentinel;
+    ccr_gate *g = sentinel;
+    CCR_CK_STATUS(ctx, ccr_gate_alloc(ctx, type, c, 8, &g), CCR_EINVAL);
+    ck_assert_ptr_eq(g, sentinel);
+    ck_assert_msg(strstr(ccr_ctx_errmsg(ctx), opt) != NULL, "%s: message '%s' lacks '%s'",
+                  type->name, ccr_ctx_errmsg(ctx), opt);
+}
+
+void tgate_run_once(const ccr_gate_type *type, int32_t *ids, float *w, float *dw, float *dx)
+{
+    ccr_gate_config c = base_cfg(FD_D, 4);
+    c.randomize = true;
+    c.z_loss = 0.01;
+    c.capacity_factor = 0.75;
+    tgate t;
+    tgate_make(&t, type, &c, FD_B, 99);
+    gsl_rng *r = ccr_test_rng(5);
+    float x[FD_B * FD_D], dwt[FD_B * 4];
+    ccr_test_fill_uniform(r, x, FD_B * FD_D, -3, 3);
+    ccr_test_fill_uniform(r, dwt, FD_B * 4, -1, 1);
+    gsl_rng_free(r);
+    ccr_route rt;
+    ccr_gate_stats st;
+    fwd(&t, x, FD_B, &rt, &st);
+    memcpy(ids, rt.ids, FD_B * t.slots * sizeof *ids);
+    memcpy(w, rt.weights, FD_B * t.slots * sizeof *w);
+    memset(dx, 0, FD_B * FD_D * sizeof *dx);
+    ccr_gate_bwd_args ba = {.x = x, .batch = FD_B, .dweights = dwt, .dx = dx};
+    CCR_CK_OK(ctx, ccr_gate_backward(t.g, &ba));
+    memcpy(dw, t.dw, FD_D * 4 * sizeof *dw);
+    tgate_free(&t);
+}
+
+/* ---- a small linear bank for the straight-through tests --------------------- */
+
+/* Output o of matrix m on x, in double. */
+static double fake_out(const fake_bank *fb, size_t m, const float *x, size_t o)
+{
+    double v = fb->b[m * fb->d_out + o];
+    for (size_t i = 0; i < fb->d_in; i++)
+        v += (double)x[i] * fb->w[(m * fb->d_in + i) * fb->d_out + o];
+    return v;
+}
+
+ccr_status fake_eval(void *bank, size_t m, const float *x, float *out)
+{
+    fake_bank *fb = bank;
+    if (m >= fb->n)
+        return CCR_EINVAL;
+    fb->calls++;
+    for (size_t o = 0; o < fb->d_out; o++)
+        out[o] = (float)fake_out(fb, m, x, o);
+    return CCR_OK;
+}
+
+double fake_dot(const fake_bank *fb, size_t m, const float *x, const float *dy)
+{
+    double acc = 0.0;
+    for (size_t o = 0; o < fb->d_out; o++)
+        acc += (double)dy[o] * fake_out(fb, m, x, o);
+    return acc;
+}
+
+void fake_bank_init(fake_bank *fb, size_t n, size_t d_in, size_t d_out, gsl_rng *r)
+{
+    *fb = (fake_bank){.n = n, .d_in = d_in, .d_out = d_out};
+    fb->w = malloc(n * d_in * d_out * sizeof *fb->w);
+    fb->b = malloc(n * d_out * sizeof *fb->b);
+    ck_assert(fb->w != NULL && fb->b != NULL);
+    ccr_test_fill_uniform(r, fb->w, n * d_in * d_out, -1.0f, 1.0f);
+    ccr_test_fill_uniform(r, fb->b, n * d_out, -1.0f, 1.0f);
+}
+
+void fake_bank_free(fake_bank *fb)
+{
+    free(fb->w);
+    free(fb->b);
+}
