@@ -3,12 +3,27 @@
 
     /usr/bin/python3 analysis/tables.py train FILE.jsonl [FILE.jsonl ...]
     /usr/bin/python3 analysis/tables.py bench CCR.jsonl [TORCH.jsonl]
+    /usr/bin/python3 analysis/tables.py capacity FILE.jsonl [FILE.jsonl ...]
+    /usr/bin/python3 analysis/tables.py refresh FRAGMENT.md [FRAGMENT.md ...]
 
 `train` prints one row per epoch of ccr-train records; `bench` prints the
 ccr-bench-mlp records, with the PyTorch peer's step time and the ratio when
-a torch_mlp_bench.py file is given.  Standard library only.
+a torch_mlp_bench.py file is given; `capacity` prints one row per ccr-capacity
+point (params, FLOPs, seconds per example and what explains them).
+`refresh` rewrites, in place, every generated block of a markdown file:
+
+    <!-- tables.py capacity capacity.jsonl -->
+    ...replaced by the command's output...
+    <!-- end tables.py -->
+
+(file names relative to the markdown file), so hand-written text around the
+tables survives a regeneration.  Standard library only.
 """
+import contextlib
+import io
 import json
+import os
+import re
 import sys
 
 
@@ -49,8 +64,58 @@ def bench(paths):
         print(row)
 
 
+CAPACITY_LABEL = {"none": "dense baseline (none)", "topk": "topk", "hmoe": "hmoe",
+                  "switch": "switch", "signtree-path": "signtree path",
+                  "signtree-leaf": "signtree leaf", "dense": "dense gate"}
+KNOB = {"hidden": "h", "experts": "E", "depth": "d"}
+
+
+def capacity(paths):
+    print("| gate | knob | params | FLOPs/ex analytic | FLOPs/ex counted | fwd µs/ex | "
+          "fwd+bwd µs/ex | gate fwd µs/ex (eval / train) | zero-grad µs/ex | params/FLOP | "
+          "params ÷ dense@FLOPs | matrices used | ex/matrix mean (min) | weights KB/ex | "
+          "dropped/batch |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for p in paths:
+        for r in load(p):
+            us = lambda k: r[k] * 1e6  # noqa: E731
+            print(f"| {CAPACITY_LABEL.get(r['series'], r['series'])} | "
+                  f"{KNOB.get(r['knob'], r['knob'])}={r['knob_value']} | {r['params']:,} | "
+                  f"{r['flops_fwd_analytic']:,.0f} | {r['flops_fwd_counted']:,.0f} | "
+                  f"{us('fwd_seconds_per_example'):.2f} | {us('fwdbwd_seconds_per_example'):.2f} | "
+                  f"{us('gate_fwd_seconds_per_example'):.2f} / "
+                  f"{us('gate_train_fwd_seconds_per_example'):.2f} | "
+                  f"{us('zero_grad_seconds_per_example'):.2f} | {r['params_per_flop']:.3g} | "
+                  f"{r['params_vs_dense']:.3g} | {r['matrices_used']:.1f} | "
+                  f"{r['examples_per_matrix_mean']:.1f} ({r['examples_per_matrix_min']}) | "
+                  f"{r['weight_bytes_per_example'] / 1e3:.1f} | {r['dropped_per_batch']:.1f} |")
+
+
+COMMANDS = {"train": train, "bench": bench, "capacity": capacity}
+BLOCK = re.compile(r"(<!-- tables\.py (\w+) ([^>]*?) -->\n)(.*?)(<!-- end tables\.py -->)", re.S)
+
+
+def refresh(paths):
+    for md in paths:
+        base = os.path.dirname(os.path.abspath(md))
+        with open(md) as f:
+            text = f.read()
+
+        def run(m):
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out):
+                COMMANDS[m.group(2)]([os.path.join(base, a) for a in m.group(3).split()])
+            return m.group(1) + out.getvalue() + m.group(5)
+
+        new = BLOCK.sub(run, text)
+        if new != text:
+            with open(md, "w") as f:
+                f.write(new)
+            print(f"tables.py: refreshed {md}", file=sys.stderr)
+
+
 if __name__ == "__main__":
-    if len(sys.argv) < 3 or sys.argv[1] not in ("train", "bench"):
+    if len(sys.argv) < 3 or sys.argv[1] not in list(COMMANDS) + ["refresh"]:
         print(__doc__, file=sys.stderr)
         sys.exit(2)
-    (train if sys.argv[1] == "train" else bench)(sys.argv[2:])
+    (refresh if sys.argv[1] == "refresh" else COMMANDS[sys.argv[1]])(sys.argv[2:])

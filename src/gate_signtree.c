@@ -195,7 +195,7 @@ static ccr_status st_init_params(void *state, gsl_rng *rng)
     st_state *s = state;
     if (!s->has_params)
         return CCR_OK;
-    float *w, *c;
+    float *w = NULL, *c = NULL;
     CCR_TRY(st_params(s, &w, &c, NULL, NULL));
     /* Declaration order, row-major: w_bits then c_bits. */
     /* W_bits is always random, N(0, 1/d_in): a zero projection makes every
@@ -216,7 +216,7 @@ static ccr_status st_forward(void *state, const float *x, size_t batch, bool tra
     bool path = s->cfg.combine == CCR_COMBINE_PATH;
     if (d > 0) {
         if (s->has_params) {
-            float *w, *c;
+            float *w = NULL, *c = NULL;
             CCR_TRY(st_params(s, &w, &c, NULL, NULL));
             gate_matmul(x, w, batch, d_in, d, s->a, false);
             for (size_t b = 0; b < batch; b++)

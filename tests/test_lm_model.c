@@ -6,7 +6,8 @@
  * with dropout off and on (the masks are redrawn from one seed); the sparse
  * embedding gradient; gradient clipping; counted = analytic FLOPs; the
  * Shazeer Tables 7-8 accounting against the printed values (+-0.1 M);
- * determinism; argument errors; and a model that learns a periodic text.
+ * determinism; argument errors; a model that learns a periodic text; and
+ * the token streams (every token scored once) and the schedule.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -397,6 +398,33 @@ START_TEST(test_learns_periodic_text)
 }
 END_TEST
 
+/* Every token is a target exactly once, its input is the token before it. */
+START_TEST(test_stream)
+{
+    int32_t tok[23], in[4 * 3], tgt[4 * 3];
+    unsigned seen[23] = {0};
+    for (size_t i = 0; i < 23; i++)
+        tok[i] = (int32_t)(100 + i);
+    lm_stream s;
+    lm_stream_init(&s, tok, 23, 4, 3);   /* 4 streams of 6, 2 steps of 3 */
+    ck_assert_uint_eq(s.len, 6);
+    ck_assert_uint_eq(s.steps, 2);
+    for (size_t k = 0; k < s.steps; k++) {
+        lm_stream_batch(&s, k, in, tgt);
+        for (size_t r = 0; r < 12; r++) {
+            if (tgt[r] < 0)
+                continue;
+            size_t q = (size_t)(tgt[r] - 100);
+            seen[q]++;
+            ck_assert_int_eq(in[r], q ? tok[q - 1] : CCR_TOKEN_EOS);
+        }
+    }
+    for (size_t i = 0; i < 23; i++)
+        ck_assert_uint_eq(seen[i], 1);
+    ck_assert(fabs(lm_lr(1.0, 10, 4) - 0.5) < 1e-12 && fabs(lm_lr(1.0, 10, 39) - 0.5) < 1e-12);
+}
+END_TEST
+
 static Suite *suite(void)
 {
     Suite *s = suite_create("lm_model");
@@ -412,6 +440,7 @@ static Suite *suite(void)
     tcase_add_test(tc, test_determinism);
     tcase_add_test(tc, test_errors);
     tcase_add_test(tc, test_learns_periodic_text);
+    tcase_add_test(tc, test_stream);
     suite_add_tcase(s, tc);
     return s;
 }

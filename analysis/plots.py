@@ -1,0 +1,155 @@
+#!/usr/bin/env python3
+"""JSON Lines results -> PNG plots (matplotlib, Agg backend; no display needed).
+
+    /usr/bin/python3 analysis/plots.py capacity FILE.jsonl [--out capacity.png]
+    /usr/bin/python3 analysis/plots.py xy FILE.jsonl [FILE.jsonl ...] --x FIELD --y FIELD
+            [--group FIELD[,FIELD]] [--where FIELD=VALUE ...] [--logx] [--logy]
+            [--xlabel TEXT] [--ylabel TEXT] [--title TEXT] [--out plot.png]
+
+`capacity` draws the ccr-capacity records: parameters against seconds per
+example on log-log axes, forward (eval) and forward + backward (train) side
+by side, one line per gate with the dense baseline (gate `none`, its hidden
+width swept) dashed; each line's end points are labelled with their knob.
+
+`xy` is the generic form for the other drivers: one line per distinct value
+of the --group field(s) (records in file order, sorted by x), optional
+filters --where field=value (compared as strings), log axes on request.
+
+Default output: FILE with .png in place of .jsonl.  Exit 2 on bad arguments,
+1 when a field is missing from every record.
+"""
+import argparse
+import json
+import os
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+STYLE = {  # series -> (label, colour, marker, line style)
+    "none": ("dense baseline (none, hidden swept)", "black", "s", "--"),
+    "topk": ("topk (k experts)", "tab:blue", "o", "-"),
+    "hmoe": ("hmoe (k/k2 groups × k2)", "tab:orange", "^", "-"),
+    "switch": ("switch (top-1, capacity)", "tab:green", "v", "-"),
+    "signtree-path": ("signtree path (d+1 nodes)", "tab:red", "D", "-"),
+    "signtree-leaf": ("signtree leaf (1 of 2^d)", "tab:purple", "P", "-"),
+    "dense": ("dense gate (all E run)", "tab:gray", "x", ":"),
+}
+KNOB = {"hidden": "h", "experts": "E", "depth": "d"}
+
+
+def load(paths):
+    recs = []
+    for p in paths:
+        with open(p) as f:
+            recs += [json.loads(line) for line in f if line.strip()]
+    return recs
+
+
+def default_out(path):
+    stem, _ = os.path.splitext(path)
+    return stem + ".png"
+
+
+def capacity(a):
+    recs = load(a.files)
+    if not recs or "series" not in recs[0]:
+        sys.exit(f"plots.py: {a.files[0]}: not ccr-capacity records")
+    r0 = recs[0]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.2), sharey=False)
+    panels = [("fwd_seconds_per_example", "forward (eval), batch {b}"),
+              ("fwdbwd_seconds_per_example", "forward + backward (train), batch {b}")]
+    order = [s for s in STYLE if any(r["series"] == s for r in recs)]
+    for ax, (field, title) in zip(axes, panels):
+        for s in order:
+            pts = sorted((r for r in recs if r["series"] == s), key=lambda r: r["params"])
+            label, colour, marker, ls = STYLE[s]
+            xs = [r["params"] for r in pts]
+            ys = [r[field] * 1e6 for r in pts]
+            ax.plot(xs, ys, ls, color=colour, marker=marker, ms=4, label=label)
+            for r, x, y in ((pts[0], xs[0], ys[0]), (pts[-1], xs[-1], ys[-1])):
+                ax.annotate(f"{KNOB.get(r['knob'], r['knob'])}={r['knob_value']}", (x, y),
+                            textcoords="offset points", xytext=(4, 3), fontsize=7,
+                            color=colour)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("parameters of the layer")
+        ax.set_ylabel("µs per example")
+        ax.set_title(title.format(b=r0.get("batch", "?")))
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=8, loc="upper left")
+    fig.suptitle(f"ccr-capacity: d={r0.get('d_in')}, FFN expert hidden "
+                 f"{next((r['expert_hidden'] for r in recs if r['series'] == 'topk'), '?')}, "
+                 f"{r0.get('machine', '')}, OpenBLAS {r0.get('blas_core', '')} "
+                 f"{r0.get('blas_threads', '')} thr, git {r0.get('git', '')}", fontsize=9)
+    fig.tight_layout()
+    out = a.out or default_out(a.files[0])
+    fig.savefig(out, dpi=110)
+    print(f"plots.py: wrote {out}", file=sys.stderr)
+
+
+def xy(a):
+    recs = load(a.files)
+    for w in a.where:
+        if "=" not in w:
+            print(f"plots.py: --where needs FIELD=VALUE, got '{w}'", file=sys.stderr)
+            sys.exit(2)
+        k, v = w.split("=", 1)
+        recs = [r for r in recs if str(r.get(k)) == v]
+    recs = [r for r in recs if a.x in r and a.y in r]
+    if not recs:
+        print(f"plots.py: no record has both '{a.x}' and '{a.y}'", file=sys.stderr)
+        return 1
+    keys = [g for g in (a.group or "").split(",") if g]
+    groups = {}
+    for r in recs:
+        groups.setdefault(tuple(str(r.get(k)) for k in keys), []).append(r)
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for g, pts in groups.items():
+        pts.sort(key=lambda r: r[a.x])
+        label = ", ".join(f"{k}={v}" for k, v in zip(keys, g)) or None
+        ax.plot([r[a.x] for r in pts], [r[a.y] for r in pts], "-o", ms=4, label=label)
+    if a.logx:
+        ax.set_xscale("log")
+    if a.logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(a.xlabel or a.x)
+    ax.set_ylabel(a.ylabel or a.y)
+    if a.title:
+        ax.set_title(a.title)
+    ax.grid(True, which="both", alpha=0.3)
+    if keys:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = a.out or default_out(a.files[0])
+    fig.savefig(out, dpi=110)
+    print(f"plots.py: wrote {out}", file=sys.stderr)
+    return 0
+
+
+def main(argv):
+    p = argparse.ArgumentParser(description="JSONL results -> PNG plots")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("capacity", help="ccr-capacity: params vs time/example")
+    c.add_argument("files", nargs="+")
+    c.add_argument("--out")
+    x = sub.add_parser("xy", help="any field against any field")
+    x.add_argument("files", nargs="+")
+    x.add_argument("--x", required=True)
+    x.add_argument("--y", required=True)
+    x.add_argument("--group")
+    x.add_argument("--where", action="append", default=[])
+    x.add_argument("--logx", action="store_true")
+    x.add_argument("--logy", action="store_true")
+    x.add_argument("--xlabel")
+    x.add_argument("--ylabel")
+    x.add_argument("--title")
+    x.add_argument("--out")
+    a = p.parse_args(argv[1:])
+    return (capacity if a.cmd == "capacity" else xy)(a) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

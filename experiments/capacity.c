@@ -1,0 +1,585 @@
+/*
+ * ccr-capacity - capacity versus computation, the main job of issue 5.
+ *
+ * For each gate it sweeps the knob that adds parameters at fixed per-example
+ * work - experts E for topk, hmoe and switch (k experts per example; switch
+ * uses 1), depth d for the sign-bit tree (combine = path, d+1 node matrices
+ * per example, and combine = leaf, one) - plus a dense baseline (gate
+ * `none`: one FFN whose hidden width is swept, so its work grows with its
+ * parameters).  Every point is a fresh conditional layer (d -> d, FFN
+ * experts d -> h -> d, the tree on the linear bank d -> d), seeded,
+ * nn.Linear-initialised, with *random* gate weights (N(0, 1/d)): zero gate
+ * weights would send every example to the same experts or leaf in eval mode.
+ *
+ * Per point it measures: parameters; forward FLOPs per example, analytic and
+ * counted from the routing table executed (they differ only by switch's
+ * dropped examples, recorded); seconds per example of the forward (eval
+ * mode) and of forward + backward (train mode: noise, aux losses, gradients
+ * accumulated, no optimiser), each after a warm-up as the fastest of three
+ * short windows on a pool of random batches; the gate alone in both modes;
+ * the time of one full gradient zeroing (what a dense optimiser step adds
+ * per batch, O(params)); the bank weights read per example; the capacity ratios
+ * params / FLOPs and params / (params of a dense layer with the same FLOPs);
+ * and, to explain the times, the per-matrix batch: matrices used per batch
+ * and the mean, min and max examples each used matrix receives (Shazeer et
+ * al. 2017, section 3.1, "shrinking batch").
+ *
+ * A markdown table goes to stdout, a progress line to stderr, one JSONL
+ * record per point to --out.  Every configuration is validated (by
+ * allocating its layer without parameters) before the file is opened, so
+ * bad arguments exit 2 with one line and leave no file.  Points whose
+ * parameter block would exceed --max-gib are skipped and listed.
+ */
+#define _POSIX_C_SOURCE 200809L
+#include <gsl/gsl_errno.h>
+#include <gsl/gsl_randist.h>
+#include <gsl/gsl_rng.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common.h"
+
+#define PROG "ccr-capacity"
+#define MAXL 32
+#define POOL 4
+#define MAXP 256
+
+enum { S_NONE, S_TOPK, S_HMOE, S_SWITCH, S_PATH, S_LEAF, S_DENSE, S_COUNT };
+static const char *const series_name[S_COUNT] = {
+    "none", "topk", "hmoe", "switch", "signtree-path", "signtree-leaf", "dense"};
+
+typedef struct opts {
+    size_t d, hidden, batch, k, k2;
+    size_t experts[MAXL], n_experts, depths[MAXL], n_depths, dense_h[MAXL], n_dense;
+    bool series[S_COUNT];
+    double seconds, capacity_factor, max_gib;
+    unsigned long seed;
+    const char *out;
+} opts;
+
+typedef struct point {
+    int series;
+    size_t knob;  /* E, depth or hidden width */
+    ccr_cond_config cc;
+    size_t n_matrices, params;
+    bool skip;    /* over --max-gib */
+} point;
+
+/* Routing statistics of one batch, accumulated over the pool. */
+typedef struct route_stats {
+    double used, mean, dropped, counted;
+    size_t min, max;
+} route_stats;
+
+static void usage(void)
+{
+    printf(
+        "usage: ccr-capacity [--gates LIST] [--experts LIST] [--depths LIST]\n"
+        "                    [--dense-hidden LIST] [--d N] [--expert-hidden N] [--k N]\n"
+        "                    [--k2 N] [--capacity-factor X] [--batch N] [--seconds X]\n"
+        "                    [--max-gib X] [--seed N] [--out FILE] [--quick] [--help]\n"
+        "Sweeps each gate's capacity knob at fixed work per example and measures params,\n"
+        "FLOPs/example (analytic and counted), forward and forward+backward seconds per\n"
+        "example, the per-matrix batch, and the capacity ratios.  Markdown table on\n"
+        "stdout, progress on stderr, one JSONL record per point with --out.\n\n"
+        "  --gates LIST         of none, topk, hmoe, switch, signtree-path, signtree-leaf,\n"
+        "                       dense; signtree = both trees, all = every one but dense\n"
+        "                       [all]  (none is the dense baseline: one FFN, hidden swept)\n"
+        "  --experts LIST       E for topk, hmoe, switch, dense [4,16,64,256,1024,4096]\n"
+        "  --depths LIST        d for the trees [0,1,...,16]\n"
+        "  --dense-hidden LIST  hidden widths of the none baseline [h,4h,16h,64h,256h]\n"
+        "  --d N                layer input = output width [64]\n"
+        "  --expert-hidden N    hidden width h of an FFN expert [256]\n"
+        "  --k N                experts per example, topk and hmoe [4]\n"
+        "  --k2 N               hmoe: experts per selected group (k/k2 groups) [2]\n"
+        "  --capacity-factor X  switch capacity factor [1.25]\n"
+        "  --batch N            examples per batch [256]\n"
+        "  --seconds X          timing window of each measurement [0.25]\n"
+        "  --max-gib X          skip points whose parameters exceed X GiB [1.25]\n"
+        "  --seed N             GSL seed (parameters, inputs, noise) [1]\n"
+        "  --out FILE           JSONL output, one record per point\n"
+        "  --quick              tiny sizes, seconds-long smoke run\n");
+}
+
+/* A comma-separated list of sizes >= min. */
+static size_t parse_list(const char *flag, const char *v, size_t *out, size_t min)
+{
+    if (v == NULL || v[0] == '\0')
+        drv_usage_error(PROG, "%s needs a comma-separated list", flag);
+    size_t n = 0;
+    for (const char *p = v; *p != '\0';) {
+        char item[32];
+        size_t len = strcspn(p, ",");
+        if (len == 0 || len >= sizeof item || n == MAXL)
+            drv_usage_error(PROG, "%s: bad list '%s' (at most %d values)", flag, v, MAXL);
+        memcpy(item, p, len);
+        item[len] = '\0';
+        out[n++] = drv_parse_size(PROG, flag, item, min);
+        p += len + (p[len] == ',');
+    }
+    return n;
+}
+
+static void parse_gates(const char *v, bool *on)
+{
+    if (v == NULL || v[0] == '\0')
+        drv_usage_error(PROG, "--gates needs a comma-separated list");
+    memset(on, 0, S_COUNT * sizeof *on);
+    for (const char *p = v; *p != '\0';) {
+        size_t len = strcspn(p, ",");
+        bool found = false;
+        for (int s = 0; s < S_COUNT; s++)
+            if (strlen(series_name[s]) == len && strncmp(p, series_name[s], len) == 0)
+                on[s] = found = true;
+        if (len == 8 && strncmp(p, "signtree", 8) == 0)
+            on[S_PATH] = on[S_LEAF] = found = true;
+        if (len == 3 && strncmp(p, "all", 3) == 0) {
+            for (int s = 0; s < S_DENSE; s++)
+                on[s] = true;
+            found = true;
+        }
+        if (!found)
+            drv_usage_error(PROG, "unknown gate '%.*s' in --gates (none, topk, hmoe, switch, "
+                            "signtree, signtree-path, signtree-leaf, dense, all)", (int)len, p);
+        p += len + (p[len] == ',');
+    }
+}
+
+static void parse(int argc, char **argv, opts *o)
+{
+    bool quick = false, dense_set = false;
+    for (int i = 1; i < argc; i++)
+        quick = quick || strcmp(argv[i], "--quick") == 0;
+    *o = (opts){.d = 64, .hidden = 256, .batch = 256, .k = 4, .k2 = 2, .seconds = 0.25,
+                .capacity_factor = 1.25, .max_gib = 1.25, .seed = 1,
+                .experts = {4, 16, 64, 256, 1024, 4096}, .n_experts = 6, .n_depths = 17};
+    for (size_t i = 0; i < 17; i++)
+        o->depths[i] = i;
+    for (int s = 0; s < S_DENSE; s++)
+        o->series[s] = true;
+    if (quick) {
+        o->d = 16, o->hidden = 16, o->batch = 32, o->seconds = 0.01;
+        o->experts[0] = 4, o->experts[1] = 16, o->n_experts = 2, o->n_depths = 4;
+    }
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0) {
+            usage();
+            exit(0);
+        }
+        if (strcmp(a, "--quick") == 0)
+            continue;
+        if (strncmp(a, "--", 2) != 0)
+            drv_usage_error(PROG, "unexpected argument '%s'", a);
+        if (v == NULL)
+            drv_usage_error(PROG, "unknown option or missing value: '%s'", a);
+        i++;
+        if (strcmp(a, "--gates") == 0) parse_gates(v, o->series);
+        else if (strcmp(a, "--experts") == 0) o->n_experts = parse_list(a, v, o->experts, 1);
+        else if (strcmp(a, "--depths") == 0) o->n_depths = parse_list(a, v, o->depths, 0);
+        else if (strcmp(a, "--dense-hidden") == 0) {
+            o->n_dense = parse_list(a, v, o->dense_h, 1);
+            dense_set = true;
+        } else if (strcmp(a, "--d") == 0) o->d = drv_parse_size(PROG, a, v, 1);
+        else if (strcmp(a, "--expert-hidden") == 0) o->hidden = drv_parse_size(PROG, a, v, 1);
+        else if (strcmp(a, "--k") == 0) o->k = drv_parse_size(PROG, a, v, 1);
+        else if (strcmp(a, "--k2") == 0) o->k2 = drv_parse_size(PROG, a, v, 1);
+        else if (strcmp(a, "--batch") == 0) o->batch = drv_parse_size(PROG, a, v, 1);
+        else if (strcmp(a, "--seed") == 0) o->seed = drv_parse_seed(PROG, a, v);
+        else if (strcmp(a, "--capacity-factor") == 0)
+            o->capacity_factor = drv_parse_double(PROG, a, v, 1e-6, 1e6);
+        else if (strcmp(a, "--seconds") == 0) o->seconds = drv_parse_double(PROG, a, v, 0, 600);
+        else if (strcmp(a, "--max-gib") == 0) o->max_gib = drv_parse_double(PROG, a, v, 0, 1e6);
+        else if (strcmp(a, "--out") == 0) {
+            if (v[0] == '\0')
+                drv_usage_error(PROG, "--out needs a file name");
+            o->out = v;
+        } else drv_usage_error(PROG, "unknown option '%s'", a);
+    }
+    if (!dense_set) {
+        o->n_dense = quick ? 2 : 5;
+        for (size_t i = 0; i < o->n_dense; i++)
+            o->dense_h[i] = o->hidden << (2 * i);
+    }
+    if (o->batch > 0x7fffffff / 64)
+        drv_usage_error(PROG, "--batch %zu is too large", o->batch);
+    if (o->series[S_HMOE] && o->k % o->k2 != 0)
+        drv_usage_error(PROG, "hmoe: --k2 %zu must divide --k %zu", o->k2, o->k);
+}
+
+/* hmoe groups for E experts: the divisor a of E nearest sqrt(E) that leaves
+ * room for k/k2 groups of k2 experts; 0 if there is none. */
+static size_t hmoe_groups(size_t E, size_t g, size_t k2)
+{
+    size_t best = 0;
+    double dist = INFINITY;
+    for (size_t a = 1; a <= E; a++) {
+        if (E % a != 0 || a < g || E / a < k2)
+            continue;
+        double dd = fabs(log((double)a) - 0.5 * log((double)E));
+        if (dd < dist - 1e-12)
+            best = a, dist = dd;
+    }
+    return best;
+}
+
+/* Builds the list of points; each is validated by allocating its layer
+ * (without parameters).  Exits 2 on a configuration the gates reject. */
+static size_t build_points(const opts *o, ccr_backend *be, ccr_ctx *ctx, point *pts)
+{
+    size_t n = 0;
+    for (int s = 0; s < S_COUNT; s++) {
+        if (!o->series[s])
+            continue;
+        size_t nk = s == S_NONE ? o->n_dense : (s == S_PATH || s == S_LEAF) ? o->n_depths
+                                                                          : o->n_experts;
+        for (size_t i = 0; i < nk; i++) {
+            if (n == MAXP)
+                drv_usage_error(PROG, "more than %d points", MAXP);
+            point *p = &pts[n++];
+            ccr_cond_config *cc = &p->cc;
+            ccr_gate_config *g = &cc->gate_cfg;
+            *p = (point){.series = s};
+            *cc = ccr_cond_config_default();
+            cc->d_in = cc->d_out = o->d;
+            cc->hidden = o->hidden;
+            g->randomize = true;
+            g->capacity_factor = o->capacity_factor;
+            static const char *const type[S_COUNT] = {"none", "topk", "hmoe", "switch",
+                                                      "signtree", "signtree", "dense"};
+            cc->gate = ccr_gate_type_find(type[s]);
+            if (s == S_NONE) {
+                p->knob = cc->hidden = o->dense_h[i];
+            } else if (s == S_PATH || s == S_LEAF) {
+                p->knob = g->depth = o->depths[i];
+                g->combine = s == S_PATH ? CCR_COMBINE_PATH : CCR_COMBINE_LEAF;
+                cc->bank = CCR_BANK_LINEAR;
+            } else {
+                p->knob = g->n_experts = o->experts[i];
+                g->k = s == S_TOPK ? o->k : 1;
+                if (s == S_DENSE)
+                    g->k = g->n_experts;
+                if (s == S_HMOE) {
+                    g->k = o->k / o->k2;
+                    g->k2 = o->k2;
+                    g->n_groups = hmoe_groups(g->n_experts, g->k, g->k2);
+                    if (g->n_groups == 0)
+                        drv_usage_error(PROG, "hmoe: E=%zu has no group count for %zu groups "
+                                        "of %zu experts per example", g->n_experts, g->k, g->k2);
+                }
+            }
+            ccr_cond *c;
+            ccr_status st = ccr_cond_alloc(be, cc, o->batch, &c);
+            if (st == CCR_EINVAL)
+                drv_usage_error(PROG, "%s %zu: %s", series_name[s], p->knob, ccr_ctx_errmsg(ctx));
+            if (st != CCR_OK)
+                drv_fail(PROG, ctx, st, "layer");
+            p->n_matrices = ccr_gate_n_matrices(ccr_cond_gate(c));
+            size_t m = cc->bank == CCR_BANK_FFN
+                           ? 2 * o->d * cc->hidden + cc->hidden + o->d : o->d * o->d + o->d;
+            p->params = p->n_matrices * m;  /* bank only, for the memory limit */
+            p->skip = (double)p->params * 4.0 > o->max_gib * 1073741824.0;
+            ccr_cond_free(c);
+        }
+    }
+    return n;
+}
+
+/* Per-matrix batch of the last routing table, added into rs. */
+static void route_add(const ccr_route *r, size_t *counts, route_stats *rs)
+{
+    memset(counts, 0, r->n_matrices * sizeof *counts);
+    size_t pairs = 0, used = 0, mn = (size_t)-1, mx = 0;
+    for (size_t p = 0; p < r->batch * r->slots; p++) {
+        if (r->ids[p] >= 0)
+            counts[r->ids[p]]++, pairs++;
+    }
+    for (size_t m = 0; m < r->n_matrices; m++) {
+        if (counts[m] == 0)
+            continue;
+        used++;
+        mn = counts[m] < mn ? counts[m] : mn;
+        mx = counts[m] > mx ? counts[m] : mx;
+    }
+    rs->used += (double)used / POOL;
+    rs->mean += used ? (double)pairs / (double)used / POOL : 0.0;
+    rs->min = mn < rs->min ? mn : rs->min;
+    rs->max = mx > rs->max ? mx : rs->max;
+}
+
+/* Runs the statement(s) once to warm up, then in three windows of
+ * seconds/3 each (at least one run each); stores in out the seconds per run
+ * of the fastest window (the least disturbed by other processes on a shared
+ * machine) and in reps the runs timed. */
+#define TIME_LOOP(seconds, out, reps, ...)                            \
+    do {                                                              \
+        __VA_ARGS__;                                                  \
+        (reps) = 0;                                                   \
+        (out) = INFINITY;                                             \
+        for (int w_ = 0; w_ < 3; w_++) {                              \
+            size_t n_ = 0;                                            \
+            double t0_ = drv_now(), el_;                              \
+            do {                                                      \
+                __VA_ARGS__;                                          \
+                n_++;                                                 \
+                el_ = drv_now() - t0_;                                \
+            } while (el_ < (seconds) / 3.0);                          \
+            (reps) += n_;                                             \
+            (out) = el_ / (double)n_ < (out) ? el_ / (double)n_ : (out); \
+        }                                                             \
+    } while (0)
+
+/* Parameters of a dense layer with F forward FLOPs per example: an FFN
+ * d_in -> h' -> d_out (h' real-valued) for FFN banks, a linear layer
+ * d_in -> w' for linear banks. */
+static double dense_equal_params(const ccr_cond_config *cc, double F)
+{
+    double di = (double)cc->d_in, dout = (double)cc->d_out;
+    if (cc->bank == CCR_BANK_FFN) {
+        double h = (F - dout) / (2 * di + 2 * dout + 1);
+        return h * (di + dout + 1) + dout;
+    }
+    return F / (2 * di + 1) * (di + 1);
+}
+
+typedef struct result {
+    double params, f_fwd, f_fwd_cnt, f_train, f_train_cnt, f_bwd, f_gate, f_mat;
+    double t_fwd, t_train, t_zero, t_setup, dense_eq, mpe, t_gate, t_gate_train;
+    size_t reps_fwd, reps_train;
+    route_stats ev, tr;
+} result;
+
+static ccr_status measure(const opts *o, const point *p, ccr_backend *be, gsl_rng *rng,
+                          const float *xs, const float *dys, float *y, float *dx, result *res)
+{
+    ccr_cond *c = NULL;
+    ccr_arena *a = NULL;
+    size_t B = o->batch, d = o->d, *counts = calloc(p->n_matrices, sizeof *counts);
+    double t0 = drv_now();
+    ccr_status s = counts ? CCR_OK : CCR_ENOMEM;
+    if (s == CCR_OK) s = ccr_cond_alloc(be, &p->cc, B, &c);
+    if (s == CCR_OK) s = ccr_arena_init(be, &a);
+    if (s == CCR_OK) s = ccr_cond_declare(c, a, "");
+    if (s == CCR_OK) s = ccr_arena_finalize(a);
+    if (s == CCR_OK) s = ccr_cond_init_params(c, rng);
+    res->t_setup = drv_now() - t0;
+    ccr_gate_stats st;
+    res->ev = res->tr = (route_stats){.min = (size_t)-1};
+    /* Routing statistics and counted FLOPs over the pool, eval then train. */
+    for (int train = 0; train <= 1 && s == CCR_OK; train++) {
+        route_stats *rs = train ? &res->tr : &res->ev;
+        for (size_t j = 0; j < POOL && s == CCR_OK; j++) {
+            s = ccr_cond_forward(c, xs + j * B * d, B, train, rng, y, &st);
+            if (s != CCR_OK)
+                break;
+            route_add(ccr_cond_route(c), counts, rs);
+            rs->dropped += (double)st.dropped / POOL;
+            rs->counted += st.flops_counted / POOL;
+        }
+    }
+    if (s != CCR_OK)
+        goto done;
+    res->params = (double)ccr_cond_n_params(c);
+    res->f_fwd = ccr_cond_flops(c, false);
+    res->f_train = ccr_cond_flops(c, true);
+    res->f_bwd = ccr_cond_flops_bwd(c, true);
+    res->f_gate = ccr_gate_flops(ccr_cond_gate(c), false);
+    res->f_mat = ccr_cond_matrix_flops(c);
+    res->mpe = ccr_gate_matrices_per_example(ccr_cond_gate(c));
+    res->f_fwd_cnt = res->ev.counted;
+    res->f_train_cnt = res->tr.counted;
+    res->dense_eq = dense_equal_params(&p->cc, res->f_fwd);
+    size_t turn = 0, reps;
+    TIME_LOOP(o->seconds, res->t_fwd, res->reps_fwd, {
+        size_t j = turn++ % POOL;
+        if (s == CCR_OK) s = ccr_cond_forward(c, xs + j * B * d, B, false, rng, y, &st);
+    });
+    TIME_LOOP(o->seconds, res->t_train, res->reps_train, {
+        size_t j = turn++ % POOL;
+        if (s == CCR_OK) s = ccr_cond_forward(c, xs + j * B * d, B, true, rng, y, &st);
+        if (s == CCR_OK) s = ccr_cond_backward(c, dys + j * B * d, dx);
+    });
+    TIME_LOOP(o->seconds / 4, res->t_zero, reps, if (s == CCR_OK) s = ccr_arena_zero_grad(a));
+    /* The gate alone (its routing, noise, losses), in both modes. */
+    ccr_gate *g = ccr_cond_gate(c);
+    ccr_route r;
+    TIME_LOOP(o->seconds / 2, res->t_gate, reps, {
+        size_t j = turn++ % POOL;
+        if (s == CCR_OK) s = ccr_gate_forward(g, xs + j * B * d, B, false, rng, &r, &st);
+    });
+    TIME_LOOP(o->seconds / 2, res->t_gate_train, reps, {
+        size_t j = turn++ % POOL;
+        if (s == CCR_OK) s = ccr_gate_forward(g, xs + j * B * d, B, true, rng, &r, &st);
+    });
+    res->t_gate /= (double)B;
+    res->t_gate_train /= (double)B;
+    res->t_fwd /= (double)B;
+    res->t_train /= (double)B;
+    res->t_zero /= (double)B;
+done:
+    ccr_arena_free(a);
+    ccr_cond_free(c);
+    free(counts);
+    return s;
+}
+
+/* The 1-minute load average (other processes share the cores), or NaN. */
+static double load_avg(void)
+{
+    double v = NAN;
+    FILE *f = fopen("/proc/loadavg", "r");
+    if (f != NULL) {
+        if (fscanf(f, "%lf", &v) != 1)
+            v = NAN;
+        fclose(f);
+    }
+    return v;
+}
+
+static ccr_status record(ccr_record *r, const opts *o, const point *p, const ccr_backend *be,
+                         const result *x)
+{
+    ccr_record_clear(r);
+    const char *knob = p->series == S_NONE ? "hidden"
+                       : (p->series == S_PATH || p->series == S_LEAF) ? "depth" : "experts";
+    ccr_status s = drv_record_base(r, PROG, be, o->seed);
+#define ADD_I(k, v) if (s == CCR_OK) s = ccr_record_add_int(r, k, (int64_t)(v))
+#define ADD_D(k, v) if (s == CCR_OK) s = ccr_record_add_double(r, k, v)
+    if (s == CCR_OK) s = drv_record_gate(r, &p->cc);
+    if (s == CCR_OK) s = ccr_record_add_str(r, "series", series_name[p->series]);
+    if (s == CCR_OK) s = ccr_record_add_str(r, "knob", knob);
+    ADD_I("knob_value", p->knob);
+    ADD_I("d_in", p->cc.d_in);
+    ADD_I("d_out", p->cc.d_out);
+    ADD_I("batch", o->batch);
+    ADD_I("n_matrices", p->n_matrices);
+    ADD_D("matrices_per_example", x->mpe);
+    ADD_I("params", x->params);
+    ADD_I("params_gate", x->params - (double)p->params);
+    ADD_D("flops_fwd_analytic", x->f_fwd);
+    ADD_D("flops_fwd_counted", x->f_fwd_cnt);
+    ADD_D("flops_gate", x->f_gate);
+    ADD_D("flops_matrix", x->f_mat);
+    ADD_D("dropped_per_batch", x->ev.dropped);
+    ADD_D("flops_train_fwd_analytic", x->f_train);
+    ADD_D("flops_train_fwd_counted", x->f_train_cnt);
+    ADD_D("dropped_per_batch_train", x->tr.dropped);
+    ADD_D("flops_bwd_analytic", x->f_bwd);
+    ADD_D("fwd_seconds_per_example", x->t_fwd);
+    ADD_D("fwdbwd_seconds_per_example", x->t_train);
+    ADD_D("zero_grad_seconds_per_example", x->t_zero);
+    ADD_D("gate_fwd_seconds_per_example", x->t_gate);
+    ADD_D("gate_train_fwd_seconds_per_example", x->t_gate_train);
+    ADD_D("setup_seconds", x->t_setup);
+    ADD_D("load_avg", load_avg());
+    ADD_I("reps_fwd", x->reps_fwd);
+    ADD_I("reps_fwdbwd", x->reps_train);
+    ADD_D("fwd_gflops", x->f_fwd_cnt / x->t_fwd * 1e-9);
+    ADD_D("fwdbwd_gflops", (x->f_train_cnt + x->f_bwd) / x->t_train * 1e-9);
+    ADD_D("params_per_flop", x->params / x->f_fwd);
+    ADD_D("dense_equal_flops_params", x->dense_eq);
+    ADD_D("params_vs_dense", x->params / x->dense_eq);
+    ADD_D("matrices_used", x->ev.used);
+    ADD_D("examples_per_matrix_mean", x->ev.mean);
+    ADD_I("examples_per_matrix_min", x->ev.min);
+    ADD_I("examples_per_matrix_max", x->ev.max);
+    ADD_D("matrices_used_train", x->tr.used);
+    ADD_D("examples_per_matrix_mean_train", x->tr.mean);
+    ADD_I("examples_per_matrix_min_train", x->tr.min);
+    ADD_I("examples_per_matrix_max_train", x->tr.max);
+    /* Bank weights read per example: used matrices x floats x 4 / batch. */
+    double mbytes = 4.0 * (double)p->params / (double)p->n_matrices / (double)o->batch;
+    ADD_D("weight_bytes_per_example", x->ev.used * mbytes);
+    ADD_D("weight_bytes_per_example_train", x->tr.used * mbytes);
+#undef ADD_I
+#undef ADD_D
+    return s;
+}
+
+int main(int argc, char **argv)
+{
+    gsl_set_error_handler_off();
+    opts o;
+    parse(argc, argv, &o);
+    ccr_ctx *ctx;
+    ccr_backend *be;
+    if (ccr_ctx_init(&ctx) != CCR_OK)
+        return 1;
+    ccr_status s = ccr_backend_cpu_init(ctx, &be);
+    if (s != CCR_OK)
+        drv_fail(PROG, ctx, s, "backend");
+    static point pts[MAXP];
+    size_t np = build_points(&o, be, ctx, pts);
+    if (np == 0)
+        drv_usage_error(PROG, "nothing to measure");
+
+    ccr_jsonl *out = NULL;
+    ccr_record *rec;
+    if ((s = ccr_record_init(ctx, &rec)) != CCR_OK)
+        drv_fail(PROG, ctx, s, "record");
+    if (o.out && ccr_jsonl_open(ctx, o.out, false, &out) != CCR_OK)
+        drv_usage_error(PROG, "cannot open --out %s: %s", o.out, ccr_ctx_errmsg(ctx));
+
+    gsl_rng *rng = gsl_rng_alloc(gsl_rng_mt19937);
+    gsl_rng_set(rng, o.seed);
+    size_t nx = POOL * o.batch * o.d;
+    float *xs = malloc(2 * nx * sizeof *xs), *y = malloc(2 * o.batch * o.d * sizeof *y);
+    if (rng == NULL || xs == NULL || y == NULL)
+        drv_fail(PROG, ctx, CCR_ENOMEM, "buffers");
+    for (size_t i = 0; i < 2 * nx; i++)  /* inputs x ~ N(0,1), then dy */
+        xs[i] = (float)gsl_ran_gaussian(rng, 1.0);
+
+    fprintf(stderr, "%s: %s | %s | d=%zu h=%zu k=%zu batch=%zu\n", PROG,
+            ccr_backend_describe(be), drv_machine(), o.d, o.hidden, o.k, o.batch);
+    printf("| gate | knob | params | FLOPs/ex analytic | FLOPs/ex counted | fwd µs/ex | "
+           "fwd+bwd µs/ex | params/FLOP | params ÷ dense@FLOPs | matrices used | "
+           "ex/matrix mean | ex/matrix min | dropped |\n");
+    printf("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    double t_start = drv_now();
+    size_t skipped = 0;
+    for (size_t i = 0; i < np; i++) {
+        point *p = &pts[i];
+        char label[64];
+        snprintf(label, sizeof label, "%s %s=%zu", series_name[p->series],
+                 p->series == S_NONE ? "h" : (p->series == S_PATH || p->series == S_LEAF)
+                                                 ? "d" : "E", p->knob);
+        drv_progress("points", i, np, t_start, label);
+        if (p->skip) {
+            skipped++;
+            continue;
+        }
+        result x;
+        s = measure(&o, p, be, rng, xs, xs + nx, y, y + o.batch * o.d, &x);
+        if (s != CCR_OK)
+            drv_fail(PROG, ctx, s, label);
+        printf("| %s | %s | %.0f | %.4g | %.4g | %.3f | %.3f | %.3g | %.3g | %.1f | %.1f | "
+               "%zu | %.1f |\n", series_name[p->series], strchr(label, ' ') + 1, x.params,
+               x.f_fwd, x.f_fwd_cnt, x.t_fwd * 1e6, x.t_train * 1e6, x.params / x.f_fwd,
+               x.params / x.dense_eq, x.ev.used, x.ev.mean, x.ev.min, x.ev.dropped);
+        fflush(stdout);
+        if ((s = record(rec, &o, p, be, &x)) != CCR_OK ||
+            (out && (s = ccr_jsonl_write(out, rec)) != CCR_OK))
+            drv_fail(PROG, ctx, s, "record");
+    }
+    drv_progress("points", np, np, t_start, "done");
+    drv_progress_end();
+    if (skipped > 0) {
+        printf("\nSkipped (parameters above --max-gib %.2f GiB):", o.max_gib);
+        for (size_t i = 0; i < np; i++)
+            if (pts[i].skip)
+                printf(" %s %zu (%.2f GiB)", series_name[pts[i].series], pts[i].knob,
+                       (double)pts[i].params * 4.0 / 1073741824.0);
+        printf("\n");
+    }
+    if ((s = ccr_jsonl_close(out)) != CCR_OK)
+        drv_fail(PROG, ctx, s, "close");
+    ccr_record_free(rec);
+    free(xs);
+    free(y);
+    gsl_rng_free(rng);
+    ccr_backend_free(be);
+    ccr_ctx_free(ctx);
+    return 0;
+}
