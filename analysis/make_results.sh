@@ -48,14 +48,32 @@ print(json.loads(line).get("driver", "") if line.strip() else "")' "$f")
       if [ "$peer" != "$f" ] && [ -e "$peer" ]; then table "$stem" bench "$f" "$peer"
       else table "$stem" bench "$f"; fi
       ;;
+    ccr-tree)
+      for ds in fashion-mnist synthetic; do
+        for y in test_acc train_acc; do
+          $py "$an/plots.py" xy "$f" --x depth --y $y --group model --where dataset=$ds \
+            --title "ccr-tree, $ds: $y vs depth" --out "${stem}_${ds}_${y}.png"
+        done
+      done
+      ;;
+    ccr-lm)
+      $py "$an/plots.py" xy "$f" --x params --y test_ppl --group model --logx \
+        --title "ccr-lm: test perplexity vs parameters" --out "${stem}_ppl_params.png"
+      ;;
+    ccr-hier)
+      for y in train_cv_load train_max_mean_count; do
+        $py "$an/plots.py" xy "$f" --x epoch --y $y --group gate --where experts=64 \
+          --title "ccr-hier E=64: $y vs epoch" --out "${stem}_${y}.png"
+      done
+      ;;
     *)
       echo "make_results.sh: $(basename "$f"): driver '${driver:-none}', no table (skipped)" >&2
       ;;
   esac
 done
 
-# Generated blocks inside hand-written fragments.
-for md in "$res"/*.md; do
+# Generated blocks inside hand-written fragments and docs/RESULTS.md.
+for md in "$res"/*.md "$res/../RESULTS.md"; do
   [ -e "$md" ] || continue
   case $md in *.table.md) continue ;; esac
   $py "$an/tables.py" refresh "$md"
