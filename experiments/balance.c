@@ -9,7 +9,6 @@
  * the steps when there is one epoch).  The paper's reading to check: no
  * loss gives CV >> 1 and a worse perplexity; any loss gives a small CV.
  */
-#include <gsl/gsl_errno.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -77,15 +76,10 @@ static void parse(int argc, char **argv, options *o)
     bool quick = false;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
-        if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0) {
-            usage();
-            exit(0);
-        } else if (strcmp(a, "--quick") == 0) {
+        if (drv_parse_common(PROG, a, usage)) {
             quick = true;
             continue;
         }
-        if (strncmp(a, "--", 2) != 0)
-            drv_usage_error(PROG, "unexpected argument '%s'", a);
         i++;
         if (strcmp(a, "--corpus") == 0 && v) o->corpus = v;
         else if (strcmp(a, "--out") == 0 && v) o->out = v;
@@ -116,8 +110,7 @@ static void parse(int argc, char **argv, options *o)
         else if (strcmp(a, "--lr") == 0) o->lr = drv_parse_double(PROG, a, v, 1e-9, 10);
         else if (strcmp(a, "--clip") == 0) o->clip = drv_parse_double(PROG, a, v, 0, 1e9);
         else if (strcmp(a, "--dropout") == 0) o->dropout = drv_parse_double(PROG, a, v, 0, 0.95);
-        else if (v == NULL) drv_usage_error(PROG, "%s needs a value", a);
-        else drv_usage_error(PROG, "unknown option '%s'", a);
+        else drv_bad_option(PROG, a, v);
     }
     if (o->k > o->experts)
         drv_usage_error(PROG, "--k %zu exceeds --experts %zu", o->k, o->experts);
@@ -143,19 +136,13 @@ static void progress(void *ud, size_t step, size_t total, const lm_fwd_stats *st
 
 int main(int argc, char **argv)
 {
-    gsl_set_error_handler_off();
     options o;
     parse(argc, argv, &o);
     ccr_ctx *ctx;
     ccr_backend *be;
-    if (ccr_ctx_init(&ctx) != CCR_OK)
-        return 1;
-    ccr_status s = ccr_backend_cpu_init(ctx, &be);
-    if (s != CCR_OK)
-        drv_fail(PROG, ctx, s, "backend");
-    gsl_rng *rng = gsl_rng_alloc(gsl_rng_mt19937);
-    if (rng == NULL)
-        return 1;
+    gsl_rng *rng;
+    drv_setup(PROG, false, o.split_seed, &ctx, &be, &rng);   /* seeded for the split */
+    ccr_status s;
     if (access(o.corpus, R_OK) != 0)
         drv_usage_error(PROG, "cannot read --corpus %s", o.corpus);
     ccr_corpus_config cc = {.level = CCR_CORPUS_WORD, .vocab_size = o.vocab,
@@ -163,7 +150,6 @@ int main(int argc, char **argv)
     ccr_corpus *cp;
     if ((s = ccr_corpus_load(ctx, o.corpus, &cc, &cp)) != CCR_OK)
         drv_usage_error(PROG, "cannot load --corpus %s: %s", o.corpus, ccr_ctx_errmsg(ctx));
-    gsl_rng_set(rng, o.split_seed);
     if ((s = ccr_corpus_split(ctx, cp, rng, 0.0, o.test_frac)) != CCR_OK)
         drv_usage_error(PROG, "split: %s", ccr_ctx_errmsg(ctx));
     if (cp->n_train < 2 || cp->n_test < 1)
@@ -184,12 +170,9 @@ int main(int argc, char **argv)
     fprintf(stderr, "%s: %s: %zu tokens (train %zu, test %zu), vocab %zu; topk E=%zu k=%zu; "
             "%s; %s\n", PROG, o.corpus, cp->n_tokens, cp->n_train, cp->n_test, cp->vocab_size,
             o.experts, o.k, ccr_backend_describe(be), drv_machine());
-    ccr_jsonl *out = NULL;
+    ccr_jsonl *out;
     ccr_record *r;
-    if ((s = ccr_record_init(ctx, &r)) != CCR_OK)
-        drv_fail(PROG, ctx, s, "record");
-    if (o.out && (s = ccr_jsonl_open(ctx, o.out, false, &out)) != CCR_OK)
-        drv_usage_error(PROG, "cannot open --out %s: %s", o.out, ccr_ctx_errmsg(ctx));
+    drv_open_out(PROG, ctx, o.out, &r, &out);
 
     for (size_t w = 0; w < o.n_which; w++) {
         const double *set = settings[o.which[w] - 1];
@@ -262,19 +245,11 @@ int main(int argc, char **argv)
         if (s == CCR_OK) s = ccr_record_add_double(r, "paper_max_mean_load", set[5]);
         if (s == CCR_OK) s = ccr_record_add_double(r, "train_seconds", train_s);
         if (s == CCR_OK) s = ccr_record_add_double(r, "seconds", drv_now() - t0);
-        if (s != CCR_OK)
-            drv_fail(PROG, ctx, s, "record");
-        if (out && (s = ccr_jsonl_write(out, r)) != CCR_OK)
-            drv_fail(PROG, ctx, s, "write results");
+        drv_write_record(PROG, ctx, s, out, r);
         ccr_optim_free(opt);
         lm_model_free(m);
     }
-    if ((s = ccr_jsonl_close(out)) != CCR_OK)
-        drv_fail(PROG, ctx, s, "close results");
-    ccr_record_free(r);
     ccr_corpus_free(cp);
-    gsl_rng_free(rng);
-    ccr_backend_free(be);
-    ccr_ctx_free(ctx);
+    drv_teardown(PROG, ctx, be, rng, out, r);
     return 0;
 }

@@ -10,7 +10,6 @@
  * (what ccr adds around the products) and same-shape / square (what the
  * shapes cost).  One JSONL record per batch size with --out.
  */
-#include <gsl/gsl_errno.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -88,7 +87,6 @@ static void build_net(ccr_ctx *ctx, ccr_backend *be, const size_t *w, size_t nl,
 
 int main(int argc, char **argv)
 {
-    gsl_set_error_handler_off();
     size_t hidden[MAXL] = {512, 256}, nh = 2, batches[MAXL] = {32, 128, 512}, nb = 3;
     size_t d_in = 784, classes = 10;
     double seconds = 0.5;
@@ -121,14 +119,9 @@ int main(int argc, char **argv)
 
     ccr_ctx *ctx;
     ccr_backend *be;
+    gsl_rng *rng;
+    drv_setup(PROG, cuda, seed, &ctx, &be, &rng);
     ccr_status s;
-    if (ccr_ctx_init(&ctx) != CCR_OK)
-        return 1;
-    s = cuda ? ccr_backend_cuda_init(ctx, 0, &be) : ccr_backend_cpu_init(ctx, &be);
-    if (s != CCR_OK)
-        drv_fail(PROG, ctx, s, "backend");
-    gsl_rng *rng = gsl_rng_alloc(gsl_rng_mt19937);
-    gsl_rng_set(rng, seed);
 
     /* A pool of POOL random batches, cycled through: training thousands of
      * steps on one fixed batch drives gradients and Adam's second moments
@@ -153,11 +146,9 @@ int main(int argc, char **argv)
         (s = ccr_backend_alloc(be, buf_n * 4, (void **)&gc)) != CCR_OK)
         drv_fail(PROG, ctx, s, "buffers");
 
-    ccr_jsonl *out = NULL;
+    ccr_jsonl *out;
     ccr_record *rec;
-    ccr_record_init(ctx, &rec);
-    if (out_path && (s = ccr_jsonl_open(ctx, out_path, false, &out)) != CCR_OK)
-        drv_usage_error(PROG, "cannot open --out %s: %s", out_path, ccr_ctx_errmsg(ctx));
+    drv_open_out(PROG, ctx, out_path, &rec, &out);
 
     fprintf(stderr, "%s: %s | %s\n", PROG, ccr_backend_describe(be), drv_machine());
     printf("| batch | step ms | step GFLOP/s | same-shape GEMMs ms | GEMM GFLOP/s | square sgemm GFLOP/s | input copy ms | step / GEMMs | GEMMs / square |\n");
@@ -230,14 +221,11 @@ int main(int argc, char **argv)
     }
     if ((s = ccr_jsonl_close(out)) != CCR_OK)
         drv_fail(PROG, ctx, s, "close");
-    ccr_record_free(rec);
     ccr_backend_free_buffer(be, ga);
     ccr_backend_free_buffer(be, gb);
     ccr_backend_free_buffer(be, gc);
     free(x);
     free(y);
-    gsl_rng_free(rng);
-    ccr_backend_free(be);
-    ccr_ctx_free(ctx);
+    drv_teardown(PROG, ctx, be, rng, NULL, rec);
     return 0;
 }

@@ -31,7 +31,6 @@
  * parameter block would exceed --max-gib are skipped and listed.
  */
 #define _POSIX_C_SOURCE 200809L
-#include <gsl/gsl_errno.h>
 #include <gsl/gsl_randist.h>
 #include <gsl/gsl_rng.h>
 #include <math.h>
@@ -165,14 +164,8 @@ static void parse(int argc, char **argv, opts *o)
     }
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
-        if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0) {
-            usage();
-            exit(0);
-        }
-        if (strcmp(a, "--quick") == 0)
-            continue;
-        if (strncmp(a, "--", 2) != 0)
-            drv_usage_error(PROG, "unexpected argument '%s'", a);
+        if (drv_parse_common(PROG, a, usage))
+            continue;   /* --quick: applied above */
         if (v == NULL)
             drv_usage_error(PROG, "unknown option or missing value: '%s'", a);
         i++;
@@ -500,33 +493,25 @@ static ccr_status record(ccr_record *r, const opts *o, const point *p, const ccr
 
 int main(int argc, char **argv)
 {
-    gsl_set_error_handler_off();
     opts o;
     parse(argc, argv, &o);
     ccr_ctx *ctx;
     ccr_backend *be;
-    if (ccr_ctx_init(&ctx) != CCR_OK)
-        return 1;
-    ccr_status s = ccr_backend_cpu_init(ctx, &be);
-    if (s != CCR_OK)
-        drv_fail(PROG, ctx, s, "backend");
+    gsl_rng *rng;
+    drv_setup(PROG, false, o.seed, &ctx, &be, &rng);
+    ccr_status s;
     static point pts[MAXP];
     size_t np = build_points(&o, be, ctx, pts);
     if (np == 0)
         drv_usage_error(PROG, "nothing to measure");
 
-    ccr_jsonl *out = NULL;
+    ccr_jsonl *out;
     ccr_record *rec;
-    if ((s = ccr_record_init(ctx, &rec)) != CCR_OK)
-        drv_fail(PROG, ctx, s, "record");
-    if (o.out && ccr_jsonl_open(ctx, o.out, false, &out) != CCR_OK)
-        drv_usage_error(PROG, "cannot open --out %s: %s", o.out, ccr_ctx_errmsg(ctx));
+    drv_open_out(PROG, ctx, o.out, &rec, &out);
 
-    gsl_rng *rng = gsl_rng_alloc(gsl_rng_mt19937);
-    gsl_rng_set(rng, o.seed);
     size_t nx = POOL * o.batch * o.d;
     float *xs = malloc(2 * nx * sizeof *xs), *y = malloc(2 * o.batch * o.d * sizeof *y);
-    if (rng == NULL || xs == NULL || y == NULL)
+    if (xs == NULL || y == NULL)
         drv_fail(PROG, ctx, CCR_ENOMEM, "buffers");
     for (size_t i = 0; i < 2 * nx; i++)  /* inputs x ~ N(0,1), then dy */
         xs[i] = (float)gsl_ran_gaussian(rng, 1.0);
@@ -575,11 +560,8 @@ int main(int argc, char **argv)
     }
     if ((s = ccr_jsonl_close(out)) != CCR_OK)
         drv_fail(PROG, ctx, s, "close");
-    ccr_record_free(rec);
     free(xs);
     free(y);
-    gsl_rng_free(rng);
-    ccr_backend_free(be);
-    ccr_ctx_free(ctx);
+    drv_teardown(PROG, ctx, be, rng, NULL, rec);
     return 0;
 }

@@ -6,6 +6,7 @@
 #include "common.h"
 
 #include <errno.h>
+#include <gsl/gsl_errno.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -31,6 +32,88 @@ void drv_fail(const char *prog, ccr_ctx *ctx, ccr_status s, const char *what)
 {
     fprintf(stderr, "%s: %s: %s: %s\n", prog, what, ccr_strerror(s), ccr_ctx_errmsg(ctx));
     exit(1);
+}
+
+bool drv_parse_common(const char *prog, const char *a, void (*usage)(void))
+{
+    if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0) {
+        usage();
+        exit(0);
+    }
+    if (strcmp(a, "--quick") == 0)
+        return true;
+    if (strncmp(a, "--", 2) != 0)
+        drv_usage_error(prog, "unexpected argument '%s'", a);
+    return false;
+}
+
+void drv_bad_option(const char *prog, const char *a, const char *v)
+{
+    if (v == NULL)
+        drv_usage_error(prog, "%s needs a value", a);
+    drv_usage_error(prog, "unknown option '%s'", a);
+}
+
+void drv_setup(const char *prog, bool cuda, unsigned long seed, ccr_ctx **ctx,
+               ccr_backend **be, gsl_rng **rng)
+{
+    gsl_set_error_handler_off();
+    if (ccr_ctx_init(ctx) != CCR_OK)
+        exit(1);
+    ccr_status s = cuda ? ccr_backend_cuda_init(*ctx, 0, be) : ccr_backend_cpu_init(*ctx, be);
+    if (s != CCR_OK)
+        drv_fail(prog, *ctx, s, "backend");
+    if (rng == NULL)
+        return;
+    *rng = gsl_rng_alloc(gsl_rng_mt19937);
+    if (*rng == NULL)
+        exit(1);
+    gsl_rng_set(*rng, seed);
+}
+
+gsl_rng *drv_rng(const char *prog, ccr_ctx *ctx, unsigned long seed)
+{
+    gsl_rng *rng = gsl_rng_alloc(gsl_rng_mt19937);
+    if (rng == NULL)
+        drv_fail(prog, ctx, CCR_ENOMEM, "rng");
+    gsl_rng_set(rng, seed);
+    return rng;
+}
+
+void drv_open_out(const char *prog, ccr_ctx *ctx, const char *path, ccr_record **rec,
+                  ccr_jsonl **out)
+{
+    ccr_status s = ccr_record_init(ctx, rec);
+    if (s != CCR_OK)
+        drv_fail(prog, ctx, s, "record");
+    *out = NULL;
+    if (path && ccr_jsonl_open(ctx, path, false, out) != CCR_OK)
+        drv_usage_error(prog, "cannot open --out %s: %s", path, ccr_ctx_errmsg(ctx));
+}
+
+void drv_write_record(const char *prog, ccr_ctx *ctx, ccr_status s, ccr_jsonl *out,
+                      const ccr_record *rec)
+{
+    if (s != CCR_OK)
+        drv_fail(prog, ctx, s, "record");
+    if (out && (s = ccr_jsonl_write(out, rec)) != CCR_OK)
+        drv_fail(prog, ctx, s, "write results");
+}
+
+void drv_teardown(const char *prog, ccr_ctx *ctx, ccr_backend *be, gsl_rng *rng,
+                  ccr_jsonl *out, ccr_record *rec)
+{
+    ccr_status s = ccr_jsonl_close(out);
+    if (s != CCR_OK)
+        drv_fail(prog, ctx, s, "close results");
+    if (rec)
+        ccr_record_free(rec);
+    if (rng)
+        gsl_rng_free(rng);
+    if (be)
+        ccr_backend_free(be);
+    if (ctx)
+        ccr_ctx_free(ctx);
 }
 
 size_t drv_parse_size(const char *prog, const char *flag, const char *v, size_t min)
@@ -149,6 +232,17 @@ ccr_status drv_record_base(ccr_record *r, const char *driver, const ccr_backend 
     if (s == CCR_OK) s = ccr_record_add_str(r, "backend", ccr_backend_name(be));
     if (s == CCR_OK) s = ccr_record_add_int(r, "seed", (int64_t)seed);
     return s;
+}
+
+ccr_cond_config drv_gate_defaults(void)
+{
+    ccr_cond_config c = ccr_cond_config_default();
+    c.gate_cfg.n_experts = 8;
+    c.gate_cfg.k = 2;
+    c.gate_cfg.n_groups = 2;
+    c.gate_cfg.k2 = 2;
+    c.gate_cfg.depth = 4;
+    return c;
 }
 
 const char drv_gate_usage[] =

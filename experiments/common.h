@@ -3,11 +3,13 @@
  *
  * Command-line parsing with one-line errors and exit code 2, a monotonic
  * timer, a progress line on stderr, and the fields every JSONL record carries
- * (driver, git revision, machine, OpenBLAS core, seed).
+ * (driver, git revision, machine, OpenBLAS core, seed), and the startup,
+ * argument-loop, output and teardown steps every driver repeats.
  */
 #ifndef CCR_DRV_COMMON_H
 #define CCR_DRV_COMMON_H
 
+#include <gsl/gsl_rng.h>
 #include <stdbool.h>
 #include <stddef.h>
 
@@ -30,6 +32,43 @@ unsigned long drv_parse_seed(const char *prog, const char *flag, const char *v);
 /* Parses "512,256" into out (at most cap values, each >= 1); returns count. */
 size_t drv_parse_size_list(const char *prog, const char *flag, const char *v, size_t *out,
                            size_t cap);
+
+/* The arguments every driver reads alike: --help or -h prints usage() and
+ * exits 0; an argument not starting with "--" exits 2 ("unexpected
+ * argument").  Returns true for --quick, false for any other option. */
+bool drv_parse_common(const char *prog, const char *a, void (*usage)(void));
+
+/* The last branch of an option chain: exits 2 with "A needs a value" when v
+ * is NULL, "unknown option 'A'" otherwise. */
+void drv_bad_option(const char *prog, const char *a, const char *v)
+    __attribute__((noreturn));
+
+/* Startup: GSL's abort-on-error handler off, a context (exit 1 without one),
+ * CUDA device 0 when cuda, else the CPU backend (exit 1 naming "backend"),
+ * and, when rng is not NULL, an MT19937 generator seeded with seed (exit 1
+ * without one). */
+void drv_setup(const char *prog, bool cuda, unsigned long seed, ccr_ctx **ctx,
+               ccr_backend **be, gsl_rng **rng);
+
+/* A fresh MT19937 generator seeded with seed (exit 1 naming "rng"). */
+gsl_rng *drv_rng(const char *prog, ccr_ctx *ctx, unsigned long seed);
+
+/* The results record, and the JSONL file when path is not NULL (*out is NULL
+ * otherwise).  Call it once every argument is validated: a file that cannot
+ * be opened is a usage error (exit 2). */
+void drv_open_out(const char *prog, ccr_ctx *ctx, const char *path, ccr_record **rec,
+                  ccr_jsonl **out);
+
+/* Ends a record whose fields were added with final status s: exit 1 naming
+ * "record" if s failed, else writes it to out when out is not NULL (exit 1
+ * naming "write results"). */
+void drv_write_record(const char *prog, ccr_ctx *ctx, ccr_status s, ccr_jsonl *out,
+                      const ccr_record *rec);
+
+/* Teardown: closes out (exit 1 naming "close results"), then frees rec, rng,
+ * be and ctx; any of them may be NULL. */
+void drv_teardown(const char *prog, ccr_ctx *ctx, ccr_backend *be, gsl_rng *rng,
+                  ccr_jsonl *out, ccr_record *rec);
 
 /* Seconds from a monotonic clock. */
 double drv_now(void);
@@ -57,6 +96,10 @@ ccr_status drv_record_base(ccr_record *r, const char *driver, const ccr_backend 
  * value, and returns true. */
 bool drv_parse_gate_option(const char *prog, const char *flag, const char *value,
                            ccr_cond_config *cfg, bool *used_value);
+
+/* ccr_cond_config_default() with the gate defaults drv_gate_usage states
+ * (E 8, k 2, groups 2, k2 2, depth 4). */
+ccr_cond_config drv_gate_defaults(void);
 
 /* Usage lines for those options. */
 extern const char drv_gate_usage[];

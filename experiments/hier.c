@@ -17,8 +17,6 @@
  * example analytic and counted from the executed routing tables, seconds.
  */
 #define _POSIX_C_SOURCE 200809L
-#include <gsl/gsl_errno.h>
-#include <gsl/gsl_rng.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -78,10 +76,7 @@ static void parse(int argc, char **argv, options *o)
     bool quick = false, experts_set = false, epochs_set = false, max_set = false, used;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
-        if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0) {
-            usage();
-            exit(0);
-        } else if (strcmp(a, "--quick") == 0) {
+        if (drv_parse_common(PROG, a, usage)) {
             quick = true;
             continue;
         } else if (strcmp(a, "--w-importance") == 0 || strcmp(a, "--w-load") == 0 ||
@@ -91,8 +86,6 @@ static void parse(int argc, char **argv, options *o)
             i += used;
             continue;
         }
-        if (strncmp(a, "--", 2) != 0)
-            drv_usage_error(PROG, "unexpected argument '%s'", a);
         i++;
         if (strcmp(a, "--data") == 0 && v) o->data = v;
         else if (strcmp(a, "--out") == 0 && v) o->out = v;
@@ -108,8 +101,7 @@ static void parse(int argc, char **argv, options *o)
         else if (strcmp(a, "--max-train") == 0) o->max_train = drv_parse_size(PROG, a, v, 0), max_set = true;
         else if (strcmp(a, "--lr") == 0) o->lr = drv_parse_double(PROG, a, v, 1e-9, 10);
         else if (strcmp(a, "--seed") == 0) o->seed = drv_parse_seed(PROG, a, v);
-        else if (v == NULL) drv_usage_error(PROG, "%s needs a value", a);
-        else drv_usage_error(PROG, "unknown option '%s'", a);
+        else drv_bad_option(PROG, a, v);
     }
     if (quick) {
         if (!experts_set) o->n_experts = 1, o->experts[0] = 8;
@@ -172,10 +164,7 @@ static void run_one(env *w, const ccr_dataset *train, size_t n_train, const ccr_
                     const ccr_cond_config *cc)
 {
     const options *o = w->o;
-    gsl_rng *rng = gsl_rng_alloc(gsl_rng_mt19937);
-    if (rng == NULL)
-        drv_fail(PROG, w->ctx, CCR_ENOMEM, "rng");
-    gsl_rng_set(rng, o->seed);
+    gsl_rng *rng = drv_rng(PROG, w->ctx, o->seed);
     ccr_net *net;
     ccr_optim *opt;
     ccr_optim_config oc = ccr_optim_defaults(CCR_OPTIM_ADAM);
@@ -243,10 +232,7 @@ static void run_one(env *w, const ccr_dataset *train, size_t n_train, const ccr_
         if (s == CCR_OK) s = ccr_record_add_double(r, "epoch_seconds", last.seconds);
         if (s == CCR_OK) s = ccr_record_add_double(r, "eval_seconds", te.seconds);
         if (s == CCR_OK) s = ccr_record_add_double(r, "seconds", drv_now() - t0);
-        if (s != CCR_OK)
-            drv_fail(PROG, w->ctx, s, "record");
-        if (w->out != NULL && (s = ccr_jsonl_write(w->out, r)) != CCR_OK)
-            drv_fail(PROG, w->ctx, s, "write results");
+        drv_write_record(PROG, w->ctx, s, w->out, r);
     }
     fit_buffers_free(&buf);
     ccr_optim_free(opt);
@@ -256,17 +242,12 @@ static void run_one(env *w, const ccr_dataset *train, size_t n_train, const ccr_
 
 int main(int argc, char **argv)
 {
-    gsl_set_error_handler_off();
     options o;
     parse(argc, argv, &o);
     ccr_ctx *ctx;
-    if (ccr_ctx_init(&ctx) != CCR_OK)
-        return 1;
-    validate(ctx, &o);
     ccr_backend *be;
-    ccr_status s = ccr_backend_cpu_init(ctx, &be);
-    if (s != CCR_OK)
-        drv_fail(PROG, ctx, s, "backend");
+    drv_setup(PROG, false, o.seed, &ctx, &be, NULL);
+    validate(ctx, &o);
     ccr_dataset *train, *test;
     if (fit_load_fmnist(ctx, o.data, false, &train) != CCR_OK ||
         fit_load_fmnist(ctx, o.data, true, &test) != CCR_OK)
@@ -280,10 +261,7 @@ int main(int argc, char **argv)
     train->n_classes = test->n_classes = c;
 
     env w = {.ctx = ctx, .be = be, .o = &o, .n_runs = 2 * o.n_experts};
-    if ((s = ccr_record_init(ctx, &w.rec)) != CCR_OK)
-        drv_fail(PROG, ctx, s, "record");
-    if (o.out && (s = ccr_jsonl_open(ctx, o.out, false, &w.out)) != CCR_OK)
-        drv_usage_error(PROG, "cannot open --out %s: %s", o.out, ccr_ctx_errmsg(ctx));
+    drv_open_out(PROG, ctx, o.out, &w.rec, &w.out);
     fprintf(stderr, "%s: %zu runs x %zu epochs, %zu train / %zu test; %s; %s\n", PROG,
             w.n_runs, o.epochs, n_train, test->n, ccr_backend_describe(be), drv_machine());
     for (size_t i = 0; i < o.n_experts; i++)
@@ -291,12 +269,8 @@ int main(int argc, char **argv)
             ccr_cond_config cc = cond_for(&o, h, o.experts[i]);
             run_one(&w, train, n_train, test, &cc);
         }
-    if ((s = ccr_jsonl_close(w.out)) != CCR_OK)
-        drv_fail(PROG, ctx, s, "close results");
-    ccr_record_free(w.rec);
     ccr_dataset_free(train);
     ccr_dataset_free(test);
-    ccr_backend_free(be);
-    ccr_ctx_free(ctx);
+    drv_teardown(PROG, ctx, be, NULL, w.out, w.rec);
     return 0;
 }

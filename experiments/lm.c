@@ -11,7 +11,6 @@
  * accounting without training, for our models or (--paper NAME) for a
  * Table 7/8 model at paper scale.
  */
-#include <gsl/gsl_errno.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -110,12 +109,7 @@ static void parse(int argc, char **argv, options *o)
                    .test_frac = 0.05, .lr = 0.004, .clip = 1.0, .dropout = 0.1, .seed = 1,
                    .split_seed = 1, .sigmoid = true};
     parse_models(o, "moe-4,moe-32,moe-256,moe-256-h,moe-1024-h,moe-1-wide,moe-1-deep,4xlstm");
-    o->cond = ccr_cond_config_default();
-    o->cond.gate_cfg.n_experts = 8;
-    o->cond.gate_cfg.k = 2;
-    o->cond.gate_cfg.n_groups = 2;
-    o->cond.gate_cfg.k2 = 2;
-    o->cond.gate_cfg.depth = 4;
+    o->cond = drv_gate_defaults();
     bool bank_set = false, used, quick = false, hidden_set = false;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
@@ -126,10 +120,7 @@ static void parse(int argc, char **argv, options *o)
             i += used;
             continue;
         }
-        if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0) {
-            usage();
-            exit(0);
-        } else if (strcmp(a, "--quick") == 0) {
+        if (drv_parse_common(PROG, a, usage)) {
             quick = true;
             continue;
         } else if (strcmp(a, "--accounting-only") == 0) {
@@ -139,8 +130,6 @@ static void parse(int argc, char **argv, options *o)
             o->sigmoid = false;
             continue;
         }
-        if (strncmp(a, "--", 2) != 0)
-            drv_usage_error(PROG, "unexpected argument '%s'", a);
         i++;
         if (strcmp(a, "--corpus") == 0 && v) o->corpus = v;
         else if (strcmp(a, "--out") == 0 && v) o->out = v;
@@ -164,8 +153,7 @@ static void parse(int argc, char **argv, options *o)
         else if (strcmp(a, "--lr") == 0) o->lr = drv_parse_double(PROG, a, v, 1e-9, 10);
         else if (strcmp(a, "--clip") == 0) o->clip = drv_parse_double(PROG, a, v, 0, 1e9);
         else if (strcmp(a, "--dropout") == 0) o->dropout = drv_parse_double(PROG, a, v, 0, 0.95);
-        else if (v == NULL) drv_usage_error(PROG, "%s needs a value", a);
-        else drv_usage_error(PROG, "unknown option '%s'", a);
+        else drv_bad_option(PROG, a, v);
     }
     drv_gate_finish(&o->cond, bank_set);
     if (hidden_set)
@@ -361,25 +349,18 @@ static void record(ccr_record *r, const options *o, const ccr_backend *be, const
 
 int main(int argc, char **argv)
 {
-    gsl_set_error_handler_off();
     options o;
     parse(argc, argv, &o);
     ccr_ctx *ctx;
     ccr_backend *be;
-    if (ccr_ctx_init(&ctx) != CCR_OK)
-        return 1;
-    ccr_status s = ccr_backend_cpu_init(ctx, &be);
-    if (s != CCR_OK)
-        drv_fail(PROG, ctx, s, "backend");
+    gsl_rng *rng;
+    drv_setup(PROG, false, o.split_seed, &ctx, &be, &rng);   /* seeded for the split */
     if (o.accounting) {
         int rc = accounting(&o, be);
-        ccr_backend_free(be);
-        ccr_ctx_free(ctx);
+        drv_teardown(PROG, ctx, be, rng, NULL, NULL);
         return rc;
     }
-    gsl_rng *rng = gsl_rng_alloc(gsl_rng_mt19937);
-    if (rng == NULL)
-        return 1;
+    ccr_status s;
 
     /* Corpus and every model configuration are checked before --out exists. */
     if (access(o.corpus, R_OK) != 0)
@@ -390,7 +371,6 @@ int main(int argc, char **argv)
     double t_load = drv_now();
     if ((s = ccr_corpus_load(ctx, o.corpus, &cc, &cp)) != CCR_OK)
         drv_usage_error(PROG, "cannot load --corpus %s: %s", o.corpus, ccr_ctx_errmsg(ctx));
-    gsl_rng_set(rng, o.split_seed);
     if ((s = ccr_corpus_split(ctx, cp, rng, o.valid_frac, o.test_frac)) != CCR_OK)
         drv_usage_error(PROG, "split: %s", ccr_ctx_errmsg(ctx));
     if (cp->n_train < 2 || cp->n_test < 1)
@@ -405,12 +385,9 @@ int main(int argc, char **argv)
     fprintf(stderr, "%s: %s: %zu tokens (train %zu, valid %zu, test %zu), vocab %zu, %.1fs; "
             "%s; %s\n", PROG, o.corpus, cp->n_tokens, cp->n_train, cp->n_valid, cp->n_test,
             cp->vocab_size, drv_now() - t_load, ccr_backend_describe(be), drv_machine());
-    ccr_jsonl *out = NULL;
+    ccr_jsonl *out;
     ccr_record *rec;
-    if ((s = ccr_record_init(ctx, &rec)) != CCR_OK)
-        drv_fail(PROG, ctx, s, "record");
-    if (o.out && (s = ccr_jsonl_open(ctx, o.out, false, &out)) != CCR_OK)
-        drv_usage_error(PROG, "cannot open --out %s: %s", o.out, ccr_ctx_errmsg(ctx));
+    drv_open_out(PROG, ctx, o.out, &rec, &out);
 
     for (size_t i = 0; i < n_models; i++) {
         const char *name = o.gate_set ? o.cond.gate->name : o.models[i];
@@ -454,17 +431,11 @@ int main(int argc, char **argv)
                 (double)(ts.steps * c.batch * c.unroll) / train_s);
         record(rec, &o, be, name, &c, m, cp, &ts, vnll, tnll, (double)tc, train_s,
                drv_now() - t0);
-        if (out && (s = ccr_jsonl_write(out, rec)) != CCR_OK)
-            drv_fail(PROG, ctx, s, "write results");
+        drv_write_record(PROG, ctx, CCR_OK, out, rec);
         ccr_optim_free(opt);
         lm_model_free(m);
     }
-    if ((s = ccr_jsonl_close(out)) != CCR_OK)
-        drv_fail(PROG, ctx, s, "close results");
-    ccr_record_free(rec);
     ccr_corpus_free(cp);
-    gsl_rng_free(rng);
-    ccr_backend_free(be);
-    ccr_ctx_free(ctx);
+    drv_teardown(PROG, ctx, be, rng, out, rec);
     return 0;
 }

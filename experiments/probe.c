@@ -22,8 +22,6 @@
  */
 #define _POSIX_C_SOURCE 200809L
 #include <errno.h>
-#include <gsl/gsl_errno.h>
-#include <gsl/gsl_rng.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -66,23 +64,16 @@ typedef struct options {
 static void parse(int argc, char **argv, options *o)
 {
     *o = (options){.batch = 16, .seed = 1};
-    o->cc = ccr_cond_config_default();
+    o->cc = drv_gate_defaults();
     o->cc.d_in = 8;
     o->cc.d_out = 6;
     o->cc.hidden = 10;
-    /* The defaults drv_gate_usage states. */
-    o->cc.gate_cfg.n_experts = 8;
-    o->cc.gate_cfg.k = 2;
-    o->cc.gate_cfg.n_groups = 2;
-    o->cc.gate_cfg.k2 = 2;
-    o->cc.gate_cfg.depth = 4;
     bool bank_set = false;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         bool used_value;
-        if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0) {
-            usage();
-            exit(0);
+        if (drv_parse_common(PROG, a, usage)) {
+            drv_bad_option(PROG, a, v);   /* no --quick here */
         } else if (strcmp(a, "--train") == 0) {
             o->train = true;
             continue;
@@ -92,8 +83,6 @@ static void parse(int argc, char **argv, options *o)
             i += used_value;
             continue;
         }
-        if (strncmp(a, "--", 2) != 0)
-            drv_usage_error(PROG, "unexpected argument '%s'", a);
         i++;
         if (strcmp(a, "--out") == 0) {
             if (v == NULL || v[0] == '\0')
@@ -104,8 +93,7 @@ static void parse(int argc, char **argv, options *o)
         else if (strcmp(a, "--hidden") == 0) o->cc.hidden = drv_parse_size(PROG, a, v, 1);
         else if (strcmp(a, "--batch") == 0) o->batch = drv_parse_size(PROG, a, v, 1);
         else if (strcmp(a, "--seed") == 0) o->seed = drv_parse_seed(PROG, a, v);
-        else if (v == NULL) drv_usage_error(PROG, "%s needs a value", a);
-        else drv_usage_error(PROG, "unknown option '%s'", a);
+        else drv_bad_option(PROG, a, v);
     }
     if (o->cc.gate == NULL)
         drv_usage_error(PROG, "--gate is required (%s)", ccr_gate_type_names());
@@ -184,22 +172,17 @@ static void *xmalloc(size_t n)
 
 int main(int argc, char **argv)
 {
-    gsl_set_error_handler_off();
     options o;
     parse(argc, argv, &o);
-
     ccr_ctx *ctx;
-    if (ccr_ctx_init(&ctx) != CCR_OK)
-        return 1;
     ccr_backend *be;
-    ccr_status s = ccr_backend_cpu_init(ctx, &be);
-    if (s != CCR_OK)
-        drv_fail(PROG, ctx, s, "backend");
+    gsl_rng *rng;
+    drv_setup(PROG, false, o.seed, &ctx, &be, &rng);
 
     /* Allocating the layer validates the whole configuration: a bad one is
      * a usage error, reported before any file is touched. */
     ccr_cond *c;
-    s = ccr_cond_alloc(be, &o.cc, o.batch, &c);
+    ccr_status s = ccr_cond_alloc(be, &o.cc, o.batch, &c);
     if (s == CCR_EINVAL)
         drv_usage_error(PROG, "bad configuration: %s", ccr_ctx_errmsg(ctx));
     if (s != CCR_OK)
@@ -214,11 +197,6 @@ int main(int argc, char **argv)
         snprintf(dir, sizeof dir, "%.*s", (int)(slash == o.out ? 1 : slash - o.out), o.out);
     if (access(dir, W_OK | X_OK) != 0)
         drv_usage_error(PROG, "cannot write --out %s: %s", o.out, strerror(errno));
-
-    gsl_rng *rng = gsl_rng_alloc(gsl_rng_mt19937);
-    if (rng == NULL)
-        return 1;
-    gsl_rng_set(rng, o.seed);
 
     ccr_arena *arena;
     if ((s = ccr_arena_init(be, &arena)) != CCR_OK)
@@ -363,8 +341,6 @@ int main(int argc, char **argv)
     free(weights);
     ccr_arena_free(arena);
     ccr_cond_free(c);
-    gsl_rng_free(rng);
-    ccr_backend_free(be);
-    ccr_ctx_free(ctx);
+    drv_teardown(PROG, ctx, be, rng, NULL, NULL);
     return 0;
 }

@@ -8,16 +8,15 @@
  * after each epoch evaluates on the validation and test sets and writes one
  * JSONL record (loss, accuracy, params, FLOPs per example, seconds).
  */
-#include <gsl/gsl_errno.h>
 #include <gsl/gsl_math.h>
 #include <gsl/gsl_rng.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
 
 #include "common.h"
+#include "fit.h"
 
 #define PROG "ccr-train"
 #define MAX_HIDDEN 16
@@ -74,12 +73,7 @@ static void parse(int argc, char **argv, options *o)
                    .valid = 5000, .seed = 1, .cosine = true};
     float momentum = 0.9f, wd = 0.0f, lr = 0.0f;
     bool bank_set = false, used;
-    o->cond = ccr_cond_config_default();
-    o->cond.gate_cfg.n_experts = 8;
-    o->cond.gate_cfg.k = 2;
-    o->cond.gate_cfg.n_groups = 2;
-    o->cond.gate_cfg.k2 = 2;
-    o->cond.gate_cfg.depth = 4;
+    o->cond = drv_gate_defaults();
     o->cond.hidden = 64;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
@@ -88,17 +82,12 @@ static void parse(int argc, char **argv, options *o)
             i += used;
             continue;
         }
-        if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0) {
-            usage();
-            exit(0);
-        } else if (strcmp(a, "--quick") == 0) {
+        if (drv_parse_common(PROG, a, usage)) {
             o->epochs = 1;
             o->max_train = 6000;
             o->valid = 1000;
             continue;
         }
-        if (strncmp(a, "--", 2) != 0)
-            drv_usage_error(PROG, "unexpected argument '%s'", a);
         i++;
         if (strcmp(a, "--data") == 0 && v) o->data = v;
         else if (strcmp(a, "--out") == 0 && v) o->out = v;
@@ -130,8 +119,7 @@ static void parse(int argc, char **argv, options *o)
         else if (strcmp(a, "--valid") == 0) o->valid = drv_parse_size(PROG, a, v, 1);
         else if (strcmp(a, "--max-train") == 0) o->max_train = drv_parse_size(PROG, a, v, 0);
         else if (strcmp(a, "--seed") == 0) o->seed = drv_parse_seed(PROG, a, v);
-        else if (v == NULL) drv_usage_error(PROG, "%s needs a value", a);
-        else drv_usage_error(PROG, "unknown option '%s'", a);
+        else drv_bad_option(PROG, a, v);
     }
     drv_gate_finish(&o->cond, bank_set);
     ccr_optim_config base = ccr_optim_defaults(o->oc.kind);
@@ -141,43 +129,20 @@ static void parse(int argc, char **argv, options *o)
     o->oc.weight_decay = wd;
 }
 
-/* Loads "<dir>/<stem>" trying ".gz" first, then the plain name. */
-static ccr_status load_pair(ccr_ctx *ctx, const char *dir, const char *img, const char *lab,
-                            ccr_dataset **out)
-{
-    char pi[1024], pl[1024];
-    snprintf(pi, sizeof pi, "%s/%s.gz", dir, img);
-    snprintf(pl, sizeof pl, "%s/%s.gz", dir, lab);
-    if (access(pi, R_OK) != 0)
-        snprintf(pi, sizeof pi, "%s/%s", dir, img);
-    if (access(pl, R_OK) != 0)
-        snprintf(pl, sizeof pl, "%s/%s", dir, lab);
-    return ccr_dataset_load_idx(ctx, pi, pl, out);
-}
-
 int main(int argc, char **argv)
 {
-    gsl_set_error_handler_off();
     options o;
     parse(argc, argv, &o);
-
     ccr_ctx *ctx;
-    if (ccr_ctx_init(&ctx) != CCR_OK)
-        return 1;
-    ccr_status s;
     ccr_backend *be;
-    s = o.cuda ? ccr_backend_cuda_init(ctx, 0, &be) : ccr_backend_cpu_init(ctx, &be);
-    if (s != CCR_OK)
-        drv_fail(PROG, ctx, s, "backend");
-    gsl_rng *rng = gsl_rng_alloc(gsl_rng_mt19937);
-    if (rng == NULL)
-        return 1;
-    gsl_rng_set(rng, o.seed);
+    gsl_rng *rng;
+    drv_setup(PROG, o.cuda, o.seed, &ctx, &be, &rng);
+    ccr_status s;
 
     ccr_dataset *full, *test, *train, *valid;
-    if ((s = load_pair(ctx, o.data, "train-images-idx3-ubyte", "train-labels-idx1-ubyte", &full)) != CCR_OK)
+    if ((s = fit_load_fmnist(ctx, o.data, false, &full)) != CCR_OK)
         drv_usage_error(PROG, "cannot load training data from %s: %s", o.data, ccr_ctx_errmsg(ctx));
-    if ((s = load_pair(ctx, o.data, "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", &test)) != CCR_OK)
+    if ((s = fit_load_fmnist(ctx, o.data, true, &test)) != CCR_OK)
         drv_usage_error(PROG, "cannot load test data from %s: %s", o.data, ccr_ctx_errmsg(ctx));
     if (o.valid >= full->n)
         drv_usage_error(PROG, "--valid %zu leaves no training examples (%zu in all)", o.valid, full->n);
@@ -224,12 +189,9 @@ int main(int argc, char **argv)
             ccr_net_n_params(net), fl.fwd, fl.bwd, n_train, valid->n, test->n,
             ccr_backend_describe(be), drv_machine());
 
-    ccr_jsonl *out = NULL;
+    ccr_jsonl *out;
     ccr_record *rec;
-    if ((s = ccr_record_init(ctx, &rec)) != CCR_OK)
-        drv_fail(PROG, ctx, s, "record");
-    if (o.out && (s = ccr_jsonl_open(ctx, o.out, false, &out)) != CCR_OK)
-        drv_usage_error(PROG, "cannot open --out %s: %s", o.out, ccr_ctx_errmsg(ctx));
+    drv_open_out(PROG, ctx, o.out, &rec, &out);
 
     size_t *perm = malloc(train->n * sizeof *perm);
     float *xb = malloc(o.batch * train->dim * sizeof *xb);
@@ -327,27 +289,18 @@ int main(int argc, char **argv)
         if (s == CCR_OK) s = ccr_record_add_double(rec, "flops_bwd_per_example", fl.bwd);
         if (s == CCR_OK) s = ccr_record_add_double(rec, "epoch_seconds", train_s);
         if (s == CCR_OK) s = ccr_record_add_double(rec, "seconds", drv_now() - t0);
-        if (s != CCR_OK)
-            drv_fail(PROG, ctx, s, "record");
-        if (out && (s = ccr_jsonl_write(out, rec)) != CCR_OK)
-            drv_fail(PROG, ctx, s, "write results");
+        drv_write_record(PROG, ctx, s, out, rec);
     }
     if (o.save && (s = ccr_net_save(net, o.save)) != CCR_OK)
         drv_fail(PROG, ctx, s, "save");
-    if ((s = ccr_jsonl_close(out)) != CCR_OK)
-        drv_fail(PROG, ctx, s, "close results");
-
     free(perm);
     free(xb);
     free(yb);
-    ccr_record_free(rec);
     ccr_optim_free(opt);
     ccr_net_free(net);
     ccr_dataset_free(train);
     ccr_dataset_free(valid);
     ccr_dataset_free(test);
-    gsl_rng_free(rng);
-    ccr_backend_free(be);
-    ccr_ctx_free(ctx);
+    drv_teardown(PROG, ctx, be, rng, out, rec);
     return 0;
 }

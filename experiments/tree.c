@@ -27,7 +27,6 @@
  * mode, whole sets), params, FLOPs analytic and counted, seconds.
  */
 #define _POSIX_C_SOURCE 200809L
-#include <gsl/gsl_errno.h>
 #include <gsl/gsl_randist.h>
 #include <gsl/gsl_rng.h>
 #include <math.h>
@@ -122,15 +121,10 @@ static void parse(int argc, char **argv, options *o)
     bool depths_set = false, width_set = false, epochs_set = false;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
-        if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0) {
-            usage();
-            exit(0);
-        } else if (strcmp(a, "--quick") == 0) {
+        if (drv_parse_common(PROG, a, usage)) {
             quick = true;
             continue;
         }
-        if (strncmp(a, "--", 2) != 0)
-            drv_usage_error(PROG, "unexpected argument '%s'", a);
         i++;
         if (strcmp(a, "--data") == 0 && v) o->data = v;
         else if (strcmp(a, "--out") == 0 && v) o->out = v;
@@ -162,8 +156,7 @@ static void parse(int argc, char **argv, options *o)
             if (v && strcmp(v, "none") == 0) o->grad_mode = CCR_GRAD_NONE;
             else if (v && strcmp(v, "ste") == 0) o->grad_mode = CCR_GRAD_STE;
             else drv_usage_error(PROG, "--grad-mode must be none or ste");
-        } else if (v == NULL) drv_usage_error(PROG, "%s needs a value", a);
-        else drv_usage_error(PROG, "unknown option '%s'", a);
+        } else drv_bad_option(PROG, a, v);
     }
     if (quick) {
         if (!depths_set) o->n_depths = 2, o->depths[0] = 1, o->depths[1] = 3;
@@ -347,10 +340,7 @@ static void run_one(sweep *w, const char *dsname, const ccr_dataset *train,
 {
     const options *o = w->o;
     size_t D = train->dim, C = train->n_classes;
-    gsl_rng *rng = gsl_rng_alloc(gsl_rng_mt19937);
-    if (rng == NULL)
-        drv_fail(PROG, w->ctx, CCR_ENOMEM, "rng");
-    gsl_rng_set(rng, o->seed);
+    gsl_rng *rng = drv_rng(PROG, w->ctx, o->seed);
     ccr_net *net;
     ccr_optim *opt;
     ccr_optim_config oc = ccr_optim_defaults(CCR_OPTIM_ADAM);
@@ -415,10 +405,7 @@ static void run_one(sweep *w, const char *dsname, const ccr_dataset *train,
     if (s == CCR_OK) s = fit_record_metrics(r, net, &last, &tr, &te);
     if (s == CCR_OK) s = ccr_record_add_double(r, "epoch_seconds", train_s / (double)o->epochs);
     if (s == CCR_OK) s = ccr_record_add_double(r, "seconds", train_s);
-    if (s != CCR_OK)
-        drv_fail(PROG, w->ctx, s, "record");
-    if (w->out != NULL && (s = ccr_jsonl_write(w->out, r)) != CCR_OK)
-        drv_fail(PROG, w->ctx, s, "write results");
+    drv_write_record(PROG, w->ctx, s, w->out, r);
     fit_buffers_free(&buf);
     ccr_optim_free(opt);
     ccr_net_free(net);
@@ -444,20 +431,13 @@ static void run_dataset(sweep *w, const char *dsname, const ccr_dataset *train,
 
 int main(int argc, char **argv)
 {
-    gsl_set_error_handler_off();
     options o;
     parse(argc, argv, &o);
     ccr_ctx *ctx;
-    if (ccr_ctx_init(&ctx) != CCR_OK)
-        return 1;
     ccr_backend *be;
-    ccr_status s = ccr_backend_cpu_init(ctx, &be);
-    if (s != CCR_OK)
-        drv_fail(PROG, ctx, s, "backend");
-    gsl_rng *drng = gsl_rng_alloc(gsl_rng_mt19937);
-    if (drng == NULL)
-        return 1;
-    gsl_rng_set(drng, o.seed);
+    gsl_rng *drng;
+    drv_setup(PROG, false, o.seed, &ctx, &be, &drng);
+    ccr_status s;
 
     /* Data first (a missing file is a usage error, before any output). */
     ccr_dataset *ftrain = NULL, *ftest = NULL, *strain = NULL, *stest = NULL;
@@ -493,10 +473,7 @@ int main(int argc, char **argv)
     w.n_runs = per * ((size_t)o.fmnist + (size_t)o.synthetic);
     if (w.n_runs == 0)
         drv_usage_error(PROG, "nothing to run");
-    if ((s = ccr_record_init(ctx, &w.rec)) != CCR_OK)
-        drv_fail(PROG, ctx, s, "record");
-    if (o.out && (s = ccr_jsonl_open(ctx, o.out, false, &w.out)) != CCR_OK)
-        drv_usage_error(PROG, "cannot open --out %s: %s", o.out, ccr_ctx_errmsg(ctx));
+    drv_open_out(PROG, ctx, o.out, &w.rec, &w.out);
     fprintf(stderr, "%s: %zu models; %s; %s (core %s, %d threads)\n", PROG, w.n_runs,
             ccr_backend_describe(be), drv_machine(), ccr_blas_corename(),
             ccr_blas_num_threads());
@@ -504,15 +481,10 @@ int main(int argc, char **argv)
         run_dataset(&w, "fashion-mnist", ftrain, ftest);
     if (o.synthetic)
         run_dataset(&w, "synthetic", strain, stest);
-    if ((s = ccr_jsonl_close(w.out)) != CCR_OK)
-        drv_fail(PROG, ctx, s, "close results");
-    ccr_record_free(w.rec);
     ccr_dataset_free(ftrain);
     ccr_dataset_free(ftest);
     ccr_dataset_free(strain);
     ccr_dataset_free(stest);
-    gsl_rng_free(drng);
-    ccr_backend_free(be);
-    ccr_ctx_free(ctx);
+    drv_teardown(PROG, ctx, be, drng, w.out, w.rec);
     return 0;
 }
