@@ -7,6 +7,7 @@
  * conditional layer that trains.
  */
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -440,6 +441,42 @@ static bool same_ids(const int32_t *a, const int32_t *b, size_t n)
     return memcmp(a, b, n * sizeof *a) == 0;
 }
 
+/* One finite-difference probe of coordinate *v of the layer's loss.
+ * Returns false (skipped) when the routing or a ReLU kink lies within +-h;
+ * otherwise asserts the analytic derivative `ana` and returns true. */
+typedef struct fd_case {
+    ccr_cond *c;
+    const float *x, *r;
+    bool train;
+    const int32_t *ids0;
+    int32_t *ids1;
+    size_t n_ids;
+    double l0;
+    const char *label;
+} fd_case;
+
+static bool fd_coord(const fd_case *f, float *v, float ana, const char *what, size_t i)
+{
+    /* Small enough that few ReLU kinks of the FFN experts are crossed,
+     * large enough that float rounding stays below the tolerance. */
+    const float h = 2e-3f;
+    float keep = *v;
+    *v = keep + h;
+    double lp = layer_loss(f->c, f->x, f->r, f->train, f->ids1);
+    bool ok = same_ids(f->ids0, f->ids1, f->n_ids);
+    *v = keep - h;
+    double lm = layer_loss(f->c, f->x, f->r, f->train, f->ids1);
+    ok = ok && same_ids(f->ids0, f->ids1, f->n_ids);
+    *v = keep;
+    if (!ok || kink(lp, f->l0, lm, h))
+        return false;
+    double num = (lp - lm) / (2.0 * h);
+    ck_assert_msg(fabs(num - ana) <= 3e-3 + 3e-2 * fabs(num),
+                  "%s train=%d: d/d%s[%zu] analytic %.6g numeric %.6g", f->label, f->train,
+                  what, i, ana, num);
+    return true;
+}
+
 START_TEST(test_layer_fd)
 {
     const ccr_gate_type *t = ccr_gate_types()[_i / 2];
@@ -451,58 +488,29 @@ START_TEST(test_layer_fd)
     size_t slots = ccr_gate_slots(ccr_cond_gate(c));
     int32_t *ids0 = malloc(B * slots * sizeof *ids0), *ids1 = malloc(B * slots * sizeof *ids1);
     float x[B * D_IN], r[B * D_OUT], dx[B * D_IN];
+    char label[64];
+    snprintf(label, sizeof label, "%s/%s", t->name, bank ? "linear" : "ffn");
     ccr_test_fill_uniform(rng, x, B * D_IN, -1, 1);
     ccr_test_fill_uniform(rng, r, B * D_OUT, -1, 1);
     for (int train = 0; train < 2; train++) {
         CCR_CK_OK(ctx, ccr_arena_zero_grad(a));
-        double l0 = layer_loss(c, x, r, train, ids0);
+        fd_case f = {c, x, r, train, ids0, ids1, B * slots, 0.0, label};
+        f.l0 = layer_loss(c, x, r, train, ids0);
         CCR_CK_OK(ctx, ccr_cond_backward(c, r, dx));
-        /* Small enough that few ReLU kinks of the FFN experts are crossed,
-         * large enough that float rounding stays below the tolerance. */
-        const float h = 2e-3f;
         size_t checked = 0, skipped = 0;
         for (size_t ti = 0; ti < ccr_arena_count(a); ti++) {
             float *v = ccr_arena_value(a, ti), *g = ccr_arena_grad(a, ti);
             size_t n = ccr_arena_size(a, ti), step = n > 40 ? n / 40 : 1;
             for (size_t i = 0; i < n; i += step) {
-                float keep = v[i];
-                v[i] = keep + h;
-                double lp = layer_loss(c, x, r, train, ids1);
-                bool ok = same_ids(ids0, ids1, B * slots);
-                v[i] = keep - h;
-                double lm = layer_loss(c, x, r, train, ids1);
-                ok = ok && same_ids(ids0, ids1, B * slots);
-                v[i] = keep;
-                if (!ok || kink(lp, l0, lm, h)) {
-                    skipped++;
-                    continue;
-                }
-                double num = (lp - lm) / (2.0 * h);
-                checked++;
-                ck_assert_msg(fabs(num - g[i]) <= 3e-3 + 3e-2 * fabs(num),
-                              "%s/%s train=%d: d/d%s[%zu] analytic %.6g numeric %.6g", t->name,
-                              bank ? "linear" : "ffn", train, ccr_arena_name(a, ti), i, g[i],
-                              num);
+                bool done = fd_coord(&f, &v[i], g[i], ccr_arena_name(a, ti), i);
+                checked += done;
+                skipped += !done;
             }
         }
         for (size_t i = 0; i < B * D_IN; i++) {
-            float keep = x[i];
-            x[i] = keep + h;
-            double lp = layer_loss(c, x, r, train, ids1);
-            bool ok = same_ids(ids0, ids1, B * slots);
-            x[i] = keep - h;
-            double lm = layer_loss(c, x, r, train, ids1);
-            ok = ok && same_ids(ids0, ids1, B * slots);
-            x[i] = keep;
-            if (!ok || kink(lp, l0, lm, h)) {
-                skipped++;
-                continue;
-            }
-            double num = (lp - lm) / (2.0 * h);
-            checked++;
-            ck_assert_msg(fabs(num - dx[i]) <= 3e-3 + 3e-2 * fabs(num),
-                          "%s/%s train=%d: d/dx[%zu] analytic %.6g numeric %.6g", t->name,
-                          bank ? "linear" : "ffn", train, i, dx[i], num);
+            bool done = fd_coord(&f, &x[i], dx[i], "x", i);
+            checked += done;
+            skipped += !done;
         }
         ck_assert_msg(skipped * 5 < checked, "%s: %zu of %zu coordinates changed the routing",
                       t->name, skipped, checked + skipped);
