@@ -96,7 +96,7 @@ static void usage(void)
         "  --capacity-factor X  switch capacity factor [1.25]\n"
         "  --batch N            examples per batch [256]\n"
         "  --seconds X          timing window of each measurement [0.25]\n"
-        "  --max-gib X          skip points whose parameters exceed X GiB [1.25]\n"
+        "  --max-gib X          skip points whose parameters exceed X GiB [2.5]\n"
         "  --seed N             GSL seed (parameters, inputs, noise) [1]\n"
         "  --out FILE           JSONL output, one record per point\n"
         "  --quick              tiny sizes, seconds-long smoke run\n");
@@ -152,7 +152,7 @@ static void parse(int argc, char **argv, opts *o)
     for (int i = 1; i < argc; i++)
         quick = quick || strcmp(argv[i], "--quick") == 0;
     *o = (opts){.d = 64, .hidden = 256, .batch = 256, .k = 4, .k2 = 2, .seconds = 0.25,
-                .capacity_factor = 1.25, .max_gib = 1.25, .seed = 1,
+                .capacity_factor = 1.25, .max_gib = 2.5, .seed = 1,
                 .experts = {4, 16, 64, 256, 1024, 4096}, .n_experts = 6, .n_depths = 17};
     for (size_t i = 0; i < 17; i++)
         o->depths[i] = i;
