@@ -596,3 +596,15 @@ void fake_bank_free(fake_bank *fb)
     free(fb->w);
     free(fb->b);
 }
+
+void tgate_assert_deterministic(const ccr_gate_type *type, size_t slots)
+{
+    int32_t ids[2][FD_B * 4];
+    float w[2][FD_B * 4], dw[2][FD_D * 4], dx[2][FD_B * FD_D];
+    for (int rep = 0; rep < 2; rep++)
+        tgate_run_once(type, ids[rep], w[rep], dw[rep], dx[rep]);
+    ck_assert(memcmp(ids[0], ids[1], FD_B * slots * sizeof(int32_t)) == 0);
+    ck_assert(memcmp(w[0], w[1], FD_B * slots * sizeof(float)) == 0);
+    ck_assert(memcmp(dw[0], dw[1], sizeof dw[0]) == 0);
+    ck_assert(memcmp(dx[0], dx[1], sizeof dx[0]) == 0);
+}

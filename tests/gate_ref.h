@@ -152,6 +152,10 @@ void expect_einval(const ccr_gate_type *type, const ccr_gate_config *c, const ch
 /* One forward and backward of a fixed case: its ids, weights, dW_g, dx. */
 void tgate_run_once(const ccr_gate_type *type, int32_t *ids, float *w, float *dw, float *dx);
 
+/* Runs tgate_run_once twice and asserts bitwise-identical routes (slots per
+ * example), weights and gradients. */
+void tgate_assert_deterministic(const ccr_gate_type *type, size_t slots);
+
 /* ---- a small linear bank for the straight-through tests --------------------- */
 
 typedef struct fake_bank {
