@@ -11,6 +11,7 @@
 #include <gsl/gsl_math.h>
 #include <gsl/gsl_rng.h>
 #include <math.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -46,7 +47,12 @@ static void usage(void)
         "  --quick            smoke run: 1 epoch on 6000 examples\n"
         "  --help             this text\n\n"
         "Conditional hidden layers (each hidden layer becomes gate + bank; CPU):\n"
-        "%s\n"
+        "%s"
+        "  --cond-layers LIST   which hidden layers (1-based) are conditional; the\n"
+        "                       others stay linear [all]\n"
+        "  --residual           conditional layers compute x + layer(x), so examples\n"
+        "                       the gate drops pass through (needs equal widths in\n"
+        "                       and out, e.g. --hidden 256,256 --cond-layers 2)\n\n"
         "OpenBLAS threads follow OPENBLAS_NUM_THREADS; the core in use is printed\n"
         "and recorded (set OPENBLAS_CORETYPE=SkylakeX for AVX-512 kernels).\n",
         drv_gate_usage);
@@ -61,6 +67,7 @@ typedef struct options {
     bool lr_set;
     bool cosine;
     ccr_cond_config cond;   /* cond.gate == NULL: plain linear hidden layers */
+    bool is_cond[MAX_HIDDEN];  /* which hidden layers get cond (with a gate) */
     size_t batch, epochs, valid, max_train;
     unsigned long seed;
 } options;
@@ -72,7 +79,8 @@ static void parse(int argc, char **argv, options *o)
                    .oc = ccr_optim_defaults(CCR_OPTIM_ADAM), .batch = 128, .epochs = 10,
                    .valid = 5000, .seed = 1, .cosine = true};
     float momentum = 0.9f, wd = 0.0f, lr = 0.0f;
-    bool bank_set = false, used;
+    bool bank_set = false, used, cond_layers_set = false;
+    size_t cond_layers[MAX_HIDDEN], n_cond_layers = 0;
     o->cond = drv_gate_defaults();
     o->cond.hidden = 64;
     for (int i = 1; i < argc; i++) {
@@ -94,7 +102,13 @@ static void parse(int argc, char **argv, options *o)
         else if (strcmp(a, "--save") == 0 && v) o->save = v;
         else if (strcmp(a, "--hidden") == 0)
             o->n_hidden = drv_parse_size_list(PROG, a, v, o->hidden, MAX_HIDDEN);
-        else if (strcmp(a, "--act") == 0) {
+        else if (strcmp(a, "--cond-layers") == 0) {
+            n_cond_layers = drv_parse_size_list(PROG, a, v, cond_layers, MAX_HIDDEN);
+            cond_layers_set = true;
+        } else if (strcmp(a, "--residual") == 0) {
+            o->cond.residual = true;
+            i--;
+        } else if (strcmp(a, "--act") == 0) {
             if (v == NULL || ccr_act_from_name(v, &o->act) != CCR_OK || o->act == CCR_ACT_IDENTITY)
                 drv_usage_error(PROG, "--act must be relu, tanh or sigmoid");
         } else if (strcmp(a, "--optim") == 0) {
@@ -122,6 +136,16 @@ static void parse(int argc, char **argv, options *o)
         else drv_bad_option(PROG, a, v);
     }
     drv_gate_finish(&o->cond, bank_set);
+    if ((cond_layers_set || o->cond.residual) && o->cond.gate == NULL)
+        drv_usage_error(PROG, "--cond-layers and --residual need --gate");
+    for (size_t i = 0; i < o->n_hidden; i++)
+        o->is_cond[i] = o->cond.gate != NULL && !cond_layers_set;
+    for (size_t j = 0; j < n_cond_layers; j++) {
+        if (cond_layers[j] > o->n_hidden)
+            drv_usage_error(PROG, "--cond-layers: hidden layer %zu does not exist (%zu hidden)",
+                            cond_layers[j], o->n_hidden);
+        o->is_cond[cond_layers[j] - 1] = true;
+    }
     ccr_optim_config base = ccr_optim_defaults(o->oc.kind);
     o->oc = base;
     o->oc.lr = o->lr_set ? lr : (o->oc.kind == CCR_OPTIM_SGD ? 0.05f : base.lr);
@@ -157,8 +181,16 @@ int main(int argc, char **argv)
     ccr_optim *opt;
     if ((s = ccr_net_init(be, train->dim, o.batch, &net)) != CCR_OK)
         drv_fail(PROG, ctx, s, "network");
+    size_t first_cond = SIZE_MAX;  /* net layer index of the first conditional layer */
     for (size_t i = 0; i < o.n_hidden && s == CCR_OK; i++) {
-        if (o.cond.gate != NULL) {
+        if (o.is_cond[i]) {
+            size_t width = i == 0 ? train->dim : o.hidden[i - 1];
+            if (o.cond.residual && width != o.hidden[i])
+                drv_usage_error(PROG, "--residual: conditional hidden layer %zu maps %zu to %zu "
+                                "values; a residual layer needs equal widths", i + 1, width,
+                                o.hidden[i]);
+            if (first_cond == SIZE_MAX)
+                first_cond = ccr_net_n_layers(net);
             ccr_cond_config cc = o.cond;
             cc.d_out = o.hidden[i];
             s = ccr_net_add_cond(net, &cc);
@@ -179,9 +211,10 @@ int main(int argc, char **argv)
 
     char arch[256];
     int w = snprintf(arch, sizeof arch, "%zu", train->dim);
-    for (size_t i = 0; i < o.n_hidden; i++)
-        w += snprintf(arch + w, sizeof arch - (size_t)w, "-%s%zu",
-                      o.cond.gate ? o.cond.gate->name : "", o.hidden[i]);
+    for (size_t i = 0; i < o.n_hidden; i++)  /* "-switch256+": residual */
+        w += snprintf(arch + w, sizeof arch - (size_t)w, "-%s%zu%s",
+                      o.is_cond[i] ? o.cond.gate->name : "", o.hidden[i],
+                      o.is_cond[i] && o.cond.residual ? "+" : "");
     snprintf(arch + w, sizeof arch - (size_t)w, "-%zu", classes);
     fprintf(stderr, "%s: %s %s (%s), %zu params, %.0f fwd + %.0f bwd FLOPs/example; "
             "train %zu valid %zu test %zu; %s; %s\n", PROG, o.cond.gate ? "net" : "mlp", arch,
@@ -223,9 +256,9 @@ int main(int argc, char **argv)
             correct += st.correct;
             seen += b;
             steps++;
-            /* Diagnostics of the first conditional layer (index 0). */
+            /* Diagnostics of the first conditional layer. */
             ccr_gate_stats gs;
-            if (o.cond.gate != NULL && ccr_net_cond(net, 0, NULL, &gs) == CCR_OK) {
+            if (first_cond != SIZE_MAX && ccr_net_cond(net, first_cond, NULL, &gs) == CCR_OK) {
                 cv_imp += gs.cv_importance;
                 cv_load += gs.cv_load;
                 cv_count += gs.cv_load_count;
@@ -260,7 +293,8 @@ int main(int argc, char **argv)
         if (s == CCR_OK) s = drv_record_gate(rec, &o.cond);
         if (s == CCR_OK && o.cond.gate != NULL) {
             double n = (double)steps;
-            s = ccr_record_add_double(rec, "train_aux_loss", aux_sum / n);
+            s = ccr_record_add_bool(rec, "residual", o.cond.residual);
+            if (s == CCR_OK) s = ccr_record_add_double(rec, "train_aux_loss", aux_sum / n);
             if (s == CCR_OK) s = ccr_record_add_double(rec, "cv_importance", cv_imp / n);
             if (s == CCR_OK) s = ccr_record_add_double(rec, "cv_load", cv_load / n);
             if (s == CCR_OK) s = ccr_record_add_double(rec, "cv_load_count", cv_count / n);

@@ -55,7 +55,8 @@ struct ccr_cond {
 ccr_cond_config ccr_cond_config_default(void)
 {
     ccr_cond_config c = {.gate = NULL, .gate_cfg = ccr_gate_config_default(),
-                         .bank = CCR_BANK_FFN, .d_in = 0, .d_out = 0, .hidden = 0};
+                         .bank = CCR_BANK_FFN, .d_in = 0, .d_out = 0, .hidden = 0,
+                         .residual = false};
     return c;
 }
 
@@ -88,6 +89,9 @@ ccr_status ccr_cond_alloc(ccr_backend *be, const ccr_cond_config *cfg, size_t ma
         CCR_FAIL(ctx, CCR_EINVAL, "unknown bank kind %d", (int)cfg->bank);
     if (cfg->bank == CCR_BANK_FFN && cfg->hidden == 0)
         CCR_FAIL(ctx, CCR_EINVAL, "FFN bank needs hidden > 0");
+    if (cfg->residual && cfg->d_in != cfg->d_out)
+        CCR_FAIL(ctx, CCR_EINVAL, "a residual conditional layer needs d_in == d_out (%zu != %zu)",
+                 cfg->d_in, cfg->d_out);
     ccr_cond *c = calloc(1, sizeof *c);
     if (c == NULL)
         CCR_FAIL(ctx, CCR_ENOMEM, "cannot allocate conditional layer");
@@ -292,11 +296,15 @@ ccr_status ccr_cond_forward(ccr_cond *c, const float *x, size_t batch, bool trai
                 y[b * d_out + j] += w * o[j];
         }
     }
+    if (c->cfg.residual)  /* d_in == d_out */
+        for (size_t i = 0; i < batch * d_out; i++)
+            y[i] += x[i];
     c->route = r;
     c->batch = batch;
     c->n_pairs = n;
     st.flops_counted = ccr_gate_flops(c->gate, train) +
-                       (double)n / (double)batch * ccr_cond_matrix_flops(c);
+                       (double)n / (double)batch * ccr_cond_matrix_flops(c) +
+                       (c->cfg.residual ? (double)d_out : 0.0);
     *stats = st;
     return CCR_OK;
 }
@@ -384,6 +392,9 @@ ccr_status ccr_cond_backward(ccr_cond *c, const float *dy, float *dx)
             for (size_t j = 0; j < d_in; j++)
                 dx[b * d_in + j] += g[j];
         }
+        if (c->cfg.residual)  /* d_in == d_out */
+            for (size_t i = 0; i < batch * d_in; i++)
+                dx[i] += dy[i];
     }
     ccr_gate_bwd_args ga = {.x = c->xin, .batch = batch, .dweights = c->dweights, .dx = dx,
                             .dy = dy, .d_out = d_out, .eval_matrix = cond_eval_matrix,
@@ -414,7 +425,8 @@ double ccr_cond_matrix_flops(const ccr_cond *c)
 double ccr_cond_flops(const ccr_cond *c, bool train)
 {
     return ccr_gate_flops(c->gate, train) +
-           ccr_gate_matrices_per_example(c->gate) * ccr_cond_matrix_flops(c);
+           ccr_gate_matrices_per_example(c->gate) * ccr_cond_matrix_flops(c) +
+           (c->cfg.residual ? (double)c->cfg.d_out : 0.0);
 }
 
 double ccr_cond_flops_bwd(const ccr_cond *c, bool need_dx)
@@ -425,5 +437,5 @@ double ccr_cond_flops_bwd(const ccr_cond *c, bool need_dx)
     else
         m = 2 * d_in * d_out + d_out + (need_dx ? 2 * d_in * d_out : 0);
     return ccr_gate_matrices_per_example(c->gate) * (m + 3 * d_out) +
-           2 * ccr_gate_flops(c->gate, true);
+           2 * ccr_gate_flops(c->gate, true) + (c->cfg.residual && need_dx ? d_in : 0.0);
 }

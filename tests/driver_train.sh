@@ -40,8 +40,27 @@ assert r["flops_fwd_per_example"] == 2 * (784*512 + 512*256 + 256*10) + 512 + 25
 print("driver_train: ok", r["test_acc"], numel)
 PY
 
+# A residual conditional layer after a linear one (--cond-layers, --residual).
+"$train" --quick --seed 3 --hidden 64,64 --cond-layers 2 --residual --gate switch --experts 4 \
+  --expert-hidden 16 --out "$tmp/res.jsonl" --save "$tmp/res.safetensors" 2>"$tmp/err"
+$py - "$tmp/res.jsonl" "$tmp/res.safetensors" "$src/analysis" <<'PY'
+import json, sys
+sys.path.insert(0, sys.argv[3])
+import safetensors_read as st
+r = [json.loads(l) for l in open(sys.argv[1])][-1]
+assert r["arch"] == "784-64-switch64+-10" and r["residual"] is True, r
+assert r["test_acc"] > 0.6, r["test_acc"]
+tensors, meta = st.read(sys.argv[2])
+assert sum(v.size for v in tensors.values()) == r["params"]
+assert "param.layers.0.w" in tensors and "param.layers.2.gate.w_g" in tensors, sorted(tensors)
+# E = 4 experts of 64 -> 16 -> 64, a 64 x 4 router, the linear layers around.
+assert r["params"] == (784*64 + 64) + 4 * (64*16 + 16 + 16*64 + 64) + 64*4 + (64*10 + 10), r["params"]
+print("driver_train: residual ok", r["test_acc"])
+PY
+
 # Bad arguments: exit 2, one line on stderr, no output file.
-for args in "--gate-width 3" "--batch -4" "--epochs 0" "--act swish" "--data /nonexistent"; do
+for args in "--gate-width 3" "--batch -4" "--epochs 0" "--act swish" "--data /nonexistent" \
+            "--residual" "--gate topk --residual" "--gate topk --hidden 64 --cond-layers 2"; do
   rc=0
   # shellcheck disable=SC2086
   "$train" $args --out "$tmp/bad.jsonl" 2>"$tmp/err" || rc=$?

@@ -3,8 +3,8 @@
  * "for (t = types; *t; t++)" loop as a Check loop test), the routed matmul
  * against a brute-force evaluation (with a user-defined gate type that
  * emits duplicates and dropped slots), finite-difference gradients of the
- * conditional layer for every gate and both bank kinds, and a network with a
- * conditional layer that trains.
+ * conditional layer for every gate and both bank kinds, the residual
+ * connection, and a network with a conditional layer that trains.
  */
 #include <math.h>
 #include <stdio.h>
@@ -185,6 +185,9 @@ START_TEST(test_bad_configs)
     cfg = config_for(t, CCR_BANK_FFN);
     CCR_CK_STATUS(ctx, ccr_cond_alloc(be, &cfg, 0, &c), CCR_EINVAL);
     cfg.hidden = 0;
+    CCR_CK_STATUS(ctx, ccr_cond_alloc(be, &cfg, B, &c), CCR_EINVAL);
+    cfg = config_for(t, CCR_BANK_FFN);
+    cfg.residual = true;             /* needs d_in == d_out; D_IN != D_OUT */
     CCR_CK_STATUS(ctx, ccr_cond_alloc(be, &cfg, B, &c), CCR_EINVAL);
     cfg = config_for(t, CCR_BANK_FFN);
     if (strcmp(t->name, "topk") == 0) {
@@ -408,6 +411,80 @@ START_TEST(test_routed_matmul_brute_force)
 }
 END_TEST
 
+/* ---- the residual connection -------------------------------------------------- */
+
+/* With cfg.residual the layer is y = x + routed(x): the same layer without
+ * it (same parameters, same noise) plus x, bit for bit; an example the gate
+ * drops comes out as x itself; parameter gradients are unchanged bit for
+ * bit and dx gains dy; FLOPs gain d_out forward (analytic and counted) and
+ * d_in backward. */
+START_TEST(test_residual)
+{
+    const ccr_gate_type *t = ccr_gate_types()[_i];
+    enum { D = D_IN };
+    float x[B * D], dy[B * D], y0[B * D], y1[B * D], dx0[B * D], dx1[B * D];
+    ccr_cond *c[2];
+    ccr_arena *a[2];
+    for (int res = 0; res < 2; res++) {
+        ccr_cond_config cfg = config_for(t, CCR_BANK_FFN);
+        cfg.d_out = D;
+        cfg.gate_cfg.capacity_factor = 0.5;  /* switch: capacity 1, drops */
+        cfg.residual = res;
+        c[res] = make_cond(&cfg, &a[res], 33);
+    }
+    gsl_rng_set(rng, 5);
+    ccr_test_fill_uniform(rng, x, B * D, -1, 1);
+    ccr_test_fill_uniform(rng, dy, B * D, -1, 1);
+    for (int train = 0; train < 2; train++) {
+        ccr_gate_stats st0, st1;
+        gsl_rng_set(rng, 77);
+        CCR_CK_OK(ctx, ccr_cond_forward(c[0], x, B, train, rng, y0, &st0));
+        gsl_rng_set(rng, 77);
+        CCR_CK_OK(ctx, ccr_cond_forward(c[1], x, B, train, rng, y1, &st1));
+        for (size_t i = 0; i < B * D; i++) {
+            float want = y0[i] + x[i];
+            ck_assert_msg(memcmp(&y1[i], &want, sizeof want) == 0, "%s: y[%zu] %g != %g + %g",
+                          t->name, i, y1[i], y0[i], x[i]);
+        }
+        /* Rows routed nowhere (dropped) pass through unchanged. */
+        const ccr_route *r = ccr_cond_route(c[1]);
+        size_t passed = 0;
+        for (size_t b = 0; b < B; b++) {
+            bool any = false;
+            for (size_t s = 0; s < r->slots; s++)
+                any = any || r->ids[b * r->slots + s] >= 0;
+            if (!any) {
+                ck_assert_mem_eq(y1 + b * D, x + b * D, D * sizeof *x);
+                passed++;
+            }
+        }
+        if (strcmp(t->name, "switch") == 0)
+            ck_assert_int_gt((int)passed, 0);  /* capacity 1 of 8 experts, B = 12 */
+        ck_assert_int_eq((int)st1.dropped, (int)st0.dropped);
+        ck_assert_double_eq_tol(st1.flops_counted - st0.flops_counted, D, 1e-9);
+        ck_assert_double_eq_tol(ccr_cond_flops(c[1], train) - ccr_cond_flops(c[0], train), D,
+                                1e-9);
+        for (int res = 0; res < 2; res++)
+            CCR_CK_OK(ctx, ccr_arena_zero_grad(a[res]));
+        CCR_CK_OK(ctx, ccr_cond_backward(c[0], dy, dx0));
+        CCR_CK_OK(ctx, ccr_cond_backward(c[1], dy, dx1));
+        for (size_t ti = 0; ti < ccr_arena_count(a[0]); ti++)
+            ck_assert_mem_eq(ccr_arena_grad(a[0], ti), ccr_arena_grad(a[1], ti),
+                             ccr_arena_size(a[0], ti) * sizeof(float));
+        for (size_t i = 0; i < B * D; i++)
+            ck_assert_msg(fabsf(dx1[i] - (dx0[i] + dy[i])) <= 1e-6f * (1 + fabsf(dx1[i])),
+                          "%s: dx[%zu] %g != %g + %g", t->name, i, dx1[i], dx0[i], dy[i]);
+    }
+    ck_assert_double_eq_tol(ccr_cond_flops_bwd(c[1], true) - ccr_cond_flops_bwd(c[0], true), D,
+                            1e-9);
+    ck_assert_double_eq(ccr_cond_flops_bwd(c[1], false), ccr_cond_flops_bwd(c[0], false));
+    for (int res = 0; res < 2; res++) {
+        ccr_cond_free(c[res]);
+        ccr_arena_free(a[res]);
+    }
+}
+END_TEST
+
 /* ---- finite differences through the conditional layer --------------------- */
 
 /* L = sum(y . r) + aux_loss, with the gate's noise reset to one seed. */
@@ -595,6 +672,7 @@ static Suite *gates_suite(void)
     tcase_add_loop_test(tc, test_conformance, 0, n);
     tcase_add_loop_test(tc, test_bad_configs, 0, n);
     tcase_add_loop_test(tc, test_forward_errors, 0, n);
+    tcase_add_loop_test(tc, test_residual, 0, n);
     tcase_add_loop_test(tc, test_routed_matmul_brute_force, 0, 2);
     tcase_add_loop_test(tc, test_layer_fd, 0, 2 * n);
     tcase_add_loop_test(tc, test_net_trains, 0, n);

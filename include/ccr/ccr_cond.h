@@ -3,6 +3,7 @@
  * routed matmul that executes the gate's routing table.
  *
  *     y_b = sum over slots s with id >= 0 of  w_{b,s} * M_{id_{b,s}}(x_b)
+ *           (+ x_b with cfg.residual, d_in == d_out)
  *
  * Two bank kinds:
  *   FFN experts    M_m(x) = relu(x W1_m + b1_m) W2_m + b2_m   (Shazeer's experts)
@@ -57,9 +58,15 @@ typedef struct ccr_cond_config {
     ccr_bank_kind bank;
     size_t d_in, d_out;
     size_t hidden;              /* FFN bank only */
+    bool residual;              /* y = x + routed(x), as in the Switch Transformer's
+                                   blocks: an example the gate drops (or routes to
+                                   nothing) passes through unchanged.  Needs
+                                   d_in == d_out.  Costs d_out FLOPs per example
+                                   forward (and d_in backward when dx is wanted). */
 } ccr_cond_config;
 
-/* Defaults: gate NULL, ccr_gate_config_default(), FFN bank, sizes 0. */
+/* Defaults: gate NULL, ccr_gate_config_default(), FFN bank, sizes 0, no
+ * residual. */
 ccr_cond_config ccr_cond_config_default(void);
 
 typedef struct ccr_cond ccr_cond;
