@@ -4,12 +4,16 @@
     /usr/bin/python3 analysis/tables.py train FILE.jsonl [FILE.jsonl ...]
     /usr/bin/python3 analysis/tables.py bench CCR.jsonl [TORCH.jsonl]
     /usr/bin/python3 analysis/tables.py capacity FILE.jsonl [FILE.jsonl ...]
+    /usr/bin/python3 analysis/tables.py seeds FILE_s1.jsonl FILE_s2.jsonl ...
     /usr/bin/python3 analysis/tables.py refresh FRAGMENT.md [FRAGMENT.md ...]
 
 `train` prints one row per epoch of ccr-train records; `bench` prints the
 ccr-bench-mlp records, with the PyTorch peer's step time and the ratio when
 a torch_mlp_bench.py file is given; `capacity` prints one row per ccr-capacity
-point (params, FLOPs, seconds per example and what explains them).
+point (params, FLOPs, seconds per example and what explains them);
+`seeds` takes the last epoch of ccr-train runs that differ only in seed
+(files named RUN_sSEED.jsonl) and prints one row per RUN: mean, sample
+standard deviation and range over the seeds.
 `refresh` rewrites, in place, every generated block of a markdown file:
 
     <!-- tables.py capacity capacity.jsonl -->
@@ -91,7 +95,34 @@ def capacity(paths):
                   f"{r['weight_bytes_per_example'] / 1e3:.1f} | {r['dropped_per_batch']:.1f} |")
 
 
-COMMANDS = {"train": train, "bench": bench, "capacity": capacity}
+def _mean_sd(v):
+    m = sum(v) / len(v)
+    sd = (sum((x - m) ** 2 for x in v) / (len(v) - 1)) ** 0.5 if len(v) > 1 else 0.0
+    return m, sd
+
+
+def seeds(paths):
+    runs = {}
+    for p in paths:
+        name = re.sub(r"_s\d+\.jsonl$", "", os.path.basename(p))
+        runs.setdefault(name, []).append(load(p)[-1])
+    print("| run | arch | params | fwd FLOPs/ex | seeds | test acc mean ± sd (min-max) | "
+          "test loss mean ± sd | CV(load counts) | max/mean count | dropped (last epoch) |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name, rs in runs.items():
+        acc = [r["test_acc"] for r in rs]
+        am, asd = _mean_sd(acc)
+        lm, lsd = _mean_sd([r["test_loss"] for r in rs])
+        opt = lambda k, f: f.format(_mean_sd([r[k] for r in rs])[0]) if k in rs[0] else "-"  # noqa: E731
+        r0 = rs[0]
+        seeds_list = ",".join(str(r["seed"]) for r in rs)
+        print(f"| {name} | {r0['arch']} | {r0['params']:,} | {r0['flops_fwd_per_example']:,.0f} | "
+              f"{seeds_list} | {am:.4f} ± {asd:.4f} ({min(acc):.4f}-{max(acc):.4f}) | "
+              f"{lm:.4f} ± {lsd:.4f} | {opt('cv_load_count', '{:.3f}')} | "
+              f"{opt('max_mean_count', '{:.2f}')} | {opt('dropped', '{:.0f}')} |")
+
+
+COMMANDS = {"train": train, "bench": bench, "capacity": capacity, "seeds": seeds}
 BLOCK = re.compile(r"(<!-- tables\.py (\w+) ([^>]*?) -->\n)(.*?)(<!-- end tables\.py -->)", re.S)
 
 

@@ -500,6 +500,7 @@ def meta_config(meta):
         "batch": num("batch", int),
         "train": flag("train"),
         "randomize": flag("randomize"),
+        "residual": flag("residual"),
     }
     if cfg["gate"] is None:
         raise Inconsistent("metadata lacks 'gate'")
@@ -567,6 +568,8 @@ def recompute(cfg, f, exp, prefix):
             raise Inconsistent(f"unknown gate '{g}'")
         res = runner(cfg, params, x, f, st)
         y = routed_output(bank.all(x), res.ids, res.weights)
+    if cfg["residual"]:
+        y = y + x
     L = (y * dy).sum() + res.aux
     L.backward()
     return params, x, y, res, st

@@ -48,6 +48,7 @@ static void usage(void)
            "  --batch N            examples [16]\n"
            "  --seed N             GSL RNG seed (init, then x, dy, noise) [1]\n"
            "  --train              training mode (noise on)\n"
+           "  --residual           y = x + layer(x) (needs --d-in = --d-out)\n"
            "  --help               this text\n"
            "Gate options (gates: %s):\n%s",
            ccr_gate_type_names(), drv_gate_usage);
@@ -76,6 +77,9 @@ static void parse(int argc, char **argv, options *o)
             drv_bad_option(PROG, a, v);   /* no --quick here */
         } else if (strcmp(a, "--train") == 0) {
             o->train = true;
+            continue;
+        } else if (strcmp(a, "--residual") == 0) {
+            o->cc.residual = true;
             continue;
         } else if (drv_parse_gate_option(PROG, a, v, &o->cc, &used_value)) {
             if (strcmp(a, "--bank") == 0)
@@ -318,6 +322,7 @@ int main(int argc, char **argv)
     meta_size(&m, "seed", (size_t)o.seed);
     meta_str(&m, "randomize", gc->randomize ? "true" : "false");
     meta_str(&m, "train", o.train ? "true" : "false");
+    meta_str(&m, "residual", o.cc.residual ? "true" : "false");
     meta_str(&m, "out", o.out);
     meta_size(&m, "slots", slots);
     meta_size(&m, "n_matrices", r->n_matrices);

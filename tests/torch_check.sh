@@ -40,6 +40,7 @@ done <<'EOF'
 --gate topk --w-load x
 --gate topk --frobnicate 3
 --gate topk stray
+--gate topk --residual --d-in 8 --d-out 6
 EOF
 rc=0
 "$probe" --gate topk 2>"$tmp/err" >/dev/null || rc=$?
@@ -95,6 +96,9 @@ st-leaf-input-none|--gate signtree --depth 2 --combine leaf --bits-from input --
 st-leaf-input-ste|--gate signtree --depth 3 --combine leaf --bits-from input --grad-mode ste --batch 16 --seed 26
 st-path-ffn-ste|--gate signtree --depth 2 --bank ffn --grad-mode ste --randomize --batch 12 --seed 27
 st-path-zero-ste|--gate signtree --depth 2 --grad-mode ste --batch 8 --seed 28
+switch-drops-residual|--gate switch --experts 4 --capacity-factor 0.5 --randomize --residual --d-in 6 --d-out 6 --batch 24 --seed 29
+st-path-ste-residual|--gate signtree --depth 2 --grad-mode ste --randomize --residual --d-in 5 --d-out 5 --batch 12 --seed 30
+topk-train-residual|--gate topk --experts 5 --k 2 --train --randomize --residual --d-in 7 --d-out 7 --batch 16 --seed 31
 EOF
 
 # shellcheck disable=SC2086
