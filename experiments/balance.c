@@ -73,13 +73,14 @@ static void parse(int argc, char **argv, options *o)
                    .which = {1, 2, 3, 4, 5, 6}, .n_which = 6, .test_frac = 0.05,
                    .noise_eps = 0.01, .lr = 0.004, .clip = 1.0, .dropout = 0.1, .seed = 1,
                    .split_seed = 1};
-    bool quick = false;
+    if (drv_quick_requested(argc, argv)) {   /* smaller defaults; explicit options still win */
+        o->vocab = 2000, o->max_tokens = 30000, o->d = 32, o->hidden = 64, o->batch = 16;
+        o->unroll = 10, o->warmup = 20, o->test_frac = 0.1, o->experts = 16;
+    }
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
-        if (drv_parse_common(PROG, a, usage)) {
-            quick = true;
-            continue;
-        }
+        if (drv_parse_common(PROG, a, usage))
+            continue;   /* --quick: applied before the loop */
         i++;
         if (strcmp(a, "--corpus") == 0 && v) o->corpus = v;
         else if (strcmp(a, "--out") == 0 && v) o->out = v;
@@ -116,10 +117,6 @@ static void parse(int argc, char **argv, options *o)
         drv_usage_error(PROG, "--k %zu exceeds --experts %zu", o->k, o->experts);
     if (o->max_tokens == 1)
         drv_usage_error(PROG, "--max-tokens must be 0 or >= 2");
-    if (quick) {
-        o->vocab = 2000, o->max_tokens = 30000, o->d = 32, o->hidden = 64, o->batch = 16;
-        o->unroll = 10, o->warmup = 20, o->test_frac = 0.1, o->experts = 16;
-    }
 }
 
 static void progress(void *ud, size_t step, size_t total, const lm_fwd_stats *st)

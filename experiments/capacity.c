@@ -148,9 +148,7 @@ static void parse_gates(const char *v, bool *on)
 
 static void parse(int argc, char **argv, opts *o)
 {
-    bool quick = false, dense_set = false;
-    for (int i = 1; i < argc; i++)
-        quick = quick || strcmp(argv[i], "--quick") == 0;
+    bool quick = drv_quick_requested(argc, argv), dense_set = false;
     *o = (opts){.d = 64, .hidden = 256, .batch = 256, .k = 4, .k2 = 2, .seconds = 0.25,
                 .capacity_factor = 1.25, .max_gib = 2.5, .seed = 1,
                 .experts = {4, 16, 64, 256, 1024, 4096}, .n_experts = 6, .n_depths = 17};

@@ -47,6 +47,14 @@ bool drv_parse_common(const char *prog, const char *a, void (*usage)(void))
     return false;
 }
 
+bool drv_quick_requested(int argc, char **argv)
+{
+    for (int i = 1; i < argc; i++)
+        if (strcmp(argv[i], "--quick") == 0)
+            return true;
+    return false;
+}
+
 void drv_bad_option(const char *prog, const char *a, const char *v)
 {
     if (v == NULL)

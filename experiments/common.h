@@ -38,6 +38,11 @@ size_t drv_parse_size_list(const char *prog, const char *flag, const char *v, si
  * argument").  Returns true for --quick, false for any other option. */
 bool drv_parse_common(const char *prog, const char *a, void (*usage)(void));
 
+/* True when --quick is among the arguments.  Drivers look before parsing so
+ * that --quick only changes defaults: any option given explicitly wins,
+ * wherever it stands relative to --quick. */
+bool drv_quick_requested(int argc, char **argv);
+
 /* The last branch of an option chain: exits 2 with "A needs a value" when v
  * is NULL, "unknown option 'A'" otherwise. */
 void drv_bad_option(const char *prog, const char *a, const char *v)

@@ -55,7 +55,8 @@ static void usage(void)
         "                       instead of the series; gate options:\n%s"
         "  --seed N             GSL RNG seed (init, dropout, noise) [1]\n"
         "  --out FILE           JSONL results [none]\n"
-        "  --quick              seconds-long smoke run (small model, 30k tokens)\n"
+        "  --quick              seconds-long smoke run (small model, 30k tokens;\n"
+        "                       options given explicitly still apply)\n"
         "  --accounting-only    print params and ops/timestep (JSON per model), no training\n"
         "  --paper NAME|list    with --accounting-only: a Table 7/8 model at paper scale:\n"
         "                       moe-4 moe-32 moe-256 moe-256-h moe-1024-h moe-4096-h\n"
@@ -74,7 +75,7 @@ typedef struct options {
     size_t n_models, vocab, max_tokens, d, hidden, branching, batch, unroll, epochs, warmup;
     double valid_frac, test_frac, lr, clip, dropout;
     unsigned long seed, split_seed;
-    bool sigmoid, accounting, gate_set, models_set;
+    bool sigmoid, accounting, gate_set;
     ccr_cond_config cond;
 } options;
 
@@ -110,7 +111,12 @@ static void parse(int argc, char **argv, options *o)
                    .split_seed = 1, .sigmoid = true};
     parse_models(o, "moe-4,moe-32,moe-256,moe-256-h,moe-1024-h,moe-1-wide,moe-1-deep,4xlstm");
     o->cond = drv_gate_defaults();
-    bool bank_set = false, used, quick = false, hidden_set = false;
+    bool bank_set = false, used, hidden_set = false;
+    if (drv_quick_requested(argc, argv)) {   /* smaller defaults; explicit options still win */
+        o->vocab = 2000, o->max_tokens = 30000, o->d = 32, o->hidden = 64, o->batch = 16;
+        o->unroll = 10, o->epochs = 1, o->warmup = 20, o->test_frac = 0.1, o->branching = 4;
+        parse_models(o, "moe-32,moe-256-h,moe-1-wide,moe-1-deep,4xlstm");
+    }
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (drv_parse_gate_option(PROG, a, v, &o->cond, &used)) {
@@ -121,8 +127,7 @@ static void parse(int argc, char **argv, options *o)
             continue;
         }
         if (drv_parse_common(PROG, a, usage)) {
-            quick = true;
-            continue;
+            continue;   /* --quick: applied before the loop */
         } else if (strcmp(a, "--accounting-only") == 0) {
             o->accounting = true;
             continue;
@@ -134,10 +139,7 @@ static void parse(int argc, char **argv, options *o)
         if (strcmp(a, "--corpus") == 0 && v) o->corpus = v;
         else if (strcmp(a, "--out") == 0 && v) o->out = v;
         else if (strcmp(a, "--paper") == 0 && v) o->paper = v;
-        else if (strcmp(a, "--models") == 0) {
-            parse_models(o, v);
-            o->models_set = true;
-        }
+        else if (strcmp(a, "--models") == 0) parse_models(o, v);
         else if (strcmp(a, "--vocab") == 0) o->vocab = drv_parse_size(PROG, a, v, 3);
         else if (strcmp(a, "--max-tokens") == 0) o->max_tokens = drv_parse_size(PROG, a, v, 0);
         else if (strcmp(a, "--d") == 0) o->d = drv_parse_size(PROG, a, v, 1);
@@ -158,12 +160,6 @@ static void parse(int argc, char **argv, options *o)
     drv_gate_finish(&o->cond, bank_set);
     if (hidden_set)
         o->hidden = o->cond.hidden;
-    if (quick) {
-        o->vocab = 2000, o->max_tokens = 30000, o->d = 32, o->hidden = 64, o->batch = 16;
-        o->unroll = 10, o->epochs = 1, o->warmup = 20, o->test_frac = 0.1, o->branching = 4;
-        if (!o->models_set)
-            parse_models(o, "moe-32,moe-256-h,moe-1-wide,moe-1-deep,4xlstm");
-    }
     if (o->paper != NULL && !o->accounting)
         drv_usage_error(PROG, "--paper needs --accounting-only");
     if (o->max_tokens == 1)

@@ -83,6 +83,8 @@ static void parse(int argc, char **argv, options *o)
     size_t cond_layers[MAX_HIDDEN], n_cond_layers = 0;
     o->cond = drv_gate_defaults();
     o->cond.hidden = 64;
+    if (drv_quick_requested(argc, argv))   /* smaller defaults; explicit options still win */
+        o->epochs = 1, o->max_train = 6000, o->valid = 1000;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (drv_parse_gate_option(PROG, a, v, &o->cond, &used)) {
@@ -90,12 +92,8 @@ static void parse(int argc, char **argv, options *o)
             i += used;
             continue;
         }
-        if (drv_parse_common(PROG, a, usage)) {
-            o->epochs = 1;
-            o->max_train = 6000;
-            o->valid = 1000;
-            continue;
-        }
+        if (drv_parse_common(PROG, a, usage))
+            continue;   /* --quick: applied before the loop */
         i++;
         if (strcmp(a, "--data") == 0 && v) o->data = v;
         else if (strcmp(a, "--out") == 0 && v) o->out = v;

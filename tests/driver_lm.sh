@@ -36,6 +36,17 @@ assert big["moe-256-h"]["params"] > 5 * big["moe-1-wide"]["params"]
 print("driver_lm: quick ok", [(r["model"], round(r["test_ppl"], 1)) for r in recs])
 PY
 
+# --quick changes defaults only: options given before or after it still apply.
+"$lm" --models moe-4 --max-tokens 4000 --vocab 300 --quick --d 16 --out "$tmp/q.jsonl" 2>/dev/null
+$py - "$tmp/q.jsonl" <<'PY'
+import json, sys
+recs = [json.loads(l) for l in open(sys.argv[1])]
+assert [r["model"] for r in recs] == ["moe-4"], recs
+r = recs[0]
+assert (r["vocab"], r["d"], r["batch"], r["unroll"]) == (300, 16, 16, 10), r
+assert r["n_train"] + r["n_valid"] + r["n_test"] <= 4000, r
+PY
+
 # Accounting at paper scale against the printed table values.
 $py - "$lm" <<'PY'
 import json, subprocess, sys

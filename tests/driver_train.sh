@@ -58,6 +58,14 @@ assert r["params"] == (784*64 + 64) + 4 * (64*16 + 16 + 16*64 + 64) + 64*4 + (64
 print("driver_train: residual ok", r["test_acc"])
 PY
 
+# --quick changes defaults only: an option given before it still applies.
+"$train" --max-train 500 --hidden 32 --quick --out "$tmp/q.jsonl" 2>/dev/null
+$py - "$tmp/q.jsonl" <<'PY'
+import json, sys
+r = [json.loads(l) for l in open(sys.argv[1])]
+assert len(r) == 1 and r[0]["n_train"] == 500 and r[0]["arch"] == "784-32-10", r
+PY
+
 # Bad arguments: exit 2, one line on stderr, no output file.
 for args in "--gate-width 3" "--batch -4" "--epochs 0" "--act swish" "--data /nonexistent" \
             "--residual" "--gate topk --residual" "--gate topk --hidden 64 --cond-layers 2"; do
