@@ -73,12 +73,13 @@ static void parse(int argc, char **argv, options *o)
                    .batch = 128, .lr = 1e-3, .seed = 1};
     o->cc = ccr_cond_config_default();
     o->cc.hidden = 64;
-    bool quick = false, experts_set = false, epochs_set = false, max_set = false, used;
+    bool used;
+    if (drv_quick_requested(argc, argv))   /* smaller defaults; explicit options still win */
+        o->n_experts = 1, o->experts[0] = 8, o->epochs = 1, o->max_train = 2000;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (drv_parse_common(PROG, a, usage)) {
-            quick = true;
-            continue;
+            continue;   /* --quick: applied before the loop */
         } else if (strcmp(a, "--w-importance") == 0 || strcmp(a, "--w-load") == 0 ||
                    strcmp(a, "--noise-eps") == 0 || strcmp(a, "--z-loss") == 0 ||
                    strcmp(a, "--expert-hidden") == 0) {
@@ -89,24 +90,18 @@ static void parse(int argc, char **argv, options *o)
         i++;
         if (strcmp(a, "--data") == 0 && v) o->data = v;
         else if (strcmp(a, "--out") == 0 && v) o->out = v;
-        else if (strcmp(a, "--experts") == 0) {
+        else if (strcmp(a, "--experts") == 0)
             o->n_experts = drv_parse_size_list(PROG, a, v, o->experts, MAX_E);
-            experts_set = true;
-        } else if (strcmp(a, "--groups") == 0) o->groups = drv_parse_size(PROG, a, v, 1);
+        else if (strcmp(a, "--groups") == 0) o->groups = drv_parse_size(PROG, a, v, 1);
         else if (strcmp(a, "--k") == 0) o->k = drv_parse_size(PROG, a, v, 1);
         else if (strcmp(a, "--k2") == 0) o->k2 = drv_parse_size(PROG, a, v, 1);
         else if (strcmp(a, "--hidden") == 0) o->hidden = drv_parse_size(PROG, a, v, 1);
-        else if (strcmp(a, "--epochs") == 0) o->epochs = drv_parse_size(PROG, a, v, 1), epochs_set = true;
+        else if (strcmp(a, "--epochs") == 0) o->epochs = drv_parse_size(PROG, a, v, 1);
         else if (strcmp(a, "--batch") == 0) o->batch = drv_parse_size(PROG, a, v, 1);
-        else if (strcmp(a, "--max-train") == 0) o->max_train = drv_parse_size(PROG, a, v, 0), max_set = true;
+        else if (strcmp(a, "--max-train") == 0) o->max_train = drv_parse_size(PROG, a, v, 0);
         else if (strcmp(a, "--lr") == 0) o->lr = drv_parse_double(PROG, a, v, 1e-9, 10);
         else if (strcmp(a, "--seed") == 0) o->seed = drv_parse_seed(PROG, a, v);
         else drv_bad_option(PROG, a, v);
-    }
-    if (quick) {
-        if (!experts_set) o->n_experts = 1, o->experts[0] = 8;
-        if (!epochs_set) o->epochs = 1;
-        if (!max_set) o->max_train = 2000;
     }
 }
 

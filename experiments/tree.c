@@ -117,14 +117,15 @@ static void parse(int argc, char **argv, options *o)
         o->depths[i] = i + 1;
     for (int k = 0; k < M_COUNT; k++)
         o->models[k] = true;
-    bool quick = false, n_set = false, syn_train_set = false, syn_test_set = false;
-    bool depths_set = false, width_set = false, epochs_set = false;
+    if (drv_quick_requested(argc, argv)) {   /* smaller defaults; explicit options still win */
+        o->n_depths = 2, o->depths[0] = 1, o->depths[1] = 3;
+        o->n_train = 1000, o->syn_train = 500, o->syn_test = 2000;
+        o->max_width = 1024, o->epochs = 1;
+    }
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
-        if (drv_parse_common(PROG, a, usage)) {
-            quick = true;
-            continue;
-        }
+        if (drv_parse_common(PROG, a, usage))
+            continue;   /* --quick: applied before the loop */
         i++;
         if (strcmp(a, "--data") == 0 && v) o->data = v;
         else if (strcmp(a, "--out") == 0 && v) o->out = v;
@@ -135,21 +136,20 @@ static void parse(int argc, char **argv, options *o)
             else if (strcmp(v, "fmnist,synthetic") == 0 || strcmp(v, "synthetic,fmnist") == 0)
                 o->fmnist = o->synthetic = true;
             else drv_usage_error(PROG, "--datasets must be fmnist, synthetic or both");
-        } else if (strcmp(a, "--depths") == 0) {
+        } else if (strcmp(a, "--depths") == 0)
             o->n_depths = drv_parse_size_list(PROG, a, v, o->depths, MAX_DEPTHS);
-            depths_set = true;
-        } else if (strcmp(a, "--models") == 0) parse_models(v, o->models);
-        else if (strcmp(a, "--n-train") == 0) o->n_train = drv_parse_size(PROG, a, v, 1), n_set = true;
+        else if (strcmp(a, "--models") == 0) parse_models(v, o->models);
+        else if (strcmp(a, "--n-train") == 0) o->n_train = drv_parse_size(PROG, a, v, 1);
         else if (strcmp(a, "--pool") == 0) o->pool = drv_parse_size(PROG, a, v, 1);
         else if (strcmp(a, "--syn-dim") == 0) o->syn_dim = drv_parse_size(PROG, a, v, 1);
         else if (strcmp(a, "--syn-classes") == 0) o->syn_classes = drv_parse_size(PROG, a, v, 2);
         else if (strcmp(a, "--syn-bits") == 0) o->syn_bits = drv_parse_size(PROG, a, v, 0);
         else if (strcmp(a, "--syn-local") == 0) o->syn_local = drv_parse_double(PROG, a, v, 0, 1e3);
-        else if (strcmp(a, "--syn-train") == 0) o->syn_train = drv_parse_size(PROG, a, v, 1), syn_train_set = true;
-        else if (strcmp(a, "--syn-test") == 0) o->syn_test = drv_parse_size(PROG, a, v, 1), syn_test_set = true;
-        else if (strcmp(a, "--epochs") == 0) o->epochs = drv_parse_size(PROG, a, v, 1), epochs_set = true;
+        else if (strcmp(a, "--syn-train") == 0) o->syn_train = drv_parse_size(PROG, a, v, 1);
+        else if (strcmp(a, "--syn-test") == 0) o->syn_test = drv_parse_size(PROG, a, v, 1);
+        else if (strcmp(a, "--epochs") == 0) o->epochs = drv_parse_size(PROG, a, v, 1);
         else if (strcmp(a, "--batch") == 0) o->batch = drv_parse_size(PROG, a, v, 1);
-        else if (strcmp(a, "--max-width") == 0) o->max_width = drv_parse_size(PROG, a, v, 1), width_set = true;
+        else if (strcmp(a, "--max-width") == 0) o->max_width = drv_parse_size(PROG, a, v, 1);
         else if (strcmp(a, "--lr") == 0) o->lr = drv_parse_double(PROG, a, v, 1e-9, 10);
         else if (strcmp(a, "--seed") == 0) o->seed = drv_parse_seed(PROG, a, v);
         else if (strcmp(a, "--grad-mode") == 0) {
@@ -157,14 +157,6 @@ static void parse(int argc, char **argv, options *o)
             else if (v && strcmp(v, "ste") == 0) o->grad_mode = CCR_GRAD_STE;
             else drv_usage_error(PROG, "--grad-mode must be none or ste");
         } else drv_bad_option(PROG, a, v);
-    }
-    if (quick) {
-        if (!depths_set) o->n_depths = 2, o->depths[0] = 1, o->depths[1] = 3;
-        if (!n_set) o->n_train = 1000;
-        if (!syn_train_set) o->syn_train = 500;
-        if (!syn_test_set) o->syn_test = 2000;
-        if (!width_set) o->max_width = 1024;
-        if (!epochs_set) o->epochs = 1;
     }
     for (size_t i = 0; i < o->n_depths; i++)
         if (o->depths[i] > MAX_DEPTH)
