@@ -39,6 +39,7 @@
 #include <string.h>
 
 #include "common.h"
+#include "internal.h"  // provides: ccr_mallocn, ccr_malloc3, ccr_mul_ok
 
 #define PROG "ccr-capacity"
 #define MAXL 32
@@ -508,7 +509,8 @@ int main(int argc, char **argv)
     drv_open_out(PROG, ctx, o.out, &rec, &out);
 
     size_t nx = POOL * o.batch * o.d;
-    float *xs = malloc(2 * nx * sizeof *xs), *y = malloc(2 * o.batch * o.d * sizeof *y);
+    float *xs = ccr_malloc3(2, nx, sizeof *xs),
+          *y = ccr_malloc3(2 * o.batch, o.d, sizeof *y); /* bounded: 2 * batch, batch <= INT_MAX */;
     if (xs == NULL || y == NULL)
         drv_fail(PROG, ctx, CCR_ENOMEM, "buffers");
     for (size_t i = 0; i < 2 * nx; i++)  /* inputs x ~ N(0,1), then dy */

@@ -117,7 +117,7 @@ ccr_status ccr_dataset_load_idx(ccr_ctx *ctx, const char *images, const char *la
     }
     size_t dim = img->numel / n;
 
-    y = malloc(n * sizeof *y);  /* n <= numel of a loaded file: no overflow */
+    y = ccr_mallocn(n, sizeof *y);
     ds = calloc(1, sizeof *ds);
     if (y == NULL || ds == NULL) {
         s = CCR_FAIL_EXPR(ctx, CCR_ENOMEM, "cannot allocate %zu labels", n);

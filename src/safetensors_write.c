@@ -71,7 +71,7 @@ static ccr_status check_write_args(ccr_ctx *ctx, const ccr_st_tensor *tensors, s
     if (cap < 2)
         return CCR_OK;
     ccr_status s = CCR_OK;
-    const char **names = malloc(cap * sizeof *names), *dup;
+    const char **names = ccr_mallocn(cap, sizeof *names), *dup;
     if (names == NULL)
         BAIL(CCR_ENOMEM, "cannot allocate %zu name pointers", cap);
     for (size_t i = 0; i < n; i++)
@@ -176,7 +176,7 @@ ccr_status ccr_safetensors_write(ccr_ctx *ctx, const char *path,
 
     ccr_status s = CCR_OK;
     char *json = NULL, *tmp = NULL;
-    size_t json_len = 0, *nbytes = malloc((n > 0 ? n : 1) * sizeof *nbytes);
+    size_t json_len = 0, *nbytes = ccr_mallocn(n, sizeof *nbytes);
     if (nbytes == NULL)
         BAIL(CCR_ENOMEM, "cannot allocate %zu sizes", n);
     if ((s = check_write_args(ctx, tensors, n, meta, n_meta, nbytes)) != CCR_OK ||
