@@ -7,6 +7,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 
 #include "ccr_test.h"
 #include "internal.h"  // provides: ccr_add_ok, ccr_mul3_ok, ccr_mallocn, ccr_mem_physical
@@ -176,6 +177,89 @@ START_TEST(test_dataset_huge)
 }
 END_TEST
 
+/* Caps this (forked) test's address space at 1 GiB more than the test uses
+ * so far, so an allocation of what a header merely claims fails.  Not under
+ * AddressSanitizer, which reserves terabytes of address space. */
+#if defined(__SANITIZE_ADDRESS__)
+#define LIMITS_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define LIMITS_ASAN 1
+#endif
+#endif
+static void cap_address_space(void)
+{
+#ifndef LIMITS_ASAN
+    if (getenv("CK_FORK") != NULL && strcmp(getenv("CK_FORK"), "no") == 0)
+        return;  /* not forked: leave the runner alone */
+    struct rlimit rl;
+    rl.rlim_cur = rl.rlim_max = (rlim_t)3 << 30;
+    ck_assert_int_eq(setrlimit(RLIMIT_AS, &rl), 0);
+#endif
+}
+
+/* An IDX file cannot make the loader allocate what it does not hold: an
+ * 8-byte plain file claiming 3 GiB of bytes (12 GiB of floats) fails as
+ * malformed before any allocation, and a gzip file claiming 1 Gi elements
+ * with 8 bytes of payload fails as truncated (the array grows as data
+ * arrives).  The old loader allocated the claimed size first (ENOMEM under
+ * the cap). */
+START_TEST(test_idx_claims_more_than_file)
+{
+    cap_address_space();
+    const unsigned char plain[] = {0, 0, 0x08, 1, 0xB2, 0xD0, 0x5E, 0x00};  /* 3e9 u8 */
+    ccr_test_tpath p = ccr_test_tmp_path("claims.idx");
+    ck_assert_int_eq(ccr_test_write_file(p.s, plain, sizeof plain), 0);
+    ccr_idx *idx = NULL;
+    ccr_ctx_clear_error(ctx);
+    CCR_CK_STATUS(ctx, ccr_idx_load(ctx, p.s, &idx), CCR_EFORMAT);
+    ck_assert_msg(strstr(ccr_ctx_errmsg(ctx), "claims") != NULL, "%s", ccr_ctx_errmsg(ctx));
+    ck_assert_ptr_null(idx);
+    /* Same header with its payload in gzip: 2^30 u8 elements claimed. */
+    unsigned char gz[16] = {0, 0, 0x08, 1, 0x40, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8};
+    ccr_test_tpath q = ccr_test_tmp_path("claims.idx.gz");
+    ck_assert_int_eq(ccr_test_write_gz(q.s, gz, sizeof gz), 0);
+    ccr_ctx_clear_error(ctx);
+    CCR_CK_STATUS(ctx, ccr_idx_load(ctx, q.s, &idx), CCR_EFORMAT);
+    ck_assert_msg(strstr(ccr_ctx_errmsg(ctx), "truncated") != NULL, "%s", ccr_ctx_errmsg(ctx));
+    ck_assert_ptr_null(idx);
+    /* A plain file with a byte too many or too few is refused the same way;
+     * the exact one loads. */
+    unsigned char ok[12] = {0, 0, 0x08, 1, 0, 0, 0, 3, 7, 8, 9, 10};
+    ck_assert_int_eq(ccr_test_write_file(p.s, ok, 10), 0);
+    CCR_CK_STATUS(ctx, ccr_idx_load(ctx, p.s, &idx), CCR_EFORMAT);
+    ck_assert_int_eq(ccr_test_write_file(p.s, ok, 12), 0);
+    CCR_CK_STATUS(ctx, ccr_idx_load(ctx, p.s, &idx), CCR_EFORMAT);
+    ok[7] = 4;
+    ck_assert_int_eq(ccr_test_write_file(p.s, ok, 12), 0);
+    CCR_CK_OK(ctx, ccr_idx_load(ctx, p.s, &idx));
+    ck_assert_uint_eq(idx->numel, 4);
+    ck_assert(idx->data[3] == 10.0f);
+    ccr_idx_free(idx);
+    /* A gzip file larger than the first capacity grows to its full size. */
+    size_t n = ((size_t)1 << 20) * 3 + 5;
+    unsigned char *big = malloc(8 + n);
+    ck_assert_ptr_nonnull(big);
+    big[0] = big[1] = 0;
+    big[2] = 0x08;
+    big[3] = 1;
+    big[4] = (unsigned char)(n >> 24);
+    big[5] = (unsigned char)(n >> 16);
+    big[6] = (unsigned char)(n >> 8);
+    big[7] = (unsigned char)n;
+    for (size_t i = 0; i < n; i++)
+        big[8 + i] = (unsigned char)(i * 7);
+    ck_assert_int_eq(ccr_test_write_gz(q.s, big, 8 + n), 0);
+    free(big);
+    CCR_CK_OK(ctx, ccr_idx_load(ctx, q.s, &idx));
+    ck_assert_uint_eq(idx->numel, n);
+    for (size_t i = 0; i < n; i += 4099)
+        ck_assert(idx->data[i] == (float)(unsigned char)(i * 7));
+    ck_assert(idx->data[n - 1] == (float)(unsigned char)((n - 1) * 7));
+    ccr_idx_free(idx);
+}
+END_TEST
+
 static Suite *limits_suite(void)
 {
     Suite *s = suite_create("limits");
@@ -187,6 +271,7 @@ static Suite *limits_suite(void)
     tcase_add_test(tc, test_net_memory_bytes);
     tcase_add_test(tc, test_cond_huge_batch);
     tcase_add_test(tc, test_dataset_huge);
+    tcase_add_test(tc, test_idx_claims_more_than_file);
     suite_add_tcase(s, tc);
     return s;
 }
