@@ -169,9 +169,10 @@ START_TEST(test_jsonl_file)
         CCR_CK_OK(ctx, ccr_record_add_bool(r, "b", i % 2 == 0));
         CCR_CK_OK(ctx, ccr_record_add_doubles(r, "v", v, 2));
         CCR_CK_OK(ctx, ccr_jsonl_write(w, r));
-        /* Flushed: the line is in the file before close. */
+        /* Written at once to the temporary; the file itself appears at close. */
+        ck_assert(!ccr_test_exists(path));
         size_t len;
-        unsigned char *buf = ccr_test_read_file(path, &len);
+        unsigned char *buf = ccr_test_read_file(ccr_jsonl_temp_path(w), &len);
         size_t lines = 0;
         for (size_t k = 0; k < len; k++)
             lines += buf[k] == '\n';
