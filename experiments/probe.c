@@ -29,6 +29,7 @@
 #include <unistd.h>
 
 #include "common.h"
+#include "outputs.h"
 
 #define PROG "ccr-probe"
 #define MAX_META 64
@@ -178,6 +179,8 @@ int main(int argc, char **argv)
 {
     options o;
     parse(argc, argv, &o);
+    drv_io_output("--out", o.out);
+    drv_io_check(PROG);   /* a directory we cannot write to is a usage error */
     ccr_ctx *ctx;
     ccr_backend *be;
     gsl_rng *rng;
@@ -191,16 +194,6 @@ int main(int argc, char **argv)
         drv_usage_error(PROG, "bad configuration: %s", ccr_ctx_errmsg(ctx));
     if (s != CCR_OK)
         drv_fail(PROG, ctx, s, "layer");
-
-    /* An --out in a directory we cannot write to is a usage error too. */
-    char dir[4096];
-    const char *slash = strrchr(o.out, '/');
-    if (slash == NULL)
-        snprintf(dir, sizeof dir, ".");
-    else
-        snprintf(dir, sizeof dir, "%.*s", (int)(slash == o.out ? 1 : slash - o.out), o.out);
-    if (access(dir, W_OK | X_OK) != 0)
-        drv_usage_error(PROG, "cannot write --out %s: %s", o.out, strerror(errno));
 
     ccr_arena *arena;
     if ((s = ccr_arena_init(be, &arena)) != CCR_OK)

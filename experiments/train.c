@@ -17,6 +17,7 @@
 #include <string.h>
 
 #include "common.h"
+#include "outputs.h"
 #include "fit.h"
 
 #define PROG "ccr-train"
@@ -155,6 +156,10 @@ int main(int argc, char **argv)
 {
     options o;
     parse(argc, argv, &o);
+    drv_io_input_fmnist("--data", o.data);
+    drv_io_output("--out", o.out);
+    drv_io_output("--save", o.save);
+    drv_io_check(PROG);
     ccr_ctx *ctx;
     ccr_backend *be;
     gsl_rng *rng;

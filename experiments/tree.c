@@ -35,6 +35,7 @@
 #include <string.h>
 
 #include "common.h"
+#include "outputs.h"
 #include "fit.h"
 
 #define PROG "ccr-tree"
@@ -425,6 +426,10 @@ int main(int argc, char **argv)
 {
     options o;
     parse(argc, argv, &o);
+    if (o.fmnist)
+        drv_io_input_fmnist("--data", o.data);
+    drv_io_output("--out", o.out);
+    drv_io_check(PROG);
     ccr_ctx *ctx;
     ccr_backend *be;
     gsl_rng *drng;
