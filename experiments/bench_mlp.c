@@ -17,6 +17,7 @@
 
 #include "common.h"
 #include "internal.h"  // provides: ccr_mallocn, ccr_malloc3, ccr_mul_ok
+#include "outputs.h"
 
 #define PROG "ccr-bench-mlp"
 #define MAXL 16
@@ -110,6 +111,8 @@ int main(int argc, char **argv)
         else if (strcmp(a, "--out") == 0 && v) out_path = v;
         else drv_usage_error(PROG, "unknown or incomplete option '%s'", a);
     }
+    drv_io_output("--out", out_path);
+    drv_io_check(PROG);
     size_t w[MAXL];
     w[0] = d_in;
     memcpy(w + 1, hidden, nh * sizeof *w);
@@ -227,7 +230,7 @@ int main(int argc, char **argv)
         ccr_optim_free(opt);
         ccr_net_free(net);
     }
-    if ((s = ccr_jsonl_close(out)) != CCR_OK)
+    if ((s = drv_io_close(out)) != CCR_OK)
         drv_fail(PROG, ctx, s, "close");
     ccr_backend_free_buffer(be, ga);
     ccr_backend_free_buffer(be, gb);

@@ -40,6 +40,7 @@
 
 #include "common.h"
 #include "internal.h"  // provides: ccr_mallocn, ccr_malloc3, ccr_mul_ok
+#include "outputs.h"
 
 #define PROG "ccr-capacity"
 #define MAXL 32
@@ -494,6 +495,8 @@ int main(int argc, char **argv)
 {
     opts o;
     parse(argc, argv, &o);
+    drv_io_output("--out", o.out);
+    drv_io_check(PROG);
     ccr_ctx *ctx;
     ccr_backend *be;
     gsl_rng *rng;
@@ -558,7 +561,7 @@ int main(int argc, char **argv)
                        (double)pts[i].params * 4.0 / 1073741824.0);
         printf("\n");
     }
-    if ((s = ccr_jsonl_close(out)) != CCR_OK)
+    if ((s = drv_io_close(out)) != CCR_OK)
         drv_fail(PROG, ctx, s, "close");
     free(xs);
     free(y);

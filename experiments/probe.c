@@ -30,6 +30,7 @@
 
 #include "common.h"
 #include "internal.h"  // provides: ccr_mallocn, ccr_malloc3, ccr_mul_ok
+#include "outputs.h"
 
 #define PROG "ccr-probe"
 #define MAX_META 64
@@ -180,6 +181,8 @@ int main(int argc, char **argv)
 {
     options o;
     parse(argc, argv, &o);
+    drv_io_output("--out", o.out);
+    drv_io_check(PROG);   /* a directory we cannot write to is a usage error */
     ccr_ctx *ctx;
     ccr_backend *be;
     gsl_rng *rng;
@@ -193,16 +196,6 @@ int main(int argc, char **argv)
         drv_usage_error(PROG, "bad configuration: %s", ccr_ctx_errmsg(ctx));
     if (s != CCR_OK)
         drv_fail(PROG, ctx, s, "layer");
-
-    /* An --out in a directory we cannot write to is a usage error too. */
-    char dir[4096];
-    const char *slash = strrchr(o.out, '/');
-    if (slash == NULL)
-        snprintf(dir, sizeof dir, ".");
-    else
-        snprintf(dir, sizeof dir, "%.*s", (int)(slash == o.out ? 1 : slash - o.out), o.out);
-    if (access(dir, W_OK | X_OK) != 0)
-        drv_usage_error(PROG, "cannot write --out %s: %s", o.out, strerror(errno));
 
     ccr_arena *arena;
     if ((s = ccr_arena_init(be, &arena)) != CCR_OK)

@@ -18,6 +18,7 @@
 
 #include "common.h"
 #include "internal.h"  // provides: ccr_mallocn, ccr_malloc3, ccr_mul_ok
+#include "outputs.h"
 #include "fit.h"
 
 #define PROG "ccr-train"
@@ -156,6 +157,10 @@ int main(int argc, char **argv)
 {
     options o;
     parse(argc, argv, &o);
+    drv_io_input_fmnist("--data", o.data);
+    drv_io_output("--out", o.out);
+    drv_io_output("--save", o.save);
+    drv_io_check(PROG);
     ccr_ctx *ctx;
     ccr_backend *be;
     gsl_rng *rng;

@@ -36,6 +36,7 @@
 
 #include "common.h"
 #include "internal.h"  // provides: ccr_mallocn, ccr_malloc3, ccr_mul_ok
+#include "outputs.h"
 #include "fit.h"
 
 #define PROG "ccr-tree"
@@ -429,6 +430,10 @@ int main(int argc, char **argv)
 {
     options o;
     parse(argc, argv, &o);
+    if (o.fmnist)
+        drv_io_input_fmnist("--data", o.data);
+    drv_io_output("--out", o.out);
+    drv_io_check(PROG);
     ccr_ctx *ctx;
     ccr_backend *be;
     gsl_rng *drng;
