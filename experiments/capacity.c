@@ -107,44 +107,34 @@ static void usage(void)
 /* A comma-separated list of sizes >= min. */
 static size_t parse_list(const char *flag, const char *v, size_t *out, size_t min)
 {
-    if (v == NULL || v[0] == '\0')
-        drv_usage_error(PROG, "%s needs a comma-separated list", flag);
-    size_t n = 0;
-    for (const char *p = v; *p != '\0';) {
-        char item[32];
-        size_t len = strcspn(p, ",");
-        if (len == 0 || len >= sizeof item || n == MAXL)
-            drv_usage_error(PROG, "%s: bad list '%s' (at most %d values)", flag, v, MAXL);
-        memcpy(item, p, len);
-        item[len] = '\0';
-        out[n++] = drv_parse_size(PROG, flag, item, min);
-        p += len + (p[len] == ',');
-    }
+    drv_err e;
+    size_t n;
+    if (!drv_scan_size_list(flag, v, min, out, MAXL, &n, &e))
+        drv_usage_error(PROG, "%s", e.msg);
     return n;
 }
 
 static void parse_gates(const char *v, bool *on)
 {
-    if (v == NULL || v[0] == '\0')
-        drv_usage_error(PROG, "--gates needs a comma-separated list");
+    drv_span item[2 * S_COUNT];
+    size_t n = drv_parse_list(PROG, "--gates", v, item, 2 * S_COUNT);
     memset(on, 0, S_COUNT * sizeof *on);
-    for (const char *p = v; *p != '\0';) {
-        size_t len = strcspn(p, ",");
+    for (size_t j = 0; j < n; j++) {
         bool found = false;
         for (int s = 0; s < S_COUNT; s++)
-            if (strlen(series_name[s]) == len && strncmp(p, series_name[s], len) == 0)
+            if (drv_span_is(item[j], series_name[s]))
                 on[s] = found = true;
-        if (len == 8 && strncmp(p, "signtree", 8) == 0)
+        if (drv_span_is(item[j], "signtree"))
             on[S_PATH] = on[S_LEAF] = found = true;
-        if (len == 3 && strncmp(p, "all", 3) == 0) {
+        if (drv_span_is(item[j], "all")) {
             for (int s = 0; s < S_DENSE; s++)
                 on[s] = true;
             found = true;
         }
         if (!found)
             drv_usage_error(PROG, "unknown gate '%.*s' in --gates (none, topk, hmoe, switch, "
-                            "signtree, signtree-path, signtree-leaf, dense, all)", (int)len, p);
-        p += len + (p[len] == ',');
+                            "signtree, signtree-path, signtree-leaf, dense, all)",
+                            (int)item[j].len, item[j].p);
     }
 }
 

@@ -10,6 +10,7 @@
 #include <gsl/gsl_errno.h>
 #include <math.h>
 #include <stdarg.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -126,63 +127,207 @@ void drv_teardown(const char *prog, ccr_ctx *ctx, ccr_backend *be, gsl_rng *rng,
         ccr_ctx_free(ctx);
 }
 
-size_t drv_parse_size(const char *prog, const char *flag, const char *v, size_t min)
+/* ---- Option values: non-exiting scanners, then the exiting wrappers ---- */
+
+static bool scan_fail(drv_err *e, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+static bool scan_fail(drv_err *e, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(e->msg, sizeof e->msg, fmt, ap);
+    va_end(ap);
+    return false;
+}
+
+/* Decimal digits only, the whole span: no space, sign, "0x" or exponent. */
+static bool scan_digits(const char *p, size_t len, size_t *out, bool *overflow)
+{
+    size_t x = 0;
+    *overflow = false;
+    if (len == 0)
+        return false;
+    for (size_t i = 0; i < len; i++) {
+        if (p[i] < '0' || p[i] > '9')
+            return false;
+        size_t d = (size_t)(p[i] - '0');
+        if (x > (SIZE_MAX - d) / 10)
+            *overflow = true;
+        else
+            x = 10 * x + d;
+    }
+    *out = x;
+    return true;
+}
+
+static bool scan_size_span(const char *flag, const char *p, size_t len, size_t min,
+                           size_t *out, drv_err *e)
+{
+    bool overflow;
+    size_t x;
+    if (!scan_digits(p, len, &x, &overflow))
+        return scan_fail(e, "%s must be a non-negative integer (digits only), got '%.*s'", flag,
+                         (int)len, p);
+    if (overflow)
+        return scan_fail(e, "%s: '%.*s' is out of range (at most %zu)", flag, (int)len, p,
+                         (size_t)SIZE_MAX);
+    if (x < min)
+        return scan_fail(e, "%s must be >= %zu, got %zu", flag, min, x);
+    *out = x;
+    return true;
+}
+
+bool drv_scan_size(const char *flag, const char *v, size_t min, size_t *out, drv_err *e)
 {
     if (v == NULL)
-        drv_usage_error(prog, "%s needs a value", flag);
+        return scan_fail(e, "%s needs a value", flag);
+    return scan_size_span(flag, v, strlen(v), min, out, e);
+}
+
+bool drv_scan_seed(const char *flag, const char *v, unsigned long *out, drv_err *e)
+{
+    size_t x;
+    if (!drv_scan_size(flag, v, 0, &x, e))
+        return false;
+    /* GSL's MT19937 keeps the low 32 bits of the seed and replaces 0 with its
+     * default 4357: any other value would silently alias another seed. */
+    if (x < 1 || x > DRV_SEED_MAX)
+        return scan_fail(e, "%s must be in [1, %lu], got %zu", flag, DRV_SEED_MAX, x);
+    *out = (unsigned long)x;
+    return true;
+}
+
+/* [-]digits[.digits] | [-].digits, then optionally [eE][+-]digits. */
+static bool plain_decimal(const char *v)
+{
+    const char *p = v;
+    size_t n_int = 0, n_frac = 0, n_exp = 0;
+    if (*p == '-')
+        p++;
+    while (*p >= '0' && *p <= '9')
+        p++, n_int++;
+    if (*p == '.') {
+        p++;
+        while (*p >= '0' && *p <= '9')
+            p++, n_frac++;
+    }
+    if (n_int + n_frac == 0)
+        return false;
+    if (*p == 'e' || *p == 'E') {
+        p++;
+        if (*p == '+' || *p == '-')
+            p++;
+        while (*p >= '0' && *p <= '9')
+            p++, n_exp++;
+        if (n_exp == 0)
+            return false;
+    }
+    return *p == '\0';
+}
+
+bool drv_scan_double(const char *flag, const char *v, double min, double max, double *out,
+                     drv_err *e)
+{
+    if (v == NULL)
+        return scan_fail(e, "%s needs a value", flag);
+    if (!plain_decimal(v) || (v[0] == '-' && min >= 0))
+        return scan_fail(e, "%s must be a %snumber like 0.5 or 1e-3, got '%s'", flag,
+                         min >= 0 ? "non-negative " : "", v);
     char *end;
     errno = 0;
-    if (v[0] == '-')
-        drv_usage_error(prog, "%s must be a non-negative integer, got '%s'", flag, v);
-    unsigned long long x = strtoull(v, &end, 10);
-    if (errno != 0 || end == v || *end != '\0')
-        drv_usage_error(prog, "%s must be a non-negative integer, got '%s'", flag, v);
-    if (x < min)
-        drv_usage_error(prog, "%s must be >= %zu, got %llu", flag, min, x);
-    return (size_t)x;
+    double x = strtod(v, &end);
+    /* ERANGE: too large for a double, or so small that it lost precision. */
+    if (errno != 0 || *end != '\0' || !isfinite(x))
+        return scan_fail(e, "%s: '%s' is out of a double's range", flag, v);
+    if (x < min || x > max)
+        return scan_fail(e, "%s must be in [%g, %g], got %g", flag, min, max, x);
+    *out = x;
+    return true;
+}
+
+bool drv_scan_list(const char *flag, const char *v, drv_span *items, size_t cap, size_t *n,
+                   drv_err *e)
+{
+    if (v == NULL || v[0] == '\0')
+        return scan_fail(e, "%s needs a comma-separated list", flag);
+    *n = 0;
+    for (const char *p = v;; p++) {
+        size_t len = strcspn(p, ",");
+        if (len == 0)
+            return scan_fail(e, "%s: empty item in list '%s'", flag, v);
+        if (*n == cap)
+            return scan_fail(e, "%s: at most %zu values in '%s'", flag, cap, v);
+        items[(*n)++] = (drv_span){p, len};
+        p += len;
+        if (*p == '\0')
+            return true;
+    }
+}
+
+bool drv_span_is(drv_span s, const char *name)
+{
+    return strlen(name) == s.len && strncmp(s.p, name, s.len) == 0;
+}
+
+bool drv_scan_size_list(const char *flag, const char *v, size_t min, size_t *out, size_t cap,
+                        size_t *n, drv_err *e)
+{
+    drv_span items[DRV_LIST_MAX];
+    if (cap > DRV_LIST_MAX)
+        cap = DRV_LIST_MAX;
+    if (!drv_scan_list(flag, v, items, cap, n, e))
+        return false;
+    for (size_t i = 0; i < *n; i++)
+        if (!scan_size_span(flag, items[i].p, items[i].len, min, &out[i], e))
+            return false;
+    return true;
+}
+
+size_t drv_parse_size(const char *prog, const char *flag, const char *v, size_t min)
+{
+    drv_err e;
+    size_t x;
+    if (!drv_scan_size(flag, v, min, &x, &e))
+        drv_usage_error(prog, "%s", e.msg);
+    return x;
 }
 
 double drv_parse_double(const char *prog, const char *flag, const char *v, double min,
                         double max)
 {
-    if (v == NULL)
-        drv_usage_error(prog, "%s needs a value", flag);
-    char *end;
-    errno = 0;
-    double x = strtod(v, &end);
-    if (errno != 0 || end == v || *end != '\0' || !isfinite(x))
-        drv_usage_error(prog, "%s must be a number, got '%s'", flag, v);
-    if (x < min || x > max)
-        drv_usage_error(prog, "%s must be in [%g, %g], got %g", flag, min, max, x);
+    drv_err e;
+    double x;
+    if (!drv_scan_double(flag, v, min, max, &x, &e))
+        drv_usage_error(prog, "%s", e.msg);
     return x;
 }
 
 unsigned long drv_parse_seed(const char *prog, const char *flag, const char *v)
 {
-    return (unsigned long)drv_parse_size(prog, flag, v, 0);
+    drv_err e;
+    unsigned long x;
+    if (!drv_scan_seed(flag, v, &x, &e))
+        drv_usage_error(prog, "%s", e.msg);
+    return x;
 }
 
 size_t drv_parse_size_list(const char *prog, const char *flag, const char *v, size_t *out,
                            size_t cap)
 {
-    if (v == NULL || v[0] == '\0')
-        drv_usage_error(prog, "%s needs a comma-separated list", flag);
-    size_t n = 0;
-    const char *p = v;
-    while (*p != '\0') {
-        char item[32];
-        size_t len = strcspn(p, ",");
-        if (len == 0 || len >= sizeof item)
-            drv_usage_error(prog, "%s: bad list '%s'", flag, v);
-        if (n == cap)
-            drv_usage_error(prog, "%s: at most %zu values", flag, cap);
-        memcpy(item, p, len);
-        item[len] = '\0';
-        out[n++] = drv_parse_size(prog, flag, item, 1);
-        p += len;
-        if (*p == ',')
-            p++;
-    }
+    drv_err e;
+    size_t n;
+    if (!drv_scan_size_list(flag, v, 1, out, cap, &n, &e))
+        drv_usage_error(prog, "%s", e.msg);
+    return n;
+}
+
+size_t drv_parse_list(const char *prog, const char *flag, const char *v, drv_span *items,
+                      size_t cap)
+{
+    drv_err e;
+    size_t n;
+    if (!drv_scan_list(flag, v, items, cap, &n, &e))
+        drv_usage_error(prog, "%s", e.msg);
     return n;
 }
 
@@ -275,60 +420,88 @@ const char drv_gate_usage[] =
     "  --bank NAME          ffn | linear [linear for signtree, ffn otherwise]\n"
     "  --expert-hidden N    hidden width of FFN experts [64]\n";
 
-static size_t gate_size(const char *prog, const char *flag, const char *v, size_t min)
+/* One of two names: *out = 0 for a, 1 for b. */
+static bool scan_choice(const char *flag, const char *v, const char *a, const char *b, int *out,
+                        drv_err *e)
 {
-    return drv_parse_size(prog, flag, v, min);
+    if (v != NULL && strcmp(v, a) == 0)
+        *out = 0;
+    else if (v != NULL && strcmp(v, b) == 0)
+        *out = 1;
+    else
+        return scan_fail(e, "%s must be %s or %s", flag, a, b);
+    return true;
+}
+
+drv_opt drv_scan_gate_option(const char *flag, const char *v, ccr_cond_config *cfg,
+                             bool *used_value, drv_err *e)
+{
+    ccr_gate_config *g = &cfg->gate_cfg;
+    static const struct {
+        const char *flag;
+        size_t min;
+    } sizes[] = {{"--experts", 1}, {"--k", 1}, {"--groups", 1}, {"--k2", 1}, {"--depth", 0},
+                 {"--expert-hidden", 1}};
+    size_t *size_field[] = {&g->n_experts, &g->k, &g->n_groups, &g->k2, &g->depth, &cfg->hidden};
+    static const struct {
+        const char *flag;
+        double min, max;
+    } reals[] = {{"--capacity-factor", 1e-9, 1e9}, {"--w-importance", 0, 1e6},
+                 {"--w-load", 0, 1e6}, {"--aux-alpha", 0, 1e6}, {"--z-loss", 0, 1e6},
+                 {"--noise-eps", 0, 1e6}};
+    double *real_field[] = {&g->capacity_factor, &g->w_importance, &g->w_load, &g->aux_alpha,
+                            &g->z_loss, &g->noise_eps};
+    static const struct {
+        const char *flag, *a, *b;
+    } choices[] = {{"--combine", "path", "leaf"}, {"--bits-from", "projection", "input"},
+                   {"--grad-mode", "none", "ste"}, {"--bank", "ffn", "linear"}};
+    int c = 0;
+
+    *used_value = true;
+    if (strcmp(flag, "--randomize") == 0) {
+        g->randomize = true;
+        *used_value = false;
+        return DRV_OPT_OK;
+    }
+    if (strcmp(flag, "--gate") == 0) {
+        const ccr_gate_type *t = v ? ccr_gate_type_find(v) : NULL;
+        if (t == NULL)
+            return scan_fail(e, "--gate must be one of: %s", ccr_gate_type_names()), DRV_OPT_BAD;
+        cfg->gate = t;
+        return DRV_OPT_OK;
+    }
+    for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++)
+        if (strcmp(flag, sizes[i].flag) == 0)
+            return drv_scan_size(flag, v, sizes[i].min, size_field[i], e) ? DRV_OPT_OK
+                                                                          : DRV_OPT_BAD;
+    for (size_t i = 0; i < sizeof reals / sizeof reals[0]; i++)
+        if (strcmp(flag, reals[i].flag) == 0)
+            return drv_scan_double(flag, v, reals[i].min, reals[i].max, real_field[i], e)
+                       ? DRV_OPT_OK
+                       : DRV_OPT_BAD;
+    for (size_t i = 0; i < sizeof choices / sizeof choices[0]; i++) {
+        if (strcmp(flag, choices[i].flag) != 0)
+            continue;
+        if (!scan_choice(flag, v, choices[i].a, choices[i].b, &c, e))
+            return DRV_OPT_BAD;
+        if (i == 0) g->combine = c ? CCR_COMBINE_LEAF : CCR_COMBINE_PATH;
+        else if (i == 1) g->bits_from = c ? CCR_BITS_INPUT : CCR_BITS_PROJECTION;
+        else if (i == 2) g->grad_mode = c ? CCR_GRAD_STE : CCR_GRAD_NONE;
+        else cfg->bank = c ? CCR_BANK_LINEAR : CCR_BANK_FFN;
+        return DRV_OPT_OK;
+    }
+    *used_value = false;
+    return DRV_OPT_NONE;
 }
 
 bool drv_parse_gate_option(const char *prog, const char *flag, const char *v,
                            ccr_cond_config *cfg, bool *used_value)
 {
-    ccr_gate_config *g = &cfg->gate_cfg;
-    *used_value = true;
-    if (strcmp(flag, "--randomize") == 0) {
-        g->randomize = true;
-        *used_value = false;
-    } else if (strcmp(flag, "--gate") == 0) {
-        cfg->gate = v ? ccr_gate_type_find(v) : NULL;
-        if (cfg->gate == NULL)
-            drv_usage_error(prog, "--gate must be one of: %s", ccr_gate_type_names());
-    } else if (strcmp(flag, "--experts") == 0) g->n_experts = gate_size(prog, flag, v, 1);
-    else if (strcmp(flag, "--k") == 0) g->k = gate_size(prog, flag, v, 1);
-    else if (strcmp(flag, "--groups") == 0) g->n_groups = gate_size(prog, flag, v, 1);
-    else if (strcmp(flag, "--k2") == 0) g->k2 = gate_size(prog, flag, v, 1);
-    else if (strcmp(flag, "--depth") == 0) g->depth = gate_size(prog, flag, v, 0);
-    else if (strcmp(flag, "--expert-hidden") == 0) cfg->hidden = gate_size(prog, flag, v, 1);
-    else if (strcmp(flag, "--combine") == 0) {
-        if (v && strcmp(v, "path") == 0) g->combine = CCR_COMBINE_PATH;
-        else if (v && strcmp(v, "leaf") == 0) g->combine = CCR_COMBINE_LEAF;
-        else drv_usage_error(prog, "--combine must be path or leaf");
-    } else if (strcmp(flag, "--bits-from") == 0) {
-        if (v && strcmp(v, "projection") == 0) g->bits_from = CCR_BITS_PROJECTION;
-        else if (v && strcmp(v, "input") == 0) g->bits_from = CCR_BITS_INPUT;
-        else drv_usage_error(prog, "--bits-from must be projection or input");
-    } else if (strcmp(flag, "--grad-mode") == 0) {
-        if (v && strcmp(v, "none") == 0) g->grad_mode = CCR_GRAD_NONE;
-        else if (v && strcmp(v, "ste") == 0) g->grad_mode = CCR_GRAD_STE;
-        else drv_usage_error(prog, "--grad-mode must be none or ste");
-    } else if (strcmp(flag, "--bank") == 0) {
-        if (v && strcmp(v, "ffn") == 0) cfg->bank = CCR_BANK_FFN;
-        else if (v && strcmp(v, "linear") == 0) cfg->bank = CCR_BANK_LINEAR;
-        else drv_usage_error(prog, "--bank must be ffn or linear");
-    } else if (strcmp(flag, "--capacity-factor") == 0)
-        g->capacity_factor = drv_parse_double(prog, flag, v, 1e-9, 1e9);
-    else if (strcmp(flag, "--w-importance") == 0)
-        g->w_importance = drv_parse_double(prog, flag, v, 0, 1e6);
-    else if (strcmp(flag, "--w-load") == 0) g->w_load = drv_parse_double(prog, flag, v, 0, 1e6);
-    else if (strcmp(flag, "--aux-alpha") == 0)
-        g->aux_alpha = drv_parse_double(prog, flag, v, 0, 1e6);
-    else if (strcmp(flag, "--z-loss") == 0) g->z_loss = drv_parse_double(prog, flag, v, 0, 1e6);
-    else if (strcmp(flag, "--noise-eps") == 0)
-        g->noise_eps = drv_parse_double(prog, flag, v, 0, 1e6);
-    else {
-        *used_value = false;
-        return false;
-    }
-    return true;
+    drv_err e;
+    drv_opt r = drv_scan_gate_option(flag, v, cfg, used_value, &e);
+    if (r == DRV_OPT_BAD)
+        drv_usage_error(prog, "%s", e.msg);
+    return r == DRV_OPT_OK;
 }
 
 void drv_gate_finish(ccr_cond_config *cfg, bool bank_set)

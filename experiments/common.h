@@ -23,6 +23,44 @@ void drv_usage_error(const char *prog, const char *fmt, ...)
 void drv_fail(const char *prog, ccr_ctx *ctx, ccr_status s, const char *what)
     __attribute__((noreturn));
 
+/* Option values.  The drv_scan_* functions never exit: they return false
+ * (or DRV_OPT_BAD) with a one-line message in e->msg naming the flag, so
+ * that tests and the option fuzzer can call them.  The drv_parse_* wrappers
+ * exit 2 with that message.  Accepted grammar (docs/DESIGN.md, "Driver
+ * options"):
+ *   size    [0-9]+, at most SIZE_MAX; no space, sign, "0x" or exponent
+ *   seed    a size in [1, DRV_SEED_MAX] (GSL's MT19937 keeps 32 bits and
+ *           maps 0 to 4357, so other values would alias)
+ *   double  [-]D[.D][e[+-]D] or [-].D[e[+-]D] with D = [0-9]+, finite,
+ *           in [min, max]; no '-' when min >= 0; no space, '+', "inf",
+ *           "nan" or hex
+ *   list    comma-separated items, none empty, at most cap of them */
+#define DRV_SEED_MAX 4294967295UL
+#define DRV_LIST_MAX 64
+
+typedef struct drv_err {
+    char msg[256];
+} drv_err;
+
+/* One item of a comma-separated list: len bytes at p (not terminated). */
+typedef struct drv_span {
+    const char *p;
+    size_t len;
+} drv_span;
+
+bool drv_scan_size(const char *flag, const char *v, size_t min, size_t *out, drv_err *e);
+bool drv_scan_seed(const char *flag, const char *v, unsigned long *out, drv_err *e);
+bool drv_scan_double(const char *flag, const char *v, double min, double max, double *out,
+                     drv_err *e);
+/* Splits v at commas into items[0..*n), *n <= cap. */
+bool drv_scan_list(const char *flag, const char *v, drv_span *items, size_t cap, size_t *n,
+                   drv_err *e);
+/* A list of sizes >= min into out[0..*n), *n <= min(cap, DRV_LIST_MAX). */
+bool drv_scan_size_list(const char *flag, const char *v, size_t min, size_t *out, size_t cap,
+                        size_t *n, drv_err *e);
+/* True when the item is exactly name. */
+bool drv_span_is(drv_span s, const char *name);
+
 /* Parse a flag's value or exit 2 naming the flag. */
 size_t drv_parse_size(const char *prog, const char *flag, const char *v, size_t min);
 double drv_parse_double(const char *prog, const char *flag, const char *v, double min,
@@ -32,6 +70,9 @@ unsigned long drv_parse_seed(const char *prog, const char *flag, const char *v);
 /* Parses "512,256" into out (at most cap values, each >= 1); returns count. */
 size_t drv_parse_size_list(const char *prog, const char *flag, const char *v, size_t *out,
                            size_t cap);
+/* drv_scan_list or exit 2; returns the count. */
+size_t drv_parse_list(const char *prog, const char *flag, const char *v, drv_span *items,
+                      size_t cap);
 
 /* The arguments every driver reads alike: --help or -h prints usage() and
  * exits 0; an argument not starting with "--" exits 2 ("unexpected
@@ -101,6 +142,12 @@ ccr_status drv_record_base(ccr_record *r, const char *driver, const ccr_backend 
  * value, and returns true. */
 bool drv_parse_gate_option(const char *prog, const char *flag, const char *value,
                            ccr_cond_config *cfg, bool *used_value);
+
+/* The same without exiting: DRV_OPT_NONE when flag is not a gate option,
+ * DRV_OPT_OK when parsed, DRV_OPT_BAD with e->msg on a bad value. */
+typedef enum drv_opt { DRV_OPT_NONE, DRV_OPT_OK, DRV_OPT_BAD } drv_opt;
+drv_opt drv_scan_gate_option(const char *flag, const char *value, ccr_cond_config *cfg,
+                             bool *used_value, drv_err *e);
 
 /* ccr_cond_config_default() with the gate defaults drv_gate_usage states
  * (E 8, k 2, groups 2, k2 2, depth 4). */

@@ -86,20 +86,16 @@ static const char *const known[] = {"moe-4", "moe-32", "moe-256", "moe-256-h", "
 
 static void parse_models(options *o, const char *v)
 {
-    static char buf[1024];
-    if (v == NULL || strlen(v) >= sizeof buf || v[0] == '\0')
-        drv_usage_error(PROG, "--models needs a comma-separated list");
-    strcpy(buf, v);
-    o->n_models = 0;
-    for (char *tok = strtok(buf, ","); tok != NULL; tok = strtok(NULL, ",")) {
-        bool ok = false;
-        for (size_t i = 0; known[i] != NULL; i++)
-            ok = ok || strcmp(known[i], tok) == 0;
-        if (!ok)
-            drv_usage_error(PROG, "unknown model '%s' in --models", tok);
-        if (o->n_models == MAX_MODELS)
-            drv_usage_error(PROG, "--models: at most %d", MAX_MODELS);
-        o->models[o->n_models++] = tok;
+    drv_span item[MAX_MODELS];
+    o->n_models = drv_parse_list(PROG, "--models", v, item, MAX_MODELS);
+    for (size_t j = 0; j < o->n_models; j++) {
+        size_t i = 0;
+        while (known[i] != NULL && !drv_span_is(item[j], known[i]))
+            i++;
+        if (known[i] == NULL)
+            drv_usage_error(PROG, "unknown model '%.*s' in --models", (int)item[j].len,
+                            item[j].p);
+        o->models[j] = known[i];
     }
 }
 

@@ -93,17 +93,15 @@ static void usage(void)
 
 static void parse_models(const char *v, bool *m)
 {
-    if (v == NULL || *v == '\0')
-        drv_usage_error(PROG, "--models needs a list");
+    drv_span item[M_COUNT];
+    size_t n = drv_parse_list(PROG, "--models", v, item, M_COUNT);
     memset(m, 0, M_COUNT * sizeof *m);
-    char buf[256];
-    snprintf(buf, sizeof buf, "%s", v);
-    for (char *save = NULL, *t = strtok_r(buf, ",", &save); t; t = strtok_r(NULL, ",", &save)) {
+    for (size_t j = 0; j < n; j++) {
         int k = 0;
-        while (k < M_COUNT && strcmp(t, model_names[k]) != 0)
+        while (k < M_COUNT && !drv_span_is(item[j], model_names[k]))
             k++;
         if (k == M_COUNT)
-            drv_usage_error(PROG, "--models: unknown model '%s'", t);
+            drv_usage_error(PROG, "--models: unknown model '%.*s'", (int)item[j].len, item[j].p);
         m[k] = true;
     }
 }
