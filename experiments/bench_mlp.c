@@ -16,6 +16,8 @@
 #include <string.h>
 
 #include "common.h"
+#include "internal.h"  // provides: ccr_mallocn, ccr_malloc3, ccr_mul_ok
+#include "outputs.h"
 
 #define PROG "ccr-bench-mlp"
 #define MAXL 16
@@ -109,6 +111,8 @@ int main(int argc, char **argv)
         else if (strcmp(a, "--out") == 0 && v) out_path = v;
         else drv_usage_error(PROG, "unknown or incomplete option '%s'", a);
     }
+    drv_io_output("--out", out_path);
+    drv_io_check(PROG);
     size_t w[MAXL];
     w[0] = d_in;
     memcpy(w + 1, hidden, nh * sizeof *w);
@@ -127,8 +131,13 @@ int main(int argc, char **argv)
      * steps on one fixed batch drives gradients and Adam's second moments
      * into the subnormal range, where every float operation is ~100x
      * slower, and the benchmark would measure that instead of ccr. */
-    float *x = malloc(POOL * max_batch * d_in * sizeof *x);
-    int32_t *y = malloc(POOL * max_batch * sizeof *y);
+    size_t pool_n, buf_bytes;
+    if (!ccr_mul3_ok(POOL, max_batch, d_in, &pool_n))
+        drv_fail(PROG, ctx, ccr_mem_check(ctx, SIZE_MAX, "input pool"), "buffers");
+    float *x = ccr_mallocn(pool_n, sizeof *x);
+    int32_t *y = ccr_malloc3(POOL, max_batch, sizeof *y);
+    if (x == NULL || y == NULL)
+        drv_fail(PROG, ctx, CCR_ENOMEM, "input pool");
     for (size_t i = 0; i < POOL * max_batch * d_in; i++)
         x[i] = (float)gsl_rng_uniform(rng);
     for (size_t i = 0; i < POOL * max_batch; i++)
@@ -138,12 +147,14 @@ int main(int argc, char **argv)
     for (size_t l = 0; l <= nl; l++)
         big = w[l] > big ? w[l] : big;
     size_t sq_max = 4096;
-    size_t buf_n = (big * (max_batch > big ? max_batch : big));
-    buf_n = buf_n > sq_max * sq_max ? buf_n : sq_max * sq_max;
+    size_t buf_n;
+    if (!ccr_mul_ok(big, max_batch > big ? max_batch : big, &buf_n) ||
+        !ccr_mul_ok(buf_n > sq_max * sq_max ? buf_n : sq_max * sq_max, 4, &buf_bytes))
+        drv_fail(PROG, ctx, ccr_mem_check(ctx, SIZE_MAX, "GEMM buffers"), "buffers");
     float *ga, *gb, *gc;
-    if ((s = ccr_backend_alloc(be, buf_n * 4, (void **)&ga)) != CCR_OK ||
-        (s = ccr_backend_alloc(be, buf_n * 4, (void **)&gb)) != CCR_OK ||
-        (s = ccr_backend_alloc(be, buf_n * 4, (void **)&gc)) != CCR_OK)
+    if ((s = ccr_backend_alloc(be, buf_bytes, (void **)&ga)) != CCR_OK ||
+        (s = ccr_backend_alloc(be, buf_bytes, (void **)&gb)) != CCR_OK ||
+        (s = ccr_backend_alloc(be, buf_bytes, (void **)&gc)) != CCR_OK)
         drv_fail(PROG, ctx, s, "buffers");
 
     ccr_jsonl *out;
@@ -219,7 +230,7 @@ int main(int argc, char **argv)
         ccr_optim_free(opt);
         ccr_net_free(net);
     }
-    if ((s = ccr_jsonl_close(out)) != CCR_OK)
+    if ((s = drv_io_close(out)) != CCR_OK)
         drv_fail(PROG, ctx, s, "close");
     ccr_backend_free_buffer(be, ga);
     ccr_backend_free_buffer(be, gb);

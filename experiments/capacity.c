@@ -39,6 +39,8 @@
 #include <string.h>
 
 #include "common.h"
+#include "internal.h"  // provides: ccr_mallocn, ccr_malloc3, ccr_mul_ok
+#include "outputs.h"
 
 #define PROG "ccr-capacity"
 #define MAXL 32
@@ -483,6 +485,8 @@ int main(int argc, char **argv)
 {
     opts o;
     parse(argc, argv, &o);
+    drv_io_output("--out", o.out);
+    drv_io_check(PROG);
     ccr_ctx *ctx;
     ccr_backend *be;
     gsl_rng *rng;
@@ -498,7 +502,8 @@ int main(int argc, char **argv)
     drv_open_out(PROG, ctx, o.out, &rec, &out);
 
     size_t nx = POOL * o.batch * o.d;
-    float *xs = malloc(2 * nx * sizeof *xs), *y = malloc(2 * o.batch * o.d * sizeof *y);
+    float *xs = ccr_malloc3(2, nx, sizeof *xs),
+          *y = ccr_malloc3(2 * o.batch, o.d, sizeof *y); /* bounded: 2 * batch, batch <= INT_MAX */;
     if (xs == NULL || y == NULL)
         drv_fail(PROG, ctx, CCR_ENOMEM, "buffers");
     for (size_t i = 0; i < 2 * nx; i++)  /* inputs x ~ N(0,1), then dy */
@@ -546,7 +551,7 @@ int main(int argc, char **argv)
                        (double)pts[i].params * 4.0 / 1073741824.0);
         printf("\n");
     }
-    if ((s = ccr_jsonl_close(out)) != CCR_OK)
+    if ((s = drv_io_close(out)) != CCR_OK)
         drv_fail(PROG, ctx, s, "close");
     free(xs);
     free(y);

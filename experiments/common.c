@@ -4,6 +4,7 @@
  */
 #define _POSIX_C_SOURCE 200809L
 #include "common.h"
+#include "outputs.h"
 
 #include <errno.h>
 #include <gsl/gsl_errno.h>
@@ -98,6 +99,7 @@ void drv_open_out(const char *prog, ccr_ctx *ctx, const char *path, ccr_record *
     *out = NULL;
     if (path && ccr_jsonl_open(ctx, path, false, out) != CCR_OK)
         drv_usage_error(prog, "cannot open --out %s: %s", path, ccr_ctx_errmsg(ctx));
+    drv_io_watch(prog, *out);   /* a failed run leaves <path>.partial */
 }
 
 void drv_write_record(const char *prog, ccr_ctx *ctx, ccr_status s, ccr_jsonl *out,
@@ -112,7 +114,7 @@ void drv_write_record(const char *prog, ccr_ctx *ctx, ccr_status s, ccr_jsonl *o
 void drv_teardown(const char *prog, ccr_ctx *ctx, ccr_backend *be, gsl_rng *rng,
                   ccr_jsonl *out, ccr_record *rec)
 {
-    ccr_status s = ccr_jsonl_close(out);
+    ccr_status s = drv_io_close(out);
     if (s != CCR_OK)
         drv_fail(prog, ctx, s, "close results");
     if (rec)

@@ -19,6 +19,7 @@
 #include <unistd.h>
 
 #include "common.h"
+#include "internal.h"  // provides: ccr_mallocn, ccr_malloc3, ccr_mul_ok
 
 ccr_status fit_load_fmnist(ccr_ctx *ctx, const char *dir, bool test, ccr_dataset **out)
 {
@@ -42,7 +43,7 @@ ccr_status fit_pool(ccr_ctx *ctx, ccr_dataset **ds, size_t side, size_t pool)
     if (in->dim != side * side || side % pool != 0)
         return CCR_EINVAL;
     size_t s2 = side / pool;
-    ccr_status s = ccr_dataset_alloc(ctx, in->n, s2 * s2, in->n_classes, &o);
+    ccr_status s = ccr_dataset_alloc(ctx, in->n, s2 * s2, in->n_classes, &o); /* bounded: s2 * s2 <= dim */
     if (s != CCR_OK)
         return s;
     double inv = 1.0 / (double)(pool * pool);
@@ -94,9 +95,9 @@ void fit_standardize(ccr_dataset *train, ccr_dataset *test)
 
 ccr_status fit_buffers_alloc(fit_buffers *b, size_t n, size_t max_batch, size_t dim)
 {
-    b->perm = malloc((n ? n : 1) * sizeof *b->perm);
-    b->x = malloc(max_batch * dim * sizeof *b->x);
-    b->y = malloc(max_batch * sizeof *b->y);
+    b->perm = ccr_mallocn(n, sizeof *b->perm);
+    b->x = ccr_malloc3(max_batch, dim, sizeof *b->x);
+    b->y = ccr_mallocn(max_batch, sizeof *b->y);
     if (b->perm == NULL || b->x == NULL || b->y == NULL) {
         fit_buffers_free(b);
         return CCR_ENOMEM;

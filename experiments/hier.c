@@ -23,6 +23,7 @@
 #include <string.h>
 
 #include "common.h"
+#include "outputs.h"
 #include "fit.h"
 
 #define PROG "ccr-hier"
@@ -239,6 +240,9 @@ int main(int argc, char **argv)
 {
     options o;
     parse(argc, argv, &o);
+    drv_io_input_fmnist("--data", o.data);
+    drv_io_output("--out", o.out);
+    drv_io_check(PROG);
     ccr_ctx *ctx;
     ccr_backend *be;
     drv_setup(PROG, false, o.seed, &ctx, &be, NULL);

@@ -18,6 +18,7 @@
 #include <unistd.h>
 
 #include "common.h"
+#include "outputs.h"
 #include "lm_model.h"
 
 #define PROG "ccr-lm"
@@ -343,6 +344,9 @@ int main(int argc, char **argv)
 {
     options o;
     parse(argc, argv, &o);
+    drv_io_input("--corpus", o.corpus);
+    drv_io_output("--out", o.out);
+    drv_io_check(PROG);
     ccr_ctx *ctx;
     ccr_backend *be;
     gsl_rng *rng;

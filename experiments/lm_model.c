@@ -98,6 +98,23 @@ static ccr_status declare(lm_model *m)
     return s;
 }
 
+/* Bytes of the activation buffers (the `total + N` floats carved below), in
+ * double precision so that no size product can wrap; SIZE_MAX if they exceed
+ * a quarter of the address space, which also makes every size_t product
+ * below exact. */
+static size_t lm_activation_bytes(const lm_config *cfg, bool deep)
+{
+    double d = (double)cfg->d, B = (double)cfg->batch, N = B * (double)cfg->unroll;
+    double V = (double)cfg->vocab, h = deep ? (double)cfg->deep_hidden : 1.0;
+    double total = 2 * N * d + N * V + 7 * N * d + 2 * B * d + 2 * N * h + 2 * N;
+    double lstm = 5 * N * d + 2 * (N + B) * d + 2 * B * d;
+    for (size_t i = 0; i < cfg->n_blocks; i++)
+        total += 3 * N * d + (cfg->blocks[i] == LM_BLOCK_LSTM ? lstm : 0.0) +
+                 (cfg->blocks[i] == LM_BLOCK_DEEP ? (double)cfg->deep_layers * N * h : 0.0);
+    double bytes = total * (double)sizeof(float);
+    return bytes < (double)(SIZE_MAX / 4) ? (size_t)bytes : SIZE_MAX;
+}
+
 ccr_status lm_model_alloc(ccr_backend *be, const lm_config *cfg, lm_model **out)
 {
     if (be == NULL || cfg == NULL || out == NULL)
@@ -119,6 +136,7 @@ ccr_status lm_model_alloc(ccr_backend *be, const lm_config *cfg, lm_model **out)
     }
     if (deep && (cfg->deep_layers == 0 || cfg->deep_layers > 16 || cfg->deep_hidden == 0))
         CCR_FAIL(ctx, CCR_EINVAL, "deep block: 1..16 layers of hidden > 0 required");
+    CCR_TRY(ccr_mem_check(ctx, lm_activation_bytes(cfg, deep), "language model activations"));
     lm_model *m = calloc(1, sizeof *m);
     if (m == NULL)
         CCR_FAIL(ctx, CCR_ENOMEM, "model");
@@ -149,7 +167,7 @@ ccr_status lm_model_alloc(ccr_backend *be, const lm_config *cfg, lm_model **out)
     for (size_t i = 0; i < cfg->n_blocks; i++)
         total += per_block + (cfg->blocks[i] == LM_BLOCK_LSTM ? lstm_extra : 0) +
                  (cfg->blocks[i] == LM_BLOCK_DEEP ? cfg->deep_layers * N * h : 0);
-    m->mem = calloc(total + N, sizeof(float));
+    m->mem = calloc(total + N, sizeof(float)); /* bounded: lm_activation_bytes checked it */
     if (m->mem == NULL) {
         lm_model_free(m);
         CCR_FAIL(ctx, CCR_ENOMEM, "%zu floats of activations", total);

@@ -148,7 +148,7 @@ ccr_status lm_evaluate(lm_model *m, const int32_t *tok, size_t n, double *nll, s
 {
     const lm_config *c = lm_model_config(m);
     size_t N = c->batch * c->unroll;
-    int32_t *buf = malloc(2 * N * sizeof *buf);
+    int32_t *buf = ccr_malloc3(2, N, sizeof *buf);
     if (buf == NULL)
         return CCR_ENOMEM;
     lm_stream s;
@@ -174,7 +174,7 @@ ccr_status lm_train_run(lm_model *m, ccr_optim *opt, gsl_rng *rng, const lm_trai
 {
     const lm_config *c = lm_model_config(m);
     size_t N = c->batch * c->unroll;
-    int32_t *buf = malloc(2 * N * sizeof *buf);
+    int32_t *buf = ccr_malloc3(2, N, sizeof *buf);
     if (buf == NULL)
         return CCR_ENOMEM;
     lm_stream s;

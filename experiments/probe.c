@@ -29,6 +29,8 @@
 #include <unistd.h>
 
 #include "common.h"
+#include "internal.h"  // provides: ccr_mallocn, ccr_malloc3, ccr_mul_ok
+#include "outputs.h"
 
 #define PROG "ccr-probe"
 #define MAX_META 64
@@ -164,9 +166,10 @@ static void add_tensor(tensors *ts, const char *name, ccr_dtype dt, size_t rank,
     ts->owned[ts->n - 1] = owned;
 }
 
-static void *xmalloc(size_t n)
+/* a x b elements of `size` bytes; exits 1 on overflow or exhaustion. */
+static void *xmalloc(size_t a, size_t b, size_t size)
 {
-    void *p = malloc(n ? n : 1);
+    void *p = ccr_malloc3(a, b, size);
     if (p == NULL) {
         fprintf(stderr, "%s: out of memory\n", PROG);
         exit(1);
@@ -178,6 +181,8 @@ int main(int argc, char **argv)
 {
     options o;
     parse(argc, argv, &o);
+    drv_io_output("--out", o.out);
+    drv_io_check(PROG);   /* a directory we cannot write to is a usage error */
     ccr_ctx *ctx;
     ccr_backend *be;
     gsl_rng *rng;
@@ -192,16 +197,6 @@ int main(int argc, char **argv)
     if (s != CCR_OK)
         drv_fail(PROG, ctx, s, "layer");
 
-    /* An --out in a directory we cannot write to is a usage error too. */
-    char dir[4096];
-    const char *slash = strrchr(o.out, '/');
-    if (slash == NULL)
-        snprintf(dir, sizeof dir, ".");
-    else
-        snprintf(dir, sizeof dir, "%.*s", (int)(slash == o.out ? 1 : slash - o.out), o.out);
-    if (access(dir, W_OK | X_OK) != 0)
-        drv_usage_error(PROG, "cannot write --out %s: %s", o.out, strerror(errno));
-
     ccr_arena *arena;
     if ((s = ccr_arena_init(be, &arena)) != CCR_OK)
         drv_fail(PROG, ctx, s, "arena");
@@ -211,10 +206,10 @@ int main(int argc, char **argv)
         drv_fail(PROG, ctx, s, "parameters");
 
     size_t B = o.batch, din = o.cc.d_in, dout = o.cc.d_out;
-    float *x = xmalloc(B * din * sizeof *x);
-    float *dy = xmalloc(B * dout * sizeof *dy);
-    float *y = xmalloc(B * dout * sizeof *y);
-    float *dx = xmalloc(B * din * sizeof *dx);
+    float *x = xmalloc(B, din, sizeof *x);
+    float *dy = xmalloc(B, dout, sizeof *dy);
+    float *y = xmalloc(B, dout, sizeof *y);
+    float *dx = xmalloc(B, din, sizeof *dx);
     for (size_t i = 0; i < B * din; i++)
         x[i] = (float)(2.0 * gsl_rng_uniform(rng) - 1.0);
     for (size_t i = 0; i < B * dout; i++)
@@ -230,8 +225,8 @@ int main(int argc, char **argv)
         return 1;
     }
     size_t slots = r->slots;
-    int32_t *ids = xmalloc(B * slots * sizeof *ids);
-    float *weights = xmalloc(B * slots * sizeof *weights);
+    int32_t *ids = xmalloc(B, slots, sizeof *ids);
+    float *weights = xmalloc(B, slots, sizeof *weights);
     memcpy(ids, r->ids, B * slots * sizeof *ids);
     memcpy(weights, r->weights, B * slots * sizeof *weights);
 
@@ -273,17 +268,17 @@ int main(int argc, char **argv)
         size_t n = 1;
         for (size_t j = 0; j < rank; j++)
             n *= shape[j];
-        float *copy = xmalloc(n * sizeof *copy);
+        float *copy = xmalloc(n, 1, sizeof *copy);
         memcpy(copy, data, n * sizeof *copy);
         add_tensor(&ts, name, CCR_DTYPE_F32, rank, shape, copy, true);
     }
 
     /* Parameters and their gradients, as param.<name> and grad.<name>. */
     size_t n_par = ccr_arena_count(arena);
-    char (*names)[CCR_ARENA_MAX_NAME + 8] = xmalloc(2 * n_par * sizeof *names);
+    char (*names)[CCR_ARENA_MAX_NAME + 8] = xmalloc(2, n_par, sizeof *names);
     for (size_t i = 0; i < n_par; i++) {
         size_t n = ccr_arena_size(arena, i);
-        float *val = xmalloc(n * sizeof *val), *grad = xmalloc(n * sizeof *grad);
+        float *val = xmalloc(n, 1, sizeof *val), *grad = xmalloc(n, 1, sizeof *grad);
         if ((s = ccr_arena_get(arena, i, val)) != CCR_OK ||
             (s = ccr_arena_get_grad(arena, i, grad)) != CCR_OK)
             drv_fail(PROG, ctx, s, "parameters");

@@ -17,6 +17,8 @@
 #include <string.h>
 
 #include "common.h"
+#include "internal.h"  // provides: ccr_mallocn, ccr_malloc3, ccr_mul_ok
+#include "outputs.h"
 #include "fit.h"
 
 #define PROG "ccr-train"
@@ -155,6 +157,10 @@ int main(int argc, char **argv)
 {
     options o;
     parse(argc, argv, &o);
+    drv_io_input_fmnist("--data", o.data);
+    drv_io_output("--out", o.out);
+    drv_io_output("--save", o.save);
+    drv_io_check(PROG);
     ccr_ctx *ctx;
     ccr_backend *be;
     gsl_rng *rng;
@@ -224,11 +230,11 @@ int main(int argc, char **argv)
     ccr_record *rec;
     drv_open_out(PROG, ctx, o.out, &rec, &out);
 
-    size_t *perm = malloc(train->n * sizeof *perm);
-    float *xb = malloc(o.batch * train->dim * sizeof *xb);
-    int32_t *yb = malloc(o.batch * sizeof *yb);
+    size_t *perm = ccr_mallocn(train->n, sizeof *perm);
+    float *xb = ccr_malloc3(o.batch, train->dim, sizeof *xb);
+    int32_t *yb = ccr_mallocn(o.batch, sizeof *yb);
     if (!perm || !xb || !yb)
-        return 1;
+        drv_fail(PROG, ctx, CCR_ENOMEM, "batch buffers");
     size_t steps_per_epoch = (n_train + o.batch - 1) / o.batch;
     double t0 = drv_now();
     for (size_t epoch = 1; epoch <= o.epochs; epoch++) {

@@ -35,6 +35,8 @@
 #include <string.h>
 
 #include "common.h"
+#include "internal.h"  // provides: ccr_mallocn, ccr_malloc3, ccr_mul_ok
+#include "outputs.h"
 #include "fit.h"
 
 #define PROG "ccr-tree"
@@ -172,9 +174,12 @@ static ccr_status make_teacher_data(ccr_ctx *ctx, const options *o, gsl_rng *r,
                                     ccr_dataset **train, ccr_dataset **test)
 {
     size_t D = o->syn_dim, C = o->syn_classes, R = o->syn_bits, G = (size_t)1 << R;
-    double *u = malloc((R ? R : 1) * D * sizeof *u), *off = malloc((R ? R : 1) * sizeof *off);
-    double *A0 = malloc(D * C * sizeof *A0), *A = malloc(G * D * C * sizeof *A);
-    double *bias = malloc(G * C * sizeof *bias), *logit = malloc(C * sizeof *logit);
+    double *u = ccr_malloc3(R ? R : 1, D, sizeof *u), *off = ccr_mallocn(R ? R : 1, sizeof *off);
+    double *A0 = ccr_malloc3(D, C, sizeof *A0), *logit = ccr_mallocn(C, sizeof *logit);
+    double *bias = ccr_malloc3(G, C, sizeof *bias), *A = NULL;
+    size_t gd;
+    if (ccr_mul_ok(G, D, &gd))
+        A = ccr_malloc3(gd, C, sizeof *A);
     ccr_status s = CCR_ENOMEM;
     if (!u || !off || !A0 || !A || !bias || !logit)
         goto done;
@@ -423,6 +428,10 @@ int main(int argc, char **argv)
 {
     options o;
     parse(argc, argv, &o);
+    if (o.fmnist)
+        drv_io_input_fmnist("--data", o.data);
+    drv_io_output("--out", o.out);
+    drv_io_check(PROG);
     ccr_ctx *ctx;
     ccr_backend *be;
     gsl_rng *drng;

@@ -90,7 +90,7 @@ ccr_status ccr_arena_add(ccr_arena *a, const char *name, size_t rank, const size
         CCR_FAIL(ctx, CCR_EINVAL, "tensor '%s': arena size overflows", name);
     if (a->n == a->cap) {
         size_t cap = a->cap ? 2 * a->cap : 16;
-        arena_tensor *t = realloc(a->t, cap * sizeof *t);
+        arena_tensor *t = ccr_reallocn(a->t, cap, sizeof *t);
         if (t == NULL)
             CCR_FAIL(ctx, CCR_ENOMEM, "cannot grow arena table");
         a->t = t;
@@ -123,6 +123,8 @@ ccr_status ccr_arena_finalize(ccr_arena *a)
     size_t bytes;
     if (!ccr_mul_ok(a->block_len, sizeof(float), &bytes))
         CCR_FAIL(ctx, CCR_ENOMEM, "arena of %zu floats overflows", a->block_len);
+    CCR_TRY(ccr_mem_check(ctx, bytes <= SIZE_MAX / 2 ? 2 * bytes : SIZE_MAX,
+                          "parameters and gradients"));
     void *v = NULL, *g = NULL;
     CCR_TRY(ccr_backend_alloc(a->be, bytes, &v));
     ccr_status s = ccr_backend_alloc(a->be, bytes, &g);
@@ -225,7 +227,7 @@ ccr_status ccr_arena_save(const ccr_arena *a, const char *path, int with_grads,
     size_t n_t = with_grads ? 2 * a->n : a->n;
     ccr_st_tensor *t = calloc(n_t, sizeof *t);
     char (*names)[CCR_ARENA_MAX_NAME + 8] = calloc(n_t, sizeof *names);
-    float *host = malloc(a->block_len * sizeof(float) * (with_grads ? 2 : 1));
+    float *host = ccr_malloc3(a->block_len, sizeof(float), with_grads ? 2 : 1);
     ccr_status s = CCR_OK;
     if (t == NULL || names == NULL || host == NULL) {
         s = CCR_FAIL_EXPR(ctx, CCR_ENOMEM, "cannot allocate checkpoint staging");

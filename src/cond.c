@@ -39,6 +39,7 @@ struct ccr_cond {
     size_t gate_first, gate_end;    /* the gate's tensors in the arena */
     /* workspace, one allocation */
     void *work;
+    size_t work_bytes;
     uint64_t *keys;            /* [P] (id << 32 | pair) sorted */
     int32_t *pos;              /* [P] pair -> sorted position, -1 if empty */
     float *xin;                /* [max_batch, d_in] copy of the forward input */
@@ -51,6 +52,31 @@ struct ccr_cond {
     ccr_route route;
     size_t batch, n_pairs;     /* examples, used pairs */
 };
+
+/* Bytes of the workspace for max_batch examples of `slots` pairs (P = max_batch
+ * x slots, returned in *pairs); SIZE_MAX if a product overflows. */
+static size_t cond_work_bytes(size_t max_batch, size_t slots, size_t d_in, size_t d_out,
+                              size_t h, size_t *pairs)
+{
+    size_t P, per_pair, t, floats, bytes, pb;
+    bool ok = ccr_mul_ok(max_batch, slots, &P) &&
+              ccr_mul_ok(2, d_in, &per_pair) && ccr_mul_ok(2, h, &t) &&
+              ccr_add_ok(per_pair, t, &per_pair) && ccr_mul_ok(2, d_out, &t) &&
+              ccr_add_ok(per_pair, t, &per_pair) && ccr_add_ok(per_pair, 1, &per_pair) &&
+              ccr_mul_ok(P, per_pair, &floats) && ccr_mul_ok(max_batch, d_in, &t) &&
+              ccr_add_ok(floats, t, &floats) && ccr_add_ok(h, d_out, &t) &&
+              ccr_add_ok(floats, t, &floats) && ccr_add_ok(floats, 64, &floats) &&
+              ccr_mul_ok(floats, sizeof(float), &bytes) &&
+              ccr_mul_ok(P, sizeof(uint64_t) + sizeof(int32_t), &pb) &&
+              ccr_add_ok(bytes, pb, &bytes) && ccr_add_ok(bytes, 64, &bytes);
+    *pairs = ok ? P : 0;
+    return ok ? bytes : SIZE_MAX;
+}
+
+size_t ccr_cond_memory_bytes(const ccr_cond *c)
+{
+    return c == NULL ? 0 : c->work_bytes;
+}
 
 ccr_cond_config ccr_cond_config_default(void)
 {
@@ -102,7 +128,17 @@ ccr_status ccr_cond_alloc(ccr_backend *be, const ccr_cond_config *cfg, size_t ma
     c->max_batch = max_batch;
     c->h = cfg->bank == CCR_BANK_FFN ? cfg->hidden : 0;
     c->tree = strcmp(cfg->gate->param_group, "tree.") == 0;
-    ccr_status s = ccr_gate_alloc(ctx, cfg->gate, &c->cfg.gate_cfg, max_batch, &c->gate);
+    /* Refuse up front what cannot fit: the workspace with one slot per
+     * example is a lower bound of what this layer will hold. */
+    size_t P1;
+    ccr_status s = ccr_mem_check(ctx, cond_work_bytes(max_batch, 1, cfg->d_in, cfg->d_out,
+                                                       c->h, &P1),
+                                 "conditional layer workspace");
+    if (s != CCR_OK) {
+        free(c);
+        return s;
+    }
+    s = ccr_gate_alloc(ctx, cfg->gate, &c->cfg.gate_cfg, max_batch, &c->gate);
     if (s != CCR_OK) {
         free(c);
         return s;
@@ -117,9 +153,14 @@ ccr_status ccr_cond_alloc(ccr_backend *be, const ccr_cond_config *cfg, size_t ma
                  "(limit %zu floats)", n_mat, cond_matrix_size(cfg), COND_MAX_BANK);
     }
     /* Workspace: P pairs. */
-    size_t P = max_batch * c->slots, d_in = cfg->d_in, d_out = cfg->d_out, h = c->h;
-    size_t floats = max_batch * d_in + P * (2 * d_in + 2 * h + 2 * d_out + 1) + h + d_out + 64;
-    size_t bytes = P * sizeof(uint64_t) + P * sizeof(int32_t) + floats * sizeof(float) + 64;
+    size_t P = 0, d_in = cfg->d_in, d_out = cfg->d_out, h = c->h;
+    size_t bytes = cond_work_bytes(max_batch, c->slots, d_in, d_out, h, &P);
+    ccr_status ms = ccr_mem_check(ctx, bytes, "conditional layer workspace");
+    if (ms != CCR_OK) {
+        ccr_cond_free(c);
+        return ms;
+    }
+    c->work_bytes = bytes;
     c->work = malloc(bytes);
     if (c->work == NULL) {
         ccr_cond_free(c);

@@ -52,7 +52,7 @@ static bool grow(void **p, size_t *cap, size_t need, size_t elem)
             return false;
         c *= 2;
     }
-    void *q = realloc(*p, c * elem);
+    void *q = ccr_reallocn(*p, c, elem);
     if (q == NULL)
         return false;
     *p = q;
@@ -390,8 +390,8 @@ static ccr_status build_word_vocab(ccr_ctx *ctx, tokenizer *tz, size_t vocab_siz
     size_t v = m->n + 2;
     if (vocab_size != 0 && vocab_size < v)
         v = vocab_size;
-    rank_ent *rank = malloc((m->n > 0 ? m->n : 1) * sizeof *rank);
-    int32_t *remap = malloc((m->n > 0 ? m->n : 1) * sizeof *remap);
+    rank_ent *rank = ccr_mallocn(m->n, sizeof *rank);
+    int32_t *remap = ccr_mallocn(m->n, sizeof *remap);
     if (rank == NULL || remap == NULL) {
         free(rank);
         free(remap);
@@ -438,7 +438,7 @@ static ccr_status build_char_vocab(ccr_ctx *ctx, tokenizer *tz, corpus_impl *ci)
     size_t v = 1;
     for (int b = 0; b < 256; b++)
         remap[b] = tz->seen[b] ? (int32_t)v++ : CCR_TOKEN_EOS;
-    CCR_TRY(vocab_alloc(ctx, ci, v, sizeof "<eos>" + 2 * (v - 1)));
+    CCR_TRY(vocab_alloc(ctx, ci, v, sizeof "<eos>" + 2 * (v - 1))); /* bounded: v <= 257 bytes */
     size_t pos = 0;
     vocab_set(ci, CCR_TOKEN_EOS, "<eos>", 5, &pos);
     for (int b = 0; b < 256; b++) {
@@ -505,7 +505,7 @@ ccr_status ccr_corpus_load(ccr_ctx *ctx, const char *path, const ccr_corpus_conf
     }
     if (s == CCR_OK) {
         qsort(ci->lookup, ci->pub.vocab_size, sizeof *ci->lookup, lookup_cmp);
-        int32_t *tok = realloc(tz->tok, tz->n * sizeof *tok);  /* shrink; n > 0 */
+        int32_t *tok = ccr_reallocn(tz->tok, tz->n, sizeof *tok);  /* shrink; n > 0 */
         if (tok != NULL)
             tz->tok = tok;
         ccr_corpus *c = &ci->pub;
@@ -559,7 +559,7 @@ ccr_status ccr_corpus_split(ccr_ctx *ctx, ccr_corpus *c, gsl_rng *rng, double va
     for (size_t i = 0; i < n; i++)
         n_sent += c->tokens[i] == CCR_TOKEN_EOS;
 
-    int32_t *store = malloc(n * sizeof *store);  /* n ints already exist: no overflow */
+    int32_t *store = ccr_mallocn(n, sizeof *store);
     unsigned char *where = malloc(n_sent);
     if (store == NULL || where == NULL) {
         free(store);

@@ -29,9 +29,11 @@ ccr_status ccr_dataset_alloc(ccr_ctx *ctx, size_t n, size_t dim, size_t n_classe
     if (n_classes == 0)
         CCR_FAIL(ctx, CCR_EINVAL, "n_classes is 0");
     size_t nx = 0, xbytes = 0, ybytes = 0;
-    if (!ccr_mul_ok(n, dim, &nx) || !ccr_mul_ok(nx, sizeof(float), &xbytes) ||
-        !ccr_mul_ok(n, sizeof(int32_t), &ybytes))
-        CCR_FAIL(ctx, CCR_EINVAL, "%zu x %zu examples overflow size_t", n, dim);
+    size_t total = SIZE_MAX;
+    if (ccr_mul_ok(n, dim, &nx) && ccr_mul_ok(nx, sizeof(float), &xbytes) &&
+        ccr_mul_ok(n, sizeof(int32_t), &ybytes) && !ccr_add_ok(xbytes, ybytes, &total))
+        total = SIZE_MAX;
+    CCR_TRY(ccr_mem_check(ctx, total, "data set"));
     ccr_dataset *ds = calloc(1, sizeof *ds);
     /* At least one element each, so x and y are valid pointers even when n is 0. */
     float *x = calloc(nx > 0 ? nx : 1, sizeof *x);
@@ -117,7 +119,7 @@ ccr_status ccr_dataset_load_idx(ccr_ctx *ctx, const char *images, const char *la
     }
     size_t dim = img->numel / n;
 
-    y = malloc(n * sizeof *y);  /* n <= numel of a loaded file: no overflow */
+    y = ccr_mallocn(n, sizeof *y);
     ds = calloc(1, sizeof *ds);
     if (y == NULL || ds == NULL) {
         s = CCR_FAIL_EXPR(ctx, CCR_ENOMEM, "cannot allocate %zu labels", n);

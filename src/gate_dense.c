@@ -54,7 +54,7 @@ static ccr_status dense_init(void *state, ccr_ctx *ctx, const ccr_gate_config *c
     CCR_TRY(gate_router_init(&s->r, ctx, "dense", cfg->d_in, n, cfg->z_loss, max_batch));
     s->n = n;
     s->randomize = cfg->randomize;
-    s->ids = malloc(max_batch * n * sizeof *s->ids);
+    s->ids = ccr_malloc3(max_batch, n, sizeof *s->ids);
     s->imp = calloc(n, sizeof *s->imp);
     s->load = calloc(n, sizeof *s->load);
     s->imp_out = calloc(n, sizeof *s->imp_out);

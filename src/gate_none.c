@@ -38,7 +38,7 @@ static ccr_status none_init(void *state, ccr_ctx *ctx, const ccr_gate_config *cf
     s->ctx = ctx;
     s->max_batch = max_batch;
     s->ids = calloc(max_batch, sizeof *s->ids);
-    s->weights = malloc(max_batch * sizeof *s->weights);
+    s->weights = ccr_mallocn(max_batch, sizeof *s->weights);
     if (s->ids == NULL || s->weights == NULL) {
         free(s->ids);
         free(s->weights);

@@ -45,10 +45,10 @@ ccr_status gate_router_init(gate_router *r, ccr_ctx *ctx, const char *gate, size
     r->n = n;
     r->max_batch = max_batch;
     r->z_loss = z_loss;
-    r->logits = malloc(bn * sizeof(float));
-    r->probs = malloc(bn * sizeof(float));
-    r->dz = malloc(bn * sizeof(float));
-    r->lse = malloc(max_batch * sizeof(double));
+    r->logits = ccr_mallocn(bn, sizeof(float));
+    r->probs = ccr_mallocn(bn, sizeof(float));
+    r->dz = ccr_mallocn(bn, sizeof(float));
+    r->lse = ccr_mallocn(max_batch, sizeof(double));
     if (r->logits == NULL || r->probs == NULL || r->dz == NULL || r->lse == NULL) {
         gate_router_free(r);
         CCR_FAIL(ctx, CCR_ENOMEM, "gate %s: cannot allocate router buffers for %zu x %zu",

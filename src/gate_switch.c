@@ -91,14 +91,14 @@ static ccr_status switch_init(void *state, ccr_ctx *ctx, const ccr_gate_config *
     s->capacity_factor = cfg->capacity_factor;
     s->aux_alpha = cfg->aux_alpha;
     s->randomize = cfg->randomize;
-    s->ids = malloc(max_batch * sizeof *s->ids);
-    s->weights = malloc(max_batch * sizeof *s->weights);
-    s->choice = malloc(max_batch * sizeof *s->choice);
+    s->ids = ccr_mallocn(max_batch, sizeof *s->ids);
+    s->weights = ccr_mallocn(max_batch, sizeof *s->weights);
+    s->choice = ccr_mallocn(max_batch, sizeof *s->choice);
     s->chosen = calloc(n, sizeof *s->chosen);
     s->kept = calloc(n, sizeof *s->kept);
     s->imp = calloc(n, sizeof *s->imp);
     s->cnt = calloc(n, sizeof *s->cnt);
-    s->exports = n <= SIZE_MAX / 3 ? calloc(3 * n, sizeof *s->exports) : NULL;
+    s->exports = ccr_calloc3(3, n, sizeof *s->exports);
     s->seen = calloc(n, 1);
     s->dp = calloc(n, sizeof *s->dp);
     if (s->ids == NULL || s->weights == NULL || s->choice == NULL || s->chosen == NULL ||

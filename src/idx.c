@@ -10,10 +10,17 @@
  * neither overflows nor exceeds a plausibility cap), and the payload must be
  * exactly as long as the dimensions say.  Elements are decoded chunk by chunk
  * straight into the float array, so no second copy of the raw bytes is held.
+ *
+ * A header cannot make the reader allocate what the file does not hold: a
+ * plain file's claimed payload is compared with its size (stat) before the
+ * array is allocated, and a gzip file's array grows (doubling) as data
+ * arrives, so an 8-byte file claiming gigabytes fails as truncated after
+ * allocating a few megabytes.
  */
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include <zlib.h>
 
@@ -22,6 +29,10 @@
 
 /* Largest payload accepted (bytes): anything bigger is taken as corrupt. */
 #define IDX_MAX_BYTES ((uint64_t)4 << 30)
+
+/* First capacity (elements) of a gzip file's array; it doubles as data
+ * arrives. */
+#define IDX_FIRST_CAP ((size_t)1 << 20)
 
 /* Bytes decoded per read; a multiple of every element size. */
 #define IDX_CHUNK ((size_t)1 << 16)
@@ -152,8 +163,10 @@ static ccr_status idx_read(ccr_ctx *ctx, gzFile f, const char *path, unsigned ch
     return CCR_OK;
 }
 
-/* Parses the open file into a new ccr_idx (*out set only on success). */
-static ccr_status idx_parse(ccr_ctx *ctx, gzFile f, const char *path, ccr_idx **out)
+/* Parses the open file into a new ccr_idx (*out set only on success).
+ * file_bytes is the size of the file on disk, or -1 if unknown. */
+static ccr_status idx_parse(ccr_ctx *ctx, gzFile f, const char *path, long long file_bytes,
+                            ccr_idx **out)
 {
     unsigned char head[4 + 4 * CCR_IDX_MAX_DIMS];
     size_t got = 0;
@@ -193,13 +206,25 @@ static ccr_status idx_parse(ccr_ctx *ctx, gzFile f, const char *path, ccr_idx **
     if (numel > SIZE_MAX || !ccr_mul_ok((size_t)numel, sizeof(float), &fbytes))
         CCR_FAIL(ctx, CCR_EFORMAT, "'%s': size overflows size_t", path);
     n = (size_t)numel;
+    /* A plain file must hold what its header claims: checked before the
+     * array is allocated.  (numel * esize <= 4 GiB, no overflow.) */
+    uint64_t header_bytes = 4 + 4 * (uint64_t)ndim, payload = numel * esize;
+    if (gzdirect(f) && file_bytes >= 0 &&
+        (uint64_t)file_bytes != header_bytes + payload)
+        CCR_FAIL(ctx, CCR_EFORMAT,
+                 "'%s': header claims %llu bytes of data, the file holds %lld after the "
+                 "%llu-byte header", path, (unsigned long long)payload,
+                 file_bytes - (long long)header_bytes, (unsigned long long)header_bytes);
+    CCR_TRY(ccr_mem_check(ctx, fbytes, "IDX array"));
+    /* gzip: grow as data arrives; plain: the size is known to be right. */
+    size_t cap = gzdirect(f) || n <= IDX_FIRST_CAP ? n : IDX_FIRST_CAP;
 
     ccr_idx *idx = calloc(1, sizeof *idx);
-    float *data = malloc(fbytes);
+    float *data = ccr_mallocn(cap, sizeof *data);
     unsigned char *chunk = malloc(IDX_CHUNK);
     ccr_status s = CCR_OK;
     if (idx == NULL || data == NULL || chunk == NULL) {
-        s = CCR_FAIL_EXPR(ctx, CCR_ENOMEM, "'%s': cannot allocate %zu floats", path, n);
+        s = CCR_FAIL_EXPR(ctx, CCR_ENOMEM, "'%s': cannot allocate %zu floats", path, cap);
         goto fail;
     }
 
@@ -208,6 +233,17 @@ static ccr_status idx_parse(ccr_ctx *ctx, gzFile f, const char *path, ccr_idx **
         size_t take = n - done;
         if (take > IDX_CHUNK / esize)
             take = IDX_CHUNK / esize;
+        if (done + take > cap) {  /* cap < n <= 2^32: doubling cannot overflow */
+            size_t grown = cap * 2 < n ? cap * 2 : n;
+            float *more = ccr_reallocn(data, grown, sizeof *data);
+            if (more == NULL) {
+                s = CCR_FAIL_EXPR(ctx, CCR_ENOMEM, "'%s': cannot allocate %zu floats", path,
+                                  grown);
+                goto fail;
+            }
+            data = more;
+            cap = grown;
+        }
         s = idx_read(ctx, f, path, chunk, take * esize, &got);
         if (s != CCR_OK)
             goto fail;
@@ -256,8 +292,11 @@ ccr_status ccr_idx_load(ccr_ctx *ctx, const char *path, ccr_idx **out)
         CCR_FAIL(ctx, CCR_EIO, "cannot open '%s': %s", path,
                  errno != 0 ? strerror(errno) : "out of memory");
     gzbuffer(f, 1u << 17);
+    struct stat st;
+    long long file_bytes = stat(path, &st) == 0 && S_ISREG(st.st_mode) ? (long long)st.st_size
+                                                                       : -1;
     ccr_idx *idx = NULL;
-    ccr_status s = idx_parse(ctx, f, path, &idx);
+    ccr_status s = idx_parse(ctx, f, path, file_bytes, &idx);
     gzclose(f);
     if (s == CCR_OK)
         *out = idx;

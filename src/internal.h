@@ -59,6 +59,39 @@ static inline bool ccr_mul_ok(size_t a, size_t b, size_t *out)
     return true;
 }
 
+/* a + b and a * b * c with overflow detection: false on overflow. */
+static inline bool ccr_add_ok(size_t a, size_t b, size_t *out)
+{
+    if (b > SIZE_MAX - a)
+        return false;
+    *out = a + b;
+    return true;
+}
+
+static inline bool ccr_mul3_ok(size_t a, size_t b, size_t c, size_t *out)
+{
+    size_t ab;
+    return ccr_mul_ok(a, b, &ab) && ccr_mul_ok(ab, c, out);
+}
+
+/* The allocation rule (docs/DESIGN.md, "Memory"; tests/alloc_rule.sh): no
+ * allocation takes an unchecked product.  Sizes are computed with the *_ok
+ * helpers above, or the allocation goes through these, which return NULL when
+ * n * size (a * b * size) overflows, and allocate at least one byte.
+ * Defined in mem.c. */
+void *ccr_mallocn(size_t n, size_t size);
+void *ccr_malloc3(size_t a, size_t b, size_t size);
+void *ccr_calloc3(size_t a, size_t b, size_t size);
+void *ccr_reallocn(void *p, size_t n, size_t size);
+
+/* Physical memory of this machine in bytes (sysconf), or 0 if unknown. */
+size_t ccr_mem_physical(void);
+
+/* Refuses up front a request that cannot fit: CCR_ENOMEM with "<what> needs
+ * X GiB, this machine has Y GiB" when bytes exceeds physical memory (pass
+ * SIZE_MAX for a size that overflowed).  CCR_OK otherwise.  Defined in mem.c. */
+ccr_status ccr_mem_check(ccr_ctx *ctx, size_t bytes, const char *what);
+
 /* Whether all n values are finite. */
 bool ccr_all_finite(const float *v, size_t n);
 

@@ -6,19 +6,30 @@
  * doubles, inexact beyond 2^53) and doubles print with the fewest of 15 or 17
  * significant digits that reads back to the same double, independent of the
  * C locale's decimal point.  Non-finite doubles become null.  Strings must be
- * valid UTF-8 so every line is valid JSON.  ccr_jsonl_write writes one line
- * and flushes it.
+ * valid UTF-8 so every line is valid JSON.
+ *
+ * The lines go to a temporary beside the file (tmpfile.h), each with one
+ * write(2); a failed write (a full disk) is cut back to the last full line.
+ * ccr_jsonl_close renames the temporary over the file, ccr_jsonl_abort to
+ * "<path>.partial", so the file a user keeps is either the previous one or a
+ * complete new one.
  */
+#define _POSIX_C_SOURCE 200809L
+
+#include <errno.h>
 #include <inttypes.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/types.h>
+#include <unistd.h>
 
 #include <cJSON.h>
 
 #include "ccr/ccr_jsonl.h"
 #include "internal.h"  // provides: CCR_FAIL, ccr_fail, ccr_utf8_valid
+#include "tmpfile.h"   // provides: ccr_tmp_create, ccr_tmp_write, ccr_tmp_commit
 
 struct ccr_record {
     ccr_ctx *ctx;
@@ -27,7 +38,10 @@ struct ccr_record {
 
 struct ccr_jsonl {
     ccr_ctx *ctx;
-    FILE *f;
+    ccr_tmp t;        /* the temporary the lines go to (tmpfile.h) */
+    char *partial;    /* "<path>.partial" */
+    off_t committed;  /* bytes of full lines written */
+    off_t last_nl;    /* append mode: end of the previous file's last line */
 };
 
 ccr_status ccr_record_init(ccr_ctx *ctx, ccr_record **out)
@@ -193,19 +207,73 @@ ccr_status ccr_record_to_string(const ccr_record *r, char **out)
     return CCR_OK;
 }
 
+/* Copies the previous file's bytes into the temporary (append mode), up to
+ * and including its last newline: a half line left by an older writer is
+ * not carried on. */
+static ccr_status copy_previous(ccr_jsonl *w, const char *path)
+{
+    FILE *f = fopen(path, "rb");
+    if (f == NULL)
+        return errno == ENOENT ? CCR_OK
+                               : CCR_FAIL_EXPR(w->ctx, CCR_EIO, "cannot read '%.200s': %s",
+                                               path, strerror(errno));
+    ccr_status s = CCR_OK;
+    char buf[65536];
+    size_t got;
+    while (s == CCR_OK && (got = fread(buf, 1, sizeof buf, f)) > 0) {
+        s = ccr_tmp_write(w->ctx, &w->t, buf, got);
+        for (size_t i = got; i > 0; i--)
+            if (buf[i - 1] == '\n') {
+                w->last_nl = w->committed + (off_t)i;
+                break;
+            }
+        w->committed += (off_t)got;
+    }
+    if (s == CCR_OK && ferror(f))
+        s = CCR_FAIL_EXPR(w->ctx, CCR_EIO, "cannot read '%.200s'", path);
+    fclose(f);
+    if (s == CCR_OK && w->last_nl != w->committed) {
+        w->committed = w->last_nl;
+        if (ftruncate(w->t.fd, w->committed) != 0 || lseek(w->t.fd, w->committed, SEEK_SET) < 0)
+            s = CCR_FAIL_EXPR(w->ctx, CCR_EIO, "cannot truncate '%.200s': %s", w->t.tmp,
+                              strerror(errno));
+    }
+    return s;
+}
+
+static char *with_suffix(const char *path, const char *suffix)
+{
+    size_t a = strlen(path), b = strlen(suffix);
+    char *p = malloc(a + b + 1);
+    if (p != NULL) {
+        memcpy(p, path, a);
+        memcpy(p + a, suffix, b + 1);
+    }
+    return p;
+}
+
 ccr_status ccr_jsonl_open(ccr_ctx *ctx, const char *path, bool append, ccr_jsonl **out)
 {
     CCR_CHECK_NULL(ctx, path);
     CCR_CHECK_NULL(ctx, out);
-    ccr_jsonl *w = malloc(sizeof *w);
-    if (w == NULL)
-        CCR_FAIL(ctx, CCR_ENOMEM, "cannot allocate the writer");
-    w->ctx = ctx;
-    w->f = fopen(path, append ? "ab" : "wb");
-    if (w->f == NULL) {
+    ccr_jsonl *w = calloc(1, sizeof *w);
+    char *partial = with_suffix(path, CCR_JSONL_PARTIAL_SUFFIX);
+    if (w == NULL || partial == NULL) {
         free(w);
-        CCR_FAIL(ctx, CCR_EIO, "cannot open '%.200s' for %s", path,
-                 append ? "appending" : "writing");
+        free(partial);
+        CCR_FAIL(ctx, CCR_ENOMEM, "cannot allocate the writer");
+    }
+    w->ctx = ctx;
+    w->partial = partial;
+    ccr_status s = ccr_tmp_create(ctx, path, &w->t);
+    if (s == CCR_OK && append && !w->t.direct)
+        s = copy_previous(w, path);
+    if (s != CCR_OK) {
+        ccr_tmp_release(&w->t);
+        free(w->partial);
+        free(w);
+        return ccr_fail(ctx, s, __func__, __FILE__, __LINE__, "cannot open '%.200s' for %s: %s",
+                        path, append ? "appending" : "writing", ccr_ctx_errmsg(ctx));
     }
     *out = w;
     return CCR_OK;
@@ -216,16 +284,38 @@ ccr_status ccr_jsonl_write(ccr_jsonl *w, const ccr_record *r)
     if (w == NULL)
         return CCR_EINVAL;
     CCR_CHECK_NULL(w->ctx, r);
-    char *line = cJSON_PrintUnformatted(r->obj);
-    if (line == NULL)
+    if (w->t.fd < 0)
+        CCR_FAIL(w->ctx, CCR_EINVAL, "the writer is closed");
+    char *json = cJSON_PrintUnformatted(r->obj);
+    size_t len = json != NULL ? strlen(json) : 0;
+    char *line = json != NULL ? malloc(len + 1) : NULL;
+    if (line == NULL) {
+        cJSON_free(json);
         CCR_FAIL(w->ctx, CCR_ENOMEM, "cannot print the record");
-    size_t len = strlen(line);
-    bool ok = fwrite(line, 1, len, w->f) == len && fputc('\n', w->f) != EOF &&
-              fflush(w->f) == 0;
-    cJSON_free(line);
-    if (!ok)
-        CCR_FAIL(w->ctx, CCR_EIO, "cannot write a line");
-    return CCR_OK;
+    }
+    memcpy(line, json, len);
+    line[len] = '\n';
+    cJSON_free(json);
+    /* One write(2) of the whole line (ccr_tmp_write retries only a short
+     * write); on failure the file is cut back to its last full line. */
+    ccr_status s = ccr_tmp_write(w->ctx, &w->t, line, len + 1);
+    free(line);
+    if (s == CCR_OK) {
+        w->committed += (off_t)(len + 1);
+        return CCR_OK;
+    }
+    if (!w->t.direct &&
+        (ftruncate(w->t.fd, w->committed) != 0 || lseek(w->t.fd, w->committed, SEEK_SET) < 0))
+        CCR_FAIL(w->ctx, CCR_EIO, "%s; cutting back to the last full line failed: %s",
+                 ccr_ctx_errmsg(w->ctx), strerror(errno));
+    return s;
+}
+
+static void free_writer(ccr_jsonl *w)
+{
+    ccr_tmp_release(&w->t);
+    free(w->partial);
+    free(w);
 }
 
 ccr_status ccr_jsonl_close(ccr_jsonl *w)
@@ -233,9 +323,33 @@ ccr_status ccr_jsonl_close(ccr_jsonl *w)
     if (w == NULL)
         return CCR_OK;
     ccr_ctx *ctx = w->ctx;
-    int rc = fclose(w->f);
-    free(w);
-    if (rc != 0)
-        CCR_FAIL(ctx, CCR_EIO, "closing the file failed");
-    return CCR_OK;
+    ccr_status s = ccr_tmp_commit(ctx, &w->t, NULL);
+    if (s != CCR_OK && w->t.live && ccr_tmp_commit(ctx, &w->t, w->partial) == CCR_OK) {
+        /* The message of the first failure stays; the results are kept. */
+        s = ccr_fail(ctx, s, __func__, __FILE__, __LINE__, "%s; the results are in '%.200s'",
+                     ccr_ctx_errmsg(ctx), w->partial);
+    }
+    free_writer(w);
+    return s;
+}
+
+ccr_status ccr_jsonl_abort(ccr_jsonl *w)
+{
+    if (w == NULL)
+        return CCR_OK;
+    ccr_ctx *ctx = w->ctx;
+    ccr_status s = w->t.direct ? ccr_tmp_commit(ctx, &w->t, NULL)
+                               : ccr_tmp_commit(ctx, &w->t, w->partial);
+    free_writer(w);
+    return s;
+}
+
+const char *ccr_jsonl_temp_path(const ccr_jsonl *w)
+{
+    return w == NULL || w->t.direct ? NULL : w->t.tmp;
+}
+
+const char *ccr_jsonl_partial_path(const ccr_jsonl *w)
+{
+    return w == NULL || w->t.direct ? NULL : w->partial;
 }

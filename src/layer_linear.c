@@ -59,7 +59,14 @@ static ccr_status linear_backward(ccr_layer *l, ccr_backend *be, const ccr_arena
                        ccr_arena_value(a, l->p_w), l->d_out, 0.0f, dx, l->d_in);
 }
 
-static size_t linear_n_params(const ccr_layer *l) { return l->d_in * l->d_out + l->d_out; }
+/* SIZE_MAX if the count overflows (declare then fails with the message). */
+static size_t linear_n_params(const ccr_layer *l)
+{
+    size_t n;
+    if (!ccr_mul_ok(l->d_in, l->d_out, &n) || !ccr_add_ok(n, l->d_out, &n))
+        return SIZE_MAX;
+    return n;
+}
 
 static double linear_flops_fwd(const ccr_layer *l)
 {

@@ -26,6 +26,12 @@ ccr_status ccr_net_init(ccr_backend *be, size_t d_in, size_t max_batch, ccr_net 
     CCR_CHECK_NULL(be->ctx, out);
     if (d_in == 0 || max_batch == 0)
         CCR_FAIL(be->ctx, CCR_EINVAL, "d_in=%zu and max_batch=%zu must be > 0", d_in, max_batch);
+    /* The staged input alone must fit. */
+    size_t in_bytes;
+    CCR_TRY(ccr_mem_check(be->ctx,
+                          ccr_mul3_ok(max_batch, d_in, sizeof(float), &in_bytes) ? in_bytes
+                                                                                : SIZE_MAX,
+                          "network input batch"));
     ccr_net *net = calloc(1, sizeof *net);
     if (net == NULL)
         CCR_FAIL(be->ctx, CCR_ENOMEM, "cannot allocate network");
@@ -56,7 +62,7 @@ static ccr_status net_push(ccr_net *net, const ccr_layer_ops *ops, size_t d_out,
         CCR_FAIL(net->ctx, CCR_EINVAL, "network already finalized");
     if (net->n == net->cap) {
         size_t cap = net->cap ? 2 * net->cap : 8;
-        ccr_layer *l = realloc(net->layers, cap * sizeof *l);
+        ccr_layer *l = ccr_reallocn(net->layers, cap, sizeof *l);
         if (l == NULL)
             CCR_FAIL(net->ctx, CCR_ENOMEM, "cannot grow layer table");
         net->layers = l;
@@ -124,26 +130,71 @@ ccr_status ccr_net_cond(const ccr_net *net, size_t i, ccr_cond **cond, ccr_gate_
 }
 
 /* Carves the activation block: input, per-layer out/dout, labels, loss,
- * correctness.  With block == NULL it only counts floats. */
+ * correctness.  With block == NULL it only counts floats.  Returns SIZE_MAX
+ * if the size overflows (max_batch x width is checked for every part). */
 static size_t net_carve(ccr_net *net, float *block)
 {
-    size_t B = net->max_batch, off = 0;
-#define CARVE(ptr, type, count)                                   \
-    do {                                                          \
-        if (block != NULL)                                        \
-            (ptr) = (type *)(void *)(block + off);                \
-        off += ((count) + 15) / 16 * 16;                          \
+    size_t B = net->max_batch, off = 0, cnt;
+    bool ok = true;
+#define CARVE(ptr, type, width)                                               \
+    do {                                                                      \
+        if (block != NULL)                                                    \
+            (ptr) = (type *)(void *)(block + off);                            \
+        ok = ok && ccr_mul_ok(B, (width), &cnt) && ccr_add_ok(cnt, 15, &cnt) && \
+             ccr_add_ok(off, cnt / 16 * 16, &off);                            \
     } while (0)
-    CARVE(net->x_dev, float, B * net->d_in);
+    CARVE(net->x_dev, float, net->d_in);
     for (size_t i = 0; i < net->n; i++) {
-        CARVE(net->layers[i].out, float, B * net->layers[i].d_out);
-        CARVE(net->layers[i].dout, float, B * net->layers[i].d_out);
+        CARVE(net->layers[i].out, float, net->layers[i].d_out);
+        CARVE(net->layers[i].dout, float, net->layers[i].d_out);
     }
-    CARVE(net->labels_dev, int32_t, B);
-    CARVE(net->loss_dev, float, B);
-    CARVE(net->correct_dev, int32_t, B);
+    CARVE(net->labels_dev, int32_t, 1);
+    CARVE(net->loss_dev, float, 1);
+    CARVE(net->correct_dev, int32_t, 1);
 #undef CARVE
-    return off;
+    return ok ? off : SIZE_MAX;
+}
+
+/* Parameters the layers will declare (an estimate before finalize: the
+ * exact arena block after). */
+static size_t net_param_floats(const ccr_net *net)
+{
+    if (net->params != NULL)
+        return ccr_arena_block_len(net->params);
+    size_t total = 0;
+    for (size_t i = 0; i < net->n; i++) {
+        size_t np = net->layers[i].ops->n_params(&net->layers[i]);
+        if (!ccr_add_ok(total, np, &total))
+            return SIZE_MAX;
+    }
+    return total;
+}
+
+/* Bytes the network holds once finalized; SIZE_MAX on overflow. */
+static size_t net_bytes(const ccr_net *net)
+{
+    size_t floats = net_carve((ccr_net *)net, NULL), params = net_param_floats(net), b, t;
+    if (floats == SIZE_MAX || params == SIZE_MAX)
+        return SIZE_MAX;
+    bool ok = ccr_mul_ok(params, 2 * sizeof(float), &b) &&    /* values + gradients */
+              ccr_mul_ok(floats, sizeof(float), &t) && ccr_add_ok(b, t, &b) &&
+              ccr_mul3_ok(2, net->max_batch, sizeof(float), &t) && ccr_add_ok(b, t, &b);
+    for (size_t i = 0; ok && i < net->n; i++)
+        ok = ccr_add_ok(b, ccr_cond_memory_bytes(net->layers[i].cond), &b);
+    return ok ? b : SIZE_MAX;
+}
+
+ccr_status ccr_net_memory_bytes(const ccr_net *net, size_t *bytes)
+{
+    if (net == NULL)
+        return CCR_EINVAL;
+    CCR_CHECK_NULL(net->ctx, bytes);
+    size_t b = net_bytes(net);
+    if (b == SIZE_MAX)
+        CCR_FAIL(net->ctx, CCR_ENOMEM, "network size overflows (max_batch %zu)",
+                 net->max_batch);
+    *bytes = b;
+    return CCR_OK;
 }
 
 ccr_status ccr_net_finalize(ccr_net *net, gsl_rng *rng)
@@ -155,6 +206,8 @@ ccr_status ccr_net_finalize(ccr_net *net, gsl_rng *rng)
         CCR_FAIL(net->ctx, CCR_EINVAL, "network already finalized");
     if (net->n == 0)
         CCR_FAIL(net->ctx, CCR_EINVAL, "network has no layers");
+    /* Refuse up front what cannot fit, before any allocation. */
+    CCR_TRY(ccr_mem_check(net->ctx, net_bytes(net), "network"));
 
     ccr_arena *a = NULL;
     float *block = NULL, *scratch = NULL;
@@ -172,7 +225,7 @@ ccr_status ccr_net_finalize(ccr_net *net, gsl_rng *rng)
     for (size_t i = 0; s == CCR_OK && i < ccr_arena_count(a); i++)
         if (ccr_arena_size(a, i) > largest)
             largest = ccr_arena_size(a, i);
-    if (s == CCR_OK && (scratch = malloc(largest * sizeof *scratch)) == NULL)
+    if (s == CCR_OK && (scratch = ccr_mallocn(largest, sizeof *scratch)) == NULL)
         s = CCR_FAIL_EXPR(net->ctx, CCR_ENOMEM, "cannot allocate init scratch");
     /* Initialise layer by layer, in order: the draws are a fixed function of
      * the seed. */
@@ -183,9 +236,9 @@ ccr_status ccr_net_finalize(ccr_net *net, gsl_rng *rng)
     }
     size_t n_block = net_carve(net, NULL);
     if (s == CCR_OK)
-        s = ccr_backend_alloc(net->be, n_block * sizeof(float), (void **)&block);
+        s = ccr_backend_alloc(net->be, n_block * sizeof(float), (void **)&block); /* bounded: net_bytes */
     /* Host staging of per-example loss and correctness. */
-    if (s == CCR_OK && (net->host = malloc(2 * net->max_batch * sizeof(float))) == NULL)
+    if (s == CCR_OK && (net->host = ccr_malloc3(2, net->max_batch, sizeof(float))) == NULL)
         s = CCR_FAIL_EXPR(net->ctx, CCR_ENOMEM, "cannot allocate host staging");
     free(scratch);
     if (s != CCR_OK) {

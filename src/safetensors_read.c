@@ -214,7 +214,7 @@ static ccr_status parse_meta(ccr_ctx *ctx, const cJSON *m, ccr_safetensors *f)
     }
     if (n == 0)
         return CCR_OK;
-    f->meta = malloc(2 * n * sizeof *f->meta);
+    f->meta = ccr_malloc3(2, n, sizeof *f->meta);
     f->meta_text = malloc(len);
     if (f->meta == NULL || f->meta_text == NULL)
         CCR_FAIL(ctx, CCR_ENOMEM, "cannot allocate %zu metadata entries", n);
@@ -230,7 +230,7 @@ static ccr_status parse_meta(ccr_ctx *ctx, const cJSON *m, ccr_safetensors *f)
         f->n_meta++;
     }
     ccr_status s = CCR_OK;
-    const char **keys = malloc(n * sizeof *keys), *dup;
+    const char **keys = ccr_mallocn(n, sizeof *keys), *dup;
     if (keys == NULL)
         BAIL(CCR_ENOMEM, "cannot allocate %zu key pointers", n);
     for (size_t i = 0; i < n; i++)

@@ -5,23 +5,22 @@
  * names and metadata keys).  The JSON header is built with cJSON (integers
  * are emitted as exact decimal text, never as doubles) and padded with spaces
  * to a multiple of 8 bytes; header and little-endian data go to a temporary
- * file beside the target which is renamed into place only when everything
- * was written.
+ * file beside the target (tmpfile.h) which is fsynced and renamed into place
+ * only when everything was written, and removed on any failure.
  */
 #define _POSIX_C_SOURCE 200809L
 
-#include <errno.h>
 #include <inttypes.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
 
 #include <cJSON.h>
 
 #include "ccr/ccr_safetensors.h"
 #include "internal.h"          // provides: CCR_FAIL, CCR_CHECK_NULL, ccr_mul_ok, ccr_utf8_valid
+#include "tmpfile.h"          // provides: ccr_tmp_create, ccr_tmp_write, ccr_tmp_commit
 #include "safetensors_impl.h"  // provides: ST_* limits, BAIL, LE helpers, ccr_st_sorted_duplicate
 
 /* Checks the arguments; fills nbytes[i] with tensor i's data size. */
@@ -71,7 +70,7 @@ static ccr_status check_write_args(ccr_ctx *ctx, const ccr_st_tensor *tensors, s
     if (cap < 2)
         return CCR_OK;
     ccr_status s = CCR_OK;
-    const char **names = malloc(cap * sizeof *names), *dup;
+    const char **names = ccr_mallocn(cap, sizeof *names), *dup;
     if (names == NULL)
         BAIL(CCR_ENOMEM, "cannot allocate %zu name pointers", cap);
     for (size_t i = 0; i < n; i++)
@@ -142,24 +141,21 @@ static ccr_status build_header(ccr_ctx *ctx, const ccr_st_tensor *tensors, size_
 }
 
 /* Writes n little-endian 32-bit words. */
-static bool write_le32(FILE *f, const void *data, size_t words)
+static ccr_status write_le32(ccr_ctx *ctx, ccr_tmp *t, const void *data, size_t words)
 {
-    if (words == 0)
-        return true;
-    if (host_is_le())
-        return fwrite(data, ST_ELEM_SIZE, words, f) == words;
+    if (words == 0 || host_is_le())
+        return ccr_tmp_write(ctx, t, data, words * ST_ELEM_SIZE);
     unsigned char buf[4096];
     const unsigned char *p = data;
     while (words > 0) {
         size_t k = words < sizeof buf / 4 ? words : sizeof buf / 4;
         memcpy(buf, p, k * 4);
         swap32(buf, k);
-        if (fwrite(buf, 4, k, f) != k)
-            return false;
+        CCR_TRY(ccr_tmp_write(ctx, t, buf, k * 4));
         p += k * 4;
         words -= k;
     }
-    return true;
+    return CCR_OK;
 }
 
 ccr_status ccr_safetensors_write(ccr_ctx *ctx, const char *path,
@@ -175,8 +171,10 @@ ccr_status ccr_safetensors_write(ccr_ctx *ctx, const char *path,
         CCR_FAIL(ctx, CCR_EINVAL, "meta is NULL but n_meta = %zu", n_meta);
 
     ccr_status s = CCR_OK;
-    char *json = NULL, *tmp = NULL;
-    size_t json_len = 0, *nbytes = malloc((n > 0 ? n : 1) * sizeof *nbytes);
+    char *json = NULL;
+    unsigned char *head = NULL;
+    ccr_tmp t = {.fd = -1};
+    size_t json_len = 0, *nbytes = ccr_mallocn(n, sizeof *nbytes);
     if (nbytes == NULL)
         BAIL(CCR_ENOMEM, "cannot allocate %zu sizes", n);
     if ((s = check_write_args(ctx, tensors, n, meta, n_meta, nbytes)) != CCR_OK ||
@@ -187,42 +185,22 @@ ccr_status ccr_safetensors_write(ccr_ctx *ctx, const char *path,
     unsigned char lenbuf[8];
     store_u64_le(lenbuf, hlen);
 
-    size_t tmp_cap = strlen(path) + 48;
-    if ((tmp = malloc(tmp_cap)) == NULL)
-        BAIL(CCR_ENOMEM, "cannot allocate the temporary name");
-    /* "x" (C11) creates exclusively, so concurrent writers never share a file. */
-    FILE *f = NULL;
-    int err = 0;
-    for (unsigned k = 0; k < 100 && f == NULL && (k == 0 || err == EEXIST); k++) {
-        snprintf(tmp, tmp_cap, "%s.tmp.%ld.%u", path, (long)getpid(), k);
-        errno = 0;
-        f = fopen(tmp, "wbx");
-        err = errno;
-    }
-    if (f == NULL)
-        BAIL(CCR_EIO, "cannot create '%.200s': %s", tmp, err ? strerror(err) : "unknown error");
-    bool ok = fwrite(lenbuf, 1, 8, f) == 8 && fwrite(json, 1, json_len, f) == json_len;
-    for (size_t i = json_len; ok && i < hlen; i++)
-        ok = fputc(' ', f) != EOF;
-    for (size_t i = 0; ok && i < n; i++)
-        ok = write_le32(f, tensors[i].data, nbytes[i] / ST_ELEM_SIZE);
-    ok = ok && fflush(f) == 0 && !ferror(f);
-    err = ok ? 0 : errno;
-    if (fclose(f) != 0 && ok) {
-        ok = false;
-        err = errno;
-    }
-    if (!ok) {
-        remove(tmp);
-        BAIL(CCR_EIO, "cannot write '%.200s': %s", tmp, err ? strerror(err) : "write error");
-    }
-    if (rename(tmp, path) != 0) {
-        err = errno;
-        remove(tmp);
-        BAIL(CCR_EIO, "cannot rename the temporary file to '%.200s': %s", path, strerror(err));
-    }
+    /* Length, JSON and padding go out in one buffer. */
+    if ((head = malloc(8 + hlen)) == NULL)
+        BAIL(CCR_ENOMEM, "cannot allocate the %zu-byte header", hlen);
+    memcpy(head, lenbuf, 8);
+    memcpy(head + 8, json, json_len);
+    memset(head + 8 + json_len, ' ', hlen - json_len);
+    if ((s = ccr_tmp_create(ctx, path, &t)) != CCR_OK ||
+        (s = ccr_tmp_write(ctx, &t, head, 8 + hlen)) != CCR_OK)
+        goto done;
+    for (size_t i = 0; i < n; i++)
+        if ((s = write_le32(ctx, &t, tensors[i].data, nbytes[i] / ST_ELEM_SIZE)) != CCR_OK)
+            goto done;
+    s = ccr_tmp_commit(ctx, &t, NULL);
 done:
-    free(tmp);
+    ccr_tmp_release(&t);   /* removes the temporary unless committed */
+    free(head);
     cJSON_free(json);
     free(nbytes);
     return s;

@@ -23,7 +23,7 @@
 static const char *tmp_name(const char *path)
 {
     static char buf[600];
-    snprintf(buf, sizeof buf, "%s.tmp.%ld.0", path, (long)getpid());
+    snprintf(buf, sizeof buf, "%s.ccr-tmp.%ld.0", path, (long)getpid());
     return buf;
 }
 

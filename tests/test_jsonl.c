@@ -1,18 +1,30 @@
 /*
  * test_jsonl.c - tests of the JSON Lines results writer: field order,
  * replacement in place, exact numbers, null for non-finite values, UTF-8
- * checks, escaping, flushing, append and truncate modes, and I/O errors.
+ * checks, escaping, flushing, append and truncate modes, and I/O errors;
+ * the file-safety rules (tmpfile.h): the previous file stays until close, a
+ * failed run's lines go to "<path>.partial", a full disk never leaves a half
+ * line, and stale temporaries of dead processes are swept.
  */
+#define _POSIX_C_SOURCE 200809L
+
+#include <dirent.h>
 #include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <signal.h>
+#include <unistd.h>
 
 #include <cJSON.h>
 
 #include "ccr_test.h"
+#include "tmpfile.h"
 
 /* ---- helpers ---- */
 
@@ -169,9 +181,10 @@ START_TEST(test_jsonl_file)
         CCR_CK_OK(ctx, ccr_record_add_bool(r, "b", i % 2 == 0));
         CCR_CK_OK(ctx, ccr_record_add_doubles(r, "v", v, 2));
         CCR_CK_OK(ctx, ccr_jsonl_write(w, r));
-        /* Flushed: the line is in the file before close. */
+        /* Written at once to the temporary; the file itself appears at close. */
+        ck_assert(!ccr_test_exists(path));
         size_t len;
-        unsigned char *buf = ccr_test_read_file(path, &len);
+        unsigned char *buf = ccr_test_read_file(ccr_jsonl_temp_path(w), &len);
         size_t lines = 0;
         for (size_t k = 0; k < len; k++)
             lines += buf[k] == '\n';
@@ -257,6 +270,261 @@ START_TEST(test_jsonl_file)
 }
 END_TEST
 
+/* ---- file safety ---- */
+
+/* A fresh empty directory; path in a held buffer. */
+static ccr_test_tpath fresh_dir(const char *name)
+{
+    ccr_test_tpath d = ccr_test_tmp_path(name);
+    char cmd[600];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", d.s);
+    ck_assert_int_eq(system(cmd), 0);
+    ck_assert_int_eq(mkdir(d.s, 0700), 0);
+    return d;
+}
+
+static void rm_dir(const ccr_test_tpath *d)
+{
+    char cmd[600];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", d->s);
+    ck_assert_int_eq(system(cmd), 0);
+}
+
+/* How many entries of dir contain CCR_TMP_INFIX. */
+static size_t count_temps(const char *dir)
+{
+    DIR *d = opendir(dir);
+    ck_assert_ptr_nonnull(d);
+    size_t n = 0;
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL)
+        n += strstr(e->d_name, CCR_TMP_INFIX) != NULL;
+    closedir(d);
+    return n;
+}
+
+static void expect_file(const char *path, const char *want)
+{
+    size_t len;
+    unsigned char *buf = ccr_test_read_file(path, &len);
+    ck_assert_msg(len == strlen(want) && memcmp(buf, want, len) == 0,
+                  "%s holds '%.*s', want '%s'", path, (int)len, (const char *)buf, want);
+    free(buf);
+}
+
+static void write_line(ccr_ctx *ctx, ccr_jsonl *w, ccr_record *r, int i)
+{
+    ccr_record_clear(r);
+    CCR_CK_OK(ctx, ccr_record_add_int(r, "i", i));
+    CCR_CK_OK(ctx, ccr_jsonl_write(w, r));
+}
+
+START_TEST(test_jsonl_keeps_previous)
+{
+    ccr_ctx *ctx = ccr_test_ctx();
+    ccr_test_tpath dir = fresh_dir("keep");
+    char path[600], partial[620];
+    snprintf(path, sizeof path, "%s/r.jsonl", dir.s);
+    snprintf(partial, sizeof partial, "%s.partial", path);
+    const char *old = "{\"old\":1}\n";
+    ck_assert_int_eq(ccr_test_write_file(path, old, strlen(old)), 0);
+    ccr_record *r = NULL;
+    CCR_CK_OK(ctx, ccr_record_init(ctx, &r));
+
+    /* While the run writes, the previous file is untouched; an aborted run
+     * leaves its lines under <path>.partial and no temporary. */
+    ccr_jsonl *w = NULL;
+    CCR_CK_OK(ctx, ccr_jsonl_open(ctx, path, false, &w));
+    ck_assert_ptr_nonnull(strstr(ccr_jsonl_temp_path(w), "/r.jsonl" CCR_TMP_INFIX));
+    ck_assert_str_eq(ccr_jsonl_partial_path(w), partial);
+    write_line(ctx, w, r, 0);
+    write_line(ctx, w, r, 1);
+    expect_file(path, old);
+    expect_file(ccr_jsonl_temp_path(w), "{\"i\":0}\n{\"i\":1}\n");
+    CCR_CK_OK(ctx, ccr_jsonl_abort(w));
+    expect_file(path, old);
+    expect_file(partial, "{\"i\":0}\n{\"i\":1}\n");
+    ck_assert_uint_eq(count_temps(dir.s), 0);
+
+    /* Append mode also works on a copy: abort keeps the file as it was. */
+    CCR_CK_OK(ctx, ccr_jsonl_open(ctx, path, true, &w));
+    write_line(ctx, w, r, 2);
+    expect_file(path, old);
+    CCR_CK_OK(ctx, ccr_jsonl_abort(w));
+    expect_file(path, old);
+    expect_file(partial, "{\"old\":1}\n{\"i\":2}\n");
+
+    /* Close commits all at once. */
+    CCR_CK_OK(ctx, ccr_jsonl_open(ctx, path, true, &w));
+    write_line(ctx, w, r, 3);
+    CCR_CK_OK(ctx, ccr_jsonl_close(w));
+    expect_file(path, "{\"old\":1}\n{\"i\":3}\n");
+    ck_assert_uint_eq(count_temps(dir.s), 0);
+
+    /* A close that cannot rename (the target became a directory) keeps
+     * the lines in .partial and says so. */
+    char sub[640];
+    snprintf(sub, sizeof sub, "%s/d.jsonl", dir.s);
+    CCR_CK_OK(ctx, ccr_jsonl_open(ctx, sub, false, &w));
+    write_line(ctx, w, r, 4);
+    ck_assert_int_eq(mkdir(sub, 0700), 0);
+    CCR_CK_STATUS(ctx, ccr_jsonl_close(w), CCR_EIO);
+    ck_assert_ptr_nonnull(strstr(ccr_ctx_errmsg(ctx), "d.jsonl.partial"));
+    snprintf(sub, sizeof sub, "%s/d.jsonl.partial", dir.s);
+    expect_file(sub, "{\"i\":4}\n");
+    ck_assert_uint_eq(count_temps(dir.s), 0);
+    ck_assert_int_eq(ccr_jsonl_abort(NULL), CCR_OK);
+    ck_assert_ptr_null(ccr_jsonl_temp_path(NULL));
+    ck_assert_ptr_null(ccr_jsonl_partial_path(NULL));
+
+    ccr_record_free(r);
+    rm_dir(&dir);
+    ccr_ctx_free(ctx);
+}
+END_TEST
+
+/* Child of test_jsonl_full_disk: with files limited to `limit` bytes,
+ * writes lines until one fails, writes once more (still failing), then
+ * closes.  Exit status: 0 ok, else the step that went wrong. */
+static int full_disk_child(const char *path, rlim_t limit)
+{
+    signal(SIGXFSZ, SIG_IGN);   /* EFBIG instead of the signal */
+    struct rlimit rl = {limit, limit};
+    if (setrlimit(RLIMIT_FSIZE, &rl) != 0)
+        return 10;
+    ccr_ctx *ctx = NULL;
+    ccr_record *r = NULL;
+    ccr_jsonl *w = NULL;
+    if (ccr_ctx_init(&ctx) != CCR_OK || ccr_record_init(ctx, &r) != CCR_OK ||
+        ccr_jsonl_open(ctx, path, false, &w) != CCR_OK)
+        return 11;
+    int ok_lines = 0;
+    ccr_status s = CCR_OK;
+    for (; ok_lines < 1000; ok_lines++) {
+        ccr_record_clear(r);
+        ccr_record_add_int(r, "i", ok_lines);
+        ccr_record_add_str(r, "pad", "0123456789012345678901234567890123456789");
+        if ((s = ccr_jsonl_write(w, r)) != CCR_OK)
+            break;
+    }
+    if (s != CCR_EIO || ok_lines == 0 || ok_lines == 1000)
+        return 12;
+    if (strstr(ccr_ctx_errmsg(ctx), "large") == NULL)   /* "File too large" */
+        return 13;
+    if (ccr_jsonl_write(w, r) != CCR_EIO)
+        return 14;
+    if (ccr_jsonl_close(w) != CCR_OK)
+        return 15;
+    ccr_record_free(r);
+    ccr_ctx_free(ctx);
+    return 0;
+}
+
+START_TEST(test_jsonl_full_disk)
+{
+    /* A write that runs out of room is cut back to the last full line, so
+     * the file a user keeps never ends in half a line. */
+    ccr_test_tpath dir = fresh_dir("full");
+    char path[600];
+    snprintf(path, sizeof path, "%s/r.jsonl", dir.s);
+    const rlim_t limit = 300;
+    fflush(NULL);
+    pid_t pid = fork();
+    ck_assert_int_ge(pid, 0);
+    if (pid == 0)
+        _exit(full_disk_child(path, limit));
+    int st = 0;
+    ck_assert_int_eq(waitpid(pid, &st, 0), pid);
+    ck_assert_msg(WIFEXITED(st) && WEXITSTATUS(st) == 0, "child failed at step %d",
+                  WIFEXITED(st) ? WEXITSTATUS(st) : -1);
+    size_t len;
+    unsigned char *buf = ccr_test_read_file(path, &len);
+    ck_assert_uint_gt(len, 0);
+    ck_assert_uint_le(len, (size_t)limit);
+    ck_assert_int_eq(buf[len - 1], '\n');
+    /* Every line parses and they count up from 0. */
+    size_t start = 0;
+    int n = 0;
+    for (size_t k = 0; k < len; k++) {
+        if (buf[k] != '\n')
+            continue;
+        buf[k] = '\0';
+        cJSON *j = cJSON_Parse((const char *)buf + start);
+        ck_assert_msg(j != NULL, "line %d does not parse", n);
+        ck_assert_int_eq(cJSON_GetObjectItemCaseSensitive(j, "i")->valueint, n);
+        cJSON_Delete(j);
+        n++;
+        start = k + 1;
+    }
+    ck_assert_int_gt(n, 0);
+    free(buf);
+    ck_assert_uint_eq(count_temps(dir.s), 0);
+    rm_dir(&dir);
+}
+END_TEST
+
+/* A process id that no longer exists (a child that has been reaped). */
+static pid_t dead_pid(void)
+{
+    pid_t pid = fork();
+    ck_assert_int_ge(pid, 0);
+    if (pid == 0)
+        _exit(0);
+    ck_assert_int_eq(waitpid(pid, NULL, 0), pid);
+    return pid;
+}
+
+START_TEST(test_tmp_sweep)
+{
+    ccr_ctx *ctx = ccr_test_ctx();
+    long pid = 0;
+    ck_assert(ccr_tmp_parse_name("a.jsonl.ccr-tmp.123.0", &pid));
+    ck_assert_int_eq(pid, 123);
+    ck_assert(ccr_tmp_parse_name("x.ccr-tmp.ccr-tmp.7.12", &pid));
+    ck_assert_int_eq(pid, 7);
+    ck_assert(!ccr_tmp_parse_name(".ccr-tmp.5.0", NULL));
+    ck_assert(!ccr_tmp_parse_name("a.ccr-tmp.5", NULL));
+    ck_assert(!ccr_tmp_parse_name("a.ccr-tmp.5.", NULL));
+    ck_assert(!ccr_tmp_parse_name("a.ccr-tmp.x.0", NULL));
+    ck_assert(!ccr_tmp_parse_name("a.ccr-tmp.5.0~", NULL));
+    ck_assert(!ccr_tmp_parse_name("a.tmp.5.0", NULL));
+
+    ccr_test_tpath dir = fresh_dir("sweep");
+    char dead[700], live[700], other[700], target[620];
+    snprintf(target, sizeof target, "%s/ck.safetensors", dir.s);
+    snprintf(dead, sizeof dead, "%s/old.jsonl" CCR_TMP_INFIX "%ld.0", dir.s, (long)dead_pid());
+    snprintf(live, sizeof live, "%s/ck.safetensors" CCR_TMP_INFIX "%ld.3", dir.s,
+             (long)getppid());
+    snprintf(other, sizeof other, "%s/notes" CCR_TMP_INFIX "txt", dir.s);
+    ck_assert_int_eq(ccr_test_write_file(dead, "x", 1), 0);
+    ck_assert_int_eq(ccr_test_write_file(live, "x", 1), 0);
+    ck_assert_int_eq(ccr_test_write_file(other, "x", 1), 0);
+    size_t removed = 99;
+    CCR_CK_OK(ctx, ccr_tmp_sweep(ctx, target, &removed));
+    ck_assert_uint_eq(removed, 1);
+    ck_assert(!ccr_test_exists(dead));
+    ck_assert(ccr_test_exists(live));     /* its process is running */
+    ck_assert(ccr_test_exists(other));    /* not a ccr temporary */
+    CCR_CK_STATUS(ctx, ccr_tmp_sweep(ctx, "/nonexistent-dir/x", NULL), CCR_EIO);
+
+    /* A temporary is removed on every failure path: a rename onto a
+     * directory fails and leaves nothing behind. */
+    ccr_tmp t;
+    char sub[640];
+    snprintf(sub, sizeof sub, "%s/sub", dir.s);
+    ck_assert_int_eq(mkdir(sub, 0700), 0);
+    CCR_CK_OK(ctx, ccr_tmp_create(ctx, sub, &t));
+    CCR_CK_OK(ctx, ccr_tmp_write(ctx, &t, "abc", 3));
+    CCR_CK_STATUS(ctx, ccr_tmp_commit(ctx, &t, NULL), CCR_EIO);
+    ccr_tmp_release(&t);
+    ck_assert_uint_eq(count_temps(dir.s), 2);   /* live and other */
+    CCR_CK_STATUS(ctx, ccr_tmp_create(ctx, "", &t), CCR_EINVAL);
+    ccr_tmp_release(&t);
+    rm_dir(&dir);
+    ccr_ctx_free(ctx);
+}
+END_TEST
+
 static Suite *jsonl_suite(void)
 {
     Suite *s = suite_create("jsonl");
@@ -266,6 +534,12 @@ static Suite *jsonl_suite(void)
     tcase_add_test(jl, test_record_numbers);
     tcase_add_test(jl, test_jsonl_file);
     suite_add_tcase(s, jl);
+    TCase *fs = tcase_create("file safety");
+    tcase_set_timeout(fs, 30);
+    tcase_add_test(fs, test_jsonl_keeps_previous);
+    tcase_add_test(fs, test_jsonl_full_disk);
+    tcase_add_test(fs, test_tmp_sweep);
+    suite_add_tcase(s, fs);
     return s;
 }
 

@@ -101,6 +101,10 @@ ccr_gate *ccr_cond_gate(const ccr_cond *c);
 size_t ccr_cond_d_in(const ccr_cond *c);
 size_t ccr_cond_d_out(const ccr_cond *c);
 
+/* Bytes of the layer's workspace (host memory allocated for max_batch by
+ * ccr_cond_alloc; the gate's own buffers are not counted).  0 for NULL. */
+size_t ccr_cond_memory_bytes(const ccr_cond *c);
+
 /* Parameters of the bank and gate (exact). */
 size_t ccr_cond_n_params(const ccr_cond *c);
 

@@ -76,7 +76,8 @@ ccr_status ccr_dataset_load_idx(ccr_ctx *ctx, const char *images, const char *la
 
 /* Allocates an empty data set of n x dim (x and y zero) for callers that
  * fill it themselves, e.g. synthetic tasks.  n may be 0.  Returns CCR_EINVAL
- * if dim or n_classes is 0 or the size overflows, CCR_ENOMEM. */
+ * if dim or n_classes is 0, CCR_ENOMEM if it cannot be allocated or is larger
+ * than physical memory (or its size overflows). */
 ccr_status ccr_dataset_alloc(ccr_ctx *ctx, size_t n, size_t dim, size_t n_classes,
                              ccr_dataset **out);
 void ccr_dataset_free(ccr_dataset *ds);

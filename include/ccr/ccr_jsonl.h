@@ -18,7 +18,11 @@
  *     ccr_record_clear(r);              // reuse for the next line
  *     ...
  *     ccr_record_free(r);
- *     ccr_jsonl_close(out);
+ *     ccr_jsonl_close(out);   // now results.jsonl is replaced, all at once
+ *
+ * The file is replaced only when the writer is closed: until then the lines
+ * go to a temporary, and a failed run (ccr_jsonl_abort) leaves them in
+ * "results.jsonl.partial" with the previous results.jsonl untouched.
  */
 #ifndef CCR_JSONL_H
 #define CCR_JSONL_H
@@ -54,17 +58,43 @@ ccr_status ccr_record_add_doubles(ccr_record *r, const char *key, const double *
  * string with free().  Returns CCR_ENOMEM. */
 ccr_status ccr_record_to_string(const ccr_record *r, char **out);
 
-/* Opens path for writing (truncating) or appending.  Returns CCR_EIO if it
- * cannot be opened. */
+/* The suffix of the name that keeps a failed run's results. */
+#define CCR_JSONL_PARTIAL_SUFFIX ".partial"
+
+/* Opens a writer for path.  Nothing at path changes until
+ * ccr_jsonl_close: the lines go to a new temporary file beside it,
+ * "<path>.ccr-tmp.<pid>.<n>".  With append the temporary starts as a copy
+ * of the existing file (up to its last full line).  A path that exists and
+ * is not a regular file or directory (/dev/null, a FIFO) is written
+ * directly.  Returns CCR_EIO if the temporary cannot be created (e.g. the
+ * directory is not writable); a path naming a directory fails at close. */
 ccr_status ccr_jsonl_open(ccr_ctx *ctx, const char *path, bool append, ccr_jsonl **out);
 
-/* Writes the record as one line and flushes it, so a crash loses at most the
- * line in progress.  Returns CCR_EIO on a write error. */
+/* Writes the record as one line with a single write(2), so a crash loses at
+ * most the line in progress.  Returns CCR_EIO on a write error (a full
+ * disk); the file is then cut back to its last full line, so no half line
+ * is ever kept, and the writer stays usable. */
 ccr_status ccr_jsonl_write(ccr_jsonl *w, const ccr_record *r);
 
-/* Closes the file; returns CCR_EIO if the final flush fails.  NULL is
+/* Commits: fsyncs the temporary, renames it over path and fsyncs the
+ * directory, then frees the writer.  If that fails, the lines are kept in
+ * "<path>.partial" (CCR_JSONL_PARTIAL_SUFFIX) where possible, the previous
+ * file is untouched, and CCR_EIO says where the lines went.  NULL is
  * accepted (returns CCR_OK). */
 ccr_status ccr_jsonl_close(ccr_jsonl *w);
+
+/* For a run that failed or was interrupted: moves the lines written so far
+ * to "<path>.partial" (replacing an older one), leaves path untouched and
+ * frees the writer.  Returns CCR_EIO if the rename fails (the temporary is
+ * then removed).  NULL is accepted (returns CCR_OK). */
+ccr_status ccr_jsonl_abort(ccr_jsonl *w);
+
+/* The temporary's path and the ".partial" path, fixed for the writer's
+ * life, so a signal handler can rename(2) one to the other (rename is
+ * async-signal-safe; every line in the temporary is complete).  NULL for a
+ * NULL writer or one writing a device directly. */
+const char *ccr_jsonl_temp_path(const ccr_jsonl *w);
+const char *ccr_jsonl_partial_path(const ccr_jsonl *w);
 
 CCR_END_DECLS
 

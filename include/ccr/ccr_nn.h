@@ -111,6 +111,15 @@ typedef struct ccr_layer_info {
 } ccr_layer_info;
 ccr_status ccr_net_layer_info(const ccr_net *net, size_t i, ccr_layer_info *info);
 
+/* Bytes of memory the network holds once finalized: parameters and
+ * gradients, the activation block for max_batch examples, host staging and
+ * the conditional layers' workspaces (gate buffers and optimiser moments are
+ * not counted).  Valid before finalize (an estimate from the layers added so
+ * far; ccr_net_finalize refuses with CCR_ENOMEM, "needs X GiB, this machine
+ * has Y GiB", a network larger than physical memory) and after.  CCR_EINVAL
+ * for NULL arguments, CCR_ENOMEM if the size overflows. */
+ccr_status ccr_net_memory_bytes(const ccr_net *net, size_t *bytes);
+
 /* Totals over the layers (per example). */
 typedef struct ccr_flops {
     double fwd;          /* forward FLOPs per example */

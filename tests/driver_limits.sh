@@ -1,0 +1,51 @@
+#!/bin/sh
+# Sizes the machine cannot hold (issue 9, class 1): a huge --batch or
+# --hidden makes ccr-train and ccr-tree stop before training with exit 1
+# (a runtime failure, docs/DESIGN.md) and a message saying how much memory
+# the request needs; it used to wrap max_batch x width and write past a heap
+# buffer.  ccr-tree runs on its synthetic data only (no data set needed);
+# ccr-train needs Fashion-MNIST and is skipped without it.
+# Usage: driver_limits.sh CCR_TRAIN CCR_TREE
+set -u
+train=$1
+tree=$2
+data=/usr/share/datasets/fashion-mnist
+tmp=$(mktemp -d "${TMPDIR:-/tmp}/ccr-limits-test.XXXXXX")
+trap 'rm -rf "$tmp"' EXIT
+fail=0
+
+# expect_too_big NAME CMD...: exit 1 and "needs ... this machine has" on stderr.
+expect_too_big() {
+    name=$1
+    shift
+    "$@" >"$tmp/out" 2>"$tmp/err"
+    rc=$?
+    if [ "$rc" -ne 1 ] || ! grep -q 'needs .*this machine has' "$tmp/err"; then
+        echo "FAIL $name: exit $rc (want 1 with 'needs ... this machine has'):"
+        cat "$tmp/err"
+        fail=1
+    else
+        echo "ok $name: $(tail -n 1 "$tmp/err")"
+    fi
+}
+
+big=100000000000000000  # 1e17: max_batch x width wraps size_t
+huge=10000000000        # 1e10: no wrap, far more than any machine
+for b in $big $huge; do
+    expect_too_big "ccr-tree --batch $b" \
+        "$tree" --quick --datasets synthetic --batch "$b" --out "$tmp/t.jsonl"
+done
+if [ -r "$data/train-images-idx3-ubyte.gz" ]; then
+    for b in $big $huge; do
+        expect_too_big "ccr-train --batch $b" \
+            "$train" --quick --max-train 1000 --valid 100 --batch "$b" --out "$tmp/r.jsonl"
+    done
+    expect_too_big "ccr-train --hidden $huge" \
+        "$train" --quick --max-train 1000 --valid 100 --hidden "$huge" --out "$tmp/r.jsonl"
+    expect_too_big "ccr-train --hidden 2^33,2^33" \
+        "$train" --quick --max-train 1000 --valid 100 --hidden 8589934592,8589934592 \
+        --out "$tmp/r.jsonl"
+else
+    echo "skip ccr-train cases: no $data"
+fi
+exit $fail
