@@ -5,11 +5,12 @@
 # go to a temporary directory; the committed seed corpus is never changed.
 # A crash, leak, timeout or limit breach fails the test and leaves the input
 # under ARTIFACT_DIR (reproduce with: TARGET ARTIFACT_DIR/crash-...).
-# Usage: run_fuzz.sh TARGET SEED_DIR ARTIFACT_DIR
+# Usage: run_fuzz.sh TARGET SEED_DIR ARTIFACT_DIR [DICTIONARY]
 set -eu
 target=$1
 seeds=$2
 art=$3
+if [ $# -ge 4 ]; then set -- "-dict=$4"; else set --; fi
 secs=${CCR_FUZZ_SECONDS:-30}
 case $secs in
   ''|*[!0-9]*) echo "CCR_FUZZ_SECONDS must be a number of seconds"; exit 1 ;;
@@ -35,7 +36,7 @@ find "$seeds" -type f | sort | xargs "$target" $limits -artifact_prefix="$art/" 
 echo "== $(basename "$target"): fuzzing for $secs s"
 mkdir "$work/corpus"
 # shellcheck disable=SC2086
-"$target" $limits -max_total_time="$secs" -print_final_stats=1 -artifact_prefix="$art/" \
+"$target" $limits "$@" -max_total_time="$secs" -print_final_stats=1 -artifact_prefix="$art/" \
   "$work/corpus" "$seeds" >"$work/fuzz.log" 2>&1 || { tail -n 60 "$work/fuzz.log"; exit 1; }
 grep -E '^#[0-9]+ +DONE|stat::number_of_executed_units|stat::peak_rss_mb|cov:' "$work/fuzz.log" |
   tail -n 4
