@@ -143,19 +143,29 @@ size_t ccr_arena_block_len(const ccr_arena *a) { return a ? a->block_len : 0; }
 float *ccr_arena_values(const ccr_arena *a) { return a ? a->values : NULL; }
 float *ccr_arena_grads(const ccr_arena *a) { return a ? a->grads : NULL; }
 
-const char *ccr_arena_name(const ccr_arena *a, size_t i) { return a->t[i].name; }
-size_t ccr_arena_rank(const ccr_arena *a, size_t i) { return a->t[i].rank; }
-const size_t *ccr_arena_shape(const ccr_arena *a, size_t i) { return a->t[i].shape; }
-size_t ccr_arena_size(const ccr_arena *a, size_t i) { return a->t[i].size; }
+/* Per-tensor getters: NULL / 0 for a NULL arena or an index out of range
+ * (the NULL-handle rule, ccr.h). */
+#define ARENA_HAS(a, i) ((a) != NULL && (i) < (a)->n)
+
+const char *ccr_arena_name(const ccr_arena *a, size_t i)
+{
+    return ARENA_HAS(a, i) ? a->t[i].name : NULL;
+}
+size_t ccr_arena_rank(const ccr_arena *a, size_t i) { return ARENA_HAS(a, i) ? a->t[i].rank : 0; }
+const size_t *ccr_arena_shape(const ccr_arena *a, size_t i)
+{
+    return ARENA_HAS(a, i) ? a->t[i].shape : NULL;
+}
+size_t ccr_arena_size(const ccr_arena *a, size_t i) { return ARENA_HAS(a, i) ? a->t[i].size : 0; }
 
 float *ccr_arena_value(const ccr_arena *a, size_t i)
 {
-    return a->values ? a->values + a->t[i].offset : NULL;
+    return ARENA_HAS(a, i) && a->values ? a->values + a->t[i].offset : NULL;
 }
 
 float *ccr_arena_grad(const ccr_arena *a, size_t i)
 {
-    return a->grads ? a->grads + a->t[i].offset : NULL;
+    return ARENA_HAS(a, i) && a->grads ? a->grads + a->t[i].offset : NULL;
 }
 
 static ccr_status arena_check_index(const ccr_arena *a, size_t i, const void *host)

@@ -115,11 +115,12 @@ void ccr_gate_free(ccr_gate *g)
     free(g);
 }
 
-const ccr_gate_type *ccr_gate_get_type(const ccr_gate *g) { return g->type; }
-const ccr_gate_config *ccr_gate_get_config(const ccr_gate *g) { return &g->cfg; }
-size_t ccr_gate_n_matrices(const ccr_gate *g) { return g->type->n_matrices(g->state); }
-size_t ccr_gate_slots(const ccr_gate *g) { return g->type->slots(g->state); }
-size_t ccr_gate_max_batch(const ccr_gate *g) { return g->max_batch; }
+/* Getters: NULL / 0 for a NULL gate (the NULL-handle rule, ccr.h). */
+const ccr_gate_type *ccr_gate_get_type(const ccr_gate *g) { return g ? g->type : NULL; }
+const ccr_gate_config *ccr_gate_get_config(const ccr_gate *g) { return g ? &g->cfg : NULL; }
+size_t ccr_gate_n_matrices(const ccr_gate *g) { return g ? g->type->n_matrices(g->state) : 0; }
+size_t ccr_gate_slots(const ccr_gate *g) { return g ? g->type->slots(g->state) : 0; }
+size_t ccr_gate_max_batch(const ccr_gate *g) { return g ? g->max_batch : 0; }
 
 ccr_status ccr_gate_declare(ccr_gate *g, ccr_arena *a, const char *prefix)
 {
@@ -173,16 +174,19 @@ ccr_status ccr_gate_backward(ccr_gate *g, const ccr_gate_bwd_args *a)
     return g->type->backward(g->state, a);
 }
 
-double ccr_gate_flops(const ccr_gate *g, bool train) { return g->type->flops(g->state, train); }
+double ccr_gate_flops(const ccr_gate *g, bool train)
+{
+    return g ? g->type->flops(g->state, train) : 0.0;
+}
 
 double ccr_gate_matrices_per_example(const ccr_gate *g)
 {
-    return g->type->matrices_per_example(g->state);
+    return g ? g->type->matrices_per_example(g->state) : 0.0;
 }
 
 size_t ccr_gate_n_exports(const ccr_gate *g)
 {
-    return g->type->n_exports ? g->type->n_exports(g->state) : 0;
+    return g && g->type->n_exports ? g->type->n_exports(g->state) : 0;
 }
 
 ccr_status ccr_gate_get_export(const ccr_gate *g, size_t i, const char **name, size_t *rank,

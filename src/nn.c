@@ -254,15 +254,18 @@ ccr_status ccr_net_finalize(ccr_net *net, gsl_rng *rng)
     return CCR_OK;
 }
 
-size_t ccr_net_d_in(const ccr_net *net) { return net->d_in; }
+/* Getters: 0 / NULL for a NULL network (the NULL-handle rule, ccr.h). */
+size_t ccr_net_d_in(const ccr_net *net) { return net ? net->d_in : 0; }
 size_t ccr_net_d_out(const ccr_net *net)
 {
+    if (net == NULL)
+        return 0;
     return net->n ? net->layers[net->n - 1].d_out : net->d_in;
 }
-size_t ccr_net_max_batch(const ccr_net *net) { return net->max_batch; }
-size_t ccr_net_n_layers(const ccr_net *net) { return net->n; }
-ccr_arena *ccr_net_params(const ccr_net *net) { return net->params; }
-ccr_backend *ccr_net_backend(const ccr_net *net) { return net->be; }
+size_t ccr_net_max_batch(const ccr_net *net) { return net ? net->max_batch : 0; }
+size_t ccr_net_n_layers(const ccr_net *net) { return net ? net->n : 0; }
+ccr_arena *ccr_net_params(const ccr_net *net) { return net ? net->params : NULL; }
+ccr_backend *ccr_net_backend(const ccr_net *net) { return net ? net->be : NULL; }
 
 ccr_status ccr_net_layer_info(const ccr_net *net, size_t i, ccr_layer_info *info)
 {
@@ -286,7 +289,7 @@ ccr_status ccr_net_layer_info(const ccr_net *net, size_t i, ccr_layer_info *info
 ccr_flops ccr_net_flops(const ccr_net *net)
 {
     ccr_flops f = {0.0, 0.0};
-    for (size_t i = 0; i < net->n; i++) {
+    for (size_t i = 0; net != NULL && i < net->n; i++) {
         f.fwd += net->layers[i].ops->flops_fwd(&net->layers[i]);
         f.bwd += net->layers[i].ops->flops_bwd(&net->layers[i], i > 0);
     }
@@ -296,7 +299,7 @@ ccr_flops ccr_net_flops(const ccr_net *net)
 size_t ccr_net_n_params(const ccr_net *net)
 {
     size_t n = 0;
-    for (size_t i = 0; i < net->n; i++)
+    for (size_t i = 0; net != NULL && i < net->n; i++)
         n += net->layers[i].ops->n_params(&net->layers[i]);
     return n;
 }

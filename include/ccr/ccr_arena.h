@@ -64,7 +64,8 @@ size_t ccr_arena_block_len(const ccr_arena *a);
 float *ccr_arena_values(const ccr_arena *a);
 float *ccr_arena_grads(const ccr_arena *a);
 
-/* Per-tensor facts; i < ccr_arena_count. Pointers are NULL before finalize. */
+/* Per-tensor facts; i < ccr_arena_count. Pointers are NULL before finalize;
+ * NULL / 0 for a NULL arena or i out of range. */
 const char *ccr_arena_name(const ccr_arena *a, size_t i);
 size_t ccr_arena_rank(const ccr_arena *a, size_t i);
 const size_t *ccr_arena_shape(const ccr_arena *a, size_t i);
