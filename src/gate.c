@@ -155,6 +155,13 @@ ccr_status ccr_gate_forward(ccr_gate *g, const float *x, size_t batch, bool trai
     memset(&st, 0, sizeof st);
     ccr_route r;
     CCR_TRY(g->type->forward(g->state, x, batch, train, rng, &r, &st));
+    /* Finite input, non-finite weights: the gate's parameters diverged. */
+    for (size_t k = 0; k < batch * r.slots; k++)  /* batch * slots was allocated */
+        if (r.ids[k] >= 0 && !isfinite(r.weights[k]))
+            CCR_FAIL(g->ctx, CCR_EDOM,
+                     "gate %s: routing weight of example %zu slot %zu is %g (NaN or infinite "
+                     "gate parameters?)", g->type->name, k / r.slots, k % r.slots,
+                     (double)r.weights[k]);
     g->last_batch = batch;
     *route = r;
     *stats = st;

@@ -53,6 +53,7 @@ void ccr_net_free(ccr_net *net)
     ccr_backend_free_buffer(net->be, net->block);
     free(net->layers);
     free(net->host);
+    free(net->grad_host);
     free(net);
 }
 
@@ -240,12 +241,17 @@ ccr_status ccr_net_finalize(ccr_net *net, gsl_rng *rng)
     /* Host staging of per-example loss and correctness. */
     if (s == CCR_OK && (net->host = ccr_malloc3(2, net->max_batch, sizeof(float))) == NULL)
         s = CCR_FAIL_EXPR(net->ctx, CCR_ENOMEM, "cannot allocate host staging");
+    if (s == CCR_OK && !net->be->is_cpu &&
+        (net->grad_host = ccr_mallocn(ccr_arena_block_len(a), sizeof(float))) == NULL)
+        s = CCR_FAIL_EXPR(net->ctx, CCR_ENOMEM, "cannot allocate the gradient mirror");
     free(scratch);
     if (s != CCR_OK) {
         ccr_arena_free(a);
         ccr_backend_free_buffer(net->be, block);
         free(net->host);
+        free(net->grad_host);
         net->host = NULL;
+        net->grad_host = NULL;
         return s;
     }
     net_carve(net, block);
@@ -395,6 +401,14 @@ static ccr_status net_loss(ccr_net *net, const int32_t *labels, size_t batch, bo
     for (size_t i = 0; i < batch; i++) {
         sum += loss_h[i];
         c += corr_h[i] != 0;
+    }
+    if (!isfinite(sum)) {
+        size_t bad = 0;
+        while (bad < batch && isfinite(loss_h[bad]))
+            bad++;
+        CCR_FAIL(net->ctx, CCR_EDOM,
+                 "loss is not finite (example %zu of the batch: %g); the parameters or "
+                 "activations hold NaN or infinity", bad, bad < batch ? (double)loss_h[bad] : sum);
     }
     *loss_sum = sum;
     *correct = c;
