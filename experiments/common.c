@@ -32,6 +32,9 @@ void drv_usage_error(const char *prog, const char *fmt, ...)
 
 void drv_fail(const char *prog, ccr_ctx *ctx, ccr_status s, const char *what)
 {
+    if (s == CCR_EDOM)  /* a NaN or infinite loss, gradient or routing weight */
+        fprintf(stderr, "%s: stopped at the first non-finite value (NaN or infinity): "
+                "the run diverged\n", prog);
     fprintf(stderr, "%s: %s: %s: %s\n", prog, what, ccr_strerror(s), ccr_ctx_errmsg(ctx));
     exit(1);
 }

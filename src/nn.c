@@ -53,6 +53,7 @@ void ccr_net_free(ccr_net *net)
     ccr_backend_free_buffer(net->be, net->block);
     free(net->layers);
     free(net->host);
+    free(net->grad_host);
     free(net);
 }
 
@@ -240,12 +241,17 @@ ccr_status ccr_net_finalize(ccr_net *net, gsl_rng *rng)
     /* Host staging of per-example loss and correctness. */
     if (s == CCR_OK && (net->host = ccr_malloc3(2, net->max_batch, sizeof(float))) == NULL)
         s = CCR_FAIL_EXPR(net->ctx, CCR_ENOMEM, "cannot allocate host staging");
+    if (s == CCR_OK && !net->be->is_cpu &&
+        (net->grad_host = ccr_mallocn(ccr_arena_block_len(a), sizeof(float))) == NULL)
+        s = CCR_FAIL_EXPR(net->ctx, CCR_ENOMEM, "cannot allocate the gradient mirror");
     free(scratch);
     if (s != CCR_OK) {
         ccr_arena_free(a);
         ccr_backend_free_buffer(net->be, block);
         free(net->host);
+        free(net->grad_host);
         net->host = NULL;
+        net->grad_host = NULL;
         return s;
     }
     net_carve(net, block);
@@ -254,15 +260,18 @@ ccr_status ccr_net_finalize(ccr_net *net, gsl_rng *rng)
     return CCR_OK;
 }
 
-size_t ccr_net_d_in(const ccr_net *net) { return net->d_in; }
+/* Getters: 0 / NULL for a NULL network (the NULL-handle rule, ccr.h). */
+size_t ccr_net_d_in(const ccr_net *net) { return net ? net->d_in : 0; }
 size_t ccr_net_d_out(const ccr_net *net)
 {
+    if (net == NULL)
+        return 0;
     return net->n ? net->layers[net->n - 1].d_out : net->d_in;
 }
-size_t ccr_net_max_batch(const ccr_net *net) { return net->max_batch; }
-size_t ccr_net_n_layers(const ccr_net *net) { return net->n; }
-ccr_arena *ccr_net_params(const ccr_net *net) { return net->params; }
-ccr_backend *ccr_net_backend(const ccr_net *net) { return net->be; }
+size_t ccr_net_max_batch(const ccr_net *net) { return net ? net->max_batch : 0; }
+size_t ccr_net_n_layers(const ccr_net *net) { return net ? net->n : 0; }
+ccr_arena *ccr_net_params(const ccr_net *net) { return net ? net->params : NULL; }
+ccr_backend *ccr_net_backend(const ccr_net *net) { return net ? net->be : NULL; }
 
 ccr_status ccr_net_layer_info(const ccr_net *net, size_t i, ccr_layer_info *info)
 {
@@ -286,7 +295,7 @@ ccr_status ccr_net_layer_info(const ccr_net *net, size_t i, ccr_layer_info *info
 ccr_flops ccr_net_flops(const ccr_net *net)
 {
     ccr_flops f = {0.0, 0.0};
-    for (size_t i = 0; i < net->n; i++) {
+    for (size_t i = 0; net != NULL && i < net->n; i++) {
         f.fwd += net->layers[i].ops->flops_fwd(&net->layers[i]);
         f.bwd += net->layers[i].ops->flops_bwd(&net->layers[i], i > 0);
     }
@@ -296,7 +305,7 @@ ccr_flops ccr_net_flops(const ccr_net *net)
 size_t ccr_net_n_params(const ccr_net *net)
 {
     size_t n = 0;
-    for (size_t i = 0; i < net->n; i++)
+    for (size_t i = 0; net != NULL && i < net->n; i++)
         n += net->layers[i].ops->n_params(&net->layers[i]);
     return n;
 }
@@ -392,6 +401,14 @@ static ccr_status net_loss(ccr_net *net, const int32_t *labels, size_t batch, bo
     for (size_t i = 0; i < batch; i++) {
         sum += loss_h[i];
         c += corr_h[i] != 0;
+    }
+    if (!isfinite(sum)) {
+        size_t bad = 0;
+        while (bad < batch && isfinite(loss_h[bad]))
+            bad++;
+        CCR_FAIL(net->ctx, CCR_EDOM,
+                 "loss is not finite (example %zu of the batch: %g); the parameters or "
+                 "activations hold NaN or infinity", bad, bad < batch ? (double)loss_h[bad] : sum);
     }
     *loss_sum = sum;
     *correct = c;

@@ -4,7 +4,8 @@
 # (a runtime failure, docs/DESIGN.md) and a message saying how much memory
 # the request needs; it used to wrap max_batch x width and write past a heap
 # buffer.  ccr-tree runs on its synthetic data only (no data set needed);
-# ccr-train needs Fashion-MNIST and is skipped without it.
+# ccr-train needs Fashion-MNIST and is skipped without it.  Also: a run whose
+# loss becomes non-finite stops with exit 1 and a message (class 3).
 # Usage: driver_limits.sh CCR_TRAIN CCR_TREE
 set -u
 train=$1
@@ -36,15 +37,23 @@ for b in $big $huge; do
         "$tree" --quick --datasets synthetic --batch "$b" --out "$tmp/t.jsonl"
 done
 if [ -r "$data/train-images-idx3-ubyte.gz" ]; then
-    for b in $big $huge; do
-        expect_too_big "ccr-train --batch $b" \
-            "$train" --quick --max-train 1000 --valid 100 --batch "$b" --out "$tmp/r.jsonl"
-    done
-    expect_too_big "ccr-train --hidden $huge" \
-        "$train" --quick --max-train 1000 --valid 100 --hidden "$huge" --out "$tmp/r.jsonl"
+    expect_too_big "ccr-train --batch $big" \
+        "$train" --quick --max-train 1000 --valid 100 --batch "$big" --out "$tmp/r.jsonl"
     expect_too_big "ccr-train --hidden 2^33,2^33" \
         "$train" --quick --max-train 1000 --valid 100 --hidden 8589934592,8589934592 \
         --out "$tmp/r.jsonl"
+    # Class 3: a diverging run (SGD at lr 100) stops at the first non-finite
+    # loss with exit 1 and says so; it used to finish with NaN results, exit 0.
+    "$train" --quick --max-train 1000 --valid 100 --optim sgd --momentum 0.99 --lr 100 \
+        --out "$tmp/nf.jsonl" >"$tmp/out" 2>"$tmp/err"
+    rc=$?
+    if [ "$rc" -ne 1 ] || ! grep -q 'non-finite' "$tmp/err"; then
+        echo "FAIL ccr-train diverging: exit $rc (want 1 with 'non-finite'):"
+        cat "$tmp/err"
+        fail=1
+    else
+        echo "ok ccr-train diverging: $(tail -n 1 "$tmp/err")"
+    fi
 else
     echo "skip ccr-train cases: no $data"
 fi

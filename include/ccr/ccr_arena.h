@@ -64,7 +64,8 @@ size_t ccr_arena_block_len(const ccr_arena *a);
 float *ccr_arena_values(const ccr_arena *a);
 float *ccr_arena_grads(const ccr_arena *a);
 
-/* Per-tensor facts; i < ccr_arena_count. Pointers are NULL before finalize. */
+/* Per-tensor facts; i < ccr_arena_count. Pointers are NULL before finalize;
+ * NULL / 0 for a NULL arena or i out of range. */
 const char *ccr_arena_name(const ccr_arena *a, size_t i);
 size_t ccr_arena_rank(const ccr_arena *a, size_t i);
 const size_t *ccr_arena_shape(const ccr_arena *a, size_t i);
@@ -74,7 +75,8 @@ float *ccr_arena_grad(const ccr_arena *a, size_t i);
 
 /* Copies host data (ccr_arena_size(a, i) floats) into tensor i's values /
  * tensor i's values or gradients to host memory.  CCR_EINVAL before finalize
- * or for i out of range. */
+ * or for i out of range; ccr_arena_set returns CCR_EDOM (naming the tensor
+ * and element) if host holds NaN or infinity, and writes nothing. */
 ccr_status ccr_arena_set(ccr_arena *a, size_t i, const float *host);
 ccr_status ccr_arena_get(const ccr_arena *a, size_t i, float *host);
 ccr_status ccr_arena_get_grad(const ccr_arena *a, size_t i, float *host);
@@ -93,7 +95,8 @@ ccr_status ccr_arena_save(const ccr_arena *a, const char *path, int with_grads,
 
 /* Reads "param.<name>" for every tensor of a finalized arena from a
  * safetensors file.  Returns CCR_EIO (unreadable), CCR_EFORMAT (malformed,
- * missing tensor, wrong dtype or shape).  On error the values are unchanged. */
+ * missing tensor, wrong dtype or shape), CCR_EDOM (a tensor holds NaN or
+ * infinity; the message names it).  On error the values are unchanged. */
 ccr_status ccr_arena_load(ccr_arena *a, const char *path);
 
 CCR_END_DECLS

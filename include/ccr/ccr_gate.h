@@ -222,7 +222,8 @@ ccr_status ccr_gate_declare(ccr_gate *g, ccr_arena *a, const char *prefix);
 ccr_status ccr_gate_init_params(ccr_gate *g, gsl_rng *rng);
 
 /* Routes batch (1..max_batch) examples x [batch, d_in] (host).  Returns
- * CCR_EBADLEN for a bad batch, CCR_EDOM for non-finite x, CCR_EINVAL for a
+ * CCR_EBADLEN for a bad batch, CCR_EDOM for non-finite x or non-finite
+ * routing weights (the gate's parameters diverged), CCR_EINVAL for a
  * NULL rng in train mode when the gate draws noise.  route and stats are
  * written only on success. */
 ccr_status ccr_gate_forward(ccr_gate *g, const float *x, size_t batch, bool train,

@@ -151,12 +151,15 @@ typedef struct ccr_step_stats {
 /* Forward (evaluation mode) + mean softmax cross-entropy against labels
  * (host, batch values in [0, d_out)) + auxiliary losses + backward,
  * gradients accumulated; no parameter update.  Returns CCR_EINVAL for a
- * label out of range (nothing computed). */
+ * label out of range (nothing computed), CCR_EDOM if the loss is not finite
+ * (stats untouched). */
 ccr_status ccr_net_loss_grad(ccr_net *net, const float *x, const int32_t *labels,
                              size_t batch, ccr_step_stats *stats);
 
 /* Loss and accuracy over n examples (any n >= 1; processed in chunks of
- * max_batch), no gradients.  stats->loss is the mean over all n. */
+ * max_batch), no gradients.  stats->loss is the mean over all n.  CCR_EDOM
+ * if the loss of a chunk is not finite.  An output row holding NaN or
+ * infinity never counts as correct (in every backend's loss kernel). */
 ccr_status ccr_net_eval(ccr_net *net, const float *x, const int32_t *labels, size_t n,
                         ccr_step_stats *stats);
 
@@ -198,8 +201,10 @@ ccr_status ccr_optim_set_lr(ccr_optim *opt, float lr);
 
 /* One training step: zero gradients, forward in training mode (gates draw
  * their noise from rng, which may be NULL only if no layer draws noise),
- * cross-entropy + auxiliary losses, backward, ccr_optim_step.  Parameters
- * are unchanged if the step fails before the update. */
+ * cross-entropy + auxiliary losses, backward, ccr_optim_step.  Returns
+ * CCR_EDOM, without updating, if the loss or the gradient norm is not finite
+ * (or a gate's routing weights are not).  Parameters are unchanged if the
+ * step fails before the update. */
 ccr_status ccr_train_step(ccr_net *net, ccr_optim *opt, gsl_rng *rng, const float *x,
                           const int32_t *labels, size_t batch, ccr_step_stats *stats);
 
