@@ -5,7 +5,6 @@
  */
 #include "ccr/ccr_nn.h"
 #include "internal.h"  // provides: CCR_TRY
-#include "nn_impl.h"   // provides: ccr_net_loss_grad_mode
 
 ccr_status ccr_train_step(ccr_net *net, ccr_optim *opt, gsl_rng *rng, const float *x,
                           const int32_t *labels, size_t batch, ccr_step_stats *stats)
@@ -16,6 +15,6 @@ ccr_status ccr_train_step(ccr_net *net, ccr_optim *opt, gsl_rng *rng, const floa
     if (params == NULL)
         return ccr_net_loss_grad(net, x, labels, batch, stats); /* reports "not finalized" */
     CCR_TRY(ccr_arena_zero_grad(params));
-    CCR_TRY(ccr_net_loss_grad_mode(net, x, labels, batch, true, rng, stats));
+    CCR_TRY(ccr_net_loss_grad_mode(net, x, labels, batch, CCR_MODE_TRAIN, rng, stats));
     return ccr_optim_step(opt);
 }
