@@ -177,8 +177,7 @@ typedef struct ccr_step_stats {
  *     ccr_net_loss_grad_mode(net, x, y, b, CCR_MODE_TRAIN, rng, &st);
  *     ccr_arena_clip_grad_norm(p, 1.0, &norm);      // optional
  *     ccr_optim_step(opt);
- * reproduces ccr_train_step bit for bit when nothing is clipped
- * (tests/test_train_api.c).  Returns CCR_EINVAL for a label out of range
+ * reproduces ccr_train_step bit for bit when nothing is clipped.  Returns CCR_EINVAL for a label out of range
  * (nothing computed) or an unknown mode. */
 ccr_status ccr_net_loss_grad_mode(ccr_net *net, const float *x, const int32_t *labels,
                                   size_t batch, ccr_mode mode, gsl_rng *rng,
@@ -194,8 +193,10 @@ ccr_status ccr_net_eval(ccr_net *net, const float *x, const int32_t *labels, siz
                         ccr_step_stats *stats);
 
 /* Writes the parameters to a safetensors checkpoint ("param.layers.0.w" ...)
- * with the architecture in __metadata__; reads them back into a network of
- * the same architecture (CCR_EFORMAT if it differs; values untouched). */
+ * with the architecture in __metadata__ (keys "format" = "ccr.net",
+ * "ccr_version", "architecture"; the architecture string's grammar is in
+ * docs/DESIGN.md, "Checkpoints"); reads them back into a network of the
+ * same architecture (CCR_EFORMAT if it differs; values untouched). */
 ccr_status ccr_net_save(const ccr_net *net, const char *path);
 ccr_status ccr_net_load(ccr_net *net, const char *path);
 
