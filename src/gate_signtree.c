@@ -3,7 +3,7 @@
  * 2014 ("Exponentially Increasing the Capacity-to-Computation Ratio for
  * Conditional Computation in Deep Learning", arXiv 1406.7362).
  *
- * Only the paper's abstract could be verified (../shared/docs/PAPERS.md
+ * Only the paper's abstract could be verified (docs/REFERENCES.md
  * §1.1-1.2): weight matrices are switched on by bit patterns of hidden-unit
  * activations, and a tree whose nodes are prefixes of a sequence of sign
  * bits controls overfitting.  Everything below - where the bits come from,

@@ -340,15 +340,29 @@ static ccr_status net_forward(ccr_net *net, const float *x, size_t batch, bool t
     return CCR_OK;
 }
 
-ccr_status ccr_net_forward(ccr_net *net, const float *x, size_t batch, const float **out)
+static ccr_status net_check_mode(const ccr_net *net, ccr_mode mode)
+{
+    if (mode != CCR_MODE_EVAL && mode != CCR_MODE_TRAIN)
+        CCR_FAIL(net->ctx, CCR_EINVAL, "unknown mode %d", (int)mode);
+    return CCR_OK;
+}
+
+ccr_status ccr_net_forward_mode(ccr_net *net, const float *x, size_t batch, ccr_mode mode,
+                                gsl_rng *rng, const float **out)
 {
     if (net == NULL)
         return CCR_EINVAL;
     CCR_CHECK_NULL(net->ctx, out);
+    CCR_TRY(net_check_mode(net, mode));
     CCR_TRY(net_check_input(net, x, batch));
-    CCR_TRY(net_forward(net, x, batch, false, NULL));
+    CCR_TRY(net_forward(net, x, batch, mode == CCR_MODE_TRAIN, rng));
     *out = net->layers[net->n - 1].out;
     return CCR_OK;
+}
+
+ccr_status ccr_net_forward(ccr_net *net, const float *x, size_t batch, const float **out)
+{
+    return ccr_net_forward_mode(net, x, batch, CCR_MODE_EVAL, NULL, out);
 }
 
 ccr_status ccr_net_backward(ccr_net *net, const float *dout)
@@ -416,9 +430,11 @@ static ccr_status net_loss(ccr_net *net, const int32_t *labels, size_t batch, bo
 }
 
 /* Sum of the conditional layers' auxiliary losses of the last forward. */
-static double net_aux_loss(const ccr_net *net)
+double ccr_net_aux_loss(const ccr_net *net)
 {
     double aux = 0.0;
+    if (net == NULL || net->last_batch == 0)
+        return 0.0;
     for (size_t i = 0; i < net->n; i++)
         if (net->layers[i].cond != NULL)
             aux += net->layers[i].stats.aux_loss;
@@ -426,20 +442,22 @@ static double net_aux_loss(const ccr_net *net)
 }
 
 ccr_status ccr_net_loss_grad_mode(ccr_net *net, const float *x, const int32_t *labels,
-                                  size_t batch, bool train, gsl_rng *rng, ccr_step_stats *stats)
+                                  size_t batch, ccr_mode mode, gsl_rng *rng,
+                                  ccr_step_stats *stats)
 {
     if (net == NULL)
         return CCR_EINVAL;
     CCR_CHECK_NULL(net->ctx, stats);
+    CCR_TRY(net_check_mode(net, mode));
     CCR_TRY(net_check_input(net, x, batch));
     CCR_TRY(net_check_labels(net, labels, batch));
-    CCR_TRY(net_forward(net, x, batch, train, rng));
+    CCR_TRY(net_forward(net, x, batch, mode == CCR_MODE_TRAIN, rng));
     double sum;
     size_t correct;
     CCR_TRY(net_loss(net, labels, batch, true, &sum, &correct));
     CCR_TRY(ccr_net_backward(net, net->layers[net->n - 1].dout));
     stats->loss = sum / (double)batch;
-    stats->aux_loss = net_aux_loss(net);
+    stats->aux_loss = ccr_net_aux_loss(net);
     stats->correct = correct;
     stats->batch = batch;
     return CCR_OK;
@@ -448,7 +466,7 @@ ccr_status ccr_net_loss_grad_mode(ccr_net *net, const float *x, const int32_t *l
 ccr_status ccr_net_loss_grad(ccr_net *net, const float *x, const int32_t *labels,
                              size_t batch, ccr_step_stats *stats)
 {
-    return ccr_net_loss_grad_mode(net, x, labels, batch, false, NULL, stats);
+    return ccr_net_loss_grad_mode(net, x, labels, batch, CCR_MODE_EVAL, NULL, stats);
 }
 
 ccr_status ccr_net_eval(ccr_net *net, const float *x, const int32_t *labels, size_t n,
@@ -468,7 +486,7 @@ ccr_status ccr_net_eval(ccr_net *net, const float *x, const int32_t *labels, siz
         const float *xb = x + i0 * net->d_in;
         CCR_TRY(net_check_input(net, xb, b));
         CCR_TRY(net_forward(net, xb, b, false, NULL));
-        aux += net_aux_loss(net) * (double)b;
+        aux += ccr_net_aux_loss(net) * (double)b;
         double sum;
         size_t c;
         CCR_TRY(net_loss(net, labels + i0, b, false, &sum, &c));

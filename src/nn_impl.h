@@ -23,8 +23,4 @@ struct ccr_net {
     size_t last_batch;        /* batch of the last forward, 0 if none */
 };
 
-/* ccr_net_loss_grad in training (gate noise from rng) or evaluation mode. */
-ccr_status ccr_net_loss_grad_mode(ccr_net *net, const float *x, const int32_t *labels,
-                                  size_t batch, bool train, gsl_rng *rng, ccr_step_stats *stats);
-
 #endif /* CCR_NN_IMPL_H */

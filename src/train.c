@@ -8,7 +8,7 @@
 #include "backend_impl.h"  // provides: struct ccr_backend (is_cpu)
 #include "ccr/ccr_nn.h"
 #include "internal.h"  // provides: CCR_TRY
-#include "nn_impl.h"   // provides: ccr_net_loss_grad_mode
+#include "nn_impl.h"   // provides: struct ccr_net
 
 /* Squared L2 norm of every gradient (double accumulation).  The gradient
  * block is read in place on the CPU, through the host mirror otherwise. */
@@ -39,7 +39,7 @@ ccr_status ccr_train_step(ccr_net *net, ccr_optim *opt, gsl_rng *rng, const floa
     CCR_TRY(ccr_arena_zero_grad(params));
     CCR_CHECK_NULL(net->ctx, stats);
     ccr_step_stats st;
-    CCR_TRY(ccr_net_loss_grad_mode(net, x, labels, batch, true, rng, &st));
+    CCR_TRY(ccr_net_loss_grad_mode(net, x, labels, batch, CCR_MODE_TRAIN, rng, &st));
     /* No update from a non-finite gradient: the parameters stay as they were. */
     double norm2;
     CCR_TRY(net_grad_norm2(net, &norm2));

@@ -196,6 +196,9 @@ START_TEST(test_safetensors_jsonl)
     EINVAL_(ccr_jsonl_open(ctx, ccr_test_path("api.jsonl"), false, NULL));
     EINVAL_(ccr_jsonl_write(NULL, NULL));
     CCR_CK_OK(ctx, ccr_jsonl_close(NULL));
+    CCR_CK_OK(ctx, ccr_jsonl_abort(NULL));
+    ck_assert_ptr_null(ccr_jsonl_temp_path(NULL));
+    ck_assert_ptr_null(ccr_jsonl_partial_path(NULL));
 }
 END_TEST
 
@@ -306,6 +309,22 @@ START_TEST(test_nn)
     EINVAL_(ccr_net_eval(net, x, NULL, 1, &ss));
     EINVAL_(ccr_net_save(net, NULL));
     EINVAL_(ccr_net_load(net, NULL));
+    EINVAL_(ccr_net_forward_mode(NULL, x, 1, CCR_MODE_EVAL, NULL, &out));
+    EINVAL_(ccr_net_forward_mode(net, x, 1, (ccr_mode)99, NULL, &out));
+    EINVAL_(ccr_net_forward_mode(net, x, 1, CCR_MODE_EVAL, NULL, NULL));
+    EINVAL_(ccr_net_loss_grad_mode(NULL, x, lab, 1, CCR_MODE_TRAIN, rng, &ss));
+    EINVAL_(ccr_net_loss_grad_mode(net, x, lab, 1, (ccr_mode)99, rng, &ss));
+    EINVAL_(ccr_net_loss_grad_mode(net, x, lab, 1, CCR_MODE_EVAL, NULL, NULL));
+    ck_assert(ccr_net_aux_loss(NULL) == 0.0);
+    ck_assert(ccr_net_aux_loss(net) == 0.0);   /* no forward yet */
+    double norm = -1.0;
+    EINVAL_(ccr_arena_grad_norm(NULL, &norm));
+    EINVAL_(ccr_arena_grad_norm(ccr_net_params(net), NULL));
+    EINVAL_(ccr_arena_clip_grad_norm(NULL, 1.0, &norm));
+    EINVAL_(ccr_arena_clip_grad_norm(ccr_net_params(net), 0.0, &norm));
+    EINVAL_(ccr_arena_clip_grad_norm(ccr_net_params(net), NAN, &norm));
+    CCR_CK_OK(ctx, ccr_arena_grad_norm(ccr_net_params(net), &norm));
+    ck_assert(norm == 0.0);
 
     ccr_optim_config oc = ccr_optim_defaults((ccr_optim_kind)99);  /* SGD defaults */
     ck_assert(oc.lr > 0.0f);

@@ -87,6 +87,17 @@ ccr_status ccr_arena_find(const ccr_arena *a, const char *name, size_t *index);
 /* Sets every gradient to zero. */
 ccr_status ccr_arena_zero_grad(ccr_arena *a);
 
+/* The global L2 norm of the gradient block, sqrt(sum g^2), summed in double
+ * in block order (deterministic).  CCR_EINVAL for NULL or before finalize. */
+ccr_status ccr_arena_grad_norm(const ccr_arena *a, double *norm);
+
+/* Global-norm clipping (PyTorch's clip_grad_norm_): if the norm exceeds
+ * max_norm (> 0), every gradient is multiplied by (float)(max_norm / norm).
+ * *norm receives the norm before clipping (may be NULL).  Returns CCR_EDOM,
+ * gradients untouched, if the norm is not finite; CCR_EINVAL for a bad
+ * max_norm or before finalize. */
+ccr_status ccr_arena_clip_grad_norm(ccr_arena *a, double max_norm, double *norm);
+
 /* Writes every tensor as float32 under "param.<name>" (and "grad.<name>" if
  * with_grads) to a safetensors file, with metadata pairs meta[2i] = key,
  * meta[2i+1] = value (n_meta pairs).  Returns CCR_EIO on write failure. */

@@ -65,7 +65,7 @@ typedef enum ccr_bits_from {
 
 typedef enum ccr_grad_mode {
     CCR_GRAD_NONE = 0, /* no gradient through the sign bits */
-    CCR_GRAD_STE = 1   /* straight-through estimator (see gate_signtree.c) */
+    CCR_GRAD_STE = 1   /* straight-through estimator (docs/GATES.md) */
 } ccr_grad_mode;
 
 /* Every option of every gate; each gate reads the fields it needs and
