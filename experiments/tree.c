@@ -22,7 +22,8 @@
  * a random piecewise-linear teacher: x ~ U(-1,1)^D, R random hyperplanes
  * give 2^R regions, region g labels by argmax x (A0 + A_g) + b_g, all
  * drawn from the seed.  The sign bits come from a random projection (gate
- * weights N(0, 1/d_in)), trained only with --grad-mode ste.  One JSONL
+ * weights N(0, 1/d_in)), trained straight-through (the library default,
+ * --grad-mode ste) or frozen (--grad-mode none).  One JSONL
  * record per trained model: final train and test loss/accuracy (evaluation
  * mode, whole sets), params, FLOPs analytic and counted, seconds.
  *
@@ -101,7 +102,7 @@ static void usage(void)
         "  --epochs N         epochs per model [10]\n"
         "  --batch N          mini-batch size [128]\n"
         "  --lr X             Adam learning rate, cosine-annealed per epoch [3e-3]\n"
-        "  --grad-mode NAME   sign bits: none | ste (straight-through) [none]\n"
+        "  --grad-mode NAME   sign bits: none | ste (straight-through) [ste]\n"
         "  --readings LIST    compare how the bits are obtained instead: tree models of\n"
         "                     --models (path, leaf) once per reading of frozen, ste,\n"
         "                     hidden, hidden-ste, hidden-proj (docs/GATES.md) [off]\n"
@@ -153,7 +154,8 @@ static void parse(int argc, char **argv, options *o)
                    .synthetic = true, .n_depths = 12, .n_train = 10000, .pool = 4,
                    .syn_dim = 4, .syn_classes = 4, .syn_bits = 6, .syn_train = 4000,
                    .syn_test = 20000, .syn_local = 1.0, .epochs = 10, .batch = 128,
-                   .max_width = 16384, .lr = 3e-3, .seed = 1};
+                   .max_width = 16384, .lr = 3e-3, .seed = 1,
+                   .grad_mode = ccr_gate_config_default().grad_mode};
     for (size_t i = 0; i < 12; i++)
         o->depths[i] = i + 1;
     for (int k = 0; k < M_COUNT; k++)
