@@ -76,7 +76,7 @@ typedef struct options {
     size_t epochs, batch, max_width;
     double lr;
     ccr_grad_mode grad_mode;
-    bool readings[R_COUNT], any_reading;
+    bool readings[R_COUNT], any_reading, grad_mode_set;
     unsigned long seed;
 } options;
 
@@ -197,6 +197,7 @@ static void parse(int argc, char **argv, options *o)
         else if (strcmp(a, "--lr") == 0) o->lr = drv_parse_double(PROG, a, v, 1e-9, 10);
         else if (strcmp(a, "--seed") == 0) o->seed = drv_parse_seed(PROG, a, v);
         else if (strcmp(a, "--grad-mode") == 0) {
+            o->grad_mode_set = true;
             if (v && strcmp(v, "none") == 0) o->grad_mode = CCR_GRAD_NONE;
             else if (v && strcmp(v, "ste") == 0) o->grad_mode = CCR_GRAD_STE;
             else drv_usage_error(PROG, "--grad-mode must be none or ste");
@@ -209,6 +210,8 @@ static void parse(int argc, char **argv, options *o)
         drv_usage_error(PROG, "--pool must divide 28 (1, 2, 4, 7, 14, 28), got %zu", o->pool);
     if (o->syn_bits > 24)
         drv_usage_error(PROG, "--syn-bits must be <= 24, got %zu", o->syn_bits);
+    if (o->any_reading && o->grad_mode_set)
+        drv_usage_error(PROG, "--grad-mode is set by each reading; drop it with --readings");
     if (o->any_reading && !o->models[M_PATH] && !o->models[M_LEAF])
         drv_usage_error(PROG, "--readings compares tree models: --models needs path or leaf");
 }

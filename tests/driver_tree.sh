@@ -88,7 +88,7 @@ PY
 for args in "--gate signtree" "--depths -1" "--depths 0,40" "--n-train -5" "--epochs 0" \
             "--models path,oak" "--pool 3" "--grad-mode reinforce" "--data /nonexistent" \
             "--datasets mnist" "--n-train 999999" "--readings" "--readings frozen,oak" \
-            "--readings frozen --models linear"; do
+            "--readings frozen --models linear" "--readings ste --grad-mode none"; do
   rc=0
   # shellcheck disable=SC2086
   "$prog" $args --out "$tmp/bad.jsonl" 2>"$tmp/err" || rc=$?
