@@ -412,7 +412,7 @@ const char drv_gate_usage[] =
     "  --depth N            signtree: sign bits d [4]\n"
     "  --combine NAME       signtree: path | leaf [path]\n"
     "  --bits-from NAME     signtree: projection | input [projection]\n"
-    "  --grad-mode NAME     signtree: none | ste [none]\n"
+    "  --grad-mode NAME     signtree: none | ste [ste]\n"
     "  --capacity-factor X  switch: capacity = ceil(X * batch / E) [1.25]\n"
     "  --w-importance X     topk/hmoe importance loss weight [0.1]\n"
     "  --w-load X           topk/hmoe load loss weight [0.1]\n"

@@ -317,6 +317,9 @@ static ccr_status st_backward(void *state, const ccr_gate_bwd_args *a)
             }
             double dw_sibling;
             CCR_TRY(st_eval_dot(a, sibling, xb, dyb, &dw_sibling));
+#ifdef CCR_MUTANT_SIGNTREE_SIBLING  /* tests/gradcheck_mutants.sh */
+            dw_sibling = 0.0;
+#endif
             s->da[b * d + l - 1] =
                 (float)(right ? dw_chosen - dw_sibling : dw_sibling - dw_chosen);
         }

@@ -90,7 +90,8 @@ typedef struct ccr_gate_config {
 } ccr_gate_config;
 
 /* The defaults: E = 1, k = 1, k2 = 1, groups 1, depth 0, path, projection,
- * no gradient, capacity_factor 1.25, w_importance = w_load = 0.1 (Shazeer's
+ * straight-through sign bits (grad_mode ste; docs/GATES.md "signtree",
+ * readings), capacity_factor 1.25, w_importance = w_load = 0.1 (Shazeer's
  * LM experiments), aux_alpha 0.01, z_loss 0, noise_eps 0.01, zero init. */
 ccr_gate_config ccr_gate_config_default(void);
 
