@@ -129,9 +129,10 @@ ccr_flops ccr_net_flops(const ccr_net *net);
 size_t ccr_net_n_params(const ccr_net *net);
 
 /* The mode of a pass through the network.  Only conditional layers differ:
- *   CCR_MODE_EVAL   no gate noise; Switch uses its capacity as configured;
- *                   the aux losses are still computed (and, after a
- *                   backward, differentiated) on the batch.
+ *   CCR_MODE_EVAL   no gate noise, count-based Load, Switch's evaluation
+ *                   capacity (docs/GATES.md); the aux losses are still
+ *                   computed (and, after a backward, differentiated) on
+ *                   the batch.
  *   CCR_MODE_TRAIN  what ccr_train_step runs: noisy gates (topk, hmoe) draw
  *                   their noise from the caller's rng, the smooth Load
  *                   estimate replaces the count-based one, the sign-bit
