@@ -5,7 +5,8 @@
 # output directory that cannot be written; a killed run keeps the previous
 # --out and leaves its lines in <out>.partial; the next run removes the
 # temporaries of dead processes; a device as --out (/dev/null) is written in
-# place, never replaced.
+# place, never replaced; a run that fails (a full disk) exits 1 with the
+# same guarantees.
 # Usage: driver_safety.sh CCR_TRAIN CCR_LM CCR_CAPACITY
 set -eu
 train=$1
@@ -103,6 +104,20 @@ grep -q 'res.jsonl.partial' "$tmp/err4" || fail "no message: $(cat "$tmp/err4")"
 [ "$(tail -c 1 "$tmp/res.jsonl.partial" | od -An -c | tr -d ' ')" = '\n' ] ||
   fail ".partial ends in half a line"
 ls "$tmp" | grep -q 'ccr-tmp' && fail "killed run left a temporary: $(ls "$tmp")"
+
+# 4b. A run that fails (the disk fills up: a file size limit, SIGXFSZ
+# ignored so writes get EFBIG) exits 1, keeps --out, and its .partial holds
+# only full lines.
+echo '{"old":1}' >"$tmp/full.jsonl"
+rc=0
+(trap '' XFSZ; ulimit -f 4; exec "$cap" --quick --gates none --dense-hidden "$hs" --seconds 0 \
+  --out "$tmp/full.jsonl") >/dev/null 2>"$tmp/err" || rc=$?
+[ $rc -eq 1 ] || { cat "$tmp/err" >&2; fail "full disk: exit $rc, want 1"; }
+[ "$(cat "$tmp/full.jsonl")" = '{"old":1}' ] || fail "full disk changed --out"
+[ -s "$tmp/full.jsonl.partial" ] || fail "full disk left no .partial"
+[ "$(tail -c 1 "$tmp/full.jsonl.partial" | od -An -c | tr -d ' ')" = '\n' ] ||
+  fail "full disk: .partial ends in half a line"
+ls "$tmp" | grep -q 'ccr-tmp' && fail "failed run left a temporary: $(ls "$tmp")"
 
 # 5. Stale temporaries of dead processes go at the next run; a live one stays.
 dead=$(sh -c 'echo $$')
