@@ -6,10 +6,14 @@
 # buffer.  ccr-tree runs on its synthetic data only (no data set needed);
 # ccr-train needs Fashion-MNIST and is skipped without it.  Also: a run whose
 # loss becomes non-finite stops with exit 1 and a message (class 3).
-# Usage: driver_limits.sh CCR_TRAIN CCR_TREE
+# ccr-lm and ccr-balance (their language model's buffers) run when their
+# corpus is installed.
+# Usage: driver_limits.sh CCR_TRAIN CCR_TREE CCR_LM CCR_BALANCE
 set -u
 train=$1
 tree=$2
+lm=$3
+balance=$4
 data=/usr/share/datasets/fashion-mnist
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/ccr-limits-test.XXXXXX")
 trap 'rm -rf "$tmp"' EXIT
@@ -57,4 +61,14 @@ if [ -r "$data/train-images-idx3-ubyte.gz" ]; then
 else
     echo "skip ccr-train cases: no $data"
 fi
+for p in "$lm" "$balance"; do
+    "$p" --help >"$tmp/help" 2>&1
+    corpus=$(sed -n 's/.*--corpus.*\[\(.*\)\].*/\1/p' "$tmp/help" | head -n 1)
+    if [ -n "$corpus" ] && [ -r "$corpus" ]; then
+        expect_too_big "$(basename "$p") --batch $big" \
+            "$p" --quick --batch "$big" --out "$tmp/l.jsonl"
+    else
+        echo "skip $(basename "$p"): no corpus '$corpus'"
+    fi
+done
 exit $fail
