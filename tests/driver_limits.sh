@@ -34,15 +34,17 @@ expect_too_big() {
     fi
 }
 
-big=100000000000000000  # 1e17: max_batch x width wraps size_t
-huge=10000000000        # 1e10: no wrap, far more than any machine
-for b in $big $huge; do
+wrap=4611686018427387920  # 2^62 + 16: the activation block's size wraps to a
+                          # small number (the old code segfaulted)
+big=100000000000000000    # 1e17: max_batch x d_in x 4 overflows size_t
+huge=10000000000          # 1e10: no wrap, far more than any machine
+for b in $wrap $big $huge; do
     expect_too_big "ccr-tree --batch $b" \
         "$tree" --quick --datasets synthetic --batch "$b" --out "$tmp/t.jsonl"
 done
 if [ -r "$data/train-images-idx3-ubyte.gz" ]; then
-    expect_too_big "ccr-train --batch $big" \
-        "$train" --quick --max-train 1000 --valid 100 --batch "$big" --out "$tmp/r.jsonl"
+    expect_too_big "ccr-train --batch $wrap" \
+        "$train" --quick --max-train 1000 --valid 100 --batch "$wrap" --out "$tmp/r.jsonl"
     expect_too_big "ccr-train --hidden 2^33,2^33" \
         "$train" --quick --max-train 1000 --valid 100 --hidden 8589934592,8589934592 \
         --out "$tmp/r.jsonl"
