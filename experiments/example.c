@@ -202,8 +202,8 @@ static double train(ccr_net *net, const ccr_dataset *ds, size_t n, size_t steps,
     ccr_optim_config oc = ccr_optim_defaults(CCR_OPTIM_ADAM);
     ccr_optim *opt;
     TRY(ccr_optim_init(params, &oc, &opt));
-    size_t *perm = malloc(n * sizeof *perm);
-    float *x = malloc(BATCH * ds->dim * sizeof *x);
+    size_t *perm = calloc(n, sizeof *perm);            /* calloc checks n x size */
+    float *x = calloc(ds->dim, BATCH * sizeof *x);     /* bounded: BATCH is a constant; calloc checks the rest */
     int32_t y[BATCH];
     if (perm == NULL || x == NULL) {
         fprintf(stderr, "ccr-example: out of memory\n");
