@@ -5,6 +5,7 @@
     /usr/bin/python3 analysis/tables.py bench CCR.jsonl [TORCH.jsonl]
     /usr/bin/python3 analysis/tables.py capacity FILE.jsonl [FILE.jsonl ...]
     /usr/bin/python3 analysis/tables.py seeds FILE_s1.jsonl FILE_s2.jsonl ...
+    /usr/bin/python3 analysis/tables.py readings FILE_s1.jsonl FILE_s2.jsonl ...
     /usr/bin/python3 analysis/tables.py refresh FRAGMENT.md [FRAGMENT.md ...]
 
 `train` prints one row per epoch of ccr-train records; `bench` prints the
@@ -14,6 +15,11 @@ point (params, FLOPs, seconds per example and what explains them);
 `seeds` takes the last epoch of ccr-train runs that differ only in seed
 (files named RUN_sSEED.jsonl) and prints one row per RUN: mean, sample
 standard deviation and range over the seeds.
+`readings` takes `ccr-tree --readings` runs (one file per seed) and prints,
+per data set, tree model and depth, each reading's test and train accuracy
+(mean ± sample sd over the seeds) and the best reading at that depth; then,
+paired by seed and depth, each reading's test accuracy minus frozen's; then
+the mean rank and the mean test accuracy of each reading over all rows.
 `refresh` rewrites, in place, every generated block of a markdown file:
 
     <!-- tables.py capacity capacity.jsonl -->
@@ -122,7 +128,74 @@ def seeds(paths):
               f"{opt('max_mean_count', '{:.2f}')} | {opt('dropped', '{:.0f}')} |")
 
 
-COMMANDS = {"train": train, "bench": bench, "capacity": capacity, "seeds": seeds}
+READINGS = ["frozen", "ste", "hidden", "hidden-ste", "hidden-proj"]
+
+
+def readings(paths):
+    cells = {}
+    for p in paths:
+        for r in load(p):
+            if "reading" in r:
+                key = (r["dataset"], r["model"], r["depth"])
+                cells.setdefault(key, {}).setdefault(r["reading"], []).append(r)
+    names = [n for n in READINGS if any(n in c for c in cells.values())]
+    print("| data set | tree | d | " + " | ".join(
+        f"{n}: test acc (train acc)" for n in names) + " | best |")
+    print("|---|---|---:|" + "---:|" * len(names) + "---|")
+    ranks = {n: [] for n in names}
+    accs = {n: [] for n in names}
+    for key in sorted(cells):
+        c = cells[key]
+        means = {n: _mean_sd([r["test_acc"] for r in c[n]])[0] for n in names if n in c}
+        order = sorted(means, key=lambda n: -means[n])
+        row = []
+        for n in names:
+            if n not in c:
+                row.append("-")
+                continue
+            tm, tsd = _mean_sd([r["test_acc"] for r in c[n]])
+            rm, _ = _mean_sd([r["train_acc"] for r in c[n]])
+            row.append(f"{tm:.4f} ± {tsd:.4f} ({rm:.3f})")
+            ranks[n].append(order.index(n) + 1)
+            accs[n].append(tm)
+        seeds_n = min(len(v) for v in c.values())
+        print(f"| {key[0]} | {key[1]} | {key[2]} | " + " | ".join(row) +
+              f" | {order[0]} (n={seeds_n}) |")
+    # Paired by seed and depth against frozen (the synthetic teacher changes
+    # with the seed, so unpaired sds mix task and reading).
+    if "frozen" in names:
+        print()
+        print("| data set | tree | reading | test acc − frozen, mean ± sd over (depth, seed) | "
+              "above frozen | train s / frozen |")
+        print("|---|---|---|---:|---:|---:|")
+        for ds, model in sorted({(k[0], k[1]) for k in cells}):
+            for n in names:
+                if n == "frozen":
+                    continue
+                diffs, tratio = [], []
+                for key, c in cells.items():
+                    if key[:2] != (ds, model) or n not in c or "frozen" not in c:
+                        continue
+                    base = {r["seed"]: r for r in c["frozen"]}
+                    for r in c[n]:
+                        if r["seed"] in base:
+                            diffs.append(r["test_acc"] - base[r["seed"]]["test_acc"])
+                            tratio.append(r["seconds"] / max(1e-9, base[r["seed"]]["seconds"]))
+                if diffs:
+                    m, sd = _mean_sd(diffs)
+                    wins = sum(d > 0 for d in diffs)
+                    print(f"| {ds} | {model} | {n} | {m:+.4f} ± {sd:.4f} | {wins}/{len(diffs)} | "
+                          f"{sum(tratio) / len(tratio):.1f} |")
+    print()
+    print("| reading | rows | mean rank (1 = best) | mean test acc | rows best |")
+    print("|---|---:|---:|---:|---:|")
+    for n in sorted(names, key=lambda n: sum(ranks[n]) / max(1, len(ranks[n]))):
+        k = len(ranks[n])
+        print(f"| {n} | {k} | {sum(ranks[n]) / max(1, k):.2f} | "
+              f"{sum(accs[n]) / max(1, k):.4f} | {ranks[n].count(1)} |")
+
+
+COMMANDS = {"train": train, "bench": bench, "capacity": capacity, "seeds": seeds, "readings": readings}
 BLOCK = re.compile(r"(<!-- tables\.py (\w+) ([^>]*?) -->\n)(.*?)(<!-- end tables\.py -->)", re.S)
 
 

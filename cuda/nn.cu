@@ -110,6 +110,10 @@ __global__ void softmax_xent_kernel(const float *logits, const int *labels, size
             arg = oa;
         }
     }
+    bool finite = true;
+    for (size_t c = lane; c < cols; c += 32)
+        finite = finite && isfinite(z[c]);
+    finite = __all_sync(0xffffffffu, finite);
     double sum = 0.0;
     for (size_t c = lane; c < cols; c += 32)
         sum += exp((double)z[c] - (double)zmax);
@@ -121,7 +125,8 @@ __global__ void softmax_xent_kernel(const float *logits, const int *labels, size
     __syncwarp();
     if (lane == 0) {
         loss[r] = (float)(lse - (double)zy);
-        correct[r] = arg == y;
+        /* A row with NaN or infinity predicts nothing (as src/ref/nn_ref.c). */
+        correct[r] = arg == y && finite;
     }
     if (dlogits != NULL) {
         float *d = dlogits + r * cols;

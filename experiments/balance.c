@@ -165,8 +165,10 @@ int main(int argc, char **argv)
     c.cond.gate_cfg.k = o.k;
     c.cond.gate_cfg.noise_eps = o.noise_eps;
     lm_model *m;
-    if ((s = lm_model_alloc(be, &c, &m)) != CCR_OK)
+    if ((s = lm_model_alloc(be, &c, &m)) == CCR_EINVAL)  /* a bad option: usage error */
         drv_usage_error(PROG, "model: %s", ccr_ctx_errmsg(ctx));
+    if (s != CCR_OK)  /* out of memory: a runtime failure, as in every driver */
+        drv_fail(PROG, ctx, s, "model");
     lm_model_free(m);
     fprintf(stderr, "%s: %s: %zu tokens (train %zu, test %zu), vocab %zu; topk E=%zu k=%zu; "
             "%s; %s\n", PROG, o.corpus, cp->n_tokens, cp->n_train, cp->n_test, cp->vocab_size,

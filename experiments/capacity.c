@@ -501,7 +501,9 @@ int main(int argc, char **argv)
     ccr_record *rec;
     drv_open_out(PROG, ctx, o.out, &rec, &out);
 
-    size_t nx = POOL * o.batch * o.d;
+    size_t nx;
+    if (!ccr_mul3_ok(POOL, o.batch, o.d, &nx))
+        drv_fail(PROG, ctx, ccr_mem_check(ctx, SIZE_MAX, "input pool"), "buffers");
     float *xs = ccr_malloc3(2, nx, sizeof *xs),
           *y = ccr_malloc3(2 * o.batch, o.d, sizeof *y); /* bounded: 2 * batch, batch <= INT_MAX */;
     if (xs == NULL || y == NULL)

@@ -32,6 +32,9 @@ void drv_usage_error(const char *prog, const char *fmt, ...)
 
 void drv_fail(const char *prog, ccr_ctx *ctx, ccr_status s, const char *what)
 {
+    if (s == CCR_EDOM)  /* a NaN or infinite loss, gradient or routing weight */
+        fprintf(stderr, "%s: stopped at the first non-finite value (NaN or infinity): "
+                "the run diverged\n", prog);
     fprintf(stderr, "%s: %s: %s: %s\n", prog, what, ccr_strerror(s), ccr_ctx_errmsg(ctx));
     exit(1);
 }
@@ -409,7 +412,7 @@ const char drv_gate_usage[] =
     "  --depth N            signtree: sign bits d [4]\n"
     "  --combine NAME       signtree: path | leaf [path]\n"
     "  --bits-from NAME     signtree: projection | input [projection]\n"
-    "  --grad-mode NAME     signtree: none | ste [none]\n"
+    "  --grad-mode NAME     signtree: none | ste [ste]\n"
     "  --capacity-factor X  switch: capacity = ceil(X * batch / E) [1.25]\n"
     "  --w-importance X     topk/hmoe importance loss weight [0.1]\n"
     "  --w-load X           topk/hmoe load loss weight [0.1]\n"

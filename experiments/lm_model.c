@@ -583,16 +583,5 @@ ccr_status lm_grad_clip(ccr_arena *a, double max_norm, double *norm)
 {
     if (a == NULL || norm == NULL || !(max_norm > 0.0))
         return CCR_EINVAL;
-    float *g = ccr_arena_grads(a);
-    size_t n = ccr_arena_block_len(a);
-    double s = 0.0;
-    for (size_t i = 0; i < n; i++)
-        s += (double)g[i] * g[i];
-    *norm = sqrt(s);
-    if (*norm > max_norm) {
-        float k = (float)(max_norm / *norm);
-        for (size_t i = 0; i < n; i++)
-            g[i] *= k;
-    }
-    return CCR_OK;
+    return ccr_arena_clip_grad_norm(a, max_norm, norm);
 }

@@ -126,7 +126,8 @@ size_t lm_model_n_params(const lm_model *m, bool exclude_emb_softmax);
 double lm_model_flops_fwd(const lm_model *m);
 
 /* Scales the whole gradient block so its L2 norm is at most max_norm
- * (> 0); *norm receives the norm before clipping. */
+ * (> 0); *norm receives the norm before clipping.  ccr_arena_clip_grad_norm
+ * (CCR_EDOM, nothing scaled, for a non-finite norm). */
 ccr_status lm_grad_clip(ccr_arena *a, double max_norm, double *norm);
 
 /* ---- Shazeer Tables 7-8 accounting (PAPERS.md 2.6) ------------------------- */

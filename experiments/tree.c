@@ -22,9 +22,24 @@
  * a random piecewise-linear teacher: x ~ U(-1,1)^D, R random hyperplanes
  * give 2^R regions, region g labels by argmax x (A0 + A_g) + b_g, all
  * drawn from the seed.  The sign bits come from a random projection (gate
- * weights N(0, 1/d_in)), trained only with --grad-mode ste.  One JSONL
+ * weights N(0, 1/d_in)), trained straight-through (the library default,
+ * --grad-mode ste) or frozen (--grad-mode none).  One JSONL
  * record per trained model: final train and test loss/accuracy (evaluation
  * mode, whole sets), params, FLOPs analytic and counted, seconds.
+ *
+ * --readings LIST compares how the sign bits are obtained instead (issue 9;
+ * docs/GATES.md "signtree", readings): for each depth, each tree model of
+ * --models (path, leaf) is trained once per reading,
+ *   frozen       bits from the gate's random projection, no gradient
+ *   ste          the same projection trained straight-through
+ *   hidden       a trained linear layer d_in -> H below the tree, bits from
+ *                its first d units (bits_from = input, Cho & Bengio's
+ *                "bits of hidden-unit activations"); the units learn through
+ *                the tree's dx only (grad_mode none)
+ *   hidden-ste   the same with the bits' straight-through gradient
+ *   hidden-proj  the control: the same linear layer, bits from the gate's
+ *                frozen projection of it
+ * H = max(d_in, d); the record has "reading" and "bits_width" (H or 0).
  */
 #define _POSIX_C_SOURCE 200809L
 #include <gsl/gsl_randist.h>
@@ -47,6 +62,11 @@ enum { M_LINEAR, M_PATH, M_LEAF, M_DENSE_FLOPS, M_TOPK_FLOPS, M_DENSE_PARAMS, M_
 static const char *model_names[M_COUNT] = {"linear", "path", "leaf", "dense-flops",
                                            "topk-flops", "dense-params"};
 
+/* How the sign bits are obtained (--readings); R_NONE: the plain study. */
+enum { R_FROZEN, R_STE, R_HIDDEN, R_HIDDEN_STE, R_HIDDEN_PROJ, R_COUNT, R_NONE = R_COUNT };
+static const char *reading_names[R_COUNT] = {"frozen", "ste", "hidden", "hidden-ste",
+                                             "hidden-proj"};
+
 typedef struct options {
     const char *data, *out;
     bool fmnist, synthetic;
@@ -58,6 +78,7 @@ typedef struct options {
     size_t epochs, batch, max_width;
     double lr;
     ccr_grad_mode grad_mode;
+    bool readings[R_COUNT], any_reading, grad_mode_set;
     unsigned long seed;
 } options;
 
@@ -83,7 +104,10 @@ static void usage(void)
         "  --epochs N         epochs per model [10]\n"
         "  --batch N          mini-batch size [128]\n"
         "  --lr X             Adam learning rate, cosine-annealed per epoch [3e-3]\n"
-        "  --grad-mode NAME   sign bits: none | ste (straight-through) [none]\n"
+        "  --grad-mode NAME   sign bits: none | ste (straight-through) [ste]\n"
+        "  --readings LIST    compare how the bits are obtained instead: tree models of\n"
+        "                     --models (path, leaf) once per reading of frozen, ste,\n"
+        "                     hidden, hidden-ste, hidden-proj (docs/GATES.md) [off]\n"
         "  --max-width N      cap on the dense-params hidden width [16384]\n"
         "  --seed N           GSL seed: teacher, split, init, shuffles [1]\n"
         "  --out FILE         JSONL results file [none]\n"
@@ -106,13 +130,32 @@ static void parse_models(const char *v, bool *m)
     }
 }
 
+static void parse_readings(const char *v, options *o)
+{
+    if (v == NULL || *v == '\0')
+        drv_usage_error(PROG, "--readings needs a list");
+    memset(o->readings, 0, sizeof o->readings);
+    char buf[256];
+    snprintf(buf, sizeof buf, "%s", v);
+    for (char *save = NULL, *t = strtok_r(buf, ",", &save); t; t = strtok_r(NULL, ",", &save)) {
+        int k = 0;
+        while (k < R_COUNT && strcmp(t, reading_names[k]) != 0)
+            k++;
+        if (k == R_COUNT)
+            drv_usage_error(PROG, "--readings: unknown reading '%s'", t);
+        o->readings[k] = true;
+    }
+    o->any_reading = true;
+}
+
 static void parse(int argc, char **argv, options *o)
 {
     *o = (options){.data = "/usr/share/datasets/fashion-mnist", .fmnist = true,
                    .synthetic = true, .n_depths = 12, .n_train = 10000, .pool = 4,
                    .syn_dim = 4, .syn_classes = 4, .syn_bits = 6, .syn_train = 4000,
                    .syn_test = 20000, .syn_local = 1.0, .epochs = 10, .batch = 128,
-                   .max_width = 16384, .lr = 3e-3, .seed = 1};
+                   .max_width = 16384, .lr = 3e-3, .seed = 1,
+                   .grad_mode = ccr_gate_config_default().grad_mode};
     for (size_t i = 0; i < 12; i++)
         o->depths[i] = i + 1;
     for (int k = 0; k < M_COUNT; k++)
@@ -139,6 +182,7 @@ static void parse(int argc, char **argv, options *o)
         } else if (strcmp(a, "--depths") == 0)
             o->n_depths = drv_parse_size_list(PROG, a, v, o->depths, MAX_DEPTHS);
         else if (strcmp(a, "--models") == 0) parse_models(v, o->models);
+        else if (strcmp(a, "--readings") == 0) parse_readings(v, o);
         else if (strcmp(a, "--n-train") == 0) o->n_train = drv_parse_size(PROG, a, v, 1);
         else if (strcmp(a, "--pool") == 0) o->pool = drv_parse_size(PROG, a, v, 1);
         else if (strcmp(a, "--syn-dim") == 0) o->syn_dim = drv_parse_size(PROG, a, v, 1);
@@ -153,6 +197,7 @@ static void parse(int argc, char **argv, options *o)
         else if (strcmp(a, "--lr") == 0) o->lr = drv_parse_double(PROG, a, v, 1e-9, 10);
         else if (strcmp(a, "--seed") == 0) o->seed = drv_parse_seed(PROG, a, v);
         else if (strcmp(a, "--grad-mode") == 0) {
+            o->grad_mode_set = true;
             if (v && strcmp(v, "none") == 0) o->grad_mode = CCR_GRAD_NONE;
             else if (v && strcmp(v, "ste") == 0) o->grad_mode = CCR_GRAD_STE;
             else drv_usage_error(PROG, "--grad-mode must be none or ste");
@@ -165,6 +210,10 @@ static void parse(int argc, char **argv, options *o)
         drv_usage_error(PROG, "--pool must divide 28 (1, 2, 4, 7, 14, 28), got %zu", o->pool);
     if (o->syn_bits > 24)
         drv_usage_error(PROG, "--syn-bits must be <= 24, got %zu", o->syn_bits);
+    if (o->any_reading && o->grad_mode_set)
+        drv_usage_error(PROG, "--grad-mode is set by each reading; drop it with --readings");
+    if (o->any_reading && !o->models[M_PATH] && !o->models[M_LEAF])
+        drv_usage_error(PROG, "--readings compares tree models: --models needs path or leaf");
 }
 
 /* The synthetic task: x ~ U(-1,1)^D; R hyperplanes (unit normals, offsets
@@ -235,8 +284,9 @@ done:
 
 /* One model to train: kind, depth and the sizes derived from the budget. */
 typedef struct spec {
-    int kind;
+    int kind, reading;    /* reading: R_NONE outside --readings */
     size_t depth, hidden, experts, k;
+    size_t bits_width;    /* hidden readings: the linear layer below the tree */
     bool capped;
     double flops_target, params_target;
     ccr_cond_config cc;   /* cc.gate NULL for dense models */
@@ -256,7 +306,7 @@ static double path_params(size_t D, size_t C, size_t d)
 
 static spec make_spec(int kind, size_t d, size_t D, size_t C, const options *o)
 {
-    spec p = {.kind = kind, .depth = d, .cc = ccr_cond_config_default()};
+    spec p = {.kind = kind, .reading = R_NONE, .depth = d, .cc = ccr_cond_config_default()};
     p.flops_target = path_flops(D, C, d);
     p.params_target = path_params(D, C, d);
     p.cc.d_out = C;
@@ -295,6 +345,19 @@ static spec make_spec(int kind, size_t d, size_t D, size_t C, const options *o)
     return p;
 }
 
+/* A tree model under reading r (--readings). */
+static spec make_reading_spec(int kind, int r, size_t d, size_t D, size_t C, const options *o)
+{
+    spec p = make_spec(kind, d, D, C, o);
+    p.reading = r;
+    ccr_gate_config *g = &p.cc.gate_cfg;
+    g->grad_mode = r == R_STE || r == R_HIDDEN_STE ? CCR_GRAD_STE : CCR_GRAD_NONE;
+    g->bits_from = r == R_HIDDEN || r == R_HIDDEN_STE ? CCR_BITS_INPUT : CCR_BITS_PROJECTION;
+    if (r == R_HIDDEN || r == R_HIDDEN_STE || r == R_HIDDEN_PROJ)
+        p.bits_width = D > d ? D : d;
+    return p;
+}
+
 static ccr_status build(ccr_backend *be, const spec *p, size_t D, size_t C, size_t batch,
                         gsl_rng *rng, ccr_net **out)
 {
@@ -302,6 +365,11 @@ static ccr_status build(ccr_backend *be, const spec *p, size_t D, size_t C, size
     ccr_status s = ccr_net_init(be, D, batch, &net);
     if (s != CCR_OK)
         return s;
+    if (p->bits_width > 0 &&   /* the trained layer whose units give the bits */
+        (s = ccr_net_add_linear(net, p->bits_width)) != CCR_OK) {
+        ccr_net_free(net);
+        return s;
+    }
     if (p->cc.gate != NULL) {
         s = ccr_net_add_cond(net, &p->cc);
     } else if (p->kind == M_LINEAR) {
@@ -349,8 +417,9 @@ static void run_one(sweep *w, const char *dsname, const ccr_dataset *train,
     if ((s = fit_buffers_alloc(&buf, train->n, o->batch, D)) != CCR_OK)
         drv_fail(PROG, w->ctx, s, "buffers");
     char label[96];
-    snprintf(label, sizeof label, "[%zu/%zu] %s %s d=%zu step", ++w->run, w->n_runs, dsname,
-             model_names[p->kind], p->depth);
+    const char *rname = p->reading == R_NONE ? "" : reading_names[p->reading];
+    snprintf(label, sizeof label, "[%zu/%zu] %s %s%s%s d=%zu step", ++w->run, w->n_runs, dsname,
+             model_names[p->kind], *rname ? " " : "", rname, p->depth);
     size_t steps = (train->n + o->batch - 1) / o->batch;
     fit_progress pr = {label, 0, steps * o->epochs, drv_now()};
     fit_result last, tr, te;
@@ -364,8 +433,8 @@ static void run_one(sweep *w, const char *dsname, const ccr_dataset *train,
     if ((s = fit_eval(net, train, &tr)) != CCR_OK || (s = fit_eval(net, test, &te)) != CCR_OK)
         drv_fail(PROG, w->ctx, s, "evaluation");
     drv_progress_end();
-    fprintf(stderr, "%s %-12s d=%-2zu params %9zu flops %8.0f | train loss %.4f acc %.4f | "
-            "test loss %.4f acc %.4f | %.1fs\n", dsname, model_names[p->kind], p->depth,
+    fprintf(stderr, "%s %-12s %s d=%-2zu params %9zu flops %8.0f | train loss %.4f acc %.4f | "
+            "test loss %.4f acc %.4f | %.1fs\n", dsname, model_names[p->kind], rname, p->depth,
             ccr_net_n_params(net), ccr_net_flops(net).fwd, tr.loss, tr.acc, te.loss, te.acc,
             train_s);
     ccr_record *r = w->rec;
@@ -374,6 +443,10 @@ static void run_one(sweep *w, const char *dsname, const ccr_dataset *train,
     if (s == CCR_OK) s = drv_record_gate(r, &p->cc);   /* first: it writes a "depth" too */
     if (s == CCR_OK) s = ccr_record_add_str(r, "dataset", dsname);
     if (s == CCR_OK) s = ccr_record_add_str(r, "model", model_names[p->kind]);
+    if (s == CCR_OK && p->reading != R_NONE) {
+        s = ccr_record_add_str(r, "reading", reading_names[p->reading]);
+        if (s == CCR_OK) s = ccr_record_add_int(r, "bits_width", (int64_t)p->bits_width);
+    }
     if (s == CCR_OK) s = ccr_record_add_int(r, "depth", (int64_t)p->depth);
     if (s == CCR_OK) s = ccr_record_add_str(r, "matched",
         p->kind == M_DENSE_PARAMS ? "params" : p->kind == M_DENSE_FLOPS ||
@@ -412,6 +485,16 @@ static void run_dataset(sweep *w, const char *dsname, const ccr_dataset *train,
 {
     const options *o = w->o;
     size_t D = train->dim, C = train->n_classes;
+    if (o->any_reading) {
+        for (size_t i = 0; i < o->n_depths; i++)
+            for (int k = M_PATH; k <= M_LEAF; k++)
+                for (int r = 0; r < R_COUNT; r++)
+                    if (o->models[k] && o->readings[r]) {
+                        spec p = make_reading_spec(k, r, o->depths[i], D, C, o);
+                        run_one(w, dsname, train, test, &p);
+                    }
+        return;
+    }
     if (o->models[M_LINEAR]) {
         spec p = make_spec(M_LINEAR, 0, D, C, o);
         run_one(w, dsname, train, test, &p);
@@ -469,6 +552,12 @@ int main(int argc, char **argv)
     for (int k = M_PATH; k < M_COUNT; k++)
         n_models += o.models[k];
     per += n_models * o.n_depths;
+    if (o.any_reading) {
+        size_t n_read = 0;
+        for (int r = 0; r < R_COUNT; r++)
+            n_read += o.readings[r];
+        per = ((size_t)o.models[M_PATH] + (size_t)o.models[M_LEAF]) * n_read * o.n_depths;
+    }
     w.n_runs = per * ((size_t)o.fmnist + (size_t)o.synthetic);
     if (w.n_runs == 0)
         drv_usage_error(PROG, "nothing to run");

@@ -6,6 +6,7 @@
  * and makes exactly one backend allocation for the values and one for the
  * gradients.  Save and load go through safetensors (ccr_safetensors.h).
  */
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -143,19 +144,29 @@ size_t ccr_arena_block_len(const ccr_arena *a) { return a ? a->block_len : 0; }
 float *ccr_arena_values(const ccr_arena *a) { return a ? a->values : NULL; }
 float *ccr_arena_grads(const ccr_arena *a) { return a ? a->grads : NULL; }
 
-const char *ccr_arena_name(const ccr_arena *a, size_t i) { return a->t[i].name; }
-size_t ccr_arena_rank(const ccr_arena *a, size_t i) { return a->t[i].rank; }
-const size_t *ccr_arena_shape(const ccr_arena *a, size_t i) { return a->t[i].shape; }
-size_t ccr_arena_size(const ccr_arena *a, size_t i) { return a->t[i].size; }
+/* Per-tensor getters: NULL / 0 for a NULL arena or an index out of range
+ * (the NULL-handle rule, ccr.h). */
+#define ARENA_HAS(a, i) ((a) != NULL && (i) < (a)->n)
+
+const char *ccr_arena_name(const ccr_arena *a, size_t i)
+{
+    return ARENA_HAS(a, i) ? a->t[i].name : NULL;
+}
+size_t ccr_arena_rank(const ccr_arena *a, size_t i) { return ARENA_HAS(a, i) ? a->t[i].rank : 0; }
+const size_t *ccr_arena_shape(const ccr_arena *a, size_t i)
+{
+    return ARENA_HAS(a, i) ? a->t[i].shape : NULL;
+}
+size_t ccr_arena_size(const ccr_arena *a, size_t i) { return ARENA_HAS(a, i) ? a->t[i].size : 0; }
 
 float *ccr_arena_value(const ccr_arena *a, size_t i)
 {
-    return a->values ? a->values + a->t[i].offset : NULL;
+    return ARENA_HAS(a, i) && a->values ? a->values + a->t[i].offset : NULL;
 }
 
 float *ccr_arena_grad(const ccr_arena *a, size_t i)
 {
-    return a->grads ? a->grads + a->t[i].offset : NULL;
+    return ARENA_HAS(a, i) && a->grads ? a->grads + a->t[i].offset : NULL;
 }
 
 static ccr_status arena_check_index(const ccr_arena *a, size_t i, const void *host)
@@ -170,9 +181,26 @@ static ccr_status arena_check_index(const ccr_arena *a, size_t i, const void *ho
     return CCR_OK;
 }
 
+/* Index of the first non-finite float of data[0..n) (any alignment), or n. */
+static size_t arena_first_nonfinite(const void *data, size_t n)
+{
+    const unsigned char *p = data;
+    for (size_t k = 0; k < n; k++) {
+        float v;
+        memcpy(&v, p + k * sizeof v, sizeof v);
+        if (!isfinite(v))
+            return k;
+    }
+    return n;
+}
+
 ccr_status ccr_arena_set(ccr_arena *a, size_t i, const float *host)
 {
     CCR_TRY(arena_check_index(a, i, host));
+    size_t bad = arena_first_nonfinite(host, a->t[i].size);
+    if (bad < a->t[i].size)
+        CCR_FAIL(a->be->ctx, CCR_EDOM, "tensor '%s': element %zu is NaN or infinite",
+                 a->t[i].name, bad);
     return ccr_backend_set(a->be, a->values + a->t[i].offset, host,
                            a->t[i].size * sizeof(float));
 }
@@ -277,6 +305,10 @@ ccr_status ccr_arena_load_from(ccr_arena *a, const ccr_safetensors *f, const cha
             same = st->shape[d] == a->t[i].shape[d];
         if (!same)
             CCR_FAIL(ctx, CCR_EFORMAT, "%s: tensor '%s' has another shape", path, name);
+        size_t bad = arena_first_nonfinite(st->data, a->t[i].size);
+        if (bad < a->t[i].size)
+            CCR_FAIL(ctx, CCR_EDOM, "%s: tensor '%s': element %zu is NaN or infinite", path,
+                     name, bad);
     }
     for (size_t i = 0; i < a->n; i++) {
         char name[CCR_ARENA_MAX_NAME + 8];

@@ -443,13 +443,16 @@ ccr_status ccr_cond_backward(ccr_cond *c, const float *dy, float *dx)
     return ccr_gate_backward(c->gate, &ga);
 }
 
-const ccr_route *ccr_cond_route(const ccr_cond *c) { return &c->route; }
-ccr_gate *ccr_cond_gate(const ccr_cond *c) { return c->gate; }
-size_t ccr_cond_d_in(const ccr_cond *c) { return c->cfg.d_in; }
-size_t ccr_cond_d_out(const ccr_cond *c) { return c->cfg.d_out; }
+/* Getters: NULL / 0 for a NULL layer (the NULL-handle rule, ccr.h). */
+const ccr_route *ccr_cond_route(const ccr_cond *c) { return c ? &c->route : NULL; }
+ccr_gate *ccr_cond_gate(const ccr_cond *c) { return c ? c->gate : NULL; }
+size_t ccr_cond_d_in(const ccr_cond *c) { return c ? c->cfg.d_in : 0; }
+size_t ccr_cond_d_out(const ccr_cond *c) { return c ? c->cfg.d_out : 0; }
 
 size_t ccr_cond_n_params(const ccr_cond *c)
 {
+    if (c == NULL)
+        return 0;
     size_t n = c->n_mat * cond_matrix_size(&c->cfg);
     for (size_t i = c->gate_first; i < c->gate_end; i++)
         n += ccr_arena_size(c->arena, i);
@@ -458,6 +461,8 @@ size_t ccr_cond_n_params(const ccr_cond *c)
 
 double ccr_cond_matrix_flops(const ccr_cond *c)
 {
+    if (c == NULL)
+        return 0.0;
     double d_in = (double)c->cfg.d_in, d_out = (double)c->cfg.d_out, h = (double)c->h;
     double m = cond_ffn(c) ? 2 * d_in * h + h + 2 * h * d_out + d_out : 2 * d_in * d_out + d_out;
     return m + 2 * d_out;
@@ -465,6 +470,8 @@ double ccr_cond_matrix_flops(const ccr_cond *c)
 
 double ccr_cond_flops(const ccr_cond *c, bool train)
 {
+    if (c == NULL)
+        return 0.0;
     return ccr_gate_flops(c->gate, train) +
            ccr_gate_matrices_per_example(c->gate) * ccr_cond_matrix_flops(c) +
            (c->cfg.residual ? (double)c->cfg.d_out : 0.0);
@@ -472,6 +479,8 @@ double ccr_cond_flops(const ccr_cond *c, bool train)
 
 double ccr_cond_flops_bwd(const ccr_cond *c, bool need_dx)
 {
+    if (c == NULL)
+        return 0.0;
     double d_in = (double)c->cfg.d_in, d_out = (double)c->cfg.d_out, h = (double)c->h, m;
     if (cond_ffn(c))
         m = 4 * h * d_out + d_out + 2 * d_in * h + h + (need_dx ? 2 * d_in * h : 0);

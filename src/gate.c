@@ -47,7 +47,8 @@ ccr_gate_config ccr_gate_config_default(void)
     ccr_gate_config c = {
         .d_in = 0, .n_experts = 1, .k = 1, .n_groups = 1, .k2 = 1, .depth = 0,
         .combine = CCR_COMBINE_PATH, .bits_from = CCR_BITS_PROJECTION,
-        .grad_mode = CCR_GRAD_NONE, .capacity_factor = 1.25, .w_importance = 0.1,
+        /* ste: the best-supported reading of ccr-tree --readings (GATES.md) */
+        .grad_mode = CCR_GRAD_STE, .capacity_factor = 1.25, .w_importance = 0.1,
         .w_load = 0.1, .aux_alpha = 0.01, .z_loss = 0.0, .noise_eps = 0.01,
         .randomize = false,
     };
@@ -115,11 +116,12 @@ void ccr_gate_free(ccr_gate *g)
     free(g);
 }
 
-const ccr_gate_type *ccr_gate_get_type(const ccr_gate *g) { return g->type; }
-const ccr_gate_config *ccr_gate_get_config(const ccr_gate *g) { return &g->cfg; }
-size_t ccr_gate_n_matrices(const ccr_gate *g) { return g->type->n_matrices(g->state); }
-size_t ccr_gate_slots(const ccr_gate *g) { return g->type->slots(g->state); }
-size_t ccr_gate_max_batch(const ccr_gate *g) { return g->max_batch; }
+/* Getters: NULL / 0 for a NULL gate (the NULL-handle rule, ccr.h). */
+const ccr_gate_type *ccr_gate_get_type(const ccr_gate *g) { return g ? g->type : NULL; }
+const ccr_gate_config *ccr_gate_get_config(const ccr_gate *g) { return g ? &g->cfg : NULL; }
+size_t ccr_gate_n_matrices(const ccr_gate *g) { return g ? g->type->n_matrices(g->state) : 0; }
+size_t ccr_gate_slots(const ccr_gate *g) { return g ? g->type->slots(g->state) : 0; }
+size_t ccr_gate_max_batch(const ccr_gate *g) { return g ? g->max_batch : 0; }
 
 ccr_status ccr_gate_declare(ccr_gate *g, ccr_arena *a, const char *prefix)
 {
@@ -154,6 +156,13 @@ ccr_status ccr_gate_forward(ccr_gate *g, const float *x, size_t batch, bool trai
     memset(&st, 0, sizeof st);
     ccr_route r;
     CCR_TRY(g->type->forward(g->state, x, batch, train, rng, &r, &st));
+    /* Finite input, non-finite weights: the gate's parameters diverged. */
+    for (size_t k = 0; k < batch * r.slots; k++)  /* batch * slots was allocated */
+        if (r.ids[k] >= 0 && !isfinite(r.weights[k]))
+            CCR_FAIL(g->ctx, CCR_EDOM,
+                     "gate %s: routing weight of example %zu slot %zu is %g (NaN or infinite "
+                     "gate parameters?)", g->type->name, k / r.slots, k % r.slots,
+                     (double)r.weights[k]);
     g->last_batch = batch;
     *route = r;
     *stats = st;
@@ -173,16 +182,19 @@ ccr_status ccr_gate_backward(ccr_gate *g, const ccr_gate_bwd_args *a)
     return g->type->backward(g->state, a);
 }
 
-double ccr_gate_flops(const ccr_gate *g, bool train) { return g->type->flops(g->state, train); }
+double ccr_gate_flops(const ccr_gate *g, bool train)
+{
+    return g ? g->type->flops(g->state, train) : 0.0;
+}
 
 double ccr_gate_matrices_per_example(const ccr_gate *g)
 {
-    return g->type->matrices_per_example(g->state);
+    return g ? g->type->matrices_per_example(g->state) : 0.0;
 }
 
 size_t ccr_gate_n_exports(const ccr_gate *g)
 {
-    return g->type->n_exports ? g->type->n_exports(g->state) : 0;
+    return g && g->type->n_exports ? g->type->n_exports(g->state) : 0;
 }
 
 ccr_status ccr_gate_get_export(const ccr_gate *g, size_t i, const char **name, size_t *rank,

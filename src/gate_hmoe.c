@@ -269,8 +269,14 @@ static ccr_status hmoe_backward(void *state, const ccr_gate_bwd_args *ar)
         for (size_t j = 0; j < bs; j++) {
             acc += s->dload[i * bs + j] * s->ls[i * bs + j] / den;
             s->dls[i * bs + j] = s->dload[i * bs + j] * s->lp[i] / den;
+#ifdef CCR_MUTANT_HMOE_LOADH_SECONDARY  /* mutants: tests/gradcheck_mutants.sh */
+            s->dls[i * bs + j] = 0.0;
+#endif
         }
         s->dlp[i] = acc;
+#ifdef CCR_MUTANT_HMOE_LOADH_PRIMARY
+        s->dlp[i] = 0.0;
+#endif
     }
     const double zcoef = s->cfg.z_loss > 0.0 ? s->cfg.z_loss / (double)batch : 0.0;
     for (size_t b = 0; b < batch; b++) {
@@ -286,7 +292,11 @@ static ccr_status hmoe_backward(void *state, const ccr_gate_bwd_args *ar)
              * importance gradient joins dweights before the product rule. */
             for (size_t q = 0; q < k2; q++) {
                 const size_t slot = b * k * k2 + p * k2 + q;
-                const double dwe = (double)ar->dweights[slot] + s->dimp[s->ids[slot]];
+                const double dwe = (double)ar->dweights[slot]
+#ifndef CCR_MUTANT_HMOE_IMPORTANCE
+                                   + s->dimp[s->ids[slot]]
+#endif
+                    ;
                 dgp += dwe * (double)gs[q];
                 s->dgs[q] = (float)(dwe * (double)gp[p]);
             }

@@ -3,7 +3,7 @@
  * 2014 ("Exponentially Increasing the Capacity-to-Computation Ratio for
  * Conditional Computation in Deep Learning", arXiv 1406.7362).
  *
- * Only the paper's abstract could be verified (../shared/docs/PAPERS.md
+ * Only the paper's abstract could be verified (docs/REFERENCES.md
  * §1.1-1.2): weight matrices are switched on by bit patterns of hidden-unit
  * activations, and a tree whose nodes are prefixes of a sequence of sign
  * bits controls overfitting.  Everything below - where the bits come from,
@@ -317,6 +317,9 @@ static ccr_status st_backward(void *state, const ccr_gate_bwd_args *a)
             }
             double dw_sibling;
             CCR_TRY(st_eval_dot(a, sibling, xb, dyb, &dw_sibling));
+#ifdef CCR_MUTANT_SIGNTREE_SIBLING  /* tests/gradcheck_mutants.sh */
+            dw_sibling = 0.0;
+#endif
             s->da[b * d + l - 1] =
                 (float)(right ? dw_chosen - dw_sibling : dw_sibling - dw_chosen);
         }

@@ -216,7 +216,11 @@ static ccr_status switch_backward(void *state, const ccr_gate_bwd_args *a)
     const size_t n = s->n, batch = a->batch;
     float *dz = gate_router_grad_begin(&s->r, batch);
     /* d loss_switch / dp_{b,i} = alpha E f_i / B = alpha E chosen_i / B^2. */
-    const double coef = s->aux_alpha * (double)n / ((double)batch * (double)batch);
+    const double coef = s->aux_alpha * (double)n / ((double)batch * (double)batch)
+#ifdef CCR_MUTANT_SWITCH_AUX  /* tests/gradcheck_mutants.sh */
+                        * 0.0
+#endif
+        ;
     for (size_t b = 0; b < batch; b++) {
         for (size_t i = 0; i < n; i++)
             s->dp[i] = (float)(coef * (double)s->chosen[i]);

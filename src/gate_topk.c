@@ -191,7 +191,11 @@ static ccr_status topk_backward(void *state, const ccr_gate_bwd_args *a)
     for (size_t b = 0; b < batch; b++) {
         /* Importance is the sum of the weights: its gradient joins dweights. */
         for (size_t q = 0; q < k; q++)
-            s->dg[q] = (float)((double)a->dweights[b * k + q] + s->dimp[s->ids[b * k + q]]);
+            s->dg[q] = (float)((double)a->dweights[b * k + q]
+#ifndef CCR_MUTANT_TOPK_IMPORTANCE  /* tests/gradcheck_mutants.sh */
+                               + s->dimp[s->ids[b * k + q]]
+#endif
+                               );
         tk_core_row_backward(c, b, train, s->dg, smooth ? s->dload : NULL, zcoef);
     }
     gate_matmul_backward(a->x, wg, c->dclean, batch, s->d, e, dwg, a->dx);

@@ -173,11 +173,18 @@ void tk_core_row_backward(tk_core *c, size_t r, bool train, const float *dg,
             double u = ((double)clean[i] - (double)h[j]) / s;
             double t = dload[i] * gsl_ran_ugaussian_pdf(u) / s; /* dL/dclean_i */
             dclean[i] += (float)t;
+#ifndef CCR_MUTANT_LOAD_THRESHOLD  /* mutants: tests/gradcheck_mutants.sh */
             c->dh[j] -= (float)t;  /* dL/dthr, thr = H_j */
+#endif
+#ifndef CCR_MUTANT_LOAD_STD
             c->dstd[i] -= t * u;
+#endif
         }
     }
     /* z-loss c * lse^2: d/dclean = 2 c lse softmax(clean). */
+#ifdef CCR_MUTANT_TOPK_ZLOSS
+    zcoef = 0.0;
+#endif
     if (zcoef != 0.0) {
         double g = 2.0 * zcoef * c->lse[r];
         for (size_t i = 0; i < n; i++)
@@ -187,7 +194,11 @@ void tk_core_row_backward(tk_core *c, size_t r, bool train, const float *dg,
     for (size_t i = 0; i < n; i++) {
         dclean[i] += c->dh[i];
         if (train) {
-            double dstd = c->dstd[i] + (double)c->dh[i] * (double)noise[i];
+            double dstd = c->dstd[i] + (double)c->dh[i] * (double)noise[i]
+#ifdef CCR_MUTANT_NOISE_STD
+                                           * 0.0
+#endif
+                ;
             draw[i] = (float)(dstd * gate_sigmoid((double)raw[i]));
         }
     }

@@ -117,7 +117,7 @@ ccr_status gate_declare(ccr_arena *a, const char *prefix, const char *name, size
 
 double ccr_cv_squared(const double *v, size_t n)
 {
-    if (n <= 1)
+    if (v == NULL || n <= 1)
         return 0.0;
     double mean = 0.0;
     for (size_t i = 0; i < n; i++)

@@ -90,7 +90,10 @@ size_t ccr_mem_physical(void);
 /* Refuses up front a request that cannot fit: CCR_ENOMEM with "<what> needs
  * X GiB, this machine has Y GiB" when bytes exceeds physical memory (pass
  * SIZE_MAX for a size that overflowed).  CCR_OK otherwise.  Defined in mem.c. */
-ccr_status ccr_mem_check(ccr_ctx *ctx, size_t bytes, const char *what);
+ccr_status ccr_mem_check_at(ccr_ctx *ctx, size_t bytes, const char *what, const char *func,
+                            const char *file, int line);
+#define ccr_mem_check(ctx, bytes, what) \
+    ccr_mem_check_at((ctx), (bytes), (what), __func__, __FILE__, __LINE__)
 
 /* Whether all n values are finite. */
 bool ccr_all_finite(const float *v, size_t n);

@@ -241,6 +241,12 @@ static ccr_status copy_previous(ccr_jsonl *w, const char *path)
     return s;
 }
 
+/* The context's message, copied (formatting it into itself would overlap). */
+static void saved_msg(ccr_ctx *ctx, char *buf, size_t cap)
+{
+    snprintf(buf, cap, "%s", ccr_ctx_errmsg(ctx));
+}
+
 static char *with_suffix(const char *path, const char *suffix)
 {
     size_t a = strlen(path), b = strlen(suffix);
@@ -272,8 +278,10 @@ ccr_status ccr_jsonl_open(ccr_ctx *ctx, const char *path, bool append, ccr_jsonl
         ccr_tmp_release(&w->t);
         free(w->partial);
         free(w);
+        char msg[512];
+        saved_msg(ctx, msg, sizeof msg);
         return ccr_fail(ctx, s, __func__, __FILE__, __LINE__, "cannot open '%.200s' for %s: %s",
-                        path, append ? "appending" : "writing", ccr_ctx_errmsg(ctx));
+                        path, append ? "appending" : "writing", msg);
     }
     *out = w;
     return CCR_OK;
@@ -305,9 +313,13 @@ ccr_status ccr_jsonl_write(ccr_jsonl *w, const ccr_record *r)
         return CCR_OK;
     }
     if (!w->t.direct &&
-        (ftruncate(w->t.fd, w->committed) != 0 || lseek(w->t.fd, w->committed, SEEK_SET) < 0))
-        CCR_FAIL(w->ctx, CCR_EIO, "%s; cutting back to the last full line failed: %s",
-                 ccr_ctx_errmsg(w->ctx), strerror(errno));
+        (ftruncate(w->t.fd, w->committed) != 0 || lseek(w->t.fd, w->committed, SEEK_SET) < 0)) {
+        int err = errno;
+        char msg[512];
+        saved_msg(w->ctx, msg, sizeof msg);
+        CCR_FAIL(w->ctx, CCR_EIO, "%s; cutting back to the last full line failed: %s", msg,
+                 strerror(err));
+    }
     return s;
 }
 
@@ -324,10 +336,15 @@ ccr_status ccr_jsonl_close(ccr_jsonl *w)
         return CCR_OK;
     ccr_ctx *ctx = w->ctx;
     ccr_status s = ccr_tmp_commit(ctx, &w->t, NULL);
-    if (s != CCR_OK && w->t.live && ccr_tmp_commit(ctx, &w->t, w->partial) == CCR_OK) {
+    if (s != CCR_OK && w->t.live) {
         /* The message of the first failure stays; the results are kept. */
-        s = ccr_fail(ctx, s, __func__, __FILE__, __LINE__, "%s; the results are in '%.200s'",
-                     ccr_ctx_errmsg(ctx), w->partial);
+        char msg[512];
+        saved_msg(ctx, msg, sizeof msg);
+        if (ccr_tmp_commit(ctx, &w->t, w->partial) == CCR_OK)
+            s = ccr_fail(ctx, s, __func__, __FILE__, __LINE__, "%s; the results are in '%.200s'",
+                         msg, w->partial);
+        else
+            s = ccr_fail(ctx, s, __func__, __FILE__, __LINE__, "%s", msg);
     }
     free_writer(w);
     return s;

@@ -55,16 +55,20 @@ size_t ccr_mem_physical(void)
     return bytes;
 }
 
-ccr_status ccr_mem_check(ccr_ctx *ctx, size_t bytes, const char *what)
+ccr_status ccr_mem_check_at(ccr_ctx *ctx, size_t bytes, const char *what, const char *func,
+                            const char *file, int line)
 {
     size_t phys = ccr_mem_physical();
     if (phys == 0 || bytes <= phys)
         return CCR_OK;
     const double gib = 1024.0 * 1024.0 * 1024.0;
+    if (what == NULL)
+        what = "request";
     if (bytes == SIZE_MAX)
-        CCR_FAIL(ctx, CCR_ENOMEM, "%s needs more memory than can be addressed "
-                 "(a size overflows), this machine has %.1f GiB",
-                 what != NULL ? what : "request", (double)phys / gib);
-    CCR_FAIL(ctx, CCR_ENOMEM, "%s needs %.1f GiB, this machine has %.1f GiB",
-             what != NULL ? what : "request", (double)bytes / gib, (double)phys / gib);
+        return ccr_fail(ctx, CCR_ENOMEM, func, file, line,
+                        "%s needs more memory than can be addressed (a size overflows), "
+                        "this machine has %.1f GiB", what, (double)phys / gib);
+    return ccr_fail(ctx, CCR_ENOMEM, func, file, line,
+                    "%s needs %.1f GiB, this machine has %.1f GiB", what, (double)bytes / gib,
+                    (double)phys / gib);
 }

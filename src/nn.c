@@ -53,6 +53,7 @@ void ccr_net_free(ccr_net *net)
     ccr_backend_free_buffer(net->be, net->block);
     free(net->layers);
     free(net->host);
+    free(net->grad_host);
     free(net);
 }
 
@@ -240,12 +241,17 @@ ccr_status ccr_net_finalize(ccr_net *net, gsl_rng *rng)
     /* Host staging of per-example loss and correctness. */
     if (s == CCR_OK && (net->host = ccr_malloc3(2, net->max_batch, sizeof(float))) == NULL)
         s = CCR_FAIL_EXPR(net->ctx, CCR_ENOMEM, "cannot allocate host staging");
+    if (s == CCR_OK && !net->be->is_cpu &&
+        (net->grad_host = ccr_mallocn(ccr_arena_block_len(a), sizeof(float))) == NULL)
+        s = CCR_FAIL_EXPR(net->ctx, CCR_ENOMEM, "cannot allocate the gradient mirror");
     free(scratch);
     if (s != CCR_OK) {
         ccr_arena_free(a);
         ccr_backend_free_buffer(net->be, block);
         free(net->host);
+        free(net->grad_host);
         net->host = NULL;
+        net->grad_host = NULL;
         return s;
     }
     net_carve(net, block);
@@ -254,15 +260,18 @@ ccr_status ccr_net_finalize(ccr_net *net, gsl_rng *rng)
     return CCR_OK;
 }
 
-size_t ccr_net_d_in(const ccr_net *net) { return net->d_in; }
+/* Getters: 0 / NULL for a NULL network (the NULL-handle rule, ccr.h). */
+size_t ccr_net_d_in(const ccr_net *net) { return net ? net->d_in : 0; }
 size_t ccr_net_d_out(const ccr_net *net)
 {
+    if (net == NULL)
+        return 0;
     return net->n ? net->layers[net->n - 1].d_out : net->d_in;
 }
-size_t ccr_net_max_batch(const ccr_net *net) { return net->max_batch; }
-size_t ccr_net_n_layers(const ccr_net *net) { return net->n; }
-ccr_arena *ccr_net_params(const ccr_net *net) { return net->params; }
-ccr_backend *ccr_net_backend(const ccr_net *net) { return net->be; }
+size_t ccr_net_max_batch(const ccr_net *net) { return net ? net->max_batch : 0; }
+size_t ccr_net_n_layers(const ccr_net *net) { return net ? net->n : 0; }
+ccr_arena *ccr_net_params(const ccr_net *net) { return net ? net->params : NULL; }
+ccr_backend *ccr_net_backend(const ccr_net *net) { return net ? net->be : NULL; }
 
 ccr_status ccr_net_layer_info(const ccr_net *net, size_t i, ccr_layer_info *info)
 {
@@ -286,7 +295,7 @@ ccr_status ccr_net_layer_info(const ccr_net *net, size_t i, ccr_layer_info *info
 ccr_flops ccr_net_flops(const ccr_net *net)
 {
     ccr_flops f = {0.0, 0.0};
-    for (size_t i = 0; i < net->n; i++) {
+    for (size_t i = 0; net != NULL && i < net->n; i++) {
         f.fwd += net->layers[i].ops->flops_fwd(&net->layers[i]);
         f.bwd += net->layers[i].ops->flops_bwd(&net->layers[i], i > 0);
     }
@@ -296,7 +305,7 @@ ccr_flops ccr_net_flops(const ccr_net *net)
 size_t ccr_net_n_params(const ccr_net *net)
 {
     size_t n = 0;
-    for (size_t i = 0; i < net->n; i++)
+    for (size_t i = 0; net != NULL && i < net->n; i++)
         n += net->layers[i].ops->n_params(&net->layers[i]);
     return n;
 }
@@ -331,15 +340,29 @@ static ccr_status net_forward(ccr_net *net, const float *x, size_t batch, bool t
     return CCR_OK;
 }
 
-ccr_status ccr_net_forward(ccr_net *net, const float *x, size_t batch, const float **out)
+static ccr_status net_check_mode(const ccr_net *net, ccr_mode mode)
+{
+    if (mode != CCR_MODE_EVAL && mode != CCR_MODE_TRAIN)
+        CCR_FAIL(net->ctx, CCR_EINVAL, "unknown mode %d", (int)mode);
+    return CCR_OK;
+}
+
+ccr_status ccr_net_forward_mode(ccr_net *net, const float *x, size_t batch, ccr_mode mode,
+                                gsl_rng *rng, const float **out)
 {
     if (net == NULL)
         return CCR_EINVAL;
     CCR_CHECK_NULL(net->ctx, out);
+    CCR_TRY(net_check_mode(net, mode));
     CCR_TRY(net_check_input(net, x, batch));
-    CCR_TRY(net_forward(net, x, batch, false, NULL));
+    CCR_TRY(net_forward(net, x, batch, mode == CCR_MODE_TRAIN, rng));
     *out = net->layers[net->n - 1].out;
     return CCR_OK;
+}
+
+ccr_status ccr_net_forward(ccr_net *net, const float *x, size_t batch, const float **out)
+{
+    return ccr_net_forward_mode(net, x, batch, CCR_MODE_EVAL, NULL, out);
 }
 
 ccr_status ccr_net_backward(ccr_net *net, const float *dout)
@@ -393,15 +416,25 @@ static ccr_status net_loss(ccr_net *net, const int32_t *labels, size_t batch, bo
         sum += loss_h[i];
         c += corr_h[i] != 0;
     }
+    if (!isfinite(sum)) {
+        size_t bad = 0;
+        while (bad < batch && isfinite(loss_h[bad]))
+            bad++;
+        CCR_FAIL(net->ctx, CCR_EDOM,
+                 "loss is not finite (example %zu of the batch: %g); the parameters or "
+                 "activations hold NaN or infinity", bad, bad < batch ? (double)loss_h[bad] : sum);
+    }
     *loss_sum = sum;
     *correct = c;
     return CCR_OK;
 }
 
 /* Sum of the conditional layers' auxiliary losses of the last forward. */
-static double net_aux_loss(const ccr_net *net)
+double ccr_net_aux_loss(const ccr_net *net)
 {
     double aux = 0.0;
+    if (net == NULL || net->last_batch == 0)
+        return 0.0;
     for (size_t i = 0; i < net->n; i++)
         if (net->layers[i].cond != NULL)
             aux += net->layers[i].stats.aux_loss;
@@ -409,20 +442,22 @@ static double net_aux_loss(const ccr_net *net)
 }
 
 ccr_status ccr_net_loss_grad_mode(ccr_net *net, const float *x, const int32_t *labels,
-                                  size_t batch, bool train, gsl_rng *rng, ccr_step_stats *stats)
+                                  size_t batch, ccr_mode mode, gsl_rng *rng,
+                                  ccr_step_stats *stats)
 {
     if (net == NULL)
         return CCR_EINVAL;
     CCR_CHECK_NULL(net->ctx, stats);
+    CCR_TRY(net_check_mode(net, mode));
     CCR_TRY(net_check_input(net, x, batch));
     CCR_TRY(net_check_labels(net, labels, batch));
-    CCR_TRY(net_forward(net, x, batch, train, rng));
+    CCR_TRY(net_forward(net, x, batch, mode == CCR_MODE_TRAIN, rng));
     double sum;
     size_t correct;
     CCR_TRY(net_loss(net, labels, batch, true, &sum, &correct));
     CCR_TRY(ccr_net_backward(net, net->layers[net->n - 1].dout));
     stats->loss = sum / (double)batch;
-    stats->aux_loss = net_aux_loss(net);
+    stats->aux_loss = ccr_net_aux_loss(net);
     stats->correct = correct;
     stats->batch = batch;
     return CCR_OK;
@@ -431,7 +466,7 @@ ccr_status ccr_net_loss_grad_mode(ccr_net *net, const float *x, const int32_t *l
 ccr_status ccr_net_loss_grad(ccr_net *net, const float *x, const int32_t *labels,
                              size_t batch, ccr_step_stats *stats)
 {
-    return ccr_net_loss_grad_mode(net, x, labels, batch, false, NULL, stats);
+    return ccr_net_loss_grad_mode(net, x, labels, batch, CCR_MODE_EVAL, NULL, stats);
 }
 
 ccr_status ccr_net_eval(ccr_net *net, const float *x, const int32_t *labels, size_t n,
@@ -451,7 +486,7 @@ ccr_status ccr_net_eval(ccr_net *net, const float *x, const int32_t *labels, siz
         const float *xb = x + i0 * net->d_in;
         CCR_TRY(net_check_input(net, xb, b));
         CCR_TRY(net_forward(net, xb, b, false, NULL));
-        aux += net_aux_loss(net) * (double)b;
+        aux += ccr_net_aux_loss(net) * (double)b;
         double sum;
         size_t c;
         CCR_TRY(net_loss(net, labels + i0, b, false, &sum, &c));

@@ -18,11 +18,9 @@ struct ccr_net {
     float *loss_dev;          /* [max_batch] per-example loss */
     int32_t *correct_dev;     /* [max_batch] per-example correctness */
     float *host;              /* [2 max_batch] host staging of loss, correct */
+    float *grad_host;         /* host mirror of the gradient block (non-CPU
+                                 backends; the gradient-norm check) */
     size_t last_batch;        /* batch of the last forward, 0 if none */
 };
-
-/* ccr_net_loss_grad in training (gate noise from rng) or evaluation mode. */
-ccr_status ccr_net_loss_grad_mode(ccr_net *net, const float *x, const int32_t *labels,
-                                  size_t batch, bool train, gsl_rng *rng, ccr_step_stats *stats);
 
 #endif /* CCR_NN_IMPL_H */

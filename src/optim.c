@@ -59,6 +59,9 @@ ccr_status ccr_optim_init(ccr_arena *params, const ccr_optim_config *cfg, ccr_op
     if (ccr_arena_values(params) == NULL)
         CCR_FAIL(be->ctx, CCR_EINVAL, "arena not finalized");
     CCR_TRY(optim_check(be->ctx, cfg));
+    size_t block = ccr_arena_block_len(params) * sizeof(float); /* checked by finalize */
+    CCR_TRY(ccr_mem_check(be->ctx, block <= SIZE_MAX / 2 ? 2 * block : SIZE_MAX,
+                          "optimiser moments"));
     ccr_optim *o = calloc(1, sizeof *o);
     if (o == NULL)
         CCR_FAIL(be->ctx, CCR_ENOMEM, "cannot allocate optimiser");

@@ -73,7 +73,8 @@ ccr_status ccr_tmp_create(ccr_ctx *ctx, const char *target, ccr_tmp *t)
     if (target[0] == '\0')
         CCR_FAIL(ctx, CCR_EINVAL, "path is empty");
     struct stat st;
-    t->direct = stat(target, &st) == 0 && !S_ISREG(st.st_mode) && !S_ISDIR(st.st_mode);
+    bool exists = stat(target, &st) == 0;
+    t->direct = exists && !S_ISREG(st.st_mode) && !S_ISDIR(st.st_mode);
     size_t cap = strlen(target) + sizeof CCR_TMP_INFIX + 48;
     t->target = dup_str(target);
     t->tmp = malloc(cap);
@@ -93,6 +94,9 @@ ccr_status ccr_tmp_create(ccr_ctx *ctx, const char *target, ccr_tmp *t)
             err = t->fd < 0 ? errno : 0;
         }
         t->live = t->fd >= 0;
+        /* A replaced file keeps its permission bits (best effort). */
+        if (t->live && exists && S_ISREG(st.st_mode))
+            (void)fchmod(t->fd, st.st_mode & 07777);
     }
     if (t->fd < 0) {
         ccr_status s = ccr_fail(ctx, CCR_EIO, __func__, __FILE__, __LINE__,

@@ -3,7 +3,8 @@
  * (private to libccr and the in-tree drivers).
  *
  * ccr_tmp_create opens "<target>.ccr-tmp.<pid>.<n>" in the target's
- * directory (created exclusively, so concurrent writers never share one);
+ * directory (created exclusively, so concurrent writers never share one;
+ * it takes the permission bits of the file it will replace);
  * the caller writes it, then ccr_tmp_commit fsyncs it, renames it over the
  * destination and fsyncs the directory.  Until then the previous target is
  * untouched.  ccr_tmp_release closes and removes a temporary that was not

@@ -3,9 +3,30 @@
  * loss, backward, update.  The driver owns the loop, the schedule and the
  * logging.
  */
+#include <math.h>
+
+#include "backend_impl.h"  // provides: struct ccr_backend (is_cpu)
 #include "ccr/ccr_nn.h"
 #include "internal.h"  // provides: CCR_TRY
-#include "nn_impl.h"   // provides: ccr_net_loss_grad_mode
+#include "nn_impl.h"   // provides: struct ccr_net
+
+/* Squared L2 norm of every gradient (double accumulation).  The gradient
+ * block is read in place on the CPU, through the host mirror otherwise. */
+static ccr_status net_grad_norm2(ccr_net *net, double *out)
+{
+    ccr_arena *a = net->params;
+    size_t n = ccr_arena_block_len(a);
+    const float *g = ccr_arena_grads(a);
+    if (!net->be->is_cpu) {
+        CCR_TRY(ccr_backend_get(net->be, net->grad_host, g, n * sizeof(float)));
+        g = net->grad_host;
+    }
+    double s = 0.0;
+    for (size_t i = 0; i < n; i++)
+        s += (double)g[i] * (double)g[i];
+    *out = s;
+    return CCR_OK;
+}
 
 ccr_status ccr_train_step(ccr_net *net, ccr_optim *opt, gsl_rng *rng, const float *x,
                           const int32_t *labels, size_t batch, ccr_step_stats *stats)
@@ -16,6 +37,16 @@ ccr_status ccr_train_step(ccr_net *net, ccr_optim *opt, gsl_rng *rng, const floa
     if (params == NULL)
         return ccr_net_loss_grad(net, x, labels, batch, stats); /* reports "not finalized" */
     CCR_TRY(ccr_arena_zero_grad(params));
-    CCR_TRY(ccr_net_loss_grad_mode(net, x, labels, batch, true, rng, stats));
-    return ccr_optim_step(opt);
+    CCR_CHECK_NULL(net->ctx, stats);
+    ccr_step_stats st;
+    CCR_TRY(ccr_net_loss_grad_mode(net, x, labels, batch, CCR_MODE_TRAIN, rng, &st));
+    /* No update from a non-finite gradient: the parameters stay as they were. */
+    double norm2;
+    CCR_TRY(net_grad_norm2(net, &norm2));
+    if (!isfinite(norm2))
+        CCR_FAIL(net->ctx, CCR_EDOM,
+                 "gradient norm is not finite (loss %g); no update was made", st.loss);
+    CCR_TRY(ccr_optim_step(opt));
+    *stats = st;
+    return CCR_OK;
 }

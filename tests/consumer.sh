@@ -53,3 +53,9 @@ cc=${CC:-cc}
 # shellcheck disable=SC2086
 $cc -std=c11 -o "$tmp/prog" "$tmp/prog.c" $cflags $libs
 "$tmp/prog"
+
+# The example program builds the same way: it uses the public API only.
+# shellcheck disable=SC2086
+$cc -std=c11 -Wall -Wextra -Werror -o "$tmp/example" "$src/experiments/example.c" $cflags $libs
+"$tmp/example" --steps 2 --n-train 128 --n-test 64 --synthetic "$tmp" >/dev/null
+echo "consumer: experiments/example.c built and ran against the installed copy"

@@ -4,11 +4,16 @@
 # (a runtime failure, docs/DESIGN.md) and a message saying how much memory
 # the request needs; it used to wrap max_batch x width and write past a heap
 # buffer.  ccr-tree runs on its synthetic data only (no data set needed);
-# ccr-train needs Fashion-MNIST and is skipped without it.
-# Usage: driver_limits.sh CCR_TRAIN CCR_TREE
+# ccr-train needs Fashion-MNIST and is skipped without it.  Also: a run whose
+# loss becomes non-finite stops with exit 1 and a message (class 3).
+# ccr-lm and ccr-balance (their language model's buffers) run when their
+# corpus is installed.
+# Usage: driver_limits.sh CCR_TRAIN CCR_TREE CCR_LM CCR_BALANCE
 set -u
 train=$1
 tree=$2
+lm=$3
+balance=$4
 data=/usr/share/datasets/fashion-mnist
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/ccr-limits-test.XXXXXX")
 trap 'rm -rf "$tmp"' EXIT
@@ -29,23 +34,43 @@ expect_too_big() {
     fi
 }
 
-big=100000000000000000  # 1e17: max_batch x width wraps size_t
-huge=10000000000        # 1e10: no wrap, far more than any machine
-for b in $big $huge; do
+wrap=4611686018427387920  # 2^62 + 16: the activation block's size wraps to a
+                          # small number (the old code segfaulted)
+big=100000000000000000    # 1e17: max_batch x d_in x 4 overflows size_t
+huge=10000000000          # 1e10: no wrap, far more than any machine
+for b in $wrap $big $huge; do
     expect_too_big "ccr-tree --batch $b" \
         "$tree" --quick --datasets synthetic --batch "$b" --out "$tmp/t.jsonl"
 done
 if [ -r "$data/train-images-idx3-ubyte.gz" ]; then
-    for b in $big $huge; do
-        expect_too_big "ccr-train --batch $b" \
-            "$train" --quick --max-train 1000 --valid 100 --batch "$b" --out "$tmp/r.jsonl"
-    done
-    expect_too_big "ccr-train --hidden $huge" \
-        "$train" --quick --max-train 1000 --valid 100 --hidden "$huge" --out "$tmp/r.jsonl"
+    expect_too_big "ccr-train --batch $wrap" \
+        "$train" --quick --max-train 1000 --valid 100 --batch "$wrap" --out "$tmp/r.jsonl"
     expect_too_big "ccr-train --hidden 2^33,2^33" \
         "$train" --quick --max-train 1000 --valid 100 --hidden 8589934592,8589934592 \
         --out "$tmp/r.jsonl"
+    # Class 3: a diverging run (SGD at lr 100) stops at the first non-finite
+    # loss with exit 1 and says so; it used to finish with NaN results, exit 0.
+    "$train" --quick --max-train 1000 --valid 100 --optim sgd --momentum 0.99 --lr 100 \
+        --out "$tmp/nf.jsonl" >"$tmp/out" 2>"$tmp/err"
+    rc=$?
+    if [ "$rc" -ne 1 ] || ! grep -q 'non-finite' "$tmp/err"; then
+        echo "FAIL ccr-train diverging: exit $rc (want 1 with 'non-finite'):"
+        cat "$tmp/err"
+        fail=1
+    else
+        echo "ok ccr-train diverging: $(tail -n 1 "$tmp/err")"
+    fi
 else
     echo "skip ccr-train cases: no $data"
 fi
+for p in "$lm" "$balance"; do
+    "$p" --help >"$tmp/help" 2>&1
+    corpus=$(sed -n 's/.*--corpus.*\[\(.*\)\].*/\1/p' "$tmp/help" | head -n 1)
+    if [ -n "$corpus" ] && [ -r "$corpus" ]; then
+        expect_too_big "$(basename "$p") --batch $big" \
+            "$p" --quick --batch "$big" --out "$tmp/l.jsonl"
+    else
+        echo "skip $(basename "$p"): no corpus '$corpus'"
+    fi
+done
 exit $fail

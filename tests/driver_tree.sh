@@ -51,10 +51,44 @@ for r in recs:
 print("driver_tree: ok", len(recs), "records")
 PY
 
+# --readings: each tree model once per reading, the hidden readings with a
+# trained linear layer of max(d_in, d) units below the tree (its parameters
+# counted), the bits' source and gradient mode recorded.
+"$prog" --quick --seed 2 --readings frozen,ste,hidden,hidden-ste,hidden-proj --models path,leaf \
+  --depths 3 --out "$tmp/rd.jsonl" 2>"$tmp/err" || { cat "$tmp/err"; exit 1; }
+$py "$src/analysis/check_results.py" "$tmp/rd.jsonl" --min-records 20 \
+  --require reading,bits_width,bits_from,grad_mode --finite train_acc,test_acc,params \
+  --equal flops_counted=flops_analytic,flops_train_counted=flops_train_analytic
+$py - "$tmp/rd.jsonl" <<'PY'
+import json, sys
+recs = [json.loads(l) for l in open(sys.argv[1])]
+assert len(recs) == 20, len(recs)
+want = {"frozen": ("projection", "none", False), "ste": ("projection", "ste", False),
+        "hidden": ("input", "none", True), "hidden-ste": ("input", "ste", True),
+        "hidden-proj": ("projection", "none", True)}
+seen = set()
+for r in recs:
+    bf, gm, hid = want[r["reading"]]
+    assert (r["bits_from"], r["grad_mode"]) == (bf, gm), r
+    D, C, d = r["d_in"], r["classes"], r["depth"]
+    H = max(D, d)
+    assert r["bits_width"] == (H if hid else 0), r
+    nodes = 2**(d+1) - 1 if r["model"] == "path" else 2**d
+    width = H if hid else D
+    proj = width*d + d if bf == "projection" else 0
+    assert r["params"] == nodes*(width*C + C) + proj + (D*H + H if hid else 0), r
+    seen.add((r["dataset"], r["model"], r["reading"]))
+assert len(seen) == 20, seen
+print("driver_tree: readings ok")
+PY
+"$prog" --readings frozen --models linear --out "$tmp/bad.jsonl" 2>"$tmp/err" && exit 1
+[ ! -e "$tmp/bad.jsonl" ] || { echo "--readings with no tree model left an output"; exit 1; }
+
 # Bad arguments: exit 2, one line on stderr, no output file.
 for args in "--gate signtree" "--depths -1" "--depths 0,40" "--n-train -5" "--epochs 0" \
             "--models path,oak" "--pool 3" "--grad-mode reinforce" "--data /nonexistent" \
-            "--datasets mnist" "--n-train 999999"; do
+            "--datasets mnist" "--n-train 999999" "--readings" "--readings frozen,oak" \
+            "--readings frozen --models linear" "--readings ste --grad-mode none"; do
   rc=0
   # shellcheck disable=SC2086
   "$prog" $args --out "$tmp/bad.jsonl" 2>"$tmp/err" || rc=$?

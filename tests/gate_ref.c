@@ -4,7 +4,9 @@
  */
 #include "gate_ref.h"
 
+#include <float.h>
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -12,10 +14,19 @@
 
 /* ---- finite differences ------------------------------------------------------ */
 
-double gate_fd_init(gate_fd *f, gate_fd_loss_fn loss, void *u, bool exact_step, const char *tag)
+const float *ref_pert;
+double ref_delta;
+
+double ref_val(const float *p) { return (double)*p + (p == ref_pert ? ref_delta : 0.0); }
+
+double gate_fd_init(gate_fd *f, gate_fd_loss_fn loss, void *u, const char *tag)
 {
-    f->loss = loss, f->u = u, f->exact_step = exact_step, f->tag = tag;
+    f->loss = loss, f->u = u, f->tag = tag;
     f->total = f->skipped = 0;
+    f->worst = 0.0;
+    f->worst_what[0] = '\0';
+    ref_pert = NULL;
+    ref_delta = 0.0;
     return loss(u, f->base, &f->nbase);
 }
 
@@ -24,26 +35,67 @@ static bool fd_same(const gate_fd *f, size_t n)
     return n == f->nbase && memcmp(f->sig, f->base, n * sizeof(int32_t)) == 0;
 }
 
-static void gate_fd_coord(gate_fd *f, float *p, double ana, const char *what, size_t j)
+/* The reference loss with coordinate p moved by delta (in double). */
+static double fd_eval(gate_fd *f, const float *p, double delta, bool *same)
 {
-    const float old = *p, h = 1e-2f;
     size_t n;
-    *p = old + h;
-    const float hp = *p - old;
-    const double lp = f->loss(f->u, f->sig, &n);
-    bool same = fd_same(f, n);
-    *p = old - h;
-    const float hm = old - *p;
-    const double lm = f->loss(f->u, f->sig, &n);
-    same = same && fd_same(f, n);
-    *p = old;
-    f->total++;
-    f->skipped += !same;
-    if (!same)
-        return;
-    const double num = (lp - lm) / (f->exact_step ? (double)hp + (double)hm : 2.0 * (double)h);
-    ck_assert_msg(fabs(num - ana) <= 2e-3 + 2e-2 * fabs(num),
-                  "%s[%zu] (%s): numeric %.6g analytic %.6g", what, j, f->tag, num, ana);
+    ref_pert = p;
+    ref_delta = delta;
+    const double l = f->loss(f->u, f->sig, &n);
+    ref_pert = NULL;
+    ref_delta = 0.0;
+    *same = *same && fd_same(f, n);
+    return l;
+}
+
+/* Central differences at h and h/2 combined by one Richardson step (error
+ * O(h^4) plus rounding ~1e-16 |L| / h); *same is false when a step changes
+ * the routing signature. */
+static double fd_numeric(gate_fd *f, const float *p, bool *same)
+{
+    const double h = GATE_FD_H * fmax(1.0, fabs((double)*p));
+    *same = true;
+    const double d1 = (fd_eval(f, p, h, same) - fd_eval(f, p, -h, same)) / (2.0 * h);
+    const double d2 = (fd_eval(f, p, h / 2, same) - fd_eval(f, p, -h / 2, same)) / h;
+    return (4.0 * d2 - d1) / 3.0;
+}
+
+/* One tensor: numeric derivatives of its n coordinates against ana [n]; the
+ * tolerance is GATE_FD_TOL * FLT_EPSILON times the tensor's gradient scale
+ * (the largest numeric |derivative|, at least GATE_FD_FLOOR). */
+static void fd_tensor(gate_fd *f, float *v, const float *ana, size_t n, const char *what)
+{
+    double *num = malloc((n ? n : 1) * sizeof *num);
+    bool *ok = malloc((n ? n : 1) * sizeof *ok);
+    ck_assert(num != NULL && ok != NULL);
+    double scale = GATE_FD_FLOOR;
+    for (size_t j = 0; j < n; j++) {
+        num[j] = fd_numeric(f, v + j, &ok[j]);
+        f->total++;
+        f->skipped += !ok[j];
+        if (ok[j])
+            scale = fmax(scale, fabs(num[j]));
+    }
+    const double tol = GATE_FD_TOL * FLT_EPSILON * scale;
+    double worst = 0.0;
+    size_t wj = 0;
+    for (size_t j = 0; j < n; j++)
+        if (ok[j] && fabs(num[j] - (double)ana[j]) / tol > worst)
+            worst = fabs(num[j] - (double)ana[j]) / tol, wj = j;
+    const char *rep = getenv("GATE_FD_REPORT");
+    if (rep != NULL && strcmp(rep, "tensors") == 0)
+        fprintf(stderr, "gate_fd: %s %s: worst |numeric - analytic| = %.3g x tolerance "
+                "(%.3g x FLT_EPSILON x scale %.3g)\n", f->tag, what, worst,
+                worst * GATE_FD_TOL, scale);
+    if (worst > f->worst) {
+        f->worst = worst;
+        snprintf(f->worst_what, sizeof f->worst_what, "%s", what);
+    }
+    ck_assert_msg(worst <= 1.0 || (rep != NULL && strcmp(rep, "all") == 0), "%s[%zu] (%s): numeric %.9g analytic %.9g, %.3g x the tolerance "
+                  "%.3g (%g x FLT_EPSILON x scale %.3g)", what, wj, f->tag, n ? num[wj] : 0.0,
+                  n ? (double)ana[wj] : 0.0, worst, tol, (double)GATE_FD_TOL, scale);
+    free(num);
+    free(ok);
 }
 
 void gate_fd_sweep(gate_fd *f, ccr_arena *a, float *x, const float *dx, size_t nx,
@@ -54,14 +106,14 @@ void gate_fd_sweep(gate_fd *f, ccr_arena *a, float *x, const float *dx, size_t n
         float *ana = malloc(n * sizeof(float));
         ck_assert(ana != NULL);
         memcpy(ana, ccr_arena_grad(a, i), n * sizeof(float));
-        float *val = ccr_arena_value(a, i);
-        for (size_t j = 0; j < n; j++)
-            gate_fd_coord(f, val + j, ana[j], ccr_arena_name(a, i), j);
+        fd_tensor(f, ccr_arena_value(a, i), ana, n, ccr_arena_name(a, i));
         free(ana);
     }
-    for (size_t j = 0; j < nx; j++)
-        gate_fd_coord(f, x + j, dx[j], "x", j);
-    ck_assert_msg(f->skipped * 10 < f->total, "%s: %zu of %zu coordinates skipped", name,
+    fd_tensor(f, x, dx, nx, "x");
+    if (getenv("GATE_FD_REPORT") != NULL)
+        fprintf(stderr, "gate_fd: sweep %s %s: worst %.4g x tolerance (%s), %zu of %zu skipped\n",
+                name, f->tag, f->worst, f->worst_what, f->skipped, f->total);
+    ck_assert_msg(f->skipped * 20 < f->total, "%s: %zu of %zu coordinates skipped", name,
                   f->skipped, f->total);
 }
 
@@ -142,7 +194,7 @@ void ref_mm(const float *x, const float *w, size_t d, size_t n, double *out)
     for (size_t j = 0; j < n; j++) {
         out[j] = 0.0;
         for (size_t i = 0; i < d; i++)
-            out[j] += (double)x[i] * (double)w[i * n + j];
+            out[j] += ref_val(x + i) * ref_val(w + i * n + j);
     }
 }
 
@@ -206,65 +258,98 @@ typedef struct gc {
     env v;
     const float *x;
     const float *r;
+    const float *np, *ns; /* copies of the draws of the base forward */
     size_t batch, slots;
     bool train;
     unsigned long nseed;
 } gc;
 
-/* The routing of the last forward: its ids and, in train, the entries that
- * set the smooth-load thresholds (the top k+1 of H of every gate row,
- * recomputed by the reference from the exported draws).  The loss has a
- * kink wherever either changes. */
-static void gc_signature(gc *t, const int32_t *ids, int32_t *sig, size_t *nsig)
+static double ref_lse(const double *z, size_t n)
 {
-    const ccr_gate_config *c = ccr_gate_get_config(t->v.g);
-    const size_t d = c->d_in, k = c->k;
-    size_t n = t->batch * t->slots;
-    ck_assert_uint_le(n, GATE_FD_SIGMAX);
-    memcpy(sig, ids, n * sizeof(int32_t));
-    if (t->train) {
-        const bool hm = ccr_gate_get_type(t->v.g) == &ccr_gate_hmoe;
-        const size_t a = hm ? c->n_groups : c->n_experts, bs = c->n_experts / a, k2 = c->k2;
-        const float *pg = env_param(&t->v, hm ? "gate.primary.w_g" : "gate.w_g");
-        const float *pn = env_param(&t->v, hm ? "gate.primary.w_noise" : "gate.w_noise");
-        const float *np = env_export(&t->v, hm ? "noise.primary" : "noise", NULL);
-        for (size_t b = 0; b < t->batch; b++) {
-            double clean[MAXN], raw[MAXN];
-            rrow o, o2;
-            ref_mm(t->x + b * d, pg, d, a, clean);
-            ref_mm(t->x + b * d, pn, d, a, raw);
-            ref_topk_row(clean, raw, np + b * a, a, k, true, c->noise_eps, &o);
-            for (size_t s = 0; s < (k < a ? k + 1 : k); s++)
-                sig[n++] = o.top[s];
-            for (size_t p = 0; hm && p < k; p++) {
-                const size_t i = (size_t)o.top[p];
-                const float *sg = env_param(&t->v, "gate.secondary.w_g") + i * d * bs;
-                const float *sn = env_param(&t->v, "gate.secondary.w_noise") + i * d * bs;
-                const float *ns = env_export(&t->v, "noise.secondary", NULL);
-                ref_mm(t->x + b * d, sg, d, bs, clean);
-                ref_mm(t->x + b * d, sn, d, bs, raw);
-                ref_topk_row(clean, raw, ns + (b * a + i) * bs, bs, k2, true, c->noise_eps, &o2);
-                for (size_t s = 0; s < (k2 < bs ? k2 + 1 : k2); s++)
-                    sig[n++] = o2.top[s];
-            }
-            ck_assert_uint_le(n, GATE_FD_SIGMAX);
-        }
-    }
-    *nsig = n;
+    double m = z[0], s = 0.0;
+    for (size_t i = 1; i < n; i++)
+        m = z[i] > m ? z[i] : m;
+    for (size_t i = 0; i < n; i++)
+        s += exp(z[i] - m);
+    return m + log(s);
 }
 
-/* L = sum r * weights + aux_loss, with the noise re-drawn from nseed. */
+/* The signature entries of one top-k row: its top k, and the (k+1)-th when
+ * it sets a smooth-load threshold. */
+static void gc_sig_row(const rrow *o, size_t n, size_t k, bool train, int32_t *sig, size_t *ns)
+{
+    const size_t m = train && k < n ? k + 1 : k;
+    for (size_t s = 0; s < m; s++) {
+        ck_assert_uint_lt(*ns, GATE_FD_SIGMAX);
+        sig[(*ns)++] = o->top[s];
+    }
+}
+
+/* L = sum r * weights + aux_loss of topk or hmoe, in double from the
+ * equations (GATES.md), with the draws of the base forward: weights
+ * (eqs. 3, 12), Importance and smooth Load (eqs. 6-10, 13-14), their CV^2
+ * losses and the z-loss over the clean logits the gate evaluates. */
 static double gc_loss(void *u, int32_t *sig, size_t *nsig)
 {
     gc *t = u;
-    ccr_route rt;
-    ccr_gate_stats st;
-    gsl_rng_set(t->v.rng, t->nseed);
-    CCR_CK_OK(t->v.ctx, ccr_gate_forward(t->v.g, t->x, t->batch, t->train, t->v.rng, &rt, &st));
-    double L = st.aux_loss;
-    for (size_t i = 0; i < t->batch * t->slots; i++)
-        L += (double)t->r[i] * (double)rt.weights[i];
-    gc_signature(t, rt.ids, sig, nsig);
+    const ccr_gate_config *c = ccr_gate_get_config(t->v.g);
+    const bool hm = ccr_gate_get_type(t->v.g) == &ccr_gate_hmoe, train = t->train;
+    const size_t d = c->d_in, k = c->k, a = hm ? c->n_groups : c->n_experts;
+    const size_t bs = hm ? c->n_experts / a : 1, k2 = hm ? c->k2 : 1, e = a * bs;
+    const float *pg = env_param(&t->v, hm ? "gate.primary.w_g" : "gate.w_g");
+    const float *pn = env_param(&t->v, hm ? "gate.primary.w_noise" : "gate.w_noise");
+    const float *sg = hm ? env_param(&t->v, "gate.secondary.w_g") : NULL;
+    const float *sn = hm ? env_param(&t->v, "gate.secondary.w_noise") : NULL;
+    const bool sp = train && k < a, ss = train && k2 < bs;
+    double lp[MAXN] = {0}, cnt[MAXN] = {0}, ls[MAXN] = {0}, cnt2[MAXN] = {0}, imp[MAXN] = {0};
+    double load[MAXN], L = 0.0, z = 0.0;
+    size_t n = 0;
+    ck_assert_uint_le(e, MAXN);
+    for (size_t b = 0; b < t->batch; b++) {
+        double clean[MAXN], raw[MAXN];
+        rrow o, o2;
+        ref_mm(t->x + b * d, pg, d, a, clean);
+        ref_mm(t->x + b * d, pn, d, a, raw);
+        ref_topk_row(clean, raw, t->np + b * a, a, k, train, c->noise_eps, &o);
+        gc_sig_row(&o, a, k, train, sig, &n);
+        z += pow(ref_lse(clean, a), 2);
+        for (size_t i = 0; i < a; i++)
+            lp[i] += sp ? o.p[i] : 0.0;
+        for (size_t p = 0; p < k; p++) {
+            const size_t i = (size_t)o.top[p];
+            cnt[i] += 1.0;
+            if (!hm) {
+                L += (double)t->r[b * k + p] * o.g[p];
+                imp[i] += o.g[p];
+                continue;
+            }
+            ref_mm(t->x + b * d, sg + i * d * bs, d, bs, clean);
+            ref_mm(t->x + b * d, sn + i * d * bs, d, bs, raw);
+            ref_topk_row(clean, raw, t->ns + (b * a + i) * bs, bs, k2, train, c->noise_eps, &o2);
+            gc_sig_row(&o2, bs, k2, train, sig, &n);
+            z += pow(ref_lse(clean, bs), 2);
+            for (size_t q = 0; q < k2; q++) {
+                const size_t id = i * bs + (size_t)o2.top[q];
+                const double w = o.g[p] * o2.g[q];
+                L += (double)t->r[b * k * k2 + p * k2 + q] * w;
+                imp[id] += w;
+                cnt2[id] += 1.0;
+            }
+            for (size_t j = 0; j < bs; j++)
+                ls[i * bs + j] += ss ? o2.p[j] : 0.0;
+        }
+    }
+    for (size_t i = 0; i < a; i++)
+        for (size_t j = 0; j < bs; j++) {
+            const double l1 = sp ? lp[i] : cnt[i];
+            if (!hm)
+                load[i] = l1;
+            else /* eq. 14 */
+                load[i * bs + j] = l1 * (ss ? ls[i * bs + j] : cnt2[i * bs + j]) / (cnt[i] + 1e-10);
+        }
+    L += c->w_importance * ref_cv2(imp, e) + c->w_load * ref_cv2(load, e);
+    L += c->z_loss * z / (double)t->batch;
+    *nsig = n;
     return L;
 }
 
@@ -276,6 +361,7 @@ void noisy_grad_check(const ccr_gate_type *type, ccr_gate_config c, size_t batch
     gc t = {.batch = batch, .train = train, .nseed = seed * 7 + 1};
     env_open(&t.v, type, &c, batch, seed);
     t.slots = ccr_gate_slots(t.v.g);
+    const bool hm = type == &ccr_gate_hmoe;
     const size_t nx = batch * c.d_in, nr = batch * t.slots;
     float *x = malloc(nx * sizeof(float)), *r = malloc(nr * sizeof(float));
     float *dx = calloc(nx, sizeof(float));
@@ -285,7 +371,26 @@ void noisy_grad_check(const ccr_gate_type *type, ccr_gate_config c, size_t batch
     ccr_test_fill_uniform(t.v.rng, r, nr, -1, 1);
     t.x = x;
     t.r = r;
-    gate_fd_init(&fd, gc_loss, &t, true, train ? "train" : "eval");
+    /* The gate's forward at the base point: its draws feed the reference. */
+    ccr_route rt;
+    ccr_gate_stats st;
+    gsl_rng_set(t.v.rng, t.nseed);
+    CCR_CK_OK(t.v.ctx, ccr_gate_forward(t.v.g, x, batch, train, t.v.rng, &rt, &st));
+    size_t nnp, nns = 0;
+    const float *np = env_export(&t.v, hm ? "noise.primary" : "noise", &nnp);
+    const float *ns = hm ? env_export(&t.v, "noise.secondary", &nns) : NULL;
+    float *npc = malloc((nnp + 1) * sizeof(float)), *nsc = malloc((nns + 1) * sizeof(float));
+    ck_assert(npc && nsc);
+    memcpy(npc, np, nnp * sizeof(float));
+    if (ns)
+        memcpy(nsc, ns, nns * sizeof(float));
+    t.np = npc;
+    t.ns = nsc;
+    double task = st.aux_loss;
+    for (size_t i = 0; i < nr; i++)
+        task += (double)r[i] * (double)rt.weights[i];
+    const double lref = gate_fd_init(&fd, gc_loss, &t, train ? "train" : "eval");
+    ck_close(lref, task, 1e-5, "reference loss vs the gate's");
     CCR_CK_OK(t.v.ctx, ccr_arena_zero_grad(t.v.a));
     ccr_gate_bwd_args ba = {.x = x, .batch = batch, .dweights = r, .dx = dx};
     CCR_CK_OK(t.v.ctx, ccr_gate_backward(t.v.g, &ba));
@@ -293,6 +398,8 @@ void noisy_grad_check(const ccr_gate_type *type, ccr_gate_config c, size_t batch
     free(x);
     free(r);
     free(dx);
+    free(npc);
+    free(nsc);
     env_close(&t.v);
 }
 
@@ -450,22 +557,57 @@ ccr_gate_config base_cfg(size_t d_in, size_t n)
 
 typedef struct tg_fd {
     tgate *t;
+    const ccr_gate_type *type;
     const float *x;
     const double *r;
-    ccr_gate_stats st; /* of the last evaluation */
+    const int32_t *ids; /* the gate's routing at the base point */
+    bool importance;    /* the gate reported an importance loss */
+    double w_importance, aux_alpha, z_loss;
 } tg_fd;
 
-/* L = sum_bs r_bs w_bs + aux_loss in double; the routing is the ids. */
+/* L = sum_bs r_bs w_bs + aux_loss of dense or switch in double from the
+ * equations: p = softmax(x W_g); dense: weights p (plus w_importance
+ * CV^2(sum_b p) when the gate applies it); switch: weight p_{i*} when the
+ * gate kept the example, loss_switch = alpha E sum_i f_i P_i; z-loss over
+ * the logits.  The signature is the argmax (switch) or the ids (dense). */
 static double tg_loss(void *u, int32_t *sig, size_t *nsig)
 {
     tg_fd *f = u;
-    ccr_route rt;
-    CCR_CK_OK(ctx, ccr_gate_forward(f->t->g, f->x, FD_B, true, rng, &rt, &f->st));
-    double L = f->st.aux_loss;
-    for (size_t i = 0; i < FD_B * f->t->slots; i++)
-        L += f->r[i] * (double)rt.weights[i];
-    *nsig = FD_B * f->t->slots;
-    memcpy(sig, rt.ids, *nsig * sizeof *sig);
+    const size_t n = f->t->n;
+    const bool sw = f->type == &ccr_gate_switch;
+    double L = 0.0, z = 0.0, imp[16] = {0}, cntf[16] = {0};
+    ck_assert_uint_le(n, 16);
+    for (size_t b = 0; b < FD_B; b++) {
+        double p[16], lse;
+        ref_softmax_row(f->t, f->x, b, p, &lse);
+        z += lse * lse;
+        for (size_t i = 0; i < n; i++)
+            imp[i] += p[i];
+        if (sw) {
+            size_t best = 0;
+            for (size_t i = 1; i < n; i++)
+                best = p[i] > p[best] ? i : best;
+            cntf[best] += 1.0;
+            sig[b] = (int32_t)best;
+            if (f->ids[b] >= 0)
+                L += f->r[b] * p[best];
+        } else {
+            for (size_t i = 0; i < n; i++) {
+                L += f->r[b * n + i] * p[i];
+                sig[b * n + i] = (int32_t)i;
+            }
+        }
+    }
+    if (sw) {
+        double fp = 0.0;
+        for (size_t i = 0; i < n; i++)
+            fp += (cntf[i] / FD_B) * (imp[i] / FD_B);
+        L += f->aux_alpha * (double)n * fp;
+    } else if (f->importance) {
+        L += f->w_importance * ref_cv2(imp, n);
+    }
+    L += f->z_loss * z / FD_B;
+    *nsig = sw ? FD_B : FD_B * n;
     return L;
 }
 
@@ -491,14 +633,26 @@ void check_grad(const ccr_gate_type *type, size_t n, double cf, bool zero_r)
         r[i] = zero_r ? 0.0 : 2.0 * gsl_rng_uniform(rng) - 1.0;
         rf[i] = (float)r[i];
     }
-    tg_fd u = {.t = &t, .x = x, .r = r};
+    ccr_route rt;
+    ccr_gate_stats st;
+    CCR_CK_OK(ctx, ccr_gate_forward(t.g, x, FD_B, true, rng, &rt, &st));
+    int32_t ids[FD_B * 16];
+    memcpy(ids, rt.ids, ns * sizeof *ids);
+    tg_fd u = {.t = &t, .type = type, .x = x, .r = r, .ids = ids,
+               .importance = st.loss_importance != 0.0, .w_importance = c.w_importance,
+               .aux_alpha = c.aux_alpha, .z_loss = c.z_loss};
+    double task = st.aux_loss;
+    for (size_t i = 0; i < ns; i++)
+        task += r[i] * (double)rt.weights[i];
     gate_fd fd;
-    gate_fd_init(&fd, tg_loss, &u, false, type->name);
+    ck_close(gate_fd_init(&fd, tg_loss, &u, type->name), task, 1e-5, "reference loss");
+    for (size_t i = 0; i < ns; i++) /* the reference routes as the gate does */
+        ck_assert(rt.ids[i] < 0 || rt.ids[i] == fd.base[i]);
     if (type == &ccr_gate_switch) {
-        ck_assert_msg(u.st.dropped > 0 && u.st.dropped < FD_B, "dropped %zu", u.st.dropped);
-        ck_assert(u.st.loss_switch > 0.0);
+        ck_assert_msg(st.dropped > 0 && st.dropped < FD_B, "dropped %zu", st.dropped);
+        ck_assert(st.loss_switch > 0.0);
     }
-    ck_assert(u.st.loss_z > 0.0);
+    ck_assert(st.loss_z > 0.0);
     CCR_CK_OK(ctx, ccr_arena_zero_grad(t.a));
     memset(dx, 0, sizeof dx);
     ccr_gate_bwd_args ba = {.x = x, .batch = FD_B, .dweights = rf, .dx = dx};
@@ -508,8 +662,7 @@ void check_grad(const ccr_gate_type *type, size_t n, double cf, bool zero_r)
     /* Gradients accumulate: a second backward doubles them. */
     float dw1[FD_D * 16];
     memcpy(dw1, t.dw, FD_D * n * sizeof *dw1);
-    size_t nsig;
-    tg_loss(&u, fd.sig, &nsig);
+    CCR_CK_OK(ctx, ccr_gate_forward(t.g, x, FD_B, true, rng, &rt, &st));
     CCR_CK_OK(ctx, ccr_gate_backward(t.g, &ba));
     for (size_t i = 0; i < FD_D * n; i++)
         ck_assert_double_eq_tol(t.dw[i], 2.0 * dw1[i], 1e-5 * (1.0 + fabs(dw1[i])));

@@ -26,20 +26,42 @@ typedef double (*gate_fd_loss_fn)(void *u, int32_t *sig, size_t *nsig);
 typedef struct gate_fd {
     gate_fd_loss_fn loss;
     void *u;
-    bool exact_step; /* divide by the float steps actually taken, else by 2h */
     const char *tag; /* names the case in failure messages */
     size_t nbase, total, skipped;
+    double worst;    /* largest |numeric - analytic| / tolerance seen */
+    char worst_what[64]; /* the tensor it was seen in */
     int32_t base[GATE_FD_SIGMAX], sig[GATE_FD_SIGMAX];
 } gate_fd;
 
-/* Evaluates the loss at the base point, records its signature and returns it. */
-double gate_fd_init(gate_fd *f, gate_fd_loss_fn loss, void *u, bool exact_step, const char *tag);
+/* The finite-difference loss is a double-precision reference of the gate's
+ * loss built from the equations (not the float code under test).  It reads
+ * every parameter and input through ref_val, which adds ref_delta to the one
+ * coordinate at ref_pert: the harness moves a coordinate in double without
+ * touching the float value the analytic gradient was computed at. */
+extern const float *ref_pert;
+extern double ref_delta;
+double ref_val(const float *p);
 
-/* Central differences (h = 1e-2) of every parameter of a and of x [nx], each
- * restored afterwards, against the gradients in a and dx: a coordinate is
- * skipped when either step changes the signature, otherwise its numeric
- * derivative must be within 2e-3 + 2e-2 |numeric| of the analytic one.
- * Fewer than 10% of the coordinates may be skipped (name: for the message). */
+/* Step (relative to max(1, |value|)), tolerance in units of FLT_EPSILON x
+ * the tensor's gradient scale, and the smallest scale. */
+#define GATE_FD_H 1e-5
+#define GATE_FD_TOL 16.0
+#define GATE_FD_FLOOR 1e-3
+
+/* Evaluates the loss at the base point, records its signature and returns it. */
+double gate_fd_init(gate_fd *f, gate_fd_loss_fn loss, void *u, const char *tag);
+
+/* For every parameter tensor of a and for x [nx]: the reference loss's
+ * derivative by central differences in double (steps h and h/2, h =
+ * GATE_FD_H max(1, |v|), one Richardson step) against the float analytic
+ * gradient in a and dx.  A coordinate is skipped when a step changes the
+ * routing signature; the others must agree within GATE_FD_TOL x FLT_EPSILON
+ * x the tensor's scale (its largest |numeric derivative|, at least
+ * GATE_FD_FLOOR).  Fewer than 5% of the coordinates may be skipped.  With
+ * GATE_FD_REPORT in the environment, each sweep's worst error (in units of
+ * the tolerance) is printed to stderr; GATE_FD_REPORT=tensors prints each
+ * tensor's too, GATE_FD_REPORT=all reports without failing (for
+ * tests/gradcheck_mutants.sh). */
 void gate_fd_sweep(gate_fd *f, ccr_arena *a, float *x, const float *dx, size_t nx,
                    const char *name);
 

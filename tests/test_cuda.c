@@ -167,6 +167,39 @@ START_TEST(test_softmax_xent_parity)
 }
 END_TEST
 
+/* Rows holding NaN or infinity never count as correct (issue 9): the
+ * argmax would otherwise fall on class 0.  Same flags as the reference. */
+START_TEST(test_softmax_xent_nonfinite)
+{
+    const size_t rows = 5, cols = 40, n = rows * cols;
+    float z[5 * 40];
+    for (size_t i = 0; i < n; i++)
+        z[i] = -1.0f;
+    z[0 * cols + 33] = NAN;       /* row 0: NaN late in the row, label 0 */
+    z[1 * cols + 0] = INFINITY;   /* row 1: +inf on the label */
+    z[2 * cols + 7] = -INFINITY;  /* row 2: -inf elsewhere, label 0 */
+    z[3 * cols + 0] = 2.0f;       /* row 3: finite, label 0: correct */
+    z[4 * cols + 0] = NAN;        /* row 4: NaN on the label */
+    int32_t lab[5] = {0, 0, 0, 0, 0}, cor[5], gc[5];
+    float loss[5], *dz = up(z, n), *dl;
+    int32_t *dlab, *dc;
+    CCR_CK_OK(ctx, ccr_backend_alloc(gpu, rows * 4, (void **)&dl));
+    CCR_CK_OK(ctx, ccr_backend_alloc(gpu, rows * 4, (void **)&dc));
+    CCR_CK_OK(ctx, ccr_backend_alloc(gpu, rows * 4, (void **)&dlab));
+    CCR_CK_OK(ctx, ccr_backend_set(gpu, dlab, lab, rows * 4));
+    CCR_CK_OK(ctx, gpu->k->softmax_xent(gpu, dz, dlab, rows, cols, 1.0f, dl, dc, NULL));
+    CCR_CK_OK(ctx, ccr_backend_get(gpu, gc, dc, rows * 4));
+    ccr_ref_softmax_xent(z, lab, rows, cols, 1.0f, loss, cor, NULL);
+    const int32_t want[5] = {0, 0, 0, 1, 0};
+    ck_assert_mem_eq(cor, want, sizeof want);
+    ck_assert_mem_eq(gc, want, sizeof want);
+    ccr_backend_free_buffer(gpu, dz);
+    ccr_backend_free_buffer(gpu, dl);
+    ccr_backend_free_buffer(gpu, dc);
+    ccr_backend_free_buffer(gpu, dlab);
+}
+END_TEST
+
 START_TEST(test_optim_parity)
 {
     const size_t n = 1001;
@@ -261,6 +294,7 @@ int main(void)
     tcase_add_test(tc, test_gemm_parity);
     tcase_add_test(tc, test_elementwise_parity);
     tcase_add_test(tc, test_softmax_xent_parity);
+    tcase_add_test(tc, test_softmax_xent_nonfinite);
     tcase_add_test(tc, test_optim_parity);
     tcase_add_test(tc, test_training_parity);
     suite_add_tcase(su, tc);

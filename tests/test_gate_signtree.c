@@ -80,6 +80,12 @@ START_TEST(test_type)
     ck_assert_ptr_eq(ccr_gate_type_find("signtree"), &ccr_gate_signtree);
     ck_assert_str_eq(ccr_gate_signtree.param_group, "tree.");
     ck_assert_ptr_nonnull(strstr(ccr_gate_signtree.paper, "ccr's reading"));
+    /* The default reading (ccr-tree --readings, docs/GATES.md): bits from the
+     * gate's projection, trained straight-through, path combine. */
+    ccr_gate_config c = ccr_gate_config_default();
+    ck_assert_int_eq(c.grad_mode, CCR_GRAD_STE);
+    ck_assert_int_eq(c.bits_from, CCR_BITS_PROJECTION);
+    ck_assert_int_eq(c.combine, CCR_COMBINE_PATH);
 }
 END_TEST
 

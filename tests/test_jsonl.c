@@ -354,11 +354,15 @@ START_TEST(test_jsonl_keeps_previous)
     expect_file(path, old);
     expect_file(partial, "{\"old\":1}\n{\"i\":2}\n");
 
-    /* Close commits all at once. */
+    /* Close commits all at once; the file keeps its permission bits. */
+    ck_assert_int_eq(chmod(path, 0640), 0);
     CCR_CK_OK(ctx, ccr_jsonl_open(ctx, path, true, &w));
     write_line(ctx, w, r, 3);
     CCR_CK_OK(ctx, ccr_jsonl_close(w));
     expect_file(path, "{\"old\":1}\n{\"i\":3}\n");
+    struct stat st;
+    ck_assert_int_eq(stat(path, &st), 0);
+    ck_assert_int_eq(st.st_mode & 0777, 0640);
     ck_assert_uint_eq(count_temps(dir.s), 0);
 
     /* A close that cannot rename (the target became a directory) keeps

@@ -86,13 +86,13 @@ hmoe-eval|--gate hmoe --experts 6 --groups 3 --k 2 --k2 1 --randomize --z-loss 0
 switch-drops|--gate switch --experts 4 --capacity-factor 0.5 --randomize --aux-alpha 0.1 --z-loss 0.01 --batch 24 --seed 16
 switch-nodrop|--gate switch --experts 3 --capacity-factor 3 --randomize --batch 12 --seed 17
 switch-zero|--gate switch --experts 4 --capacity-factor 1 --bank linear --batch 16 --seed 18
-st-path-proj-none|--gate signtree --depth 3 --randomize --batch 16 --seed 19
+st-path-proj-none|--gate signtree --depth 3 --grad-mode none --randomize --batch 16 --seed 19
 st-path-proj-ste|--gate signtree --depth 3 --grad-mode ste --randomize --batch 16 --seed 20
-st-path-input-none|--gate signtree --depth 3 --bits-from input --batch 16 --seed 21
+st-path-input-none|--gate signtree --depth 3 --bits-from input --grad-mode none --batch 16 --seed 21
 st-path-input-ste|--gate signtree --depth 3 --bits-from input --grad-mode ste --batch 16 --seed 22
-st-leaf-proj-none|--gate signtree --depth 3 --combine leaf --randomize --batch 16 --seed 23
+st-leaf-proj-none|--gate signtree --depth 3 --combine leaf --grad-mode none --randomize --batch 16 --seed 23
 st-leaf-proj-ste|--gate signtree --depth 3 --combine leaf --grad-mode ste --randomize --batch 16 --seed 24
-st-leaf-input-none|--gate signtree --depth 2 --combine leaf --bits-from input --batch 16 --seed 25
+st-leaf-input-none|--gate signtree --depth 2 --combine leaf --bits-from input --grad-mode none --batch 16 --seed 25
 st-leaf-input-ste|--gate signtree --depth 3 --combine leaf --bits-from input --grad-mode ste --batch 16 --seed 26
 st-path-ffn-ste|--gate signtree --depth 2 --bank ffn --grad-mode ste --randomize --batch 12 --seed 27
 st-path-zero-ste|--gate signtree --depth 2 --grad-mode ste --batch 8 --seed 28

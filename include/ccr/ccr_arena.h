@@ -64,7 +64,8 @@ size_t ccr_arena_block_len(const ccr_arena *a);
 float *ccr_arena_values(const ccr_arena *a);
 float *ccr_arena_grads(const ccr_arena *a);
 
-/* Per-tensor facts; i < ccr_arena_count. Pointers are NULL before finalize. */
+/* Per-tensor facts; i < ccr_arena_count. Pointers are NULL before finalize;
+ * NULL / 0 for a NULL arena or i out of range. */
 const char *ccr_arena_name(const ccr_arena *a, size_t i);
 size_t ccr_arena_rank(const ccr_arena *a, size_t i);
 const size_t *ccr_arena_shape(const ccr_arena *a, size_t i);
@@ -74,7 +75,8 @@ float *ccr_arena_grad(const ccr_arena *a, size_t i);
 
 /* Copies host data (ccr_arena_size(a, i) floats) into tensor i's values /
  * tensor i's values or gradients to host memory.  CCR_EINVAL before finalize
- * or for i out of range. */
+ * or for i out of range; ccr_arena_set returns CCR_EDOM (naming the tensor
+ * and element) if host holds NaN or infinity, and writes nothing. */
 ccr_status ccr_arena_set(ccr_arena *a, size_t i, const float *host);
 ccr_status ccr_arena_get(const ccr_arena *a, size_t i, float *host);
 ccr_status ccr_arena_get_grad(const ccr_arena *a, size_t i, float *host);
@@ -85,6 +87,17 @@ ccr_status ccr_arena_find(const ccr_arena *a, const char *name, size_t *index);
 /* Sets every gradient to zero. */
 ccr_status ccr_arena_zero_grad(ccr_arena *a);
 
+/* The global L2 norm of the gradient block, sqrt(sum g^2), summed in double
+ * in block order (deterministic).  CCR_EINVAL for NULL or before finalize. */
+ccr_status ccr_arena_grad_norm(const ccr_arena *a, double *norm);
+
+/* Global-norm clipping (PyTorch's clip_grad_norm_): if the norm exceeds
+ * max_norm (> 0), every gradient is multiplied by (float)(max_norm / norm).
+ * *norm receives the norm before clipping (may be NULL).  Returns CCR_EDOM,
+ * gradients untouched, if the norm is not finite; CCR_EINVAL for a bad
+ * max_norm or before finalize. */
+ccr_status ccr_arena_clip_grad_norm(ccr_arena *a, double max_norm, double *norm);
+
 /* Writes every tensor as float32 under "param.<name>" (and "grad.<name>" if
  * with_grads) to a safetensors file, with metadata pairs meta[2i] = key,
  * meta[2i+1] = value (n_meta pairs).  Returns CCR_EIO on write failure. */
@@ -93,7 +106,8 @@ ccr_status ccr_arena_save(const ccr_arena *a, const char *path, int with_grads,
 
 /* Reads "param.<name>" for every tensor of a finalized arena from a
  * safetensors file.  Returns CCR_EIO (unreadable), CCR_EFORMAT (malformed,
- * missing tensor, wrong dtype or shape).  On error the values are unchanged. */
+ * missing tensor, wrong dtype or shape), CCR_EDOM (a tensor holds NaN or
+ * infinity; the message names it).  On error the values are unchanged. */
 ccr_status ccr_arena_load(ccr_arena *a, const char *path);
 
 CCR_END_DECLS

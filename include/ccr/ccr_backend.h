@@ -35,7 +35,8 @@ CCR_BEGIN_DECLS
 typedef struct ccr_backend ccr_backend;
 
 /* Creates the CPU backend on ctx.  Its GEMM is OpenBLAS's cblas_sgemm; the
- * other kernels are the scalar references of src/ref/.  Returns CCR_EINVAL
+ * other kernels are ccr's scalar reference kernels (plain loops, double
+ * accumulation in a fixed order; docs/DESIGN.md, "Backends").  Returns CCR_EINVAL
  * for NULL arguments, CCR_ENOMEM on allocation failure. */
 ccr_status ccr_backend_cpu_init(ccr_ctx *ctx, ccr_backend **out);
 

@@ -65,7 +65,7 @@ typedef enum ccr_bits_from {
 
 typedef enum ccr_grad_mode {
     CCR_GRAD_NONE = 0, /* no gradient through the sign bits */
-    CCR_GRAD_STE = 1   /* straight-through estimator (see gate_signtree.c) */
+    CCR_GRAD_STE = 1   /* straight-through estimator (docs/GATES.md) */
 } ccr_grad_mode;
 
 /* Every option of every gate; each gate reads the fields it needs and
@@ -90,7 +90,8 @@ typedef struct ccr_gate_config {
 } ccr_gate_config;
 
 /* The defaults: E = 1, k = 1, k2 = 1, groups 1, depth 0, path, projection,
- * no gradient, capacity_factor 1.25, w_importance = w_load = 0.1 (Shazeer's
+ * straight-through sign bits (grad_mode ste; docs/GATES.md "signtree",
+ * readings), capacity_factor 1.25, w_importance = w_load = 0.1 (Shazeer's
  * LM experiments), aux_alpha 0.01, z_loss 0, noise_eps 0.01, zero init. */
 ccr_gate_config ccr_gate_config_default(void);
 
@@ -222,7 +223,8 @@ ccr_status ccr_gate_declare(ccr_gate *g, ccr_arena *a, const char *prefix);
 ccr_status ccr_gate_init_params(ccr_gate *g, gsl_rng *rng);
 
 /* Routes batch (1..max_batch) examples x [batch, d_in] (host).  Returns
- * CCR_EBADLEN for a bad batch, CCR_EDOM for non-finite x, CCR_EINVAL for a
+ * CCR_EBADLEN for a bad batch, CCR_EDOM for non-finite x or non-finite
+ * routing weights (the gate's parameters diverged), CCR_EINVAL for a
  * NULL rng in train mode when the gate draws noise.  route and stats are
  * written only on success. */
 ccr_status ccr_gate_forward(ccr_gate *g, const float *x, size_t batch, bool train,

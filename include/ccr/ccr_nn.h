@@ -128,16 +128,46 @@ typedef struct ccr_flops {
 ccr_flops ccr_net_flops(const ccr_net *net);
 size_t ccr_net_n_params(const ccr_net *net);
 
-/* Forward pass (evaluation mode: no gate noise) of `batch` (1..max_batch)
- * examples x (host memory, batch x d_in).  *out receives the network output on the backend
- * (batch x d_out, valid until the next call).  Returns CCR_EBADLEN for a bad
- * batch, CCR_EDOM if x holds NaN or infinity, CCR_EINVAL before finalize. */
+/* The mode of a pass through the network.  Only conditional layers differ:
+ *   CCR_MODE_EVAL   no gate noise, count-based Load, Switch's evaluation
+ *                   capacity (docs/GATES.md); the aux losses are still
+ *                   computed (and, after a backward, differentiated) on
+ *                   the batch.
+ *   CCR_MODE_TRAIN  what ccr_train_step runs: noisy gates (topk, hmoe) draw
+ *                   their noise from the caller's rng, the smooth Load
+ *                   estimate replaces the count-based one, the sign-bit
+ *                   tree's straight-through pass is taken.
+ * Plain linear/activation networks give the same result in both modes. */
+typedef enum ccr_mode { CCR_MODE_EVAL = 0, CCR_MODE_TRAIN = 1 } ccr_mode;
+
+/* Forward pass of `batch` (1..max_batch) examples x (host memory,
+ * batch x d_in) in `mode`; rng supplies the gate noise in CCR_MODE_TRAIN
+ * (it may be NULL when no layer draws noise, and is unused in
+ * CCR_MODE_EVAL).  *out receives the network output on the backend
+ * (batch x d_out, valid until the next call); the auxiliary losses of the
+ * pass are then readable with ccr_net_aux_loss.  Returns CCR_EBADLEN for a
+ * bad batch, CCR_EDOM if x holds NaN or infinity, CCR_EINVAL before
+ * finalize, for an unknown mode, or for a NULL rng where a gate needs one. */
+ccr_status ccr_net_forward_mode(ccr_net *net, const float *x, size_t batch, ccr_mode mode,
+                                gsl_rng *rng, const float **out);
+
+/* ccr_net_forward_mode(net, x, batch, CCR_MODE_EVAL, NULL, out). */
 ccr_status ccr_net_forward(ccr_net *net, const float *x, size_t batch, const float **out);
 
 /* Backward pass for the last forward: dout (backend memory, batch x d_out)
  * is the gradient of the loss with respect to the output; parameter
- * gradients are *added* to the arena's gradient block. */
+ * gradients are *added* to the arena's gradient block.  The gradients of
+ * the conditional layers' auxiliary losses (coefficient 1, as configured
+ * in each gate) are always added too, so after
+ *     forward_mode -> dout = dL/dout of your loss -> backward
+ * the arena holds the gradient of  L + ccr_net_aux_loss(net). */
 ccr_status ccr_net_backward(ccr_net *net, const float *dout);
+
+/* Sum over the conditional layers of the auxiliary losses (importance,
+ * load, Switch, z-loss; ccr_gate_stats.aux_loss) of the last forward pass,
+ * with the coefficients of each gate's configuration.  0 for a NULL
+ * network, before any forward, or without conditional layers. */
+double ccr_net_aux_loss(const ccr_net *net);
 
 /* Per-batch results. */
 typedef struct ccr_step_stats {
@@ -148,21 +178,38 @@ typedef struct ccr_step_stats {
     size_t batch;        /* examples seen */
 } ccr_step_stats;
 
-/* Forward (evaluation mode) + mean softmax cross-entropy against labels
- * (host, batch values in [0, d_out)) + auxiliary losses + backward,
- * gradients accumulated; no parameter update.  Returns CCR_EINVAL for a
- * label out of range (nothing computed). */
+/* Forward in `mode` (see ccr_mode; rng as for ccr_net_forward_mode) + mean
+ * softmax cross-entropy against labels (host, batch values in [0, d_out))
+ * + auxiliary losses + backward, gradients *accumulated* into the arena
+ * (zero them first with ccr_arena_zero_grad); no parameter update.  This
+ * is ccr_train_step without the zeroing and the update, so a custom loop
+ *     ccr_arena_zero_grad(p);
+ *     ccr_net_loss_grad_mode(net, x, y, b, CCR_MODE_TRAIN, rng, &st);
+ *     ccr_arena_clip_grad_norm(p, 1.0, &norm);      // optional
+ *     ccr_optim_step(opt);
+ * reproduces ccr_train_step bit for bit when nothing is clipped.  Returns
+ * CCR_EINVAL for a label out of range (nothing computed) or an unknown mode,
+ * CCR_EDOM if the loss is not finite (stats untouched). */
+ccr_status ccr_net_loss_grad_mode(ccr_net *net, const float *x, const int32_t *labels,
+                                  size_t batch, ccr_mode mode, gsl_rng *rng,
+                                  ccr_step_stats *stats);
+
+/* ccr_net_loss_grad_mode in CCR_MODE_EVAL (no rng). */
 ccr_status ccr_net_loss_grad(ccr_net *net, const float *x, const int32_t *labels,
                              size_t batch, ccr_step_stats *stats);
 
 /* Loss and accuracy over n examples (any n >= 1; processed in chunks of
- * max_batch), no gradients.  stats->loss is the mean over all n. */
+ * max_batch), no gradients.  stats->loss is the mean over all n.  CCR_EDOM
+ * if the loss of a chunk is not finite.  An output row holding NaN or
+ * infinity never counts as correct (in every backend's loss kernel). */
 ccr_status ccr_net_eval(ccr_net *net, const float *x, const int32_t *labels, size_t n,
                         ccr_step_stats *stats);
 
 /* Writes the parameters to a safetensors checkpoint ("param.layers.0.w" ...)
- * with the architecture in __metadata__; reads them back into a network of
- * the same architecture (CCR_EFORMAT if it differs; values untouched). */
+ * with the architecture in __metadata__ (keys "format" = "ccr.net",
+ * "ccr_version", "architecture"; the architecture string's grammar is in
+ * docs/DESIGN.md, "Checkpoints"); reads them back into a network of the
+ * same architecture (CCR_EFORMAT if it differs; values untouched). */
 ccr_status ccr_net_save(const ccr_net *net, const char *path);
 ccr_status ccr_net_load(ccr_net *net, const char *path);
 
@@ -196,10 +243,12 @@ ccr_status ccr_optim_step(ccr_optim *opt);
 /* Changes the learning rate (schedules); CCR_EINVAL unless lr > 0. */
 ccr_status ccr_optim_set_lr(ccr_optim *opt, float lr);
 
-/* One training step: zero gradients, forward in training mode (gates draw
- * their noise from rng, which may be NULL only if no layer draws noise),
- * cross-entropy + auxiliary losses, backward, ccr_optim_step.  Parameters
- * are unchanged if the step fails before the update. */
+/* One training step: ccr_arena_zero_grad, ccr_net_loss_grad_mode in
+ * CCR_MODE_TRAIN (gates draw their noise from rng, which may be NULL only
+ * if no layer draws noise), ccr_optim_step.  Returns CCR_EDOM, without
+ * updating, if the loss or the gradient norm is not finite (or a gate's
+ * routing weights are not).  Parameters are unchanged if the step fails
+ * before the update. */
 ccr_status ccr_train_step(ccr_net *net, ccr_optim *opt, gsl_rng *rng, const float *x,
                           const int32_t *labels, size_t batch, ccr_step_stats *stats);
 

@@ -54,8 +54,11 @@ typedef struct ccr_safetensors ccr_safetensors;
 
 /* Writes n tensors and n_meta metadata pairs (meta[2i] key, meta[2i+1]
  * value; both strings) to path, replacing it.  The file is written to a
- * temporary name beside path and renamed into place, so a failed write
- * leaves no partial file.  Returns CCR_EINVAL (NULL, empty or duplicate
+ * temporary beside path ("<path>.ccr-tmp.<pid>.<n>"), fsynced, renamed into
+ * place and the directory fsynced, so a failed write leaves the previous
+ * file as it was and no temporary (a killed process's temporary carries its
+ * pid; the drivers remove such leftovers at their next run).  A path that
+ * is a device (/dev/null) is written in place.  Returns CCR_EINVAL (NULL, empty or duplicate
  * names, bad rank, NULL data with non-zero size, duplicate metadata keys,
  * strings that are not UTF-8, more than 2^53 bytes), CCR_EIO (cannot write),
  * CCR_ENOMEM. */

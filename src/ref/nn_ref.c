@@ -15,6 +15,7 @@
  */
 #include <float.h>
 #include <math.h>
+#include <stdbool.h>
 
 #include "ref/ref.h"
 
@@ -108,7 +109,12 @@ void ccr_ref_softmax_xent(const float *logits, const int32_t *labels, size_t row
         size_t y = (size_t)labels[r];
         double lse = (double)zmax + log(sum);
         loss[r] = (float)(lse - (double)z[y]);
-        correct[r] = arg == y;
+        /* A row with NaN or infinity predicts nothing (NaN compares false,
+         * so the argmax would otherwise fall on class 0). */
+        bool finite = true;
+        for (size_t c = 0; c < cols; c++)
+            finite = finite && isfinite(z[c]);
+        correct[r] = arg == y && finite;
         if (dlogits != NULL) {
             float *d = dlogits + r * cols;
             for (size_t c = 0; c < cols; c++) {
