@@ -51,6 +51,7 @@ gradient of a gate in --grad-mode none) has max|t| = 0 and so tolerates
 only |c| <= atol.
 """
 import math
+from fractions import Fraction
 import os
 import sys
 
@@ -347,14 +348,24 @@ def run_hmoe(cfg, p, x, f, st):
     return r
 
 
+def switch_capacity(cf, B, E):
+    """ceil(cf B / E) clamped to [1, B], with cf read as the shortest decimal
+    that gives its double (repr), so 1.1 * 100 / 10 is 11; cf 0: no limit
+    (the evaluation default, GATES.md)."""
+    if cf == 0:
+        return B
+    cap = math.ceil(Fraction(repr(float(cf))) * B / E)
+    return min(max(cap, 1), B)
+
+
 def run_switch(cfg, p, x, f, st):
     r = Result()
     B, E = x.shape[0], cfg["experts"]
     logits = x @ p["gate.w_g"]
     pr = torch.softmax(logits, dim=1)
     pn = pr.detach().numpy()
-    cap = int(math.ceil(cfg["capacity_factor"] * B / E))
-    cap = min(max(cap, 1), B)
+    cap = switch_capacity(cfg["capacity_factor"] if cfg["train"]
+                          else cfg["eval_capacity_factor"], B, E)
     file_ids = f.get("route.ids", np.full((B, 1), -1))
     choice = np.zeros(B, dtype=np.int64)
     ids = np.full((B, 1), -1, dtype=np.int64)
@@ -492,6 +503,7 @@ def meta_config(meta):
         "bits_from": meta.get("bits_from", "projection"),
         "grad_mode": meta.get("grad_mode", "none"),
         "capacity_factor": num("capacity_factor", float, 1.25),
+        "eval_capacity_factor": num("eval_capacity_factor", float, 0.0),
         "w_importance": num("w_importance", float, 0.1),
         "w_load": num("w_load", float, 0.1),
         "aux_alpha": num("aux_alpha", float, 0.01),

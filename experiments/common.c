@@ -263,7 +263,8 @@ const char drv_gate_usage[] =
     "  --combine NAME       signtree: path | leaf [path]\n"
     "  --bits-from NAME     signtree: projection | input [projection]\n"
     "  --grad-mode NAME     signtree: none | ste [none]\n"
-    "  --capacity-factor X  switch: capacity = ceil(X * batch / E) [1.25]\n"
+    "  --capacity-factor X  switch, training: capacity = ceil(X * batch / E) [1.25]\n"
+    "  --eval-capacity-factor X  switch, evaluation: the same, 0 = no limit [0]\n"
     "  --w-importance X     topk/hmoe importance loss weight [0.1]\n"
     "  --w-load X           topk/hmoe load loss weight [0.1]\n"
     "  --aux-alpha X        switch load-balancing loss alpha [0.01]\n"
@@ -314,6 +315,8 @@ bool drv_parse_gate_option(const char *prog, const char *flag, const char *v,
         else drv_usage_error(prog, "--bank must be ffn or linear");
     } else if (strcmp(flag, "--capacity-factor") == 0)
         g->capacity_factor = drv_parse_double(prog, flag, v, 1e-9, 1e9);
+    else if (strcmp(flag, "--eval-capacity-factor") == 0)
+        g->eval_capacity_factor = drv_parse_double(prog, flag, v, 0, 1e9);
     else if (strcmp(flag, "--w-importance") == 0)
         g->w_importance = drv_parse_double(prog, flag, v, 0, 1e6);
     else if (strcmp(flag, "--w-load") == 0) g->w_load = drv_parse_double(prog, flag, v, 0, 1e6);
@@ -358,6 +361,8 @@ ccr_status drv_record_gate(ccr_record *r, const ccr_cond_config *cfg)
     if (s == CCR_OK) s = ccr_record_add_str(r, "bits_from", bits[g->bits_from]);
     if (s == CCR_OK) s = ccr_record_add_str(r, "grad_mode", grad[g->grad_mode]);
     if (s == CCR_OK) s = ccr_record_add_double(r, "capacity_factor", g->capacity_factor);
+    if (s == CCR_OK)
+        s = ccr_record_add_double(r, "eval_capacity_factor", g->eval_capacity_factor);
     if (s == CCR_OK) s = ccr_record_add_double(r, "w_importance", g->w_importance);
     if (s == CCR_OK) s = ccr_record_add_double(r, "w_load", g->w_load);
     if (s == CCR_OK) s = ccr_record_add_double(r, "aux_alpha", g->aux_alpha);

@@ -313,6 +313,7 @@ int main(int argc, char **argv)
     meta_str(&m, "bits_from", gc->bits_from == CCR_BITS_INPUT ? "input" : "projection");
     meta_str(&m, "grad_mode", gc->grad_mode == CCR_GRAD_STE ? "ste" : "none");
     meta_double(&m, "capacity_factor", gc->capacity_factor);
+    meta_double(&m, "eval_capacity_factor", gc->eval_capacity_factor);
     meta_double(&m, "w_importance", gc->w_importance);
     meta_double(&m, "w_load", gc->w_load);
     meta_double(&m, "aux_alpha", gc->aux_alpha);

@@ -47,7 +47,7 @@ ccr_gate_config ccr_gate_config_default(void)
     ccr_gate_config c = {
         .d_in = 0, .n_experts = 1, .k = 1, .n_groups = 1, .k2 = 1, .depth = 0,
         .combine = CCR_COMBINE_PATH, .bits_from = CCR_BITS_PROJECTION,
-        .grad_mode = CCR_GRAD_NONE, .capacity_factor = 1.25, .w_importance = 0.1,
+        .grad_mode = CCR_GRAD_NONE, .capacity_factor = 1.25, .eval_capacity_factor = 0.0, .w_importance = 0.1,
         .w_load = 0.1, .aux_alpha = 0.01, .z_loss = 0.0, .noise_eps = 0.01,
         .randomize = false,
     };

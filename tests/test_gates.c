@@ -429,6 +429,7 @@ START_TEST(test_residual)
         ccr_cond_config cfg = config_for(t, CCR_BANK_FFN);
         cfg.d_out = D;
         cfg.gate_cfg.capacity_factor = 0.5;  /* switch: capacity 1, drops */
+        cfg.gate_cfg.eval_capacity_factor = 0.5;  /* in evaluation too */
         cfg.residual = res;
         c[res] = make_cond(&cfg, &a[res], 33);
     }

@@ -33,6 +33,7 @@ done <<'EOF'
 --gate hmoe --experts 6 --groups 4
 --gate hmoe --experts 8 --groups 4 --k 5
 --gate switch --capacity-factor 0
+--gate switch --eval-capacity-factor -1
 --gate signtree --depth 9 --bits-from input --d-in 8
 --gate signtree --combine middle
 --gate dense --bank sparse
@@ -83,7 +84,10 @@ hmoe-train-k1|--gate hmoe --experts 6 --groups 3 --k 1 --k2 1 --train --randomiz
 hmoe-train-all|--gate hmoe --experts 6 --groups 2 --k 2 --k2 3 --train --randomize --bank linear --batch 12 --seed 13
 hmoe-train-zero|--gate hmoe --experts 8 --groups 2 --k 1 --k2 2 --train --batch 16 --seed 14
 hmoe-eval|--gate hmoe --experts 6 --groups 3 --k 2 --k2 1 --randomize --z-loss 0.01 --batch 16 --seed 15
-switch-drops|--gate switch --experts 4 --capacity-factor 0.5 --randomize --aux-alpha 0.1 --z-loss 0.01 --batch 24 --seed 16
+switch-drops|--gate switch --experts 4 --capacity-factor 0.5 --train --randomize --aux-alpha 0.1 --z-loss 0.01 --batch 24 --seed 16
+switch-eval-drops|--gate switch --experts 4 --capacity-factor 3 --eval-capacity-factor 0.55 --randomize --batch 20 --seed 32
+switch-eval-nolimit|--gate switch --experts 4 --capacity-factor 0.5 --randomize --batch 24 --seed 33
+switch-cap-decimal|--gate switch --experts 10 --capacity-factor 1.1 --train --randomize --d-in 12 --batch 100 --seed 34
 switch-nodrop|--gate switch --experts 3 --capacity-factor 3 --randomize --batch 12 --seed 17
 switch-zero|--gate switch --experts 4 --capacity-factor 1 --bank linear --batch 16 --seed 18
 st-path-proj-none|--gate signtree --depth 3 --randomize --batch 16 --seed 19
@@ -96,7 +100,7 @@ st-leaf-input-none|--gate signtree --depth 2 --combine leaf --bits-from input --
 st-leaf-input-ste|--gate signtree --depth 3 --combine leaf --bits-from input --grad-mode ste --batch 16 --seed 26
 st-path-ffn-ste|--gate signtree --depth 2 --bank ffn --grad-mode ste --randomize --batch 12 --seed 27
 st-path-zero-ste|--gate signtree --depth 2 --grad-mode ste --batch 8 --seed 28
-switch-drops-residual|--gate switch --experts 4 --capacity-factor 0.5 --randomize --residual --d-in 6 --d-out 6 --batch 24 --seed 29
+switch-drops-residual|--gate switch --experts 4 --capacity-factor 0.5 --train --randomize --residual --d-in 6 --d-out 6 --batch 24 --seed 29
 st-path-ste-residual|--gate signtree --depth 2 --grad-mode ste --randomize --residual --d-in 5 --d-out 5 --batch 12 --seed 30
 topk-train-residual|--gate topk --experts 5 --k 2 --train --randomize --residual --d-in 7 --d-out 7 --batch 16 --seed 31
 EOF

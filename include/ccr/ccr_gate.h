@@ -80,7 +80,9 @@ typedef struct ccr_gate_config {
     ccr_combine combine;    /* signtree */
     ccr_bits_from bits_from;/* signtree */
     ccr_grad_mode grad_mode;/* signtree */
-    double capacity_factor; /* switch: capacity = ceil(cf * batch / E), > 0 */
+    double capacity_factor; /* switch, training: capacity = ceil(cf * batch / E), > 0 */
+    double eval_capacity_factor; /* switch, evaluation: the same with this factor;
+                                    0 = no limit (nothing dropped), the default */
     double w_importance;    /* topk, hmoe: weight of CV(Importance)^2 */
     double w_load;          /* topk, hmoe: weight of CV(Load)^2 */
     double aux_alpha;       /* switch: alpha of alpha * E * sum f_i P_i */
@@ -253,6 +255,13 @@ extern const ccr_gate_type ccr_gate_signtree;
 /* CV^2 of v[n] with t2t's CVSquared semantics: population variance,
  * var / (mean^2 + 1e-10); 0 for n <= 1.  CV = sqrt(CV^2) in stats. */
 double ccr_cv_squared(const double *v, size_t n);
+
+/* The Switch gate's expert capacity ceil(cf * batch / n_experts) clamped to
+ * [1, batch], computed so that a product that is an integer in decimal
+ * gives that integer (cf = 1.1, batch = 100, E = 10: 11, not the 12 that
+ * ceil of the double product gives).  cf == 0 means no limit (returns
+ * batch); batch or n_experts 0, or cf negative or not finite, give 0. */
+size_t ccr_switch_capacity(double cf, size_t batch, size_t n_experts);
 
 /* Standard normal CDF (GSL's gsl_cdf_ugaussian_P). */
 double ccr_normal_cdf(double z);
