@@ -255,9 +255,11 @@ def run_dense(cfg, p, x, f, st):
     r.ids = np.tile(np.arange(E), (B, 1))
     r.weights = pr
     lz = cfg["z_loss"] * z_term(logits) / B if cfg["z_loss"] > 0 else torch.zeros(())
-    r.parts["loss_z"] = lz
-    r.aux = lz
-    r.exports["importance"] = pr.sum(0)
+    imp = pr.sum(0)
+    li = cfg["w_importance"] * cv_squared(imp)       # Shazeer eqs. 6-7
+    r.parts.update(loss_importance=li, loss_z=lz)
+    r.aux = li + lz
+    r.exports["importance"] = imp
     r.exports["load"] = torch.full((E,), float(B))
     return r
 

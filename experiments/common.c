@@ -265,7 +265,7 @@ const char drv_gate_usage[] =
     "  --grad-mode NAME     signtree: none | ste [none]\n"
     "  --capacity-factor X  switch, training: capacity = ceil(X * batch / E) [1.25]\n"
     "  --eval-capacity-factor X  switch, evaluation: the same, 0 = no limit [0]\n"
-    "  --w-importance X     topk/hmoe importance loss weight [0.1]\n"
+    "  --w-importance X     dense/topk/hmoe importance loss weight [0.1]\n"
     "  --w-load X           topk/hmoe load loss weight [0.1]\n"
     "  --aux-alpha X        switch load-balancing loss alpha [0.01]\n"
     "  --z-loss X           router z-loss coefficient, 0 = off [0]\n"

@@ -476,6 +476,7 @@ void check_grad(const ccr_gate_type *type, size_t n, double cf, bool zero_r)
     /* Without the task term, larger coefficients make the aux gradients dominate. */
     c.aux_alpha = zero_r ? 4.0 : 0.5;
     c.z_loss = zero_r ? 0.5 : 0.1;
+    c.w_importance = zero_r ? 2.0 : 0.5; /* dense's importance loss */
     c.capacity_factor = cf;
     tgate t;
     tgate_make(&t, type, &c, FD_B, 11);
@@ -499,6 +500,8 @@ void check_grad(const ccr_gate_type *type, size_t n, double cf, bool zero_r)
         ck_assert(u.st.loss_switch > 0.0);
     }
     ck_assert(u.st.loss_z > 0.0);
+    if (type == &ccr_gate_dense) /* the importance term is in the checked loss */
+        ck_assert(u.st.loss_importance > 0.0);
     CCR_CK_OK(ctx, ccr_arena_zero_grad(t.a));
     memset(dx, 0, sizeof dx);
     ccr_gate_bwd_args ba = {.x = x, .batch = FD_B, .dweights = rf, .dx = dx};

@@ -73,6 +73,7 @@ none-ffn|--gate none --d-in 7 --d-out 5 --hidden 9 --batch 12 --seed 1
 none-linear|--gate none --bank linear --d-in 6 --d-out 4 --batch 8 --seed 2
 dense-ffn-z|--gate dense --experts 5 --randomize --z-loss 0.01 --batch 16 --seed 3
 dense-linear-zero|--gate dense --bank linear --experts 3 --batch 10 --seed 4
+dense-importance|--gate dense --experts 4 --randomize --w-importance 0.7 --batch 12 --seed 35
 topk-train|--gate topk --experts 6 --k 2 --train --randomize --batch 24 --seed 5
 topk-train-zero-z|--gate topk --experts 5 --k 2 --train --z-loss 0.01 --batch 16 --seed 6
 topk-train-k1-linear|--gate topk --experts 4 --k 1 --train --randomize --bank linear --w-importance 0.5 --w-load 0.7 --noise-eps 0.05 --batch 20 --seed 7

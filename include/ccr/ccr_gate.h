@@ -83,7 +83,7 @@ typedef struct ccr_gate_config {
     double capacity_factor; /* switch, training: capacity = ceil(cf * batch / E), > 0 */
     double eval_capacity_factor; /* switch, evaluation: the same with this factor;
                                     0 = no limit (nothing dropped), the default */
-    double w_importance;    /* topk, hmoe: weight of CV(Importance)^2 */
+    double w_importance;    /* dense, topk, hmoe: weight of CV(Importance)^2 */
     double w_load;          /* topk, hmoe: weight of CV(Load)^2 */
     double aux_alpha;       /* switch: alpha of alpha * E * sum f_i P_i */
     double z_loss;          /* router z-loss coefficient (0 = off) */
