@@ -287,7 +287,8 @@ def run_topk(cfg, p, x, f, st):
 
 def run_hmoe(cfg, p, x, f, st):
     r = Result()
-    B, E, k, k2, a = x.shape[0], cfg["experts"], cfg["k"], cfg["k2"], cfg["groups"]
+    # hmoe's groups per example is its own option, k_groups (topk's k counts experts)
+    B, E, k, k2, a = x.shape[0], cfg["experts"], cfg["k_groups"], cfg["k2"], cfg["groups"]
     bsz = E // a
     train = cfg["train"]
     file_ids = f.get("route.ids")
@@ -500,6 +501,7 @@ def meta_config(meta):
         "hidden": num("hidden", int, 0),
         "experts": num("experts", int, 1), "k": num("k", int, 1),
         "groups": num("groups", int, 1), "k2": num("k2", int, 1),
+        "k_groups": num("k_groups", int, 2),
         "depth": num("depth", int, 0),
         "combine": meta.get("combine", "path"),
         "bits_from": meta.get("bits_from", "projection"),
@@ -694,7 +696,7 @@ def check(path, rtol=RTOL, atol=ATOL, margin=MARGIN):
         elif npri is not None:
             used = np.zeros((cfg["batch"], a), dtype=bool)
             for b in range(cfg["batch"]):
-                for q in range(cfg["k"]):
+                for q in range(cfg["k_groups"]):
                     v = int(res.ids[b, q * cfg["k2"]])
                     if v >= 0:
                         used[b, v // bsz] = True

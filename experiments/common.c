@@ -242,22 +242,47 @@ ccr_status drv_record_base(ccr_record *r, const char *driver, const ccr_backend 
     return s;
 }
 
+/* The gate options, their flags and the ccr_gate_option each sets (0: a
+ * layer option).  Which were given explicitly, for drv_gate_finish. */
+static const struct {
+    const char *flag;
+    unsigned opt;
+} drv_gate_flags[] = {
+    {"--experts", CCR_GATE_OPT_N_EXPERTS},
+    {"--k", CCR_GATE_OPT_K},
+    {"--groups", CCR_GATE_OPT_N_GROUPS},
+    {"--k-groups", CCR_GATE_OPT_K_GROUPS},
+    {"--k2", CCR_GATE_OPT_K2},
+    {"--depth", CCR_GATE_OPT_DEPTH},
+    {"--combine", CCR_GATE_OPT_COMBINE},
+    {"--bits-from", CCR_GATE_OPT_BITS_FROM},
+    {"--grad-mode", CCR_GATE_OPT_GRAD_MODE},
+    {"--capacity-factor", CCR_GATE_OPT_CAPACITY_FACTOR},
+    {"--eval-capacity-factor", CCR_GATE_OPT_EVAL_CAPACITY_FACTOR},
+    {"--w-importance", CCR_GATE_OPT_W_IMPORTANCE},
+    {"--w-load", CCR_GATE_OPT_W_LOAD},
+    {"--aux-alpha", CCR_GATE_OPT_AUX_ALPHA},
+    {"--z-loss", CCR_GATE_OPT_Z_LOSS},
+    {"--noise-eps", CCR_GATE_OPT_NOISE_EPS},
+    {"--randomize", CCR_GATE_OPT_RANDOMIZE},
+    {"--expert-hidden", 0},
+};
+#define DRV_N_GATE_FLAGS (sizeof drv_gate_flags / sizeof drv_gate_flags[0])
+static bool drv_gate_given[DRV_N_GATE_FLAGS];
+
 ccr_cond_config drv_gate_defaults(void)
 {
-    ccr_cond_config c = ccr_cond_config_default();
-    c.gate_cfg.n_experts = 8;
-    c.gate_cfg.k = 2;
-    c.gate_cfg.n_groups = 2;
-    c.gate_cfg.k2 = 2;
-    c.gate_cfg.depth = 4;
-    return c;
+    for (size_t i = 0; i < DRV_N_GATE_FLAGS; i++)
+        drv_gate_given[i] = false;
+    return ccr_cond_config_default();   /* one place: the library's defaults */
 }
 
 const char drv_gate_usage[] =
     "  --gate NAME          none | dense | topk | hmoe | switch | signtree\n"
     "  --experts N          experts E [8]; hmoe: all groups together\n"
-    "  --k N                experts per example (topk), groups per example (hmoe) [2]\n"
+    "  --k N                topk: experts per example [2]\n"
     "  --groups N           hmoe: groups a (must divide E) [2]\n"
+    "  --k-groups N         hmoe: groups per example [2]\n"
     "  --k2 N               hmoe: experts per selected group [2]\n"
     "  --depth N            signtree: sign bits d [4]\n"
     "  --combine NAME       signtree: path | leaf [path]\n"
@@ -268,19 +293,20 @@ const char drv_gate_usage[] =
     "  --w-importance X     dense/topk/hmoe importance loss weight [0.1]\n"
     "  --w-load X           topk/hmoe load loss weight [0.1]\n"
     "  --aux-alpha X        switch load-balancing loss alpha [0.01]\n"
-    "  --z-loss X           router z-loss coefficient, 0 = off [0]\n"
+    "  --z-loss X           dense/topk/hmoe/switch router z-loss, 0 = off [0]\n"
     "  --noise-eps X        topk/hmoe noise epsilon [0.01]\n"
-    "  --randomize          gate weights from N(0, 1/d_in) instead of zeros\n"
+    "  --randomize          gate weights from N(0, 1/d_in) instead of zeros (not none)\n"
     "  --bank NAME          ffn | linear [linear for signtree, ffn otherwise]\n"
-    "  --expert-hidden N    hidden width of FFN experts [64]\n";
+    "  --expert-hidden N    hidden width of FFN experts [64]\n"
+    "  An option the chosen gate does not use is an error (exit 2).\n";
 
 static size_t gate_size(const char *prog, const char *flag, const char *v, size_t min)
 {
     return drv_parse_size(prog, flag, v, min);
 }
 
-bool drv_parse_gate_option(const char *prog, const char *flag, const char *v,
-                           ccr_cond_config *cfg, bool *used_value)
+static bool gate_option(const char *prog, const char *flag, const char *v,
+                        ccr_cond_config *cfg, bool *used_value)
 {
     ccr_gate_config *g = &cfg->gate_cfg;
     *used_value = true;
@@ -290,10 +316,12 @@ bool drv_parse_gate_option(const char *prog, const char *flag, const char *v,
     } else if (strcmp(flag, "--gate") == 0) {
         cfg->gate = v ? ccr_gate_type_find(v) : NULL;
         if (cfg->gate == NULL)
-            drv_usage_error(prog, "--gate must be one of: %s", ccr_gate_type_names());
+            drv_usage_error(prog, "--gate: unknown gate '%s'; valid: %s", v ? v : "",
+                            ccr_gate_type_names());
     } else if (strcmp(flag, "--experts") == 0) g->n_experts = gate_size(prog, flag, v, 1);
     else if (strcmp(flag, "--k") == 0) g->k = gate_size(prog, flag, v, 1);
     else if (strcmp(flag, "--groups") == 0) g->n_groups = gate_size(prog, flag, v, 1);
+    else if (strcmp(flag, "--k-groups") == 0) g->k_groups = gate_size(prog, flag, v, 1);
     else if (strcmp(flag, "--k2") == 0) g->k2 = gate_size(prog, flag, v, 1);
     else if (strcmp(flag, "--depth") == 0) g->depth = gate_size(prog, flag, v, 0);
     else if (strcmp(flag, "--expert-hidden") == 0) cfg->hidden = gate_size(prog, flag, v, 1);
@@ -332,14 +360,42 @@ bool drv_parse_gate_option(const char *prog, const char *flag, const char *v,
     return true;
 }
 
-void drv_gate_finish(ccr_cond_config *cfg, bool bank_set)
+bool drv_parse_gate_option(const char *prog, const char *flag, const char *v,
+                           ccr_cond_config *cfg, bool *used_value)
+{
+    if (!gate_option(prog, flag, v, cfg, used_value))
+        return false;
+    for (size_t i = 0; i < DRV_N_GATE_FLAGS; i++)
+        if (strcmp(flag, drv_gate_flags[i].flag) == 0)
+            drv_gate_given[i] = true;
+    return true;
+}
+
+const char *drv_gate_option_given(void)
+{
+    for (size_t i = 0; i < DRV_N_GATE_FLAGS; i++)
+        if (drv_gate_given[i])
+            return drv_gate_flags[i].flag;
+    return NULL;
+}
+
+void drv_gate_finish(const char *prog, ccr_cond_config *cfg, bool bank_set)
 {
     if (cfg->gate == NULL)
         return;
     if (!bank_set)
-        cfg->bank = strcmp(cfg->gate->name, "signtree") == 0 ? CCR_BANK_LINEAR : CCR_BANK_FFN;
-    if (strcmp(cfg->gate->name, "none") == 0)
-        cfg->gate_cfg.n_experts = 1;
+        cfg->bank = ccr_cond_config_bank(cfg);   /* the gate's own, as the library does */
+    for (size_t i = 0; i < DRV_N_GATE_FLAGS; i++) {
+        if (!drv_gate_given[i])
+            continue;
+        unsigned opt = drv_gate_flags[i].opt;
+        if (opt != 0 && !ccr_gate_type_uses(cfg->gate, (ccr_gate_option)opt))
+            drv_usage_error(prog, "%s: gate %s does not use %s", drv_gate_flags[i].flag,
+                            cfg->gate->name, ccr_gate_option_name((ccr_gate_option)opt));
+        if (opt == 0 && cfg->bank == CCR_BANK_LINEAR)
+            drv_usage_error(prog, "%s: a linear bank (gate %s) has no hidden layer",
+                            drv_gate_flags[i].flag, cfg->gate->name);
+    }
 }
 
 ccr_status drv_record_gate(ccr_record *r, const ccr_cond_config *cfg)
@@ -350,11 +406,12 @@ ccr_status drv_record_gate(ccr_record *r, const ccr_cond_config *cfg)
     ccr_status s = ccr_record_add_str(r, "gate", cfg->gate ? cfg->gate->name : "dense-mlp");
     if (cfg->gate == NULL)
         return s;
-    if (s == CCR_OK) s = ccr_record_add_str(r, "bank", bank[cfg->bank]);
+    if (s == CCR_OK) s = ccr_record_add_str(r, "bank", bank[ccr_cond_config_bank(cfg)]);
     if (s == CCR_OK) s = ccr_record_add_int(r, "expert_hidden", (int64_t)cfg->hidden);
     if (s == CCR_OK) s = ccr_record_add_int(r, "experts", (int64_t)g->n_experts);
     if (s == CCR_OK) s = ccr_record_add_int(r, "k", (int64_t)g->k);
     if (s == CCR_OK) s = ccr_record_add_int(r, "groups", (int64_t)g->n_groups);
+    if (s == CCR_OK) s = ccr_record_add_int(r, "k_groups", (int64_t)g->k_groups);
     if (s == CCR_OK) s = ccr_record_add_int(r, "k2", (int64_t)g->k2);
     if (s == CCR_OK) s = ccr_record_add_int(r, "depth", (int64_t)g->depth);
     if (s == CCR_OK) s = ccr_record_add_str(r, "combine", combine[g->combine]);

@@ -126,7 +126,10 @@ static ccr_cond_config cond_for(const options *o, bool hier, size_t E)
     cc.d_out = o->hidden;
     cc.gate_cfg.n_experts = E;
     cc.gate_cfg.n_groups = hier ? groups_for(o, E) : 1;
-    cc.gate_cfg.k = hier ? o->k : o->k * o->k2;
+    if (hier)
+        cc.gate_cfg.k_groups = o->k;     /* groups per example */
+    else
+        cc.gate_cfg.k = o->k * o->k2;    /* experts per example */
     cc.gate_cfg.k2 = hier ? o->k2 : 1;
     return cc;
 }

@@ -103,7 +103,7 @@ static void parse(int argc, char **argv, options *o)
         drv_usage_error(PROG, "--gate is required (%s)", ccr_gate_type_names());
     if (o->out == NULL)
         drv_usage_error(PROG, "--out FILE is required");
-    drv_gate_finish(&o->cc, bank_set);
+    drv_gate_finish(PROG, &o->cc, bank_set);
     o->cc.gate_cfg.d_in = o->cc.d_in;
 }
 
@@ -307,6 +307,7 @@ int main(int argc, char **argv)
     meta_size(&m, "experts", gc->n_experts);
     meta_size(&m, "k", gc->k);
     meta_size(&m, "groups", gc->n_groups);
+    meta_size(&m, "k_groups", gc->k_groups);
     meta_size(&m, "k2", gc->k2);
     meta_size(&m, "depth", gc->depth);
     meta_str(&m, "combine", gc->combine == CCR_COMBINE_LEAF ? "leaf" : "path");

@@ -207,4 +207,6 @@ const ccr_gate_type ccr_gate_dense = {
     .matrices_per_example = dense_matrices_per_example,
     .n_exports = dense_n_exports,
     .get_export = dense_get_export,
+    .options = CCR_GATE_OPT_N_EXPERTS | CCR_GATE_OPT_W_IMPORTANCE | CCR_GATE_OPT_Z_LOSS |
+               CCR_GATE_OPT_RANDOMIZE,
 };

@@ -296,4 +296,7 @@ const ccr_gate_type ccr_gate_switch = {
     .matrices_per_example = switch_matrices_per_example,
     .n_exports = switch_n_exports,
     .get_export = switch_get_export,
+    .options = CCR_GATE_OPT_N_EXPERTS | CCR_GATE_OPT_CAPACITY_FACTOR |
+               CCR_GATE_OPT_EVAL_CAPACITY_FACTOR | CCR_GATE_OPT_AUX_ALPHA | CCR_GATE_OPT_Z_LOSS |
+               CCR_GATE_OPT_RANDOMIZE,
 };

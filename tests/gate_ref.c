@@ -131,7 +131,8 @@ ccr_gate_config topk_cfg(size_t d, size_t e, size_t k)
 
 ccr_gate_config hmoe_cfg(size_t d, size_t a, size_t bs, size_t k, size_t k2)
 {
-    ccr_gate_config c = topk_cfg(d, a * bs, k);
+    ccr_gate_config c = topk_cfg(d, a * bs, 1);
+    c.k_groups = k;
     c.n_groups = a;
     c.k2 = k2;
     return c;
@@ -218,12 +219,12 @@ typedef struct gc {
 static void gc_signature(gc *t, const int32_t *ids, int32_t *sig, size_t *nsig)
 {
     const ccr_gate_config *c = ccr_gate_get_config(t->v.g);
-    const size_t d = c->d_in, k = c->k;
+    const bool hm = ccr_gate_get_type(t->v.g) == &ccr_gate_hmoe;
+    const size_t d = c->d_in, k = hm ? c->k_groups : c->k;
     size_t n = t->batch * t->slots;
     ck_assert_uint_le(n, GATE_FD_SIGMAX);
     memcpy(sig, ids, n * sizeof(int32_t));
     if (t->train) {
-        const bool hm = ccr_gate_get_type(t->v.g) == &ccr_gate_hmoe;
         const size_t a = hm ? c->n_groups : c->n_experts, bs = c->n_experts / a, k2 = c->k2;
         const float *pg = env_param(&t->v, hm ? "gate.primary.w_g" : "gate.w_g");
         const float *pn = env_param(&t->v, hm ? "gate.primary.w_noise" : "gate.w_noise");

@@ -178,9 +178,19 @@ START_TEST(test_config_errors)
     expect_einval(&ccr_gate_dense, &c, "z_loss");
     c = base_cfg(3, 0);
     expect_einval(&ccr_gate_dense, &c, "n_experts");
-    expect_einval(&ccr_gate_none, &c, "n_experts");
-    c = base_cfg(3, 2);
-    expect_einval(&ccr_gate_none, &c, "n_experts");
+    /* none reads no option: any n_experts (and the rest) is accepted and
+     * it routes to its one matrix, so gates swap by name alone. */
+    const size_t any_e[3] = {0, 2, 8};
+    for (int i = 0; i < 3; i++) {
+        c = base_cfg(3, any_e[i]);
+        c.k = 0;
+        c.capacity_factor = -1.0;
+        ccr_gate *g = NULL;
+        CCR_CK_OK(ctx, ccr_gate_alloc(ctx, &ccr_gate_none, &c, 2, &g));
+        ck_assert_uint_eq(ccr_gate_n_matrices(g), 1);
+        ck_assert_uint_eq(ccr_gate_slots(g), 1);
+        ccr_gate_free(g);
+    }
     /* Good configurations at the edges are accepted. */
     c = base_cfg(3, 1);
     c.capacity_factor = 1e-300;

@@ -31,7 +31,7 @@ done <<'EOF'
 --gate topk --experts 4 --k 5
 --gate topk --experts 4 --k 0
 --gate hmoe --experts 6 --groups 4
---gate hmoe --experts 8 --groups 4 --k 5
+--gate hmoe --experts 8 --groups 4 --k-groups 5
 --gate switch --capacity-factor 0
 --gate switch --eval-capacity-factor -1
 --gate signtree --depth 9 --bits-from input --d-in 8
@@ -80,11 +80,11 @@ topk-train-k1-linear|--gate topk --experts 4 --k 1 --train --randomize --bank li
 topk-train-kE|--gate topk --experts 3 --k 3 --train --randomize --batch 12 --seed 8
 topk-eval|--gate topk --experts 6 --k 2 --randomize --z-loss 0.02 --batch 16 --seed 9
 topk-eval-zero|--gate topk --experts 4 --k 2 --batch 8 --seed 10
-hmoe-train|--gate hmoe --experts 12 --groups 3 --k 2 --k2 2 --train --randomize --z-loss 0.01 --batch 24 --seed 11
-hmoe-train-k1|--gate hmoe --experts 6 --groups 3 --k 1 --k2 1 --train --randomize --batch 16 --seed 12
-hmoe-train-all|--gate hmoe --experts 6 --groups 2 --k 2 --k2 3 --train --randomize --bank linear --batch 12 --seed 13
-hmoe-train-zero|--gate hmoe --experts 8 --groups 2 --k 1 --k2 2 --train --batch 16 --seed 14
-hmoe-eval|--gate hmoe --experts 6 --groups 3 --k 2 --k2 1 --randomize --z-loss 0.01 --batch 16 --seed 15
+hmoe-train|--gate hmoe --experts 12 --groups 3 --k-groups 2 --k2 2 --train --randomize --z-loss 0.01 --batch 24 --seed 11
+hmoe-train-k1|--gate hmoe --experts 6 --groups 3 --k-groups 1 --k2 1 --train --randomize --batch 16 --seed 12
+hmoe-train-all|--gate hmoe --experts 6 --groups 2 --k-groups 2 --k2 3 --train --randomize --bank linear --batch 12 --seed 13
+hmoe-train-zero|--gate hmoe --experts 8 --groups 2 --k-groups 1 --k2 2 --train --batch 16 --seed 14
+hmoe-eval|--gate hmoe --experts 6 --groups 3 --k-groups 2 --k2 1 --randomize --z-loss 0.01 --batch 16 --seed 15
 switch-drops|--gate switch --experts 4 --capacity-factor 0.5 --train --randomize --aux-alpha 0.1 --z-loss 0.01 --batch 24 --seed 16
 switch-eval-drops|--gate switch --experts 4 --capacity-factor 3 --eval-capacity-factor 0.55 --randomize --batch 20 --seed 32
 switch-eval-nolimit|--gate switch --experts 4 --capacity-factor 0.5 --randomize --batch 24 --seed 33

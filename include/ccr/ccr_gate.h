@@ -68,13 +68,16 @@ typedef enum ccr_grad_mode {
     CCR_GRAD_STE = 1   /* straight-through estimator (see gate_signtree.c) */
 } ccr_grad_mode;
 
-/* Every option of every gate; each gate reads the fields it needs and
- * ignores the rest.  Start from ccr_gate_config_default(). */
+/* Every option of every gate; each gate reads the fields it needs (the
+ * options it uses, see ccr_gate_type_uses) and ignores the rest, so one
+ * configuration serves every gate: swapping gates by name needs nothing
+ * else changed.  Start from ccr_gate_config_default(). */
 typedef struct ccr_gate_config {
     size_t d_in;            /* gate input width (the layer's input) */
-    size_t n_experts;       /* E experts (none: 1; hmoe: n_groups * group size) */
-    size_t k;               /* experts per example (topk); groups per example (hmoe) */
+    size_t n_experts;       /* E experts (hmoe: n_groups * group size; none ignores it) */
+    size_t k;               /* topk: experts per example */
     size_t n_groups;        /* hmoe: a, the number of groups (must divide E) */
+    size_t k_groups;        /* hmoe: groups per example (Shazeer's k of the primary gate) */
     size_t k2;              /* hmoe: experts per selected group */
     size_t depth;           /* signtree: d sign bits */
     ccr_combine combine;    /* signtree */
@@ -91,9 +94,11 @@ typedef struct ccr_gate_config {
     bool randomize;         /* gate weights from N(0, 1/d_in) instead of zeros */
 } ccr_gate_config;
 
-/* The defaults: E = 1, k = 1, k2 = 1, groups 1, depth 0, path, projection,
- * no gradient, capacity_factor 1.25, w_importance = w_load = 0.1 (Shazeer's
- * LM experiments), aux_alpha 0.01, z_loss 0, noise_eps 0.01, zero init. */
+/* The defaults, the same as the drivers' (one place: src/gate.c): E = 8,
+ * k = 2, n_groups = 2, k_groups = 2, k2 = 2, depth 4, path, projection, no
+ * gradient, capacity_factor 1.25, eval_capacity_factor 0 (no limit),
+ * w_importance = w_load = 0.1 (Shazeer's LM experiments), aux_alpha 0.01,
+ * z_loss 0, noise_eps 0.01, zero init.  Valid for every gate as they are. */
 ccr_gate_config ccr_gate_config_default(void);
 
 /* ---- routing table --------------------------------------------------------- */
@@ -113,6 +118,17 @@ typedef struct ccr_route {
  * Returns CCR_EINVAL naming the first bad entry. */
 ccr_status ccr_route_validate(ccr_ctx *ctx, const ccr_route *r);
 
+/* Per-matrix load of a routing table, read the same way for every gate:
+ * counts[m] = the number of (example, slot) pairs routed to bank matrix m
+ * (empty or dropped slots, id -1, count nowhere); n must be r->n_matrices.
+ * For the sign-bit tree's path every node on the path counts; for hmoe
+ * matrix i*b + j is expert j of group i.  *routed (if not NULL) gets the
+ * sum.  CCR_EINVAL for NULL arguments, n != r->n_matrices or a bad id
+ * (counts then unspecified).  With a layer: ccr_route_counts(ctx,
+ * ccr_cond_route(c), counts, n) after ccr_cond_forward. */
+ccr_status ccr_route_counts(ccr_ctx *ctx, const ccr_route *r, size_t *counts, size_t n,
+                            size_t *routed);
+
 /* ---- per-batch diagnostics ------------------------------------------------- */
 
 typedef struct ccr_gate_stats {
@@ -131,6 +147,49 @@ typedef struct ccr_gate_stats {
     double flops_counted;     /* gate + bank FLOPs per example actually executed
                                  (filled by the layer, see ccr_cond.h) */
 } ccr_gate_stats;
+
+/* ---- options ---------------------------------------------------------------- */
+
+/* One bit per field of ccr_gate_config that some gate reads (d_in, the
+ * layer's width, is used by all and has no bit).  A gate type's `options`
+ * holds the bits of the fields it uses; the drivers refuse an option given
+ * explicitly that the chosen gate does not use.
+ *
+ *   option                none dense topk hmoe switch signtree
+ *   n_experts              .    x     x    x     x      .
+ *   k                      .    .     x    .     .      .
+ *   n_groups, k_groups, k2 .    .     .    x     .      .
+ *   depth, combine,
+ *   bits_from, grad_mode   .    .     .    .     .      x
+ *   capacity_factor,
+ *   eval_capacity_factor,
+ *   aux_alpha              .    .     .    .     x      .
+ *   w_importance           .    x     x    x     .      .
+ *   w_load, noise_eps      .    .     x    x     .      .
+ *   z_loss                 .    x     x    x     x      .
+ *   randomize              .    x     x    x     x      x            */
+typedef enum ccr_gate_option {
+    CCR_GATE_OPT_N_EXPERTS = 1u << 0,
+    CCR_GATE_OPT_K = 1u << 1,
+    CCR_GATE_OPT_N_GROUPS = 1u << 2,
+    CCR_GATE_OPT_K_GROUPS = 1u << 3,
+    CCR_GATE_OPT_K2 = 1u << 4,
+    CCR_GATE_OPT_DEPTH = 1u << 5,
+    CCR_GATE_OPT_COMBINE = 1u << 6,
+    CCR_GATE_OPT_BITS_FROM = 1u << 7,
+    CCR_GATE_OPT_GRAD_MODE = 1u << 8,
+    CCR_GATE_OPT_CAPACITY_FACTOR = 1u << 9,
+    CCR_GATE_OPT_EVAL_CAPACITY_FACTOR = 1u << 10,
+    CCR_GATE_OPT_W_IMPORTANCE = 1u << 11,
+    CCR_GATE_OPT_W_LOAD = 1u << 12,
+    CCR_GATE_OPT_AUX_ALPHA = 1u << 13,
+    CCR_GATE_OPT_Z_LOSS = 1u << 14,
+    CCR_GATE_OPT_NOISE_EPS = 1u << 15,
+    CCR_GATE_OPT_RANDOMIZE = 1u << 16
+} ccr_gate_option;
+
+/* Number of options (bits 0 .. CCR_GATE_N_OPTIONS - 1). */
+#define CCR_GATE_N_OPTIONS 17
 
 /* ---- the gate type (GSL-style vtable) -------------------------------------- */
 
@@ -186,10 +245,14 @@ typedef struct ccr_gate_type {
      * FLOP count): k for topk, d+1 for signtree path, ... */
     double (*matrices_per_example)(const void *state);
     /* Named host arrays of the last forward, for probes and diagnostics
-     * (noise draws, Importance, Load, ...).  NULL if none. */
+     * (noise draws, Importance, Load, ...; the table above
+     * ccr_gate_get_export).  NULL if none. */
     size_t (*n_exports)(const void *state);
     ccr_status (*get_export)(const void *state, size_t i, const char **name, size_t *rank,
                              size_t shape[4], const float **data);
+    unsigned options;       /* the ccr_gate_option bits of the fields it reads */
+    bool linear_bank;       /* the bank its layer gets by default (CCR_BANK_DEFAULT in
+                               ccr_cond.h): linear nodes if true, FFN experts if false */
 } ccr_gate_type;
 
 /* The registry: a NULL-terminated, compile-time table of every gate type. */
@@ -201,10 +264,22 @@ const ccr_gate_type *ccr_gate_type_find(const char *name);
 /* Comma-separated names of all gate types ("none, dense, topk, ..."). */
 const char *ccr_gate_type_names(void);
 
+/* The type with this name in *out; CCR_EINVAL with a message naming it and
+ * listing the valid names if there is none ("unknown gate 'x' (none, dense,
+ * ...)"); *out is set only on success. */
+ccr_status ccr_gate_type_lookup(ccr_ctx *ctx, const char *name, const ccr_gate_type **out);
+
+/* Whether gates of type t read option opt (false for a NULL type). */
+bool ccr_gate_type_uses(const ccr_gate_type *t, ccr_gate_option opt);
+
+/* The config field name of opt ("n_experts", "k_groups", ...), or NULL if
+ * opt is not exactly one option bit. */
+const char *ccr_gate_option_name(ccr_gate_option opt);
+
 /* ---- instances ------------------------------------------------------------- */
 
 /* Allocates a gate of `type` for batches up to max_batch.  Returns
- * CCR_EINVAL for a NULL type, zero max_batch or a bad configuration (k = 0,
+ * CCR_EINVAL for a NULL type (the message lists the valid names), zero max_batch or a bad configuration (k = 0,
  * k > E, groups not dividing E, capacity factor <= 0, depth too large, ...),
  * CCR_ENOMEM.  *out is set only on success. */
 ccr_status ccr_gate_alloc(ccr_ctx *ctx, const ccr_gate_type *type, const ccr_gate_config *cfg,
@@ -237,7 +312,35 @@ ccr_status ccr_gate_backward(ccr_gate *g, const ccr_gate_bwd_args *a);
 double ccr_gate_flops(const ccr_gate *g, bool train);
 double ccr_gate_matrices_per_example(const ccr_gate *g);
 
-/* Exported arrays of the last forward (see the type's hooks). */
+/* Exported arrays of the last forward (float, row-major; valid until the
+ * next forward).  B is the batch of the last forward, E = n_experts,
+ * a = n_groups, b = E / a, d = depth:
+ *
+ *   gate      i  name             shape      contents
+ *   none      0  importance       [1]        B (every example, weight 1)
+ *             1  load             [1]        B
+ *   dense     0  importance       [E]        sum_b p_{b,i} (eq. 6)
+ *             1  load             [E]        B (every expert runs)
+ *   topk      0  noise            [B, E]     the N(0,1) draws (0 in eval)
+ *             1  importance       [E]        sum_b G_{b,i} (eq. 6)
+ *             2  load             [E]        smooth Load (eq. 10) in train with
+ *                                            k < E, else the counts
+ *   hmoe      0  noise.primary    [B, a]     draws of the primary gate
+ *             1  noise.secondary  [B, a, b]  draws of the selected groups (else 0)
+ *             2  importance       [a, b]     Importance_H (eq. 13)
+ *             3  load             [a, b]     Load_H (eq. 14)
+ *   switch    0  importance       [E]        sum_b p_{b,i}
+ *             1  load             [E]        examples kept per expert (after drops)
+ *             2  choice           [E]        examples whose argmax is i (before drops)
+ *   signtree  0  importance       [2^d]      examples per leaf
+ *             1  load             [2^d]      the same
+ *             2  leaf_counts      [2^d]      the same, by leaf index
+ *             3  bits             [B, d]     the sign bits, 0/1 (only when d > 0)
+ *             4  a                [B, d]     their pre-activations (only when d > 0)
+ *
+ * "importance" and "load" exist for every gate, but their index space
+ * differs (signtree: leaves, not the 2^(d+1) - 1 path nodes); the load per
+ * bank matrix, the same for every gate, is ccr_route_counts. */
 size_t ccr_gate_n_exports(const ccr_gate *g);
 ccr_status ccr_gate_get_export(const ccr_gate *g, size_t i, const char **name, size_t *rank,
                                size_t shape[4], const float **data);
