@@ -10,9 +10,10 @@
  * Gates are const type objects with a compile-time registry, as GSL's RNG
  * types are:
  *
- *     const ccr_gate_type *t = ccr_gate_type_find("topk");   // NULL if unknown
- *     ccr_gate_config cfg = ccr_gate_config_default();
- *     cfg.d_in = 64; cfg.n_experts = 16; cfg.k = 2;
+ *     const ccr_gate_type *t;
+ *     ccr_gate_type_lookup(ctx, "topk", &t);    // unknown: an error naming it
+ *     ccr_gate_config cfg = ccr_gate_config_default();  // valid for every gate
+ *     cfg.d_in = 64; cfg.n_experts = 16;
  *     ccr_gate *g;
  *     ccr_gate_alloc(ctx, t, &cfg, max_batch, &g);            // validates cfg
  *     ccr_gate_declare(g, arena, "gate.");                    // its parameters
@@ -27,11 +28,14 @@
  *
  * The gates ("--gate" values):
  *   none      one dense FFN expert, every example, weight 1 (no gating)
- *   dense     softmax over all E experts, every expert runs (Shazeer eq. 2)
+ *   dense     softmax over all E experts, every expert runs (Shazeer eq. 2),
+ *             with the importance loss (eqs. 6-7)
  *   topk      noisy top-k gating (Shazeer et al. 2017, eqs. 3-5) with the
  *             importance and smooth load losses (eqs. 6-11)
- *   hmoe      hierarchical two-level MoE (Shazeer et al. 2017, eqs. 12-14)
- *   switch    top-1 on the full softmax with capacity and drops (Fedus et al.)
+ *   hmoe      hierarchical two-level MoE (Shazeer et al. 2017, eqs. 12-14):
+ *             k_groups of n_groups groups, k2 experts in each
+ *   switch    top-1 on the full softmax with capacity and drops (Fedus et al.);
+ *             evaluation has its own capacity factor, no limit by default
  *   signtree  sign-bit tree (ccr's reading of Cho & Bengio 2014)
  * Gates with logits (dense, topk, hmoe, switch) take the ST-MoE router z-loss
  * as an option.  All gates run on the CPU (host memory).
