@@ -371,6 +371,14 @@ bool drv_parse_gate_option(const char *prog, const char *flag, const char *v,
     return true;
 }
 
+void drv_gate_refuse_given(const char *prog, unsigned uses, const char *why)
+{
+    for (size_t i = 0; i < DRV_N_GATE_FLAGS; i++)
+        if (drv_gate_given[i] && drv_gate_flags[i].opt != 0 &&
+            (drv_gate_flags[i].opt & uses) == 0)
+            drv_usage_error(prog, "%s: %s", drv_gate_flags[i].flag, why);
+}
+
 const char *drv_gate_option_given(void)
 {
     for (size_t i = 0; i < DRV_N_GATE_FLAGS; i++)

@@ -118,6 +118,11 @@ extern const char drv_gate_usage[];
  * use (ccr_gate_type_uses), or --expert-hidden with a linear bank. */
 void drv_gate_finish(const char *prog, ccr_cond_config *cfg, bool bank_set);
 
+/* For drivers whose gates are fixed by other options (ccr-lm's models):
+ * exits 2 with "FLAG: why" for a gate option given explicitly whose
+ * ccr_gate_option bit is not in `uses`. */
+void drv_gate_refuse_given(const char *prog, unsigned uses, const char *why);
+
 /* The first gate option flag given explicitly since drv_gate_defaults, or
  * NULL (for drivers that need --gate before any gate option). */
 const char *drv_gate_option_given(void);

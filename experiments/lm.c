@@ -158,6 +158,16 @@ static void parse(int argc, char **argv, options *o)
         else drv_bad_option(PROG, a, v);
     }
     drv_gate_finish(PROG, &o->cond, bank_set);
+    if (!o->gate_set) {
+        /* The named models fix E, k, groups, k2 and the FFN bank; their gates
+         * (topk, hmoe, none) read only these options. */
+        drv_gate_refuse_given(PROG, CCR_GATE_OPT_W_IMPORTANCE | CCR_GATE_OPT_W_LOAD |
+                                        CCR_GATE_OPT_Z_LOSS | CCR_GATE_OPT_NOISE_EPS |
+                                        CCR_GATE_OPT_RANDOMIZE,
+                              "the --models fix it or do not use it (choose a layer with --gate)");
+        if (bank_set)
+            drv_usage_error(PROG, "--bank: the --models use FFN experts (choose a layer with --gate)");
+    }
     if (hidden_set)
         o->hidden = o->cond.hidden;
     if (o->paper != NULL && !o->accounting)

@@ -45,6 +45,10 @@ train|--gate hmoe --k 1|--k
 train|--experts 4|--experts
 lm|--gate topk --aux-alpha 0.1|--aux-alpha
 lm|--gate nosuch|nosuch
+lm|--experts 16|--experts
+lm|--k 3|--k
+lm|--capacity-factor 2|--capacity-factor
+lm|--bank linear|--bank
 CASES
 "$probe" --gate sparse --out "$tmp/bad.out" 2>"$tmp/err" || true
 grep -q "none, dense, topk, hmoe, switch, signtree" "$tmp/err" ||
