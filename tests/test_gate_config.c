@@ -45,6 +45,18 @@ static ccr_net *net_with(const ccr_cond_config *cfg, unsigned long seed)
     return net;
 }
 
+/* A standalone layer of cfg in an arena of its own, initialised from rng. */
+static ccr_cond *layer_with(const ccr_cond_config *cfg, ccr_arena **ar)
+{
+    ccr_cond *l;
+    CCR_CK_OK(ctx, ccr_cond_alloc(be, cfg, B, &l));
+    CCR_CK_OK(ctx, ccr_arena_init(be, ar));
+    CCR_CK_OK(ctx, ccr_cond_declare(l, *ar, ""));
+    CCR_CK_OK(ctx, ccr_arena_finalize(*ar));
+    CCR_CK_OK(ctx, ccr_cond_init_params(l, rng));
+    return l;
+}
+
 static ccr_cond *cond_of(ccr_net *net)
 {
     ccr_cond *c;
@@ -227,12 +239,8 @@ START_TEST(test_options_mask_honest)
                 case CCR_GATE_OPT_RANDOMIZE: g->randomize = false; break;
                 }
             }
-            CCR_CK_OK(ctx, ccr_cond_alloc(be, &c[v], B, &l[v]));
-            CCR_CK_OK(ctx, ccr_arena_init(be, &ar[v]));
-            CCR_CK_OK(ctx, ccr_cond_declare(l[v], ar[v], ""));
-            CCR_CK_OK(ctx, ccr_arena_finalize(ar[v]));
             gsl_rng_set(rng, 21);
-            CCR_CK_OK(ctx, ccr_cond_init_params(l[v], rng));
+            l[v] = layer_with(&c[v], &ar[v]);
             for (int train = 0; train < 2; train++) { /* both capacities */
                 ccr_gate_stats st;
                 gsl_rng_set(rng, 22);
@@ -305,13 +313,8 @@ START_TEST(test_route_counts)
     c.d_out = D_OUT;
     c.gate_cfg.randomize = true;
     c.gate_cfg.capacity_factor = 0.5; /* switch drops in training */
-    ccr_cond *l;
     ccr_arena *ar;
-    CCR_CK_OK(ctx, ccr_cond_alloc(be, &c, B, &l));
-    CCR_CK_OK(ctx, ccr_arena_init(be, &ar));
-    CCR_CK_OK(ctx, ccr_cond_declare(l, ar, ""));
-    CCR_CK_OK(ctx, ccr_arena_finalize(ar));
-    CCR_CK_OK(ctx, ccr_cond_init_params(l, rng));
+    ccr_cond *l = layer_with(&c, &ar);
     float x[B * D_IN], y[B * D_OUT];
     ccr_test_fill_uniform(rng, x, B * D_IN, -1, 1);
     ccr_gate_stats st;
