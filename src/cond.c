@@ -131,10 +131,10 @@ ccr_status ccr_cond_alloc(ccr_backend *be, const ccr_cond_config *cfg, size_t ma
     c->n_mat = ccr_gate_n_matrices(c->gate);
     size_t bank;
     if (!ccr_mul_ok(c->n_mat, cond_matrix_size(&c->cfg), &bank) || bank > COND_MAX_BANK) {
-        size_t n_mat = c->n_mat;
+        size_t n_mat = c->n_mat, per = cond_matrix_size(&c->cfg);
         ccr_cond_free(c);
         CCR_FAIL(ctx, CCR_EINVAL, "bank of %zu matrices of %zu floats is too large "
-                 "(limit %zu floats)", n_mat, cond_matrix_size(&c->cfg), COND_MAX_BANK);
+                 "(limit %zu floats)", n_mat, per, COND_MAX_BANK);
     }
     /* Workspace: P pairs. */
     size_t P = max_batch * c->slots, d_in = cfg->d_in, d_out = cfg->d_out, h = c->h;

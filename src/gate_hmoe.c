@@ -2,8 +2,9 @@
  * gate_hmoe.c - hierarchical mixture of experts (Shazeer et al. 2017,
  * App. B).  A noisy top-k primary gate picks k = k_groups of a groups
  * (its own option: topk's k counts experts, hmoe's k_groups groups); for
- * each picked group i a secondary noisy top-k gate G_i picks k2 of its b experts, and
- * the route weight of expert (i, j) is G_primary(x)_i * G_i(x)_j (eq. 12).
+ * each picked group i a secondary noisy top-k gate G_i picks k2 of its b
+ * experts, and the route weight of expert (i, j) is
+ * G_primary(x)_i * G_i(x)_j (eq. 12).
  * The losses are w_importance * CV(Importance_H)^2 with Importance_H(X)_ij =
  * sum_x G_primary(x)_i G_i(x)_j (eq. 13) and w_load * CV(Load_H)^2 with
  * Load_H(X)_ij = Load_primary(X)_i Load_i(X^(i))_j / |X^(i)| (eq. 14),

@@ -7,8 +7,9 @@
  *
  * The gate reads no option (its `options` mask is empty): n_experts and
  * the rest are ignored, not validated, so a program that swaps gates by
- * name passes the same configuration to every gate.  Importance and Load are the per-expert counts
- * (both = batch) and are exported as "importance" and "load" [1].
+ * name passes the same configuration to every gate.  Importance and Load
+ * are the per-expert counts (both = batch) and are exported as
+ * "importance" and "load" [1].
  */
 #include <stdint.h>
 #include <stdlib.h>

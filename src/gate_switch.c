@@ -15,8 +15,9 @@
  * computes it so that a product that is an integer in decimal rounds to it
  * (1.1 * 100 / 10 = 11, although the double 1.1 is a little above 1.1), and
  * clamps to [1, B] (ccr's choice: ceil, so that factor 1 with a perfectly
- * balanced batch drops nothing; the clamp makes a huge factor harmless).  Examples are assigned in batch order with 0-based positions,
- * so exactly C fit (the paper's pseudo-code, read literally, keeps C - 1);
+ * balanced batch drops nothing; the clamp makes a huge factor harmless).
+ * Examples are assigned in batch order with 0-based positions, so exactly C
+ * fit (the paper's pseudo-code, read literally, keeps C - 1);
  * an example whose expert is full is dropped: id -1, weight 0, and the
  * layer outputs 0 for it.  No buffer depends on C: only per-expert counters.
  *

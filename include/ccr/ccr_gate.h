@@ -283,9 +283,11 @@ const char *ccr_gate_option_name(ccr_gate_option opt);
 /* ---- instances ------------------------------------------------------------- */
 
 /* Allocates a gate of `type` for batches up to max_batch.  Returns
- * CCR_EINVAL for a NULL type (the message lists the valid names), zero max_batch or a bad configuration (k = 0,
- * k > E, groups not dividing E, capacity factor <= 0, depth too large, ...),
- * CCR_ENOMEM.  *out is set only on success. */
+ * CCR_EINVAL for a NULL type (the message lists the valid names), zero
+ * max_batch or a bad configuration of an option the gate uses (topk k = 0
+ * or k > E, groups not dividing E, capacity factor <= 0, depth too large,
+ * ...; options it does not use are not checked), CCR_ENOMEM.  *out is set
+ * only on success. */
 ccr_status ccr_gate_alloc(ccr_ctx *ctx, const ccr_gate_type *type, const ccr_gate_config *cfg,
                           size_t max_batch, ccr_gate **out);
 void ccr_gate_free(ccr_gate *g);
