@@ -43,7 +43,7 @@ print("driver_hier: ok", [(r["gate"], r["test_acc"]) for r in recs])
 PY
 
 # Bad arguments: exit 2, one line on stderr, no output file.
-for args in "--gate moe" "--experts -8" "--experts 0" "--k 0" "--groups 3" "--k2 9" \
+for args in "--gate moe" "--experts -8" "--experts 0" "--k-groups 0" "--k 2" "--groups 3" "--k2 9" \
             "--epochs 0" "--lr -1" "--data /nonexistent" "--max-train 999999"; do
   rc=0
   # shellcheck disable=SC2086
