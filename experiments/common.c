@@ -497,7 +497,8 @@ drv_opt drv_scan_gate_option(const char *flag, const char *v, ccr_cond_config *c
     if (strcmp(flag, "--gate") == 0) {
         const ccr_gate_type *t = v ? ccr_gate_type_find(v) : NULL;
         if (t == NULL)
-            return scan_fail(e, "--gate must be one of: %s", ccr_gate_type_names()), DRV_OPT_BAD;
+            return scan_fail(e, "--gate: unknown gate '%s'; valid: %s", v ? v : "",
+                             ccr_gate_type_names()), DRV_OPT_BAD;
         cfg->gate = t;
         return DRV_OPT_OK;
     }
