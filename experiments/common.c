@@ -286,12 +286,18 @@ bool drv_scan_size_list(const char *flag, const char *v, size_t min, size_t *out
     return true;
 }
 
+/* The exiting wrappers: exit 2 with the scanner's message when it failed. */
+static void exit_unless(bool ok, const char *prog, const drv_err *e)
+{
+    if (!ok)
+        drv_usage_error(prog, "%s", e->msg);
+}
+
 size_t drv_parse_size(const char *prog, const char *flag, const char *v, size_t min)
 {
     drv_err e;
-    size_t x;
-    if (!drv_scan_size(flag, v, min, &x, &e))
-        drv_usage_error(prog, "%s", e.msg);
+    size_t x = 0;
+    exit_unless(drv_scan_size(flag, v, min, &x, &e), prog, &e);
     return x;
 }
 
@@ -299,18 +305,16 @@ double drv_parse_double(const char *prog, const char *flag, const char *v, doubl
                         double max)
 {
     drv_err e;
-    double x;
-    if (!drv_scan_double(flag, v, min, max, &x, &e))
-        drv_usage_error(prog, "%s", e.msg);
+    double x = 0;
+    exit_unless(drv_scan_double(flag, v, min, max, &x, &e), prog, &e);
     return x;
 }
 
 unsigned long drv_parse_seed(const char *prog, const char *flag, const char *v)
 {
     drv_err e;
-    unsigned long x;
-    if (!drv_scan_seed(flag, v, &x, &e))
-        drv_usage_error(prog, "%s", e.msg);
+    unsigned long x = 0;
+    exit_unless(drv_scan_seed(flag, v, &x, &e), prog, &e);
     return x;
 }
 
@@ -318,9 +322,8 @@ size_t drv_parse_size_list(const char *prog, const char *flag, const char *v, si
                            size_t cap)
 {
     drv_err e;
-    size_t n;
-    if (!drv_scan_size_list(flag, v, 1, out, cap, &n, &e))
-        drv_usage_error(prog, "%s", e.msg);
+    size_t n = 0;
+    exit_unless(drv_scan_size_list(flag, v, 1, out, cap, &n, &e), prog, &e);
     return n;
 }
 
@@ -328,9 +331,8 @@ size_t drv_parse_list(const char *prog, const char *flag, const char *v, drv_spa
                       size_t cap)
 {
     drv_err e;
-    size_t n;
-    if (!drv_scan_list(flag, v, items, cap, &n, &e))
-        drv_usage_error(prog, "%s", e.msg);
+    size_t n = 0;
+    exit_unless(drv_scan_list(flag, v, items, cap, &n, &e), prog, &e);
     return n;
 }
 

@@ -130,6 +130,17 @@ ccr_status ccr_dataset_load_idx(ccr_ctx *ctx, const char *images, const char *la
     if (s != CCR_OK)
         goto done;
 
+    /* A non-finite feature (NaN or Inf in an F32 file, an F64 value beyond
+     * float range) is refused here, naming it, not at the first step. */
+    for (size_t i = 0; i < img->numel; i++) {
+        if (!isfinite(img->data[i])) {
+            s = CCR_FAIL_EXPR(ctx, CCR_EFORMAT,
+                              "'%s': example %zu, feature %zu is %g (want a finite number)",
+                              images, i / dim, i % dim, (double)img->data[i]);
+            goto done;
+        }
+    }
+
     /* Take the image floats over instead of copying them. */
     float *x = img->data;
     img->data = NULL;

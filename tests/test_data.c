@@ -344,6 +344,49 @@ START_TEST(test_dataset_load)
 }
 END_TEST
 
+/* Found by fuzz_idx: a NaN or Inf feature (F32), or an F64 value beyond float
+ * range, is refused at load with CCR_EFORMAT naming the example. */
+START_TEST(test_dataset_non_finite)
+{
+    ccr_ctx *ctx = ccr_test_ctx();
+    ccr_test_tpath img = ccr_test_tmp_path("nf_img.idx"), lab = ccr_test_tmp_path("nf_lab.idx");
+    unsigned char buf[64], labels[2] = {0, 1};
+    uint32_t dims[2] = {2, 2}, ldims[1] = {2};
+    ck_assert_int_eq(ccr_test_write_file(lab.s, buf, idx_image(buf, CCR_IDX_U8, 1, ldims,
+                                                                 labels, 2)), 0);
+    /* Big-endian F32 payloads: 1, 2, 3, then NaN, +Inf or -Inf; F64 1e300. */
+    static const uint32_t bad_f32[] = {0x7FC00000u, 0x7F800000u, 0xFF800000u};
+    for (int k = 0; k < 4; k++) {
+        unsigned char payload[32];
+        size_t plen;
+        unsigned type;
+        if (k < 3) {
+            put_be32(payload, 0x3F800000u);
+            put_be32(payload + 4, 0x40000000u);
+            put_be32(payload + 8, 0x40400000u);
+            put_be32(payload + 12, bad_f32[k]);
+            plen = 16;
+            type = CCR_IDX_F32;
+        } else {
+            memset(payload, 0, 32);
+            put_be32(payload + 24, 0x7E37E43Cu);   /* 1e300 = 0x7E37E43C8800759C */
+            put_be32(payload + 28, 0x8800759Cu);
+            plen = 32;
+            type = CCR_IDX_F64;
+        }
+        ck_assert_int_eq(ccr_test_write_file(img.s, buf, idx_image(buf, type, 2, dims, payload,
+                                                                     plen)), 0);
+        ccr_dataset *ds = NULL;
+        CCR_CK_STATUS(ctx, ccr_dataset_load_idx(ctx, img.s, lab.s, &ds), CCR_EFORMAT);
+        ck_assert_ptr_null(ds);
+        ck_assert_ptr_nonnull(strstr(ccr_ctx_errmsg(ctx), "example 1, feature 1"));
+    }
+    remove(img.s);
+    remove(lab.s);
+    ccr_ctx_free(ctx);
+}
+END_TEST
+
 START_TEST(test_dataset_alloc_gather)
 {
     ccr_ctx *ctx = ccr_test_ctx();
@@ -557,6 +600,7 @@ static Suite *data_suite(void)
     tc = tcase_create("dataset");
     tcase_set_timeout(tc, 60);
     tcase_add_test(tc, test_dataset_load);
+    tcase_add_test(tc, test_dataset_non_finite);
     tcase_add_test(tc, test_dataset_alloc_gather);
     tcase_add_test(tc, test_dataset_split);
     tcase_add_test(tc, test_permutation);

@@ -70,7 +70,8 @@ typedef struct ccr_dataset {
 /* Loads an image IDX file (n x rows x cols, or n x dim) and a label IDX file
  * (n) into a data set, scaling u8 pixels to [0, 1].  Returns CCR_EIO,
  * CCR_EFORMAT (counts differ, labels negative or not integers, image file
- * rank 1) or CCR_ENOMEM. */
+ * rank 1, a feature that is NaN, infinite or beyond float range) or
+ * CCR_ENOMEM. */
 ccr_status ccr_dataset_load_idx(ccr_ctx *ctx, const char *images, const char *labels,
                                 ccr_dataset **out);
 

@@ -3,8 +3,11 @@
  * input, and ccr_dataset_load_idx on the input cut in two: bytes 1..1+b are
  * the image file, b = byte 0 (capped at the input), the rest the label file.
  * Files are plain or gzip (zlib reads both).  An accepted file's numel
- * matches its dims; an accepted data set's labels are in range.
+ * matches its dims; an accepted data set's labels are in range and its
+ * features finite.
  */
+#include <math.h>
+
 #include "ccr/ccr.h"
 #include "fuzz_util.h"
 
@@ -35,6 +38,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             FUZZ_ASSERT(ds->n > 0 && ds->dim > 0, "empty data set");
             for (size_t i = 0; i < ds->n; i++)
                 FUZZ_ASSERT(ds->y[i] >= 0 && (size_t)ds->y[i] < ds->n_classes, "label range");
+            for (size_t i = 0; i < ds->n * ds->dim; i++)
+                FUZZ_ASSERT(isfinite(ds->x[i]), "non-finite feature in a data set");
             ccr_dataset_free(ds);
         }
     }

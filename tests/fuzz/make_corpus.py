@@ -70,6 +70,8 @@ put("idx", "trailing", labs + b"\0")
 put("idx", "truncated", idx(0x08, [4], b"\1\2"))
 put("idx", "dataset", bytes([len(imgs)]) + imgs + labs)
 put("idx", "dataset_gz", bytes([len(gz(imgs))]) + gz(imgs) + gz(labs))
+nan_imgs = idx(0x0D, [2, 1], struct.pack(">fI", 0.5, 0x7FC00000))
+put("idx", "dataset_nan", bytes([len(nan_imgs)]) + nan_imgs + labs)   # refused since the fuzz run
 put("idx", "dataset_mismatch", bytes([len(imgs)]) + imgs + idx(0x08, [3], bytes([0, 1, 2])))
 
 # ---- corpus: byte 0 = level (bit 0: char) | vocab size << 1, byte 1 =
