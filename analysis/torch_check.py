@@ -51,6 +51,7 @@ gradient of a gate in --grad-mode none) has max|t| = 0 and so tolerates
 only |c| <= atol.
 """
 import math
+from fractions import Fraction
 import os
 import sys
 
@@ -254,9 +255,11 @@ def run_dense(cfg, p, x, f, st):
     r.ids = np.tile(np.arange(E), (B, 1))
     r.weights = pr
     lz = cfg["z_loss"] * z_term(logits) / B if cfg["z_loss"] > 0 else torch.zeros(())
-    r.parts["loss_z"] = lz
-    r.aux = lz
-    r.exports["importance"] = pr.sum(0)
+    imp = pr.sum(0)
+    li = cfg["w_importance"] * cv_squared(imp)       # Shazeer eqs. 6-7
+    r.parts.update(loss_importance=li, loss_z=lz)
+    r.aux = li + lz
+    r.exports["importance"] = imp
     r.exports["load"] = torch.full((E,), float(B))
     return r
 
@@ -284,7 +287,8 @@ def run_topk(cfg, p, x, f, st):
 
 def run_hmoe(cfg, p, x, f, st):
     r = Result()
-    B, E, k, k2, a = x.shape[0], cfg["experts"], cfg["k"], cfg["k2"], cfg["groups"]
+    # hmoe's groups per example is its own option, k_groups (topk's k counts experts)
+    B, E, k, k2, a = x.shape[0], cfg["experts"], cfg["k_groups"], cfg["k2"], cfg["groups"]
     bsz = E // a
     train = cfg["train"]
     file_ids = f.get("route.ids")
@@ -347,14 +351,24 @@ def run_hmoe(cfg, p, x, f, st):
     return r
 
 
+def switch_capacity(cf, B, E):
+    """ceil(cf B / E) clamped to [1, B], with cf read as the shortest decimal
+    that gives its double (repr), so 1.1 * 100 / 10 is 11; cf 0: no limit
+    (the evaluation default, GATES.md)."""
+    if cf == 0:
+        return B
+    cap = math.ceil(Fraction(repr(float(cf))) * B / E)
+    return min(max(cap, 1), B)
+
+
 def run_switch(cfg, p, x, f, st):
     r = Result()
     B, E = x.shape[0], cfg["experts"]
     logits = x @ p["gate.w_g"]
     pr = torch.softmax(logits, dim=1)
     pn = pr.detach().numpy()
-    cap = int(math.ceil(cfg["capacity_factor"] * B / E))
-    cap = min(max(cap, 1), B)
+    cap = switch_capacity(cfg["capacity_factor"] if cfg["train"]
+                          else cfg["eval_capacity_factor"], B, E)
     file_ids = f.get("route.ids", np.full((B, 1), -1))
     choice = np.zeros(B, dtype=np.int64)
     ids = np.full((B, 1), -1, dtype=np.int64)
@@ -487,11 +501,13 @@ def meta_config(meta):
         "hidden": num("hidden", int, 0),
         "experts": num("experts", int, 1), "k": num("k", int, 1),
         "groups": num("groups", int, 1), "k2": num("k2", int, 1),
+        "k_groups": num("k_groups", int, 2),
         "depth": num("depth", int, 0),
         "combine": meta.get("combine", "path"),
         "bits_from": meta.get("bits_from", "projection"),
         "grad_mode": meta.get("grad_mode", "none"),
         "capacity_factor": num("capacity_factor", float, 1.25),
+        "eval_capacity_factor": num("eval_capacity_factor", float, 0.0),
         "w_importance": num("w_importance", float, 0.1),
         "w_load": num("w_load", float, 0.1),
         "aux_alpha": num("aux_alpha", float, 0.01),
@@ -680,7 +696,7 @@ def check(path, rtol=RTOL, atol=ATOL, margin=MARGIN):
         elif npri is not None:
             used = np.zeros((cfg["batch"], a), dtype=bool)
             for b in range(cfg["batch"]):
-                for q in range(cfg["k"]):
+                for q in range(cfg["k_groups"]):
                     v = int(res.ids[b, q * cfg["k2"]])
                     if v >= 0:
                         used[b, v // bsz] = True

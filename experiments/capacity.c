@@ -233,6 +233,7 @@ static size_t build_points(const opts *o, ccr_backend *be, ccr_ctx *ctx, point *
             static const char *const type[S_COUNT] = {"none", "topk", "hmoe", "switch",
                                                       "signtree", "signtree", "dense"};
             cc->gate = ccr_gate_type_find(type[s]);
+            cc->bank = ccr_cond_config_bank(cc);  /* the gate's own; signtree: linear */
             if (s == S_NONE) {
                 p->knob = cc->hidden = o->dense_h[i];
             } else if (s == S_PATH || s == S_LEAF) {
@@ -245,12 +246,13 @@ static size_t build_points(const opts *o, ccr_backend *be, ccr_ctx *ctx, point *
                 if (s == S_DENSE)
                     g->k = g->n_experts;
                 if (s == S_HMOE) {
-                    g->k = o->k / o->k2;
+                    g->k_groups = o->k / o->k2;
                     g->k2 = o->k2;
-                    g->n_groups = hmoe_groups(g->n_experts, g->k, g->k2);
+                    g->n_groups = hmoe_groups(g->n_experts, g->k_groups, g->k2);
                     if (g->n_groups == 0)
                         drv_usage_error(PROG, "hmoe: E=%zu has no group count for %zu groups "
-                                        "of %zu experts per example", g->n_experts, g->k, g->k2);
+                                        "of %zu experts per example", g->n_experts, g->k_groups,
+                                        g->k2);
                 }
             }
             ccr_cond *c;

@@ -394,36 +394,63 @@ ccr_status drv_record_base(ccr_record *r, const char *driver, const ccr_backend 
     return s;
 }
 
+/* The gate options, their flags and the ccr_gate_option each sets (0: a
+ * layer option).  Which were given explicitly, for drv_gate_finish. */
+static const struct {
+    const char *flag;
+    unsigned opt;
+} drv_gate_flags[] = {
+    {"--experts", CCR_GATE_OPT_N_EXPERTS},
+    {"--k", CCR_GATE_OPT_K},
+    {"--groups", CCR_GATE_OPT_N_GROUPS},
+    {"--k-groups", CCR_GATE_OPT_K_GROUPS},
+    {"--k2", CCR_GATE_OPT_K2},
+    {"--depth", CCR_GATE_OPT_DEPTH},
+    {"--combine", CCR_GATE_OPT_COMBINE},
+    {"--bits-from", CCR_GATE_OPT_BITS_FROM},
+    {"--grad-mode", CCR_GATE_OPT_GRAD_MODE},
+    {"--capacity-factor", CCR_GATE_OPT_CAPACITY_FACTOR},
+    {"--eval-capacity-factor", CCR_GATE_OPT_EVAL_CAPACITY_FACTOR},
+    {"--w-importance", CCR_GATE_OPT_W_IMPORTANCE},
+    {"--w-load", CCR_GATE_OPT_W_LOAD},
+    {"--aux-alpha", CCR_GATE_OPT_AUX_ALPHA},
+    {"--z-loss", CCR_GATE_OPT_Z_LOSS},
+    {"--noise-eps", CCR_GATE_OPT_NOISE_EPS},
+    {"--randomize", CCR_GATE_OPT_RANDOMIZE},
+    {"--expert-hidden", 0},
+};
+#define DRV_N_GATE_FLAGS (sizeof drv_gate_flags / sizeof drv_gate_flags[0])
+static bool drv_gate_given[DRV_N_GATE_FLAGS];
+
 ccr_cond_config drv_gate_defaults(void)
 {
-    ccr_cond_config c = ccr_cond_config_default();
-    c.gate_cfg.n_experts = 8;
-    c.gate_cfg.k = 2;
-    c.gate_cfg.n_groups = 2;
-    c.gate_cfg.k2 = 2;
-    c.gate_cfg.depth = 4;
-    return c;
+    for (size_t i = 0; i < DRV_N_GATE_FLAGS; i++)
+        drv_gate_given[i] = false;
+    return ccr_cond_config_default();   /* one place: the library's defaults */
 }
 
 const char drv_gate_usage[] =
     "  --gate NAME          none | dense | topk | hmoe | switch | signtree\n"
     "  --experts N          experts E [8]; hmoe: all groups together\n"
-    "  --k N                experts per example (topk), groups per example (hmoe) [2]\n"
+    "  --k N                topk: experts per example [2]\n"
     "  --groups N           hmoe: groups a (must divide E) [2]\n"
+    "  --k-groups N         hmoe: groups per example [2]\n"
     "  --k2 N               hmoe: experts per selected group [2]\n"
     "  --depth N            signtree: sign bits d [4]\n"
     "  --combine NAME       signtree: path | leaf [path]\n"
     "  --bits-from NAME     signtree: projection | input [projection]\n"
     "  --grad-mode NAME     signtree: none | ste [ste]\n"
-    "  --capacity-factor X  switch: capacity = ceil(X * batch / E) [1.25]\n"
-    "  --w-importance X     topk/hmoe importance loss weight [0.1]\n"
+    "  --capacity-factor X  switch, training: capacity = ceil(X * batch / E) [1.25]\n"
+    "  --eval-capacity-factor X  switch, evaluation: the same, 0 = no limit [0]\n"
+    "  --w-importance X     dense/topk/hmoe importance loss weight [0.1]\n"
     "  --w-load X           topk/hmoe load loss weight [0.1]\n"
     "  --aux-alpha X        switch load-balancing loss alpha [0.01]\n"
-    "  --z-loss X           router z-loss coefficient, 0 = off [0]\n"
+    "  --z-loss X           dense/topk/hmoe/switch router z-loss, 0 = off [0]\n"
     "  --noise-eps X        topk/hmoe noise epsilon [0.01]\n"
-    "  --randomize          gate weights from N(0, 1/d_in) instead of zeros\n"
+    "  --randomize          gate weights from N(0, 1/d_in) instead of zeros (not none)\n"
     "  --bank NAME          ffn | linear [linear for signtree, ffn otherwise]\n"
-    "  --expert-hidden N    hidden width of FFN experts [64]\n";
+    "  --expert-hidden N    hidden width of FFN experts [64]\n"
+    "  An option the chosen gate does not use is an error (exit 2).\n";
 
 /* One of two names: *out = 0 for a, 1 for b. */
 static bool scan_choice(const char *flag, const char *v, const char *a, const char *b, int *out,
@@ -445,17 +472,18 @@ drv_opt drv_scan_gate_option(const char *flag, const char *v, ccr_cond_config *c
     static const struct {
         const char *flag;
         size_t min;
-    } sizes[] = {{"--experts", 1}, {"--k", 1}, {"--groups", 1}, {"--k2", 1}, {"--depth", 0},
-                 {"--expert-hidden", 1}};
-    size_t *size_field[] = {&g->n_experts, &g->k, &g->n_groups, &g->k2, &g->depth, &cfg->hidden};
+    } sizes[] = {{"--experts", 1}, {"--k", 1}, {"--groups", 1}, {"--k-groups", 1}, {"--k2", 1},
+                 {"--depth", 0}, {"--expert-hidden", 1}};
+    size_t *size_field[] = {&g->n_experts, &g->k,  &g->n_groups, &g->k_groups,
+                            &g->k2,        &g->depth, &cfg->hidden};
     static const struct {
         const char *flag;
         double min, max;
-    } reals[] = {{"--capacity-factor", 1e-9, 1e9}, {"--w-importance", 0, 1e6},
-                 {"--w-load", 0, 1e6}, {"--aux-alpha", 0, 1e6}, {"--z-loss", 0, 1e6},
-                 {"--noise-eps", 0, 1e6}};
-    double *real_field[] = {&g->capacity_factor, &g->w_importance, &g->w_load, &g->aux_alpha,
-                            &g->z_loss, &g->noise_eps};
+    } reals[] = {{"--capacity-factor", 1e-9, 1e9}, {"--eval-capacity-factor", 0, 1e9},
+                 {"--w-importance", 0, 1e6}, {"--w-load", 0, 1e6}, {"--aux-alpha", 0, 1e6},
+                 {"--z-loss", 0, 1e6}, {"--noise-eps", 0, 1e6}};
+    double *real_field[] = {&g->capacity_factor, &g->eval_capacity_factor, &g->w_importance,
+                            &g->w_load, &g->aux_alpha, &g->z_loss, &g->noise_eps};
     static const struct {
         const char *flag, *a, *b;
     } choices[] = {{"--combine", "path", "leaf"}, {"--bits-from", "projection", "input"},
@@ -471,7 +499,8 @@ drv_opt drv_scan_gate_option(const char *flag, const char *v, ccr_cond_config *c
     if (strcmp(flag, "--gate") == 0) {
         const ccr_gate_type *t = v ? ccr_gate_type_find(v) : NULL;
         if (t == NULL)
-            return scan_fail(e, "--gate must be one of: %s", ccr_gate_type_names()), DRV_OPT_BAD;
+            return scan_fail(e, "--gate: unknown gate '%s'; valid: %s", v ? v : "",
+                             ccr_gate_type_names()), DRV_OPT_BAD;
         cfg->gate = t;
         return DRV_OPT_OK;
     }
@@ -499,8 +528,8 @@ drv_opt drv_scan_gate_option(const char *flag, const char *v, ccr_cond_config *c
     return DRV_OPT_NONE;
 }
 
-bool drv_parse_gate_option(const char *prog, const char *flag, const char *v,
-                           ccr_cond_config *cfg, bool *used_value)
+static bool gate_option(const char *prog, const char *flag, const char *v,
+                        ccr_cond_config *cfg, bool *used_value)
 {
     drv_err e;
     drv_opt r = drv_scan_gate_option(flag, v, cfg, used_value, &e);
@@ -509,14 +538,50 @@ bool drv_parse_gate_option(const char *prog, const char *flag, const char *v,
     return r == DRV_OPT_OK;
 }
 
-void drv_gate_finish(ccr_cond_config *cfg, bool bank_set)
+bool drv_parse_gate_option(const char *prog, const char *flag, const char *v,
+                           ccr_cond_config *cfg, bool *used_value)
+{
+    if (!gate_option(prog, flag, v, cfg, used_value))
+        return false;
+    for (size_t i = 0; i < DRV_N_GATE_FLAGS; i++)
+        if (strcmp(flag, drv_gate_flags[i].flag) == 0)
+            drv_gate_given[i] = true;
+    return true;
+}
+
+void drv_gate_refuse_given(const char *prog, unsigned uses, const char *why)
+{
+    for (size_t i = 0; i < DRV_N_GATE_FLAGS; i++)
+        if (drv_gate_given[i] && drv_gate_flags[i].opt != 0 &&
+            (drv_gate_flags[i].opt & uses) == 0)
+            drv_usage_error(prog, "%s: %s", drv_gate_flags[i].flag, why);
+}
+
+const char *drv_gate_option_given(void)
+{
+    for (size_t i = 0; i < DRV_N_GATE_FLAGS; i++)
+        if (drv_gate_given[i])
+            return drv_gate_flags[i].flag;
+    return NULL;
+}
+
+void drv_gate_finish(const char *prog, ccr_cond_config *cfg, bool bank_set)
 {
     if (cfg->gate == NULL)
         return;
     if (!bank_set)
-        cfg->bank = strcmp(cfg->gate->name, "signtree") == 0 ? CCR_BANK_LINEAR : CCR_BANK_FFN;
-    if (strcmp(cfg->gate->name, "none") == 0)
-        cfg->gate_cfg.n_experts = 1;
+        cfg->bank = ccr_cond_config_bank(cfg);   /* the gate's own, as the library does */
+    for (size_t i = 0; i < DRV_N_GATE_FLAGS; i++) {
+        if (!drv_gate_given[i])
+            continue;
+        unsigned opt = drv_gate_flags[i].opt;
+        if (opt != 0 && !ccr_gate_type_uses(cfg->gate, (ccr_gate_option)opt))
+            drv_usage_error(prog, "%s: gate %s does not use %s", drv_gate_flags[i].flag,
+                            cfg->gate->name, ccr_gate_option_name((ccr_gate_option)opt));
+        if (opt == 0 && cfg->bank == CCR_BANK_LINEAR)
+            drv_usage_error(prog, "%s: a linear bank (gate %s) has no hidden layer",
+                            drv_gate_flags[i].flag, cfg->gate->name);
+    }
 }
 
 ccr_status drv_record_gate(ccr_record *r, const ccr_cond_config *cfg)
@@ -527,17 +592,20 @@ ccr_status drv_record_gate(ccr_record *r, const ccr_cond_config *cfg)
     ccr_status s = ccr_record_add_str(r, "gate", cfg->gate ? cfg->gate->name : "dense-mlp");
     if (cfg->gate == NULL)
         return s;
-    if (s == CCR_OK) s = ccr_record_add_str(r, "bank", bank[cfg->bank]);
+    if (s == CCR_OK) s = ccr_record_add_str(r, "bank", bank[ccr_cond_config_bank(cfg)]);
     if (s == CCR_OK) s = ccr_record_add_int(r, "expert_hidden", (int64_t)cfg->hidden);
     if (s == CCR_OK) s = ccr_record_add_int(r, "experts", (int64_t)g->n_experts);
     if (s == CCR_OK) s = ccr_record_add_int(r, "k", (int64_t)g->k);
     if (s == CCR_OK) s = ccr_record_add_int(r, "groups", (int64_t)g->n_groups);
+    if (s == CCR_OK) s = ccr_record_add_int(r, "k_groups", (int64_t)g->k_groups);
     if (s == CCR_OK) s = ccr_record_add_int(r, "k2", (int64_t)g->k2);
     if (s == CCR_OK) s = ccr_record_add_int(r, "depth", (int64_t)g->depth);
     if (s == CCR_OK) s = ccr_record_add_str(r, "combine", combine[g->combine]);
     if (s == CCR_OK) s = ccr_record_add_str(r, "bits_from", bits[g->bits_from]);
     if (s == CCR_OK) s = ccr_record_add_str(r, "grad_mode", grad[g->grad_mode]);
     if (s == CCR_OK) s = ccr_record_add_double(r, "capacity_factor", g->capacity_factor);
+    if (s == CCR_OK)
+        s = ccr_record_add_double(r, "eval_capacity_factor", g->eval_capacity_factor);
     if (s == CCR_OK) s = ccr_record_add_double(r, "w_importance", g->w_importance);
     if (s == CCR_OK) s = ccr_record_add_double(r, "w_load", g->w_load);
     if (s == CCR_OK) s = ccr_record_add_double(r, "aux_alpha", g->aux_alpha);

@@ -135,11 +135,13 @@ ccr_status drv_record_base(ccr_record *r, const char *driver, const ccr_backend 
                            unsigned long seed);
 
 /* Gate and bank options shared by the drivers (--gate --experts --k
- * --groups --k2 --depth --combine --bits-from --grad-mode --capacity-factor
- * --w-importance --w-load --aux-alpha --z-loss --noise-eps --randomize
- * --bank --expert-hidden).  If `flag` is one of them, parses `value` into
- * cfg (exiting 2 on a bad value), sets *used_value when the flag took the
- * value, and returns true. */
+ * --groups --k-groups --k2 --depth --combine --bits-from --grad-mode
+ * --capacity-factor --eval-capacity-factor --w-importance --w-load
+ * --aux-alpha --z-loss --noise-eps --randomize --bank --expert-hidden).  If
+ * `flag` is one of them, parses `value` into cfg (exiting 2 on a bad value
+ * or an unknown gate name, listing the valid ones), remembers that the flag
+ * was given, sets *used_value when the flag took the value, and returns
+ * true. */
 bool drv_parse_gate_option(const char *prog, const char *flag, const char *value,
                            ccr_cond_config *cfg, bool *used_value);
 
@@ -149,18 +151,32 @@ typedef enum drv_opt { DRV_OPT_NONE, DRV_OPT_OK, DRV_OPT_BAD } drv_opt;
 drv_opt drv_scan_gate_option(const char *flag, const char *value, ccr_cond_config *cfg,
                              bool *used_value, drv_err *e);
 
-/* ccr_cond_config_default() with the gate defaults drv_gate_usage states
- * (E 8, k 2, groups 2, k2 2, depth 4). */
+/* ccr_cond_config_default(): the drivers' defaults are the library's (one
+ * place, src/gate.c and src/cond.c).  Also forgets which gate options were
+ * given: call it before parsing. */
 ccr_cond_config drv_gate_defaults(void);
 
 /* Usage lines for those options. */
 extern const char drv_gate_usage[];
 
-/* After parsing: fills the defaults that depend on the gate (bank: linear
- * for signtree, FFN otherwise; none: 1 expert). */
-void drv_gate_finish(ccr_cond_config *cfg, bool bank_set);
+/* After parsing, when a gate was chosen: resolves the bank (the gate's own
+ * unless --bank was given: linear for signtree, FFN otherwise) and exits 2
+ * naming the flag if an option given explicitly is one the gate does not
+ * use (ccr_gate_type_uses), or --expert-hidden with a linear bank. */
+void drv_gate_finish(const char *prog, ccr_cond_config *cfg, bool bank_set);
 
-/* Adds the gate configuration to a record under the flag names. */
+/* For drivers whose gates are fixed by other options (ccr-lm's models):
+ * exits 2 with "FLAG: why" for a gate option given explicitly whose
+ * ccr_gate_option bit is not in `uses`. */
+void drv_gate_refuse_given(const char *prog, unsigned uses, const char *why);
+
+/* The first gate option flag given explicitly since drv_gate_defaults, or
+ * NULL (for drivers that need --gate before any gate option). */
+const char *drv_gate_option_given(void);
+
+/* Adds the gate configuration to a record under the flag names: every
+ * option (k_groups and eval_capacity_factor included), also those the gate
+ * does not use, which hold the defaults and do not affect the run. */
 ccr_status drv_record_gate(ccr_record *r, const ccr_cond_config *cfg);
 
 #endif /* CCR_DRV_COMMON_H */

@@ -5,8 +5,8 @@
  * For each number of experts E the driver trains, from the same seed, the
  * same network 784 -> [conditional layer: E FFN experts d_in-h_e-H] -> ReLU
  * -> linear 10 on Fashion-MNIST twice: once with the flat noisy top-k gate
- * (k_flat = k * k2 experts per example) and once with the hierarchical gate
- * (a groups of E/a experts; k groups, then k2 experts in each).  Both use
+ * (k_flat = k_groups * k2 experts per example) and once with the hierarchical gate
+ * (a groups of E/a experts; k_groups groups, then k2 experts in each).  Both use
  * the same experts per example and the same expert size, so the bank FLOPs
  * are equal; the gate FLOPs differ (flat 2 d_in E, hierarchical
  * 2 d_in a + k 2 d_in E/a in evaluation; twice that in training, where the
@@ -43,14 +43,14 @@ static void usage(void)
     printf(
         "usage: ccr-hier [options]\n"
         "Flat noisy top-k MoE vs hierarchical MoE (Shazeer et al. 2017) at equal E and\n"
-        "equal experts per example (flat k = k * k2) on Fashion-MNIST: quality, load\n"
+        "equal experts per example (flat k = k-groups * k2) on Fashion-MNIST: quality, load\n"
         "balance, FLOPs and time.  One JSONL record per epoch and gate.\n\n"
         "  --data DIR          Fashion-MNIST IDX files [/usr/share/datasets/fashion-mnist]\n"
         "  --experts LIST      numbers of experts E, comma-separated [16,64]\n"
         "  --groups N          hmoe groups a, must divide every E [auto: the largest\n"
         "                      divisor of E not above sqrt(E)]\n"
-        "  --k N               hmoe groups per example [2]\n"
-        "  --k2 N              hmoe experts per selected group [2]; flat k = k * k2\n"
+        "  --k-groups N        hmoe groups per example [2]\n"
+        "  --k2 N              hmoe experts per selected group [2]; flat k = k-groups * k2\n"
         "  --expert-hidden N   hidden width of each FFN expert [64]\n"
         "  --hidden N          output width H of the conditional layer [128]\n"
         "  --w-importance X    importance loss weight (both gates) [0.1]\n"
@@ -94,7 +94,7 @@ static void parse(int argc, char **argv, options *o)
         else if (strcmp(a, "--experts") == 0)
             o->n_experts = drv_parse_size_list(PROG, a, v, o->experts, MAX_E);
         else if (strcmp(a, "--groups") == 0) o->groups = drv_parse_size(PROG, a, v, 1);
-        else if (strcmp(a, "--k") == 0) o->k = drv_parse_size(PROG, a, v, 1);
+        else if (strcmp(a, "--k-groups") == 0) o->k = drv_parse_size(PROG, a, v, 1);
         else if (strcmp(a, "--k2") == 0) o->k2 = drv_parse_size(PROG, a, v, 1);
         else if (strcmp(a, "--hidden") == 0) o->hidden = drv_parse_size(PROG, a, v, 1);
         else if (strcmp(a, "--epochs") == 0) o->epochs = drv_parse_size(PROG, a, v, 1);
@@ -127,7 +127,10 @@ static ccr_cond_config cond_for(const options *o, bool hier, size_t E)
     cc.d_out = o->hidden;
     cc.gate_cfg.n_experts = E;
     cc.gate_cfg.n_groups = hier ? groups_for(o, E) : 1;
-    cc.gate_cfg.k = hier ? o->k : o->k * o->k2;
+    if (hier)
+        cc.gate_cfg.k_groups = o->k;     /* groups per example */
+    else
+        cc.gate_cfg.k = o->k * o->k2;    /* experts per example */
     cc.gate_cfg.k2 = hier ? o->k2 : 1;
     return cc;
 }

@@ -154,7 +154,17 @@ static void parse(int argc, char **argv, options *o)
         else if (strcmp(a, "--dropout") == 0) o->dropout = drv_parse_double(PROG, a, v, 0, 0.95);
         else drv_bad_option(PROG, a, v);
     }
-    drv_gate_finish(&o->cond, bank_set);
+    drv_gate_finish(PROG, &o->cond, bank_set);
+    if (!o->gate_set) {
+        /* The named models fix E, k, groups, k2 and the FFN bank; their gates
+         * (topk, hmoe, none) read only these options. */
+        drv_gate_refuse_given(PROG, CCR_GATE_OPT_W_IMPORTANCE | CCR_GATE_OPT_W_LOAD |
+                                        CCR_GATE_OPT_Z_LOSS | CCR_GATE_OPT_NOISE_EPS |
+                                        CCR_GATE_OPT_RANDOMIZE,
+                              "the --models fix it or do not use it (choose a layer with --gate)");
+        if (bank_set)
+            drv_usage_error(PROG, "--bank: the --models use FFN experts (choose a layer with --gate)");
+    }
     if (hidden_set)
         o->hidden = o->cond.hidden;
     if (o->paper != NULL && !o->accounting)
@@ -176,8 +186,7 @@ static lm_config model_config(const options *o, const char *name)
     ccr_gate_config *g = &c.cond.gate_cfg;
     if (name == NULL) {            /* --gate: the configured layer as given */
         c.cond = o->cond;
-        if (c.cond.hidden == 0)
-            c.cond.hidden = o->hidden;
+        c.cond.hidden = o->hidden;   /* --expert-hidden, else the driver's width */
     } else if (strncmp(name, "moe-1-", 6) == 0 || strstr(name, "lstm") != NULL) {
         c.cond.gate = ccr_gate_type_find("none");
         g->n_experts = 1;
@@ -198,7 +207,10 @@ static lm_config model_config(const options *o, const char *name)
         bool hier = name[strlen(name) - 1] == 'h';
         c.cond.gate = ccr_gate_type_find(hier ? "hmoe" : "topk");
         g->n_experts = E;
-        g->k = hier ? 2 : 4;
+        if (hier)
+            g->k_groups = 2;   /* groups per example, 2 experts in each */
+        else
+            g->k = 4;
         g->k2 = 2;
         g->n_groups = o->branching;
     }

@@ -105,7 +105,7 @@ static void parse(int argc, char **argv, options *o)
         drv_usage_error(PROG, "--gate is required (%s)", ccr_gate_type_names());
     if (o->out == NULL)
         drv_usage_error(PROG, "--out FILE is required");
-    drv_gate_finish(&o->cc, bank_set);
+    drv_gate_finish(PROG, &o->cc, bank_set);
     o->cc.gate_cfg.d_in = o->cc.d_in;
 }
 
@@ -302,12 +302,14 @@ int main(int argc, char **argv)
     meta_size(&m, "experts", gc->n_experts);
     meta_size(&m, "k", gc->k);
     meta_size(&m, "groups", gc->n_groups);
+    meta_size(&m, "k_groups", gc->k_groups);
     meta_size(&m, "k2", gc->k2);
     meta_size(&m, "depth", gc->depth);
     meta_str(&m, "combine", gc->combine == CCR_COMBINE_LEAF ? "leaf" : "path");
     meta_str(&m, "bits_from", gc->bits_from == CCR_BITS_INPUT ? "input" : "projection");
     meta_str(&m, "grad_mode", gc->grad_mode == CCR_GRAD_STE ? "ste" : "none");
     meta_double(&m, "capacity_factor", gc->capacity_factor);
+    meta_double(&m, "eval_capacity_factor", gc->eval_capacity_factor);
     meta_double(&m, "w_importance", gc->w_importance);
     meta_double(&m, "w_load", gc->w_load);
     meta_double(&m, "aux_alpha", gc->aux_alpha);

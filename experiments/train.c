@@ -83,8 +83,7 @@ static void parse(int argc, char **argv, options *o)
     float momentum = 0.9f, wd = 0.0f, lr = 0.0f;
     bool bank_set = false, used, cond_layers_set = false;
     size_t cond_layers[MAX_HIDDEN], n_cond_layers = 0;
-    o->cond = drv_gate_defaults();
-    o->cond.hidden = 64;
+    o->cond = drv_gate_defaults();   /* the library's defaults (expert hidden 64) */
     if (drv_quick_requested(argc, argv))   /* smaller defaults; explicit options still win */
         o->epochs = 1, o->max_train = 6000, o->valid = 1000;
     for (int i = 1; i < argc; i++) {
@@ -135,9 +134,11 @@ static void parse(int argc, char **argv, options *o)
         else if (strcmp(a, "--seed") == 0) o->seed = drv_parse_seed(PROG, a, v);
         else drv_bad_option(PROG, a, v);
     }
-    drv_gate_finish(&o->cond, bank_set);
+    drv_gate_finish(PROG, &o->cond, bank_set);
     if ((cond_layers_set || o->cond.residual) && o->cond.gate == NULL)
         drv_usage_error(PROG, "--cond-layers and --residual need --gate");
+    if (o->cond.gate == NULL && drv_gate_option_given() != NULL)
+        drv_usage_error(PROG, "%s needs --gate", drv_gate_option_given());
     for (size_t i = 0; i < o->n_hidden; i++)
         o->is_cond[i] = o->cond.gate != NULL && !cond_layers_set;
     for (size_t j = 0; j < n_cond_layers; j++) {

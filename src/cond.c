@@ -80,11 +80,23 @@ size_t ccr_cond_memory_bytes(const ccr_cond *c)
 
 ccr_cond_config ccr_cond_config_default(void)
 {
-    ccr_cond_config c = {.gate = NULL, .gate_cfg = ccr_gate_config_default(),
-                         .bank = CCR_BANK_FFN, .d_in = 0, .d_out = 0, .hidden = 0,
-                         .residual = false};
+    ccr_cond_config c = {.gate = NULL, .gate_name = NULL,
+                         .gate_cfg = ccr_gate_config_default(), .bank = CCR_BANK_DEFAULT,
+                         .d_in = 0, .d_out = 0, .hidden = 64, .residual = false};
     return c;
 }
+
+ccr_bank_kind ccr_cond_config_bank(const ccr_cond_config *cfg)
+{
+    if (cfg == NULL)
+        return CCR_BANK_FFN;
+    if (cfg->bank != CCR_BANK_DEFAULT)
+        return cfg->bank;
+    const ccr_gate_type *t = cfg->gate ? cfg->gate : ccr_gate_type_find(cfg->gate_name);
+    return t != NULL && t->linear_bank ? CCR_BANK_LINEAR : CCR_BANK_FFN;
+}
+
+ccr_bank_kind ccr_cond_bank(const ccr_cond *c) { return c ? c->cfg.bank : CCR_BANK_FFN; }
 
 static bool cond_ffn(const ccr_cond *c) { return c->cfg.bank == CCR_BANK_FFN; }
 
@@ -104,16 +116,21 @@ ccr_status ccr_cond_alloc(ccr_backend *be, const ccr_cond_config *cfg, size_t ma
     ccr_ctx *ctx = be->ctx;
     CCR_CHECK_NULL(ctx, cfg);
     CCR_CHECK_NULL(ctx, out);
-    CCR_CHECK_NULL(ctx, cfg->gate);
+    const ccr_gate_type *gate = cfg->gate;
+    if (gate == NULL && cfg->gate_name == NULL)
+        CCR_FAIL(ctx, CCR_EINVAL, "no gate: set gate or gate_name (%s)", ccr_gate_type_names());
+    if (gate == NULL)
+        CCR_TRY(ccr_gate_type_lookup(ctx, cfg->gate_name, &gate));
+    const ccr_bank_kind bank_kind = ccr_cond_config_bank(cfg);
     if (!be->is_cpu)
         CCR_FAIL(ctx, CCR_EUNSUP, "conditional layers run on the CPU backend, not %s",
                  be->iface->name);
     if (cfg->d_in == 0 || cfg->d_out == 0 || max_batch == 0)
         CCR_FAIL(ctx, CCR_EINVAL, "d_in=%zu, d_out=%zu and max_batch=%zu must be > 0",
                  cfg->d_in, cfg->d_out, max_batch);
-    if (cfg->bank != CCR_BANK_FFN && cfg->bank != CCR_BANK_LINEAR)
+    if (bank_kind != CCR_BANK_FFN && bank_kind != CCR_BANK_LINEAR)
         CCR_FAIL(ctx, CCR_EINVAL, "unknown bank kind %d", (int)cfg->bank);
-    if (cfg->bank == CCR_BANK_FFN && cfg->hidden == 0)
+    if (bank_kind == CCR_BANK_FFN && cfg->hidden == 0)
         CCR_FAIL(ctx, CCR_EINVAL, "FFN bank needs hidden > 0");
     if (cfg->residual && cfg->d_in != cfg->d_out)
         CCR_FAIL(ctx, CCR_EINVAL, "a residual conditional layer needs d_in == d_out (%zu != %zu)",
@@ -124,10 +141,13 @@ ccr_status ccr_cond_alloc(ccr_backend *be, const ccr_cond_config *cfg, size_t ma
     c->be = be;
     c->ctx = ctx;
     c->cfg = *cfg;
+    c->cfg.gate = gate;
+    c->cfg.gate_name = gate->name;
+    c->cfg.bank = bank_kind;
     c->cfg.gate_cfg.d_in = cfg->d_in;
     c->max_batch = max_batch;
-    c->h = cfg->bank == CCR_BANK_FFN ? cfg->hidden : 0;
-    c->tree = strcmp(cfg->gate->param_group, "tree.") == 0;
+    c->h = bank_kind == CCR_BANK_FFN ? cfg->hidden : 0;
+    c->tree = strcmp(gate->param_group, "tree.") == 0;
     /* Refuse up front what cannot fit: the workspace with one slot per
      * example is a lower bound of what this layer will hold. */
     size_t P1;
@@ -138,7 +158,7 @@ ccr_status ccr_cond_alloc(ccr_backend *be, const ccr_cond_config *cfg, size_t ma
         free(c);
         return s;
     }
-    s = ccr_gate_alloc(ctx, cfg->gate, &c->cfg.gate_cfg, max_batch, &c->gate);
+    s = ccr_gate_alloc(ctx, gate, &c->cfg.gate_cfg, max_batch, &c->gate);
     if (s != CCR_OK) {
         free(c);
         return s;
@@ -147,10 +167,10 @@ ccr_status ccr_cond_alloc(ccr_backend *be, const ccr_cond_config *cfg, size_t ma
     c->n_mat = ccr_gate_n_matrices(c->gate);
     size_t bank;
     if (!ccr_mul_ok(c->n_mat, cond_matrix_size(&c->cfg), &bank) || bank > COND_MAX_BANK) {
-        size_t n_mat = c->n_mat;
+        size_t n_mat = c->n_mat, per = cond_matrix_size(&c->cfg);
         ccr_cond_free(c);
-        CCR_FAIL(ctx, CCR_EINVAL, "bank of %zu matrices of %zu floats is too large "
-                 "(limit %zu floats)", n_mat, cond_matrix_size(cfg), COND_MAX_BANK);
+        CCR_FAIL(ctx, CCR_ENOMEM, "bank of %zu matrices of %zu floats is too large "
+                 "(limit %zu floats)", n_mat, per, COND_MAX_BANK);
     }
     /* Workspace: P pairs. */
     size_t P = 0, d_in = cfg->d_in, d_out = cfg->d_out, h = c->h;

@@ -42,15 +42,46 @@ const char *ccr_gate_type_names(void)
     return "none, dense, topk, hmoe, switch, signtree";
 }
 
+ccr_status ccr_gate_type_lookup(ccr_ctx *ctx, const char *name, const ccr_gate_type **out)
+{
+    CCR_CHECK_NULL(ctx, out);
+    const ccr_gate_type *t = ccr_gate_type_find(name);
+    if (t == NULL)
+        CCR_FAIL(ctx, CCR_EINVAL, "unknown gate '%s' (valid: %s)", name ? name : "(null)",
+                 ccr_gate_type_names());
+    *out = t;
+    return CCR_OK;
+}
+
+bool ccr_gate_type_uses(const ccr_gate_type *t, ccr_gate_option opt)
+{
+    return t != NULL && (t->options & (unsigned)opt) != 0;
+}
+
+const char *ccr_gate_option_name(ccr_gate_option opt)
+{
+    static const char *const names[CCR_GATE_N_OPTIONS] = {
+        "n_experts", "k", "n_groups", "k_groups", "k2", "depth", "combine", "bits_from",
+        "grad_mode", "capacity_factor", "eval_capacity_factor", "w_importance", "w_load",
+        "aux_alpha", "z_loss", "noise_eps", "randomize",
+    };
+    for (unsigned i = 0; i < CCR_GATE_N_OPTIONS; i++)
+        if ((unsigned)opt == 1u << i)
+            return names[i];
+    return NULL;
+}
+
+/* The one place of the gate defaults; the drivers start from them too
+ * (experiments/common.c: drv_gate_defaults), and every gate accepts them. */
 ccr_gate_config ccr_gate_config_default(void)
 {
     ccr_gate_config c = {
-        .d_in = 0, .n_experts = 1, .k = 1, .n_groups = 1, .k2 = 1, .depth = 0,
+        .d_in = 0, .n_experts = 8, .k = 2, .n_groups = 2, .k_groups = 2, .k2 = 2, .depth = 4,
         .combine = CCR_COMBINE_PATH, .bits_from = CCR_BITS_PROJECTION,
         /* ste: the best-supported reading of ccr-tree --readings (GATES.md) */
-        .grad_mode = CCR_GRAD_STE, .capacity_factor = 1.25, .w_importance = 0.1,
-        .w_load = 0.1, .aux_alpha = 0.01, .z_loss = 0.0, .noise_eps = 0.01,
-        .randomize = false,
+        .grad_mode = CCR_GRAD_STE, .capacity_factor = 1.25, .eval_capacity_factor = 0.0,
+        .w_importance = 0.1, .w_load = 0.1, .aux_alpha = 0.01, .z_loss = 0.0,
+        .noise_eps = 0.01, .randomize = false,
     };
     return c;
 }
@@ -75,10 +106,42 @@ ccr_status ccr_route_validate(ccr_ctx *ctx, const ccr_route *r)
     return CCR_OK;
 }
 
+ccr_status ccr_route_counts(ccr_ctx *ctx, const ccr_route *r, size_t *counts, size_t n,
+                            size_t *routed)
+{
+    CCR_CHECK_NULL(ctx, r);
+    CCR_CHECK_NULL(ctx, counts);
+    if (n != r->n_matrices)
+        CCR_FAIL(ctx, CCR_EINVAL, "counts has %zu entries, the table routes to %zu matrices", n,
+                 r->n_matrices);
+    size_t pairs;
+    if (!ccr_mul_ok(r->batch, r->slots, &pairs))
+        CCR_FAIL(ctx, CCR_EINVAL, "routing table of %zu x %zu overflows", r->batch, r->slots);
+    if (pairs > 0)
+        CCR_CHECK_NULL(ctx, r->ids);
+    for (size_t m = 0; m < n; m++)
+        counts[m] = 0;
+    size_t total = 0;
+    for (size_t i = 0; i < pairs; i++) {
+        int32_t id = r->ids[i];
+        if (id < -1 || (id >= 0 && (size_t)id >= n))
+            CCR_FAIL(ctx, CCR_EINVAL, "route[%zu][%zu]: id %d not in -1..%zu", i / r->slots,
+                     i % r->slots, (int)id, n - 1);
+        if (id >= 0) {
+            counts[id]++;
+            total++;
+        }
+    }
+    if (routed != NULL)
+        *routed = total;
+    return CCR_OK;
+}
+
 ccr_status ccr_gate_alloc(ccr_ctx *ctx, const ccr_gate_type *type, const ccr_gate_config *cfg,
                           size_t max_batch, ccr_gate **out)
 {
-    CCR_CHECK_NULL(ctx, type);
+    if (type == NULL)
+        CCR_FAIL(ctx, CCR_EINVAL, "no gate type given (valid: %s)", ccr_gate_type_names());
     CCR_CHECK_NULL(ctx, cfg);
     CCR_CHECK_NULL(ctx, out);
     if (max_batch == 0)

@@ -1,8 +1,10 @@
 /*
  * gate_hmoe.c - hierarchical mixture of experts (Shazeer et al. 2017,
- * App. B).  A noisy top-k primary gate picks k of a groups; for each picked
- * group i a secondary noisy top-k gate G_i picks k2 of its b experts, and
- * the route weight of expert (i, j) is G_primary(x)_i * G_i(x)_j (eq. 12).
+ * App. B).  A noisy top-k primary gate picks k = k_groups of a groups
+ * (its own option: topk's k counts experts, hmoe's k_groups groups); for
+ * each picked group i a secondary noisy top-k gate G_i picks k2 of its b
+ * experts, and the route weight of expert (i, j) is
+ * G_primary(x)_i * G_i(x)_j (eq. 12).
  * The losses are w_importance * CV(Importance_H)^2 with Importance_H(X)_ij =
  * sum_x G_primary(x)_i G_i(x)_j (eq. 13) and w_load * CV(Load_H)^2 with
  * Load_H(X)_ij = Load_primary(X)_i Load_i(X^(i))_j / |X^(i)| (eq. 14),
@@ -60,8 +62,8 @@ static ccr_status hmoe_check(ccr_ctx *ctx, const ccr_gate_config *cfg)
     if (cfg->n_groups == 0 || cfg->n_experts % cfg->n_groups != 0)
         CCR_FAIL(ctx, CCR_EINVAL, "hmoe: n_groups = %zu does not divide n_experts = %zu",
                  cfg->n_groups, cfg->n_experts);
-    if (cfg->k == 0 || cfg->k > cfg->n_groups)
-        CCR_FAIL(ctx, CCR_EINVAL, "hmoe: k = %zu not in 1..n_groups (%zu)", cfg->k,
+    if (cfg->k_groups == 0 || cfg->k_groups > cfg->n_groups)
+        CCR_FAIL(ctx, CCR_EINVAL, "hmoe: k_groups = %zu not in 1..n_groups (%zu)", cfg->k_groups,
                  cfg->n_groups);
     size_t bs = cfg->n_experts / cfg->n_groups;
     if (cfg->k2 == 0 || cfg->k2 > bs)
@@ -76,7 +78,7 @@ static ccr_status hmoe_init(void *state, ccr_ctx *ctx, const ccr_gate_config *cf
     hmoe_state *s = state;
     CCR_TRY(hmoe_check(ctx, cfg));
     size_t rows, slots, de, nsec;
-    if (!ccr_mul_ok(max_batch, cfg->k, &rows) || !ccr_mul_ok(rows, cfg->k2, &slots) ||
+    if (!ccr_mul_ok(max_batch, cfg->k_groups, &rows) || !ccr_mul_ok(rows, cfg->k2, &slots) ||
         !ccr_mul_ok(cfg->d_in, cfg->n_experts, &de) ||
         !ccr_mul_ok(max_batch, cfg->n_experts, &nsec))
         CCR_FAIL(ctx, CCR_EINVAL, "hmoe: sizes overflow (d_in %zu, n_experts %zu, batch %zu)",
@@ -87,7 +89,7 @@ static ccr_status hmoe_init(void *state, ccr_ctx *ctx, const ccr_gate_config *cf
     s->e = cfg->n_experts;
     s->a = cfg->n_groups;
     s->bs = cfg->n_experts / cfg->n_groups;
-    s->k = cfg->k;
+    s->k = cfg->k_groups;
     s->k2 = cfg->k2;
     s->max_batch = max_batch;
     CCR_TRY(tk_core_init(&s->prim, ctx, max_batch, s->a, s->k, cfg->noise_eps));
@@ -385,4 +387,7 @@ const ccr_gate_type ccr_gate_hmoe = {
     .matrices_per_example = hmoe_matrices,
     .n_exports = hmoe_n_exports,
     .get_export = hmoe_get_export,
+    .options = CCR_GATE_OPT_N_EXPERTS | CCR_GATE_OPT_N_GROUPS | CCR_GATE_OPT_K_GROUPS |
+               CCR_GATE_OPT_K2 | CCR_GATE_OPT_W_IMPORTANCE | CCR_GATE_OPT_W_LOAD |
+               CCR_GATE_OPT_Z_LOSS | CCR_GATE_OPT_NOISE_EPS | CCR_GATE_OPT_RANDOMIZE,
 };

@@ -5,11 +5,11 @@
  * conditional-computation papers compare against.  No parameters, no aux
  * loss (the z-loss option is ignored), no gradient (dx is left untouched).
  *
- * docs/GATES.md forces n_experts to 1; this gate does not silently rewrite
- * the configuration but *accepts only* n_experts == 1 and returns
- * CCR_EINVAL otherwise (ccr's drivers set 1).  The other options are not
- * read and not validated.  Importance and Load are the per-expert counts
- * (both = batch) and are exported as "importance" and "load" [1].
+ * The gate reads no option (its `options` mask is empty): n_experts and
+ * the rest are ignored, not validated, so a program that swaps gates by
+ * name passes the same configuration to every gate.  Importance and Load
+ * are the per-expert counts (both = batch) and are exported as
+ * "importance" and "load" [1].
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -30,9 +30,7 @@ static ccr_status none_init(void *state, ccr_ctx *ctx, const ccr_gate_config *cf
                             size_t max_batch)
 {
     none_state *s = state;
-    if (cfg->n_experts != 1)
-        CCR_FAIL(ctx, CCR_EINVAL, "gate none: n_experts is %zu, must be 1 (one dense expert)",
-                 cfg->n_experts);
+    CCR_UNUSED(cfg);
     if (max_batch > SIZE_MAX / sizeof(float))
         CCR_FAIL(ctx, CCR_EINVAL, "gate none: max_batch %zu too large", max_batch);
     s->ctx = ctx;
@@ -163,4 +161,5 @@ const ccr_gate_type ccr_gate_none = {
     .matrices_per_example = none_matrices_per_example,
     .n_exports = none_n_exports,
     .get_export = none_get_export,
+    .options = 0u,
 };

@@ -395,4 +395,7 @@ const ccr_gate_type ccr_gate_signtree = {
     .matrices_per_example = st_matrices_per_example,
     .n_exports = st_n_exports,
     .get_export = st_get_export,
+    .options = CCR_GATE_OPT_DEPTH | CCR_GATE_OPT_COMBINE | CCR_GATE_OPT_BITS_FROM |
+               CCR_GATE_OPT_GRAD_MODE | CCR_GATE_OPT_RANDOMIZE,
+    .linear_bank = true,
 };

@@ -7,11 +7,17 @@
  * index); one slot, id i*, weight p_{i*}, *not* renormalised (multiplying by
  * p_{i*} is what makes the router differentiable).
  *
- * Capacity C = ceil(capacity_factor * B / E), evaluated in double in that
- * order and clamped to [1, B] (ccr's choice: ceil, so that factor 1 with a
- * perfectly balanced batch drops nothing; the clamp makes a huge factor
- * harmless).  Examples are assigned in batch order with 0-based positions,
- * so exactly C fit (the paper's pseudo-code, read literally, keeps C - 1);
+ * Capacity C = ceil(capacity_factor * B / E) in training and
+ * ceil(eval_capacity_factor * B / E) in evaluation, eval_capacity_factor 0
+ * meaning no limit (the Switch Transformer keeps a separate evaluation
+ * factor; ccr's default drops nothing in evaluation, so an example's output
+ * does not depend on which examples share its batch).  ccr_switch_capacity
+ * computes it so that a product that is an integer in decimal rounds to it
+ * (1.1 * 100 / 10 = 11, although the double 1.1 is a little above 1.1), and
+ * clamps to [1, B] (ccr's choice: ceil, so that factor 1 with a perfectly
+ * balanced batch drops nothing; the clamp makes a huge factor harmless).
+ * Examples are assigned in batch order with 0-based positions, so exactly C
+ * fit (the paper's pseudo-code, read literally, keeps C - 1);
  * an example whose expert is full is dropped: id -1, weight 0, and the
  * layer outputs 0 for it.  No buffer depends on C: only per-expert counters.
  *
@@ -26,6 +32,7 @@
  * (no smooth load); exported as "importance", "load" and "choice" (the
  * pre-capacity counts B f_i), each [E].
  */
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -39,6 +46,7 @@ typedef struct switch_state {
     gate_router r;
     size_t n;               /* E */
     double capacity_factor;
+    double eval_capacity_factor; /* 0: no limit in evaluation */
     double aux_alpha;
     bool randomize;
     int32_t *ids;           /* [max_batch] expert or -1 (dropped) */
@@ -81,6 +89,10 @@ static ccr_status switch_init(void *state, ccr_ctx *ctx, const ccr_gate_config *
     if (!isfinite(cfg->capacity_factor) || cfg->capacity_factor <= 0.0)
         CCR_FAIL(ctx, CCR_EINVAL, "gate switch: capacity_factor %g must be finite and > 0",
                  cfg->capacity_factor);
+    if (!isfinite(cfg->eval_capacity_factor) || cfg->eval_capacity_factor < 0.0)
+        CCR_FAIL(ctx, CCR_EINVAL,
+                 "gate switch: eval_capacity_factor %g must be finite and >= 0 (0 = no limit)",
+                 cfg->eval_capacity_factor);
     if (!isfinite(cfg->aux_alpha) || cfg->aux_alpha < 0.0)
         CCR_FAIL(ctx, CCR_EINVAL, "gate switch: aux_alpha %g must be finite and >= 0",
                  cfg->aux_alpha);
@@ -89,6 +101,7 @@ static ccr_status switch_init(void *state, ccr_ctx *ctx, const ccr_gate_config *
     CCR_TRY(gate_router_init(&s->r, ctx, "switch", cfg->d_in, n, cfg->z_loss, max_batch));
     s->n = n;
     s->capacity_factor = cfg->capacity_factor;
+    s->eval_capacity_factor = cfg->eval_capacity_factor;
     s->aux_alpha = cfg->aux_alpha;
     s->randomize = cfg->randomize;
     s->ids = ccr_mallocn(max_batch, sizeof *s->ids);
@@ -135,11 +148,20 @@ static ccr_status switch_init_params(void *state, gsl_rng *rng)
     return gate_router_init_params(&s->r, s->randomize ? 1.0 / sqrt(d) : sqrt(0.1 / d), rng);
 }
 
-/* C = ceil(cf * batch / E) clamped to [1, batch]; the clamp happens in
- * double, so a huge factor never becomes a huge integer. */
-static size_t switch_capacity(double cf, size_t batch, size_t n)
+size_t ccr_switch_capacity(double cf, size_t batch, size_t n_experts)
 {
-    double c = ceil(cf * (double)batch / (double)n);
+    if (batch == 0 || n_experts == 0 || !isfinite(cf) || cf < 0.0)
+        return 0;
+    if (cf == 0.0)
+        return batch; /* no limit */
+    /* q = cf B / E carries at most ~3 roundings of relative size 2^-53 (cf
+     * itself, the product, the quotient): a q within 8 ulp of an integer is
+     * that integer (cf = 1.1, B = 100, E = 10 gives 11.000000000000002 in
+     * double, which is 11), any other q is rounded up.  The clamp happens in
+     * double, so a huge factor never becomes a huge integer. */
+    const double q = cf * (double)batch / (double)n_experts;
+    const double r = nearbyint(q);
+    double c = fabs(q - r) <= 8.0 * DBL_EPSILON * fabs(q) ? r : ceil(q);
     if (!(c >= 1.0))
         return 1;
     if (c >= (double)batch)
@@ -151,12 +173,12 @@ static ccr_status switch_forward(void *state, const float *x, size_t batch, bool
                                  gsl_rng *rng, ccr_route *route, ccr_gate_stats *stats)
 {
     switch_state *s = state;
-    CCR_UNUSED(train);
     CCR_UNUSED(rng);
     const size_t n = s->n;
     double loss_z;
     CCR_TRY(gate_router_forward(&s->r, x, batch, &loss_z));
-    const size_t cap = switch_capacity(s->capacity_factor, batch, n);
+    const size_t cap = ccr_switch_capacity(train ? s->capacity_factor : s->eval_capacity_factor,
+                                           batch, n);
     for (size_t i = 0; i < n; i++) {
         s->chosen[i] = 0;
         s->kept[i] = 0;
@@ -279,4 +301,7 @@ const ccr_gate_type ccr_gate_switch = {
     .matrices_per_example = switch_matrices_per_example,
     .n_exports = switch_n_exports,
     .get_export = switch_get_export,
+    .options = CCR_GATE_OPT_N_EXPERTS | CCR_GATE_OPT_CAPACITY_FACTOR |
+               CCR_GATE_OPT_EVAL_CAPACITY_FACTOR | CCR_GATE_OPT_AUX_ALPHA | CCR_GATE_OPT_Z_LOSS |
+               CCR_GATE_OPT_RANDOMIZE,
 };

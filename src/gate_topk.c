@@ -255,4 +255,7 @@ const ccr_gate_type ccr_gate_topk = {
     .matrices_per_example = topk_matrices,
     .n_exports = topk_n_exports,
     .get_export = topk_get_export,
+    .options = CCR_GATE_OPT_N_EXPERTS | CCR_GATE_OPT_K | CCR_GATE_OPT_W_IMPORTANCE |
+               CCR_GATE_OPT_W_LOAD | CCR_GATE_OPT_Z_LOSS | CCR_GATE_OPT_NOISE_EPS |
+               CCR_GATE_OPT_RANDOMIZE,
 };

@@ -500,7 +500,51 @@ ccr_status ccr_net_eval(ccr_net *net, const float *x, const int32_t *labels, siz
     return CCR_OK;
 }
 
-/* "784;linear:256;relu;linear:10": the architecture, stored in checkpoints. */
+/* The structural options of a conditional layer's gate, in the order the
+ * architecture string lists them (those the gate uses only). */
+static int net_describe_gate(char *buf, size_t len, const ccr_gate *g)
+{
+    static const ccr_gate_option opts[] = {
+        CCR_GATE_OPT_N_EXPERTS, CCR_GATE_OPT_K, CCR_GATE_OPT_N_GROUPS, CCR_GATE_OPT_K_GROUPS,
+        CCR_GATE_OPT_K2, CCR_GATE_OPT_DEPTH, CCR_GATE_OPT_COMBINE, CCR_GATE_OPT_BITS_FROM,
+    };
+    const ccr_gate_type *t = ccr_gate_get_type(g);
+    const ccr_gate_config *gc = ccr_gate_get_config(g);
+    int w = 0;
+    for (size_t i = 0; i < sizeof opts / sizeof opts[0] && w >= 0 && (size_t)w < len; i++) {
+        if (!ccr_gate_type_uses(t, opts[i]))
+            continue;
+        const char *name = ccr_gate_option_name(opts[i]);
+        switch (opts[i]) {
+        case CCR_GATE_OPT_COMBINE:
+            w += snprintf(buf + w, len - (size_t)w, ":%s=%s", name,
+                          gc->combine == CCR_COMBINE_LEAF ? "leaf" : "path");
+            break;
+        case CCR_GATE_OPT_BITS_FROM:
+            w += snprintf(buf + w, len - (size_t)w, ":%s=%s", name,
+                          gc->bits_from == CCR_BITS_INPUT ? "input" : "projection");
+            break;
+        default: {
+            size_t v = opts[i] == CCR_GATE_OPT_N_EXPERTS ? gc->n_experts
+                       : opts[i] == CCR_GATE_OPT_K       ? gc->k
+                       : opts[i] == CCR_GATE_OPT_N_GROUPS ? gc->n_groups
+                       : opts[i] == CCR_GATE_OPT_K_GROUPS ? gc->k_groups
+                       : opts[i] == CCR_GATE_OPT_K2      ? gc->k2
+                                                          : gc->depth;
+            w += snprintf(buf + w, len - (size_t)w, ":%s=%zu", name, v);
+        }
+        }
+    }
+    if (w >= 0 && (size_t)w < len)
+        w += snprintf(buf + w, len - (size_t)w, ":matrices=%zu", ccr_gate_n_matrices(g));
+    return w;
+}
+
+/* "784;linear:256;relu;linear:10": the architecture, stored in checkpoints
+ * (format in docs/DESIGN.md).  A conditional layer is
+ * "cond:GATE:D_OUT" followed by ":option=value" for each structural option
+ * its gate uses and ":matrices=N", e.g.
+ * "cond:hmoe:128:n_experts=8:n_groups=2:k_groups=2:k2=2:matrices=8". */
 static void net_describe(const ccr_net *net, char *buf, size_t len)
 {
     int w = snprintf(buf, len, "%zu", net->d_in);
@@ -510,10 +554,10 @@ static void net_describe(const ccr_net *net, char *buf, size_t len)
             w += snprintf(buf + w, len - (size_t)w, ";%s", ccr_act_name(l->act));
         } else if (l->cond != NULL) {
             const ccr_gate *g = ccr_cond_gate(l->cond);
-            const ccr_gate_config *gc = ccr_gate_get_config(g);
-            w += snprintf(buf + w, len - (size_t)w, ";cond:%s:%zu:E%zu:k%zu:a%zu:k%zu:d%zu:m%zu",
-                          ccr_gate_get_type(g)->name, l->d_out, gc->n_experts, gc->k,
-                          gc->n_groups, gc->k2, gc->depth, ccr_gate_n_matrices(g));
+            w += snprintf(buf + w, len - (size_t)w, ";cond:%s:%zu", ccr_gate_get_type(g)->name,
+                          l->d_out);
+            if (w >= 0 && (size_t)w < len)
+                w += net_describe_gate(buf + w, len - (size_t)w, g);
         } else
             w += snprintf(buf + w, len - (size_t)w, ";%s:%zu", l->ops->kind, l->d_out);
     }

@@ -20,7 +20,7 @@ trap 'rm -rf "$tmp"' EXIT
 
 "$prog" --quick --seed 2 --out "$tmp/r.jsonl" 2>"$tmp/err" || { cat "$tmp/err"; exit 1; }
 $py "$src/analysis/check_results.py" "$tmp/r.jsonl" --min-records 2 \
-  --require gate,experts,k,k2,groups,experts_per_example,epoch,params,flops_analytic,flops_counted,gate_flops,epoch_seconds,test_acc,test_loss \
+  --require gate,experts,k,k_groups,k2,groups,experts_per_example,epoch,params,flops_analytic,flops_counted,gate_flops,epoch_seconds,test_acc,test_loss \
   --finite params,flops_analytic,flops_counted,flops_train_analytic,flops_train_counted,gate_flops,gate_flops_train,expert_flops,test_loss,test_acc,train_loss,train_cv_importance,train_cv_load,train_cv_load_count,train_max_mean_load,train_max_mean_count,test_cv_importance,test_cv_load_count,test_max_mean_count,epoch_seconds,seconds \
   --equal flops_counted=flops_analytic,flops_train_counted=flops_train_analytic
 $py - "$tmp/r.jsonl" <<'PY'
@@ -29,12 +29,12 @@ recs = [json.loads(l) for l in open(sys.argv[1])]
 assert [r["gate"] for r in recs] == ["topk", "hmoe"], [r["gate"] for r in recs]
 flat, hier = recs
 assert flat["experts"] == hier["experts"] == 8
-assert flat["k"] == hier["k"] * hier["k2"] == flat["experts_per_example"] == hier["experts_per_example"]
+assert flat["k"] == hier["k_groups"] * hier["k2"] == flat["experts_per_example"] == hier["experts_per_example"]
 assert flat["expert_flops"] == hier["expert_flops"]
 d = 784
 assert flat["gate_flops"] == 2 * d * 8                                   # x W_g
 a, b = hier["groups"], hier["experts"] // hier["groups"]
-assert hier["gate_flops"] == 2 * d * a + hier["k"] * 2 * d * b           # primary + k secondary
+assert hier["gate_flops"] == 2 * d * a + hier["k_groups"] * 2 * d * b           # primary + k secondary
 # Same bank work: the analytic FLOPs differ by the gate FLOPs only.
 assert flat["flops_analytic"] - flat["gate_flops"] == hier["flops_analytic"] - hier["gate_flops"]
 for r in recs:
@@ -43,7 +43,7 @@ print("driver_hier: ok", [(r["gate"], r["test_acc"]) for r in recs])
 PY
 
 # Bad arguments: exit 2, one line on stderr, no output file.
-for args in "--gate moe" "--experts -8" "--experts 0" "--k 0" "--groups 3" "--k2 9" \
+for args in "--gate moe" "--experts -8" "--experts 0" "--k-groups 0" "--k 2" "--groups 3" "--k2 9" \
             "--epochs 0" "--lr -1" "--data /nonexistent" "--max-train 999999"; do
   rc=0
   # shellcheck disable=SC2086

@@ -183,7 +183,8 @@ ccr_gate_config topk_cfg(size_t d, size_t e, size_t k)
 
 ccr_gate_config hmoe_cfg(size_t d, size_t a, size_t bs, size_t k, size_t k2)
 {
-    ccr_gate_config c = topk_cfg(d, a * bs, k);
+    ccr_gate_config c = topk_cfg(d, a * bs, 1);
+    c.k_groups = k;
     c.n_groups = a;
     c.k2 = k2;
     return c;
@@ -294,7 +295,7 @@ static double gc_loss(void *u, int32_t *sig, size_t *nsig)
     gc *t = u;
     const ccr_gate_config *c = ccr_gate_get_config(t->v.g);
     const bool hm = ccr_gate_get_type(t->v.g) == &ccr_gate_hmoe, train = t->train;
-    const size_t d = c->d_in, k = c->k, a = hm ? c->n_groups : c->n_experts;
+    const size_t d = c->d_in, k = hm ? c->k_groups : c->k, a = hm ? c->n_groups : c->n_experts;
     const size_t bs = hm ? c->n_experts / a : 1, k2 = hm ? c->k2 : 1, e = a * bs;
     const float *pg = env_param(&t->v, hm ? "gate.primary.w_g" : "gate.w_g");
     const float *pn = env_param(&t->v, hm ? "gate.primary.w_noise" : "gate.w_noise");
@@ -618,6 +619,7 @@ void check_grad(const ccr_gate_type *type, size_t n, double cf, bool zero_r)
     /* Without the task term, larger coefficients make the aux gradients dominate. */
     c.aux_alpha = zero_r ? 4.0 : 0.5;
     c.z_loss = zero_r ? 0.5 : 0.1;
+    c.w_importance = zero_r ? 2.0 : 0.5; /* dense's importance loss */
     c.capacity_factor = cf;
     tgate t;
     tgate_make(&t, type, &c, FD_B, 11);
@@ -653,6 +655,8 @@ void check_grad(const ccr_gate_type *type, size_t n, double cf, bool zero_r)
         ck_assert(st.loss_switch > 0.0);
     }
     ck_assert(st.loss_z > 0.0);
+    if (type == &ccr_gate_dense) /* the importance term is in the checked loss */
+        ck_assert(st.loss_importance > 0.0);
     CCR_CK_OK(ctx, ccr_arena_zero_grad(t.a));
     memset(dx, 0, sizeof dx);
     ccr_gate_bwd_args ba = {.x = x, .batch = FD_B, .dweights = rf, .dx = dx};

@@ -348,6 +348,22 @@ END_TEST
 
 START_TEST(test_gates_cond)
 {
+    /* Gate selection, options, route counts and the Switch capacity. */
+    const ccr_gate_type *gt = NULL;
+    EINVAL_(ccr_gate_type_lookup(ctx, NULL, &gt));
+    EINVAL_(ccr_gate_type_lookup(ctx, "topk", NULL));
+    EINVAL_(ccr_gate_type_lookup(NULL, "no-such-gate", &gt));
+    ck_assert_ptr_null(gt);
+    ck_assert(!ccr_gate_type_uses(NULL, CCR_GATE_OPT_N_EXPERTS));
+    ck_assert_ptr_null(ccr_gate_option_name((ccr_gate_option)0));
+    ck_assert_ptr_null(ccr_gate_option_name((ccr_gate_option)3));   /* two bits */
+    size_t cnt[2] = {0, 0};
+    EINVAL_(ccr_route_counts(ctx, NULL, cnt, 2, NULL));
+    ck_assert_uint_eq(ccr_switch_capacity(1.25, 0, 8), 0);
+    ck_assert_uint_eq(ccr_switch_capacity(NAN, 16, 8), 0);
+    ck_assert_uint_eq(ccr_switch_capacity(1.25, 16, 0), 0);
+    ck_assert_int_eq(ccr_cond_config_bank(NULL), CCR_BANK_FFN);
+    ck_assert_int_eq(ccr_cond_bank(NULL), CCR_BANK_FFN);
     ck_assert_ptr_nonnull(ccr_gate_types());
     ck_assert_ptr_null(ccr_gate_type_find(NULL));
     ck_assert_ptr_null(ccr_gate_type_find("no-such-gate"));

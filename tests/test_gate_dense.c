@@ -3,7 +3,8 @@
  *
  * Known answers computed here in double: none routes every example to its
  * one matrix with weight 1; dense weights are the softmax of x W_g and the
- * z-loss is z mean_b lse_b^2 (ST-MoE eq. 5).  Gradients of L = sum r w +
+ * z-loss is z mean_b lse_b^2 (ST-MoE eq. 5) and the importance loss
+ * w_importance CV(sum_b p)^2 (Shazeer eqs. 6-7).  Gradients of L = sum r w +
  * aux_loss are checked by central differences against every gate parameter
  * and every input.  Bad configurations fail with CCR_EINVAL naming the
  * option and leave the output untouched.  The switch gate is in
@@ -100,7 +101,11 @@ START_TEST(test_dense_softmax)
         ck_assert_double_eq_tol(sum, 1.0, 1e-6);
     }
     ck_assert_double_eq_tol(st.loss_z, 0.01 * zsum / 5, 1e-7);
-    ck_assert_double_eq_tol(st.aux_loss, st.loss_z, 1e-12);
+    /* Shazeer's importance loss (eqs. 6-7) applies to dense too. */
+    ck_assert(c.w_importance == 0.1);
+    ck_assert_double_eq_tol(st.loss_importance, 0.1 * ref_cv2(imp, 4), 1e-7);
+    ck_assert(st.loss_importance > 0.0);
+    ck_assert_double_eq_tol(st.aux_loss, st.loss_importance + st.loss_z, 1e-12);
     const float *ie = export_of(&t, "importance", 4), *le = export_of(&t, "load", 4);
     for (size_t s = 0; s < 4; s++) {
         ck_assert_double_eq_tol(ie[s], imp[s], 1e-5);
@@ -163,13 +168,29 @@ START_TEST(test_config_errors)
     ccr_gate_config c = base_cfg(3, 4);
     c.z_loss = -1.0;
     expect_einval(&ccr_gate_dense, &c, "z_loss");
+    c.z_loss = 0.0;
+    c.w_importance = -0.5;
+    expect_einval(&ccr_gate_dense, &c, "w_importance");
+    c.w_importance = NAN;
+    expect_einval(&ccr_gate_dense, &c, "w_importance");
+    c.w_importance = 0.1;
     c.z_loss = NAN;
     expect_einval(&ccr_gate_dense, &c, "z_loss");
     c = base_cfg(3, 0);
     expect_einval(&ccr_gate_dense, &c, "n_experts");
-    expect_einval(&ccr_gate_none, &c, "n_experts");
-    c = base_cfg(3, 2);
-    expect_einval(&ccr_gate_none, &c, "n_experts");
+    /* none reads no option: any n_experts (and the rest) is accepted and
+     * it routes to its one matrix, so gates swap by name alone. */
+    const size_t any_e[3] = {0, 2, 8};
+    for (int i = 0; i < 3; i++) {
+        c = base_cfg(3, any_e[i]);
+        c.k = 0;
+        c.capacity_factor = -1.0;
+        ccr_gate *g = NULL;
+        CCR_CK_OK(ctx, ccr_gate_alloc(ctx, &ccr_gate_none, &c, 2, &g));
+        ck_assert_uint_eq(ccr_gate_n_matrices(g), 1);
+        ck_assert_uint_eq(ccr_gate_slots(g), 1);
+        ccr_gate_free(g);
+    }
     /* Good configurations at the edges are accepted. */
     c = base_cfg(3, 1);
     c.capacity_factor = 1e-300;

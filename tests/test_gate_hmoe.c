@@ -21,7 +21,7 @@ END_TEST
 static void ref_hmoe(env *v, const ccr_gate_config *c, const float *x, size_t B, bool train,
                      int32_t *ids, double *w, double *imp, double *load)
 {
-    const size_t d = c->d_in, a = c->n_groups, bs = c->n_experts / a, k = c->k, k2 = c->k2;
+    const size_t d = c->d_in, a = c->n_groups, bs = c->n_experts / a, k = c->k_groups, k2 = c->k2;
     const float *pg = env_param(v, "gate.primary.w_g"), *pn = env_param(v, "gate.primary.w_noise");
     const float *sg = env_param(v, "gate.secondary.w_g"), *sn = env_param(v, "gate.secondary.w_noise");
     const float *np = env_export(v, "noise.primary", NULL);
@@ -64,7 +64,7 @@ static void ref_hmoe(env *v, const ccr_gate_config *c, const float *x, size_t B,
 
 static void hmoe_check_case(ccr_gate_config c, size_t B, bool train, unsigned long seed)
 {
-    const size_t e = c.n_experts, slots = c.k * c.k2;
+    const size_t e = c.n_experts, slots = c.k_groups * c.k2;
     c.randomize = true;
     env v;
     env_open(&v, &ccr_gate_hmoe, &c, B, seed);
@@ -99,7 +99,7 @@ static void hmoe_check_case(ccr_gate_config c, size_t B, bool train, unsigned lo
         for (size_t b = 0; b < B; b++) {
             for (size_t i = 0; i < a; i++)
                 ck_assert_float_eq(np[b * a + i], (float)gsl_ran_gaussian(r2, 1.0));
-            for (size_t p = 0; p < c.k; p++) {
+            for (size_t p = 0; p < c.k_groups; p++) {
                 size_t grp = (size_t)r.ids[b * slots + p * c.k2] / bs;
                 for (size_t j = 0; j < bs; j++)
                     ck_assert_float_eq(ns[(b * a + grp) * bs + j],
@@ -215,8 +215,8 @@ END_TEST
 
 START_TEST(hmoe_config_errors)
 {
-    noisy_expect_einval(&ccr_gate_hmoe, hmoe_cfg(4, 4, 2, 0, 1), "k");
-    noisy_expect_einval(&ccr_gate_hmoe, hmoe_cfg(4, 4, 2, 5, 1), "k");
+    noisy_expect_einval(&ccr_gate_hmoe, hmoe_cfg(4, 4, 2, 0, 1), "k_groups");
+    noisy_expect_einval(&ccr_gate_hmoe, hmoe_cfg(4, 4, 2, 5, 1), "k_groups");
     noisy_expect_einval(&ccr_gate_hmoe, hmoe_cfg(4, 4, 2, 2, 3), "k2");
     noisy_expect_einval(&ccr_gate_hmoe, hmoe_cfg(4, 4, 2, 2, 0), "k2");
     ccr_gate_config c = hmoe_cfg(4, 4, 2, 2, 1);

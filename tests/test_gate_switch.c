@@ -202,6 +202,82 @@ START_TEST(test_switch_capacity_clamp)
 }
 END_TEST
 
+START_TEST(test_switch_capacity_exact)
+{
+    /* Products that are integers in decimal give that integer, although the
+     * double product lies just above it (ceil of 11.000000000000002 is 12). */
+    ck_assert_uint_eq(ccr_switch_capacity(1.1, 100, 10), 11);
+    ck_assert_uint_eq(ccr_switch_capacity(2.2, 45, 9), 11);
+    ck_assert_uint_eq(ccr_switch_capacity(1.1, 90, 3), 33);
+    ck_assert_uint_eq(ccr_switch_capacity(2.3, 100, 10), 23);  /* 22.999999999999996 */
+    /* Non-integer products round up. */
+    ck_assert_uint_eq(ccr_switch_capacity(0.7, 10, 3), 3);      /* 2.33 */
+    ck_assert_uint_eq(ccr_switch_capacity(1.25, 10, 4), 4);     /* 3.125 */
+    ck_assert_uint_eq(ccr_switch_capacity(1.1, 7, 3), 3);       /* 2.57 */
+    ck_assert_uint_eq(ccr_switch_capacity(1.0000001, 100, 10), 11);
+    ck_assert_uint_eq(ccr_switch_capacity(0.9999999, 100, 10), 10);
+    ck_assert_uint_eq(ccr_switch_capacity(1.25, 128, 8), 20);
+    /* Clamps, no limit, neutral values. */
+    ck_assert_uint_eq(ccr_switch_capacity(1e-9, 10, 2), 1);
+    ck_assert_uint_eq(ccr_switch_capacity(5.0, 10, 2), 10);
+    ck_assert_uint_eq(ccr_switch_capacity(1.7e308, 10, 2), 10);
+    ck_assert_uint_eq(ccr_switch_capacity(0.0, 12, 4), 12);
+    ck_assert_uint_eq(ccr_switch_capacity(-1.0, 12, 4), 0);
+    ck_assert_uint_eq(ccr_switch_capacity(NAN, 12, 4), 0);
+    ck_assert_uint_eq(ccr_switch_capacity(1.0, 0, 4), 0);
+    ck_assert_uint_eq(ccr_switch_capacity(1.0, 12, 0), 0);
+    /* The gate uses it: B = 100, E = 2, cf = 1.1 gives C = 55; 60 examples
+     * prefer expert 0, so 5 drop (ceil of the double product kept 56). */
+    ccr_gate_config c = base_cfg(2, 2);
+    c.capacity_factor = 1.1;
+    tgate t;
+    tgate_make(&t, &ccr_gate_switch, &c, 100, 1);
+    set_identity(&t);
+    int pref[100];
+    for (size_t b = 0; b < 100; b++)
+        pref[b] = b < 60 ? 0 : 1;
+    float x[200];
+    prefs_to_x(pref, 100, x);
+    ccr_route r;
+    ccr_gate_stats st;
+    fwd(&t, x, 100, &r, &st);
+    ck_assert_uint_eq(st.dropped, 5);
+    ck_assert(export_of(&t, "load", 2)[0] == 55.0f);
+    tgate_free(&t);
+}
+END_TEST
+
+START_TEST(test_switch_eval_capacity)
+{
+    /* Training capacity C = ceil(0.5 * 10 / 2) = 3; evaluation drops
+     * nothing by default (eval_capacity_factor 0), and uses its own factor
+     * when one is given. */
+    const int pref[10] = {0, 0, 1, 0, 0, 0, 1, 0, 0, 1};
+    float x[20];
+    prefs_to_x(pref, 10, x);
+    const double eval_cf[3] = {0.0, 0.5, 0.8};
+    const size_t want_eval[3] = {0, 7 - 3, 7 - 4}; /* caps 10, 3, 4; 7 prefer expert 0 */
+    for (int i = 0; i < 3; i++) {
+        ccr_gate_config c = base_cfg(2, 2);
+        c.capacity_factor = 0.5;
+        c.eval_capacity_factor = eval_cf[i];
+        tgate t;
+        tgate_make(&t, &ccr_gate_switch, &c, 10, 1);
+        set_identity(&t);
+        ccr_route r;
+        ccr_gate_stats st;
+        fwd(&t, x, 10, &r, &st); /* train */
+        ck_assert_uint_eq(st.dropped, 4);
+        CCR_CK_OK(ctx, ccr_gate_forward(t.g, x, 10, false, NULL, &r, &st));
+        ck_assert_uint_eq(st.dropped, want_eval[i]);
+        if (eval_cf[i] == 0.0)
+            for (size_t b = 0; b < 10; b++)
+                ck_assert_int_eq(r.ids[b], pref[b]);
+        tgate_free(&t);
+    }
+}
+END_TEST
+
 START_TEST(test_switch_uniform_aux_is_alpha)
 {
     /* Row b has logit 2 at expert b % 4, 0 elsewhere: by symmetry f_i = P_i = 1/4. */
@@ -246,6 +322,12 @@ START_TEST(test_config_errors)
         expect_einval(&ccr_gate_switch, &c, "capacity_factor");
     }
     c = base_cfg(3, 4);
+    const double bad_eval[3] = {-1.0, NAN, INFINITY};
+    for (int i = 0; i < 3; i++) {
+        c.eval_capacity_factor = bad_eval[i];
+        expect_einval(&ccr_gate_switch, &c, "eval_capacity_factor");
+    }
+    c = base_cfg(3, 4);
     c.aux_alpha = -0.01;
     expect_einval(&ccr_gate_switch, &c, "aux_alpha");
     c.aux_alpha = NAN;
@@ -284,6 +366,8 @@ static Suite *suite(void)
     tcase_add_test(tc, test_switch_argmax_ties);
     tcase_add_test(tc, test_switch_drops_and_aux);
     tcase_add_test(tc, test_switch_capacity_clamp);
+    tcase_add_test(tc, test_switch_capacity_exact);
+    tcase_add_test(tc, test_switch_eval_capacity);
     tcase_add_test(tc, test_switch_uniform_aux_is_alpha);
     suite_add_tcase(s, tc);
     TCase *tg = tcase_create("grad");

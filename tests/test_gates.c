@@ -55,7 +55,7 @@ static size_t n_types(void)
     return n;
 }
 
-/* A valid, small configuration for each gate; E = 8 except none (1). */
+/* A valid, small configuration for each gate (none ignores n_experts). */
 static ccr_cond_config config_for(const ccr_gate_type *t, ccr_bank_kind bank)
 {
     ccr_cond_config c = ccr_cond_config_default();
@@ -64,9 +64,10 @@ static ccr_cond_config config_for(const ccr_gate_type *t, ccr_bank_kind bank)
     c.d_in = D_IN;
     c.d_out = D_OUT;
     c.hidden = HID;
-    c.gate_cfg.n_experts = strcmp(t->name, "none") == 0 ? 1 : 8;
+    c.gate_cfg.n_experts = 8;
     c.gate_cfg.k = 2;
     c.gate_cfg.n_groups = 2;
+    c.gate_cfg.k_groups = 2;
     c.gate_cfg.k2 = 2;
     c.gate_cfg.depth = 3;
     c.gate_cfg.capacity_factor = 1.0;
@@ -211,12 +212,15 @@ START_TEST(test_bad_configs)
         CCR_CK_STATUS(ctx, ccr_cond_alloc(be, &cfg, B, &c), CCR_EINVAL);
         /* Fits the gate but the bank would be too large for memory. */
         cfg.gate_cfg.depth = 28;
-        CCR_CK_STATUS(ctx, ccr_cond_alloc(be, &cfg, B, &c), CCR_EINVAL);
+        CCR_CK_STATUS(ctx, ccr_cond_alloc(be, &cfg, B, &c), CCR_ENOMEM);
     } else if (strcmp(t->name, "dense") == 0) {
         cfg.gate_cfg.n_experts = 0;
         CCR_CK_STATUS(ctx, ccr_cond_alloc(be, &cfg, B, &c), CCR_EINVAL);
     } else if (strcmp(t->name, "none") == 0) {
-        cfg.gate_cfg.n_experts = 2;
+        /* none reads no option: n_experts 2 is accepted (ignored), see
+         * test_gate_config.c; an unknown gate name is refused instead. */
+        cfg.gate = NULL;
+        cfg.gate_name = "nonee";
         CCR_CK_STATUS(ctx, ccr_cond_alloc(be, &cfg, B, &c), CCR_EINVAL);
     }
     ck_assert_ptr_eq(c, (ccr_cond *)0x1);
@@ -429,6 +433,7 @@ START_TEST(test_residual)
         ccr_cond_config cfg = config_for(t, CCR_BANK_FFN);
         cfg.d_out = D;
         cfg.gate_cfg.capacity_factor = 0.5;  /* switch: capacity 1, drops */
+        cfg.gate_cfg.eval_capacity_factor = 0.5;  /* in evaluation too */
         cfg.residual = res;
         c[res] = make_cond(&cfg, &a[res], 33);
     }

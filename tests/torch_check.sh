@@ -31,8 +31,9 @@ done <<'EOF'
 --gate topk --experts 4 --k 5
 --gate topk --experts 4 --k 0
 --gate hmoe --experts 6 --groups 4
---gate hmoe --experts 8 --groups 4 --k 5
+--gate hmoe --experts 8 --groups 4 --k-groups 5
 --gate switch --capacity-factor 0
+--gate switch --eval-capacity-factor -1
 --gate signtree --depth 9 --bits-from input --d-in 8
 --gate signtree --combine middle
 --gate dense --bank sparse
@@ -72,18 +73,22 @@ none-ffn|--gate none --d-in 7 --d-out 5 --hidden 9 --batch 12 --seed 1
 none-linear|--gate none --bank linear --d-in 6 --d-out 4 --batch 8 --seed 2
 dense-ffn-z|--gate dense --experts 5 --randomize --z-loss 0.01 --batch 16 --seed 3
 dense-linear-zero|--gate dense --bank linear --experts 3 --batch 10 --seed 4
+dense-importance|--gate dense --experts 4 --randomize --w-importance 0.7 --batch 12 --seed 35
 topk-train|--gate topk --experts 6 --k 2 --train --randomize --batch 24 --seed 5
 topk-train-zero-z|--gate topk --experts 5 --k 2 --train --z-loss 0.01 --batch 16 --seed 6
 topk-train-k1-linear|--gate topk --experts 4 --k 1 --train --randomize --bank linear --w-importance 0.5 --w-load 0.7 --noise-eps 0.05 --batch 20 --seed 7
 topk-train-kE|--gate topk --experts 3 --k 3 --train --randomize --batch 12 --seed 8
 topk-eval|--gate topk --experts 6 --k 2 --randomize --z-loss 0.02 --batch 16 --seed 9
 topk-eval-zero|--gate topk --experts 4 --k 2 --batch 8 --seed 10
-hmoe-train|--gate hmoe --experts 12 --groups 3 --k 2 --k2 2 --train --randomize --z-loss 0.01 --batch 24 --seed 11
-hmoe-train-k1|--gate hmoe --experts 6 --groups 3 --k 1 --k2 1 --train --randomize --batch 16 --seed 12
-hmoe-train-all|--gate hmoe --experts 6 --groups 2 --k 2 --k2 3 --train --randomize --bank linear --batch 12 --seed 13
-hmoe-train-zero|--gate hmoe --experts 8 --groups 2 --k 1 --k2 2 --train --batch 16 --seed 14
-hmoe-eval|--gate hmoe --experts 6 --groups 3 --k 2 --k2 1 --randomize --z-loss 0.01 --batch 16 --seed 15
-switch-drops|--gate switch --experts 4 --capacity-factor 0.5 --randomize --aux-alpha 0.1 --z-loss 0.01 --batch 24 --seed 16
+hmoe-train|--gate hmoe --experts 12 --groups 3 --k-groups 2 --k2 2 --train --randomize --z-loss 0.01 --batch 24 --seed 11
+hmoe-train-k1|--gate hmoe --experts 6 --groups 3 --k-groups 1 --k2 1 --train --randomize --batch 16 --seed 12
+hmoe-train-all|--gate hmoe --experts 6 --groups 2 --k-groups 2 --k2 3 --train --randomize --bank linear --batch 12 --seed 13
+hmoe-train-zero|--gate hmoe --experts 8 --groups 2 --k-groups 1 --k2 2 --train --batch 16 --seed 14
+hmoe-eval|--gate hmoe --experts 6 --groups 3 --k-groups 2 --k2 1 --randomize --z-loss 0.01 --batch 16 --seed 15
+switch-drops|--gate switch --experts 4 --capacity-factor 0.5 --train --randomize --aux-alpha 0.1 --z-loss 0.01 --batch 24 --seed 16
+switch-eval-drops|--gate switch --experts 4 --capacity-factor 3 --eval-capacity-factor 0.55 --randomize --batch 20 --seed 32
+switch-eval-nolimit|--gate switch --experts 4 --capacity-factor 0.5 --randomize --batch 24 --seed 33
+switch-cap-decimal|--gate switch --experts 10 --capacity-factor 1.1 --train --randomize --d-in 12 --batch 100 --seed 34
 switch-nodrop|--gate switch --experts 3 --capacity-factor 3 --randomize --batch 12 --seed 17
 switch-zero|--gate switch --experts 4 --capacity-factor 1 --bank linear --batch 16 --seed 18
 st-path-proj-none|--gate signtree --depth 3 --grad-mode none --randomize --batch 16 --seed 19
@@ -96,7 +101,7 @@ st-leaf-input-none|--gate signtree --depth 2 --combine leaf --bits-from input --
 st-leaf-input-ste|--gate signtree --depth 3 --combine leaf --bits-from input --grad-mode ste --batch 16 --seed 26
 st-path-ffn-ste|--gate signtree --depth 2 --bank ffn --grad-mode ste --randomize --batch 12 --seed 27
 st-path-zero-ste|--gate signtree --depth 2 --grad-mode ste --batch 8 --seed 28
-switch-drops-residual|--gate switch --experts 4 --capacity-factor 0.5 --randomize --residual --d-in 6 --d-out 6 --batch 24 --seed 29
+switch-drops-residual|--gate switch --experts 4 --capacity-factor 0.5 --train --randomize --residual --d-in 6 --d-out 6 --batch 24 --seed 29
 st-path-ste-residual|--gate signtree --depth 2 --grad-mode ste --randomize --residual --d-in 5 --d-out 5 --batch 12 --seed 30
 topk-train-residual|--gate topk --experts 5 --k 2 --train --randomize --residual --d-in 7 --d-out 7 --batch 16 --seed 31
 EOF

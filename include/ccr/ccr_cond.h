@@ -23,8 +23,8 @@
  * Runs on the CPU backend (host memory); other backends get CCR_EUNSUP.
  *
  *     ccr_cond_config cc = ccr_cond_config_default();
- *     cc.gate = ccr_gate_type_find("topk");
- *     cc.gate_cfg.n_experts = 16; cc.gate_cfg.k = 2;
+ *     cc.gate_name = "topk";            // or cc.gate = &ccr_gate_topk
+ *     cc.gate_cfg.n_experts = 16;       // the rest: the drivers' defaults
  *     cc.d_in = 64; cc.d_out = 64; cc.hidden = 128;
  *     ccr_cond *c;
  *     ccr_cond_alloc(be, &cc, max_batch, &c);
@@ -49,11 +49,15 @@ CCR_BEGIN_DECLS
 
 typedef enum ccr_bank_kind {
     CCR_BANK_FFN = 0,    /* d_in -> hidden (ReLU) -> d_out */
-    CCR_BANK_LINEAR = 1  /* d_in -> d_out */
+    CCR_BANK_LINEAR = 1, /* d_in -> d_out */
+    CCR_BANK_DEFAULT = 2 /* the gate's own: linear for signtree (Cho & Bengio's W_p),
+                            FFN otherwise (ccr_gate_type.linear_bank) */
 } ccr_bank_kind;
 
 typedef struct ccr_cond_config {
-    const ccr_gate_type *gate;  /* required */
+    const ccr_gate_type *gate;  /* the gate; if NULL, gate_name is looked up */
+    const char *gate_name;      /* used only when gate is NULL: "topk", ... (an
+                                   unknown name fails, naming it and the valid ones) */
     ccr_gate_config gate_cfg;   /* d_in is overwritten with the layer's d_in */
     ccr_bank_kind bank;
     size_t d_in, d_out;
@@ -65,14 +69,22 @@ typedef struct ccr_cond_config {
                                    forward (and d_in backward when dx is wanted). */
 } ccr_cond_config;
 
-/* Defaults: gate NULL, ccr_gate_config_default(), FFN bank, sizes 0, no
- * residual. */
+/* Defaults, the drivers' (one place): gate NULL (set gate or gate_name),
+ * ccr_gate_config_default(), bank CCR_BANK_DEFAULT (the gate's own),
+ * hidden 64, d_in = d_out = 0 (to set), no residual.  With only the gate
+ * (or its name) changed, every gate gets what the drivers give it. */
 ccr_cond_config ccr_cond_config_default(void);
+
+/* The bank kind a layer of cfg gets: cfg->bank, or the gate's own for
+ * CCR_BANK_DEFAULT (FFN if the gate is unknown; CCR_BANK_FFN, the enum's 0,
+ * for NULL). */
+ccr_bank_kind ccr_cond_config_bank(const ccr_cond_config *cfg);
 
 typedef struct ccr_cond ccr_cond;
 
 /* Allocates the layer and its gate with every workspace for max_batch.
- * Returns CCR_EINVAL (no gate, zero sizes, bad gate config), CCR_EUNSUP on a
+ * Returns CCR_EINVAL (no gate, an unknown gate_name, zero sizes, bad gate
+ * config), CCR_EUNSUP on a
  * non-CPU backend, CCR_ENOMEM. */
 ccr_status ccr_cond_alloc(ccr_backend *be, const ccr_cond_config *cfg, size_t max_batch,
                           ccr_cond **out);
@@ -94,6 +106,10 @@ ccr_status ccr_cond_forward(ccr_cond *c, const float *x, size_t batch, bool trai
  * included, with coefficient 1) into the arena; dx [batch, d_in] is
  * overwritten with dL/dx if not NULL. */
 ccr_status ccr_cond_backward(ccr_cond *c, const float *dy, float *dx);
+
+/* The bank kind the layer uses (never CCR_BANK_DEFAULT; CCR_BANK_FFN, the
+ * enum's 0, for NULL). */
+ccr_bank_kind ccr_cond_bank(const ccr_cond *c);
 
 /* The last routing table, the gate, sizes. */
 const ccr_route *ccr_cond_route(const ccr_cond *c);
