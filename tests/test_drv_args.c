@@ -147,10 +147,12 @@ static bool same_config(const ccr_cond_config *a, const ccr_cond_config *b)
     const ccr_gate_config *g = &a->gate_cfg, *h = &b->gate_cfg;
     return a->gate == b->gate && a->bank == b->bank && a->hidden == b->hidden &&
            g->n_experts == h->n_experts && g->k == h->k && g->n_groups == h->n_groups &&
-           g->k2 == h->k2 && g->depth == h->depth && g->combine == h->combine &&
-           g->bits_from == h->bits_from && g->grad_mode == h->grad_mode &&
-           g->capacity_factor == h->capacity_factor && g->w_importance == h->w_importance &&
-           g->w_load == h->w_load && g->aux_alpha == h->aux_alpha && g->z_loss == h->z_loss &&
+           g->k_groups == h->k_groups && g->k2 == h->k2 && g->depth == h->depth &&
+           g->combine == h->combine && g->bits_from == h->bits_from &&
+           g->grad_mode == h->grad_mode && g->capacity_factor == h->capacity_factor &&
+           g->eval_capacity_factor == h->eval_capacity_factor &&
+           g->w_importance == h->w_importance && g->w_load == h->w_load &&
+           g->aux_alpha == h->aux_alpha && g->z_loss == h->z_loss &&
            g->noise_eps == h->noise_eps && g->randomize == h->randomize;
 }
 
@@ -177,6 +179,7 @@ START_TEST(test_gate_options)
         {"--depth", "4x"},    {"--k2", NULL},       {"--gate", "moe"},   {"--gate", NULL},
         {"--noise-eps", "nan"}, {"--w-load", "-0.1"}, {"--capacity-factor", "inf"},
         {"--combine", "Leaf"}, {"--bank", ""},       {"--expert-hidden", "18446744073709551616"},
+        {"--k-groups", "0"},  {"--eval-capacity-factor", "-1"}, {"--eval-capacity-factor", "nan"},
     };
     ccr_cond_config before = c;
     for (size_t i = 0; i < N_OF(bad); i++) {
