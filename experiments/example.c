@@ -227,7 +227,7 @@ static double train(ccr_net *net, const ccr_dataset *ds, size_t n, size_t steps,
  * ds (evaluation mode), read from the routing table of each batch by
  * ccr_route_counts, the same for every gate: experts for the MoE gates,
  * every node on the root-to-leaf path for the sign-bit tree (node 0 is the
- * root).  counts[n_matrices]; batch holds n_matrices more as scratch. */
+ * root).  counts and batch (scratch) hold n_matrices each. */
 static void route_counts(ccr_net *net, const ccr_dataset *ds, size_t n, size_t *counts,
                          size_t *batch, size_t n_matrices)
 {
@@ -257,16 +257,17 @@ static void report(ccr_net *net, const ccr_dataset *test, size_t n_test, double 
     ccr_cond *cond;
     TRY(ccr_net_cond(net, COND_LAYER, &cond, NULL));
     size_t m = ccr_gate_n_matrices(ccr_cond_gate(cond));
-    size_t *counts = calloc(m, 2 * sizeof *counts);    /* calloc checks m x size */
-    if (counts == NULL) {
+    size_t *counts = calloc(m, sizeof *counts), *batch = calloc(m, sizeof *batch);
+    if (counts == NULL || batch == NULL) {
         fprintf(stderr, "ccr-example: out of memory\n");
         exit(1);
     }
-    route_counts(net, test, n_test, counts, counts + m, m);
+    route_counts(net, test, n_test, counts, batch, m);
     printf("          uses per matrix:");
     for (size_t i = 0; i < m; i++)
         printf(" %zu", counts[i]);
     printf("\n");
+    free(batch);
     free(counts);
 }
 

@@ -98,7 +98,7 @@ typedef struct ccr_gate_config {
     bool randomize;         /* gate weights from N(0, 1/d_in) instead of zeros */
 } ccr_gate_config;
 
-/* The defaults, the same as the drivers' (one place in the library): E = 8,
+/* The defaults, the same as the drivers' (defined in one place): E = 8,
  * k = 2, n_groups = 2, k_groups = 2, k2 = 2, depth 4, path, projection,
  * straight-through sign bits (grad_mode ste: the best-supported reading of
  * ccr-tree --readings, docs/GATES.md "signtree"), capacity_factor 1.25, eval_capacity_factor 0 (no limit),
