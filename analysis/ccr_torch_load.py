@@ -22,7 +22,8 @@ Conventions (docs/DESIGN.md, "Checkpoints"):
     y = x W + b), the transpose of ``torch.nn.Linear.weight``;
     ``to_torch_module`` transposes;
   * ``__metadata__`` holds ``format`` (``ccr.net``), ``ccr_version`` and
-    ``architecture``, e.g. ``784;linear:64;relu;cond:topk:10:E8:k2:a1:k1:d0:m8``.
+    ``architecture``, e.g. ``784;linear:64;relu;cond:topk:64:n_experts=8:k=2:matrices=8``
+    (grammar in docs/DESIGN.md, "Files").
 
 Conditional layers (``cond:...``) are parsed but have no torch module here;
 ``analysis/torch_check.py`` re-implements every gate in PyTorch.
@@ -61,30 +62,73 @@ def load(path, prefix="param."):
     return state, meta
 
 
+# The structural options of a conditional layer, in the order the
+# architecture string lists them (src/nn.c net_describe; docs/DESIGN.md,
+# "Files"), with their values' types.
+COND_OPTIONS = [("n_experts", int), ("k", int), ("n_groups", int), ("k_groups", int),
+                ("k2", int), ("depth", int), ("combine", ("path", "leaf")),
+                ("bits_from", ("projection", "input"))]
+
+
+def _count(v):
+    """A decimal size_t: digits only (no sign, no spaces)."""
+    if not v.isdigit() or not v.isascii():
+        raise ValueError(f"{v!r} is not a count")
+    return int(v)
+
+
+def _parse_cond(f):
+    """The dict of one "cond:GATE:D_OUT(:option=value)*:matrices=N" item
+    (f: its ":"-separated fields)."""
+    if len(f) < 4:
+        raise ValueError("cond: too few fields")
+    c = {"kind": "cond", "gate": f[1], "d_out": _count(f[2])}
+    if not f[1]:
+        raise ValueError("cond: empty gate name")
+    last, next_opt = f[-1], 0
+    if not last.startswith("matrices="):
+        raise ValueError(f"cond: last field {last!r} should be matrices=N")
+    c["n_matrices"] = _count(last[len("matrices="):])
+    for v in f[3:-1]:
+        key, eq, val = v.partition("=")
+        names = [n for n, _ in COND_OPTIONS]
+        if not eq or key not in names:
+            raise ValueError(f"cond: unknown field {v!r}")
+        i = names.index(key)
+        if i < next_opt:
+            raise ValueError(f"cond: option {key!r} repeated or out of order")
+        next_opt = i + 1
+        kind = COND_OPTIONS[i][1]
+        if kind is int:
+            c[key] = _count(val)
+        elif val in kind:
+            c[key] = val
+        else:
+            raise ValueError(f"cond: {key}={val!r}, want one of {', '.join(kind)}")
+    return c
+
+
 def parse_architecture(s):
     """The layers of an architecture string, as dicts:
     {"kind": "input", "d": d_in} first, then {"kind": "linear", "d_out": n},
     {"kind": "relu"} (tanh, sigmoid, identity), or {"kind": "cond",
-    "gate": name, "d_out": n, "n_experts", "k", "n_groups", "k2", "depth",
-    "n_matrices": ints}.  Raises ValueError on anything else."""
+    "gate": name, "d_out": n, "n_matrices": n} plus one key per option the
+    string lists (the gate's structural options: "n_experts", "k",
+    "n_groups", "k_groups", "k2", "depth" as ints, "combine" and
+    "bits_from" as strings), e.g. "cond:topk:64:n_experts=8:k=2:matrices=8".
+    Raises ValueError on anything else (the pre-issue-9 form
+    "cond:topk:64:E8:k2:a1:k1:d0:m8" included)."""
     parts = s.split(";")
     try:
-        layers = [{"kind": "input", "d": int(parts[0])}]
+        layers = [{"kind": "input", "d": _count(parts[0])}]
         for p in parts[1:]:
             f = p.split(":")
             if f[0] in ACTIVATIONS and len(f) == 1:
                 layers.append({"kind": f[0]})
             elif f[0] == "linear" and len(f) == 2:
-                layers.append({"kind": "linear", "d_out": int(f[1])})
-            elif f[0] == "cond" and len(f) == 9:
-                keys = [("E", "n_experts"), ("k", "k"), ("a", "n_groups"), ("k", "k2"),
-                        ("d", "depth"), ("m", "n_matrices")]
-                c = {"kind": "cond", "gate": f[1], "d_out": int(f[2])}
-                for (tag, key), v in zip(keys, f[3:]):
-                    if not v.startswith(tag):
-                        raise ValueError(f"field {v!r} should start with {tag!r}")
-                    c[key] = int(v[len(tag):])
-                layers.append(c)
+                layers.append({"kind": "linear", "d_out": _count(f[1])})
+            elif f[0] == "cond":
+                layers.append(_parse_cond(f))
             else:
                 raise ValueError(f"unknown layer {p!r}")
     except (ValueError, IndexError) as e:

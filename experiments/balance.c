@@ -150,9 +150,9 @@ int main(int argc, char **argv)
                             .max_tokens = o.max_tokens};
     ccr_corpus *cp;
     if ((s = ccr_corpus_load(ctx, o.corpus, &cc, &cp)) != CCR_OK)
-        drv_usage_error(PROG, "cannot load --corpus %s: %s", o.corpus, ccr_ctx_errmsg(ctx));
+        drv_input_error(PROG, ctx, s, "cannot load --corpus %s", o.corpus);
     if ((s = ccr_corpus_split(ctx, cp, rng, 0.0, o.test_frac)) != CCR_OK)
-        drv_usage_error(PROG, "split: %s", ccr_ctx_errmsg(ctx));
+        drv_input_error(PROG, ctx, s, "split");
     if (cp->n_train < 2 || cp->n_test < 1)
         drv_usage_error(PROG, "corpus too small: %zu train, %zu test tokens", cp->n_train,
                         cp->n_test);

@@ -39,6 +39,18 @@ void drv_fail(const char *prog, ccr_ctx *ctx, ccr_status s, const char *what)
     exit(1);
 }
 
+void drv_input_error(const char *prog, ccr_ctx *ctx, ccr_status s, const char *fmt, ...)
+{
+    bool memory = s == CCR_ENOMEM || s == CCR_EDEVMEM;
+    va_list ap;
+    fprintf(stderr, "%s: ", prog);
+    va_start(ap, fmt);
+    vfprintf(stderr, fmt, ap);
+    va_end(ap);
+    fprintf(stderr, ": %s%s\n", ccr_ctx_errmsg(ctx), memory ? " (out of memory)" : " (try --help)");
+    exit(memory ? 1 : 2);
+}
+
 bool drv_parse_common(const char *prog, const char *a, void (*usage)(void))
 {
     if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0) {

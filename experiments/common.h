@@ -23,6 +23,13 @@ void drv_usage_error(const char *prog, const char *fmt, ...)
 void drv_fail(const char *prog, ccr_ctx *ctx, ccr_status s, const char *what)
     __attribute__((noreturn));
 
+/* An input (data set, corpus) that cannot be loaded: prints "PROG:
+ * message: ctx message" and exits 1 if s is CCR_ENOMEM or CCR_EDEVMEM
+ * (the machine's memory, a runtime failure), else 2 (a missing, unreadable
+ * or malformed input: a usage error).  docs/DESIGN.md, "Exit codes". */
+void drv_input_error(const char *prog, ccr_ctx *ctx, ccr_status s, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5), noreturn));
+
 /* Option values.  The drv_scan_* functions never exit: they return false
  * (or DRV_OPT_BAD) with a one-line message in e->msg naming the flag, so
  * that tests and the option fuzzer can call them.  The drv_parse_* wrappers

@@ -152,32 +152,22 @@ static void make_synthetic(gsl_rng *rng, size_t n, ccr_dataset **out)
 
 /* ---- 2. the network ----------------------------------------------------------- */
 
-/* One configuration for every gate: only the name changes.
- * NOTE: written against the API of today, where a few gates need a word of
- * their own (`none` takes exactly one expert, `hmoe` reads k as groups per
- * example and needs n_groups to divide E, the sign-bit tree uses a linear
- * bank in the drivers).  Once each gate carries its own defaults these
- * special cases disappear and ccr_cond_config_default() + the gate is
- * enough. */
-static ccr_cond_config cond_config(const ccr_gate_type *gate)
+/* One configuration for every gate: only the name changes.  Each gate reads
+ * the fields of gate_cfg it uses and ignores the rest, and the defaults are
+ * the drivers' (E = 8, k = 2, hmoe 2 groups x 4 experts with k_groups = 2,
+ * k2 = 2, signtree depth 4 with its own linear bank, ...): set a field to
+ * change it for the gates that read it. */
+static ccr_cond_config cond_config(const char *gate)
 {
     ccr_cond_config c = ccr_cond_config_default();
-    c.gate = gate;
+    c.gate_name = gate;          /* an unknown name fails, listing the valid ones */
     c.gate_cfg.n_experts = 8;    /* E */
-    c.gate_cfg.k = 2;            /* topk: experts per example; hmoe: groups per example */
-    c.gate_cfg.n_groups = 2;     /* hmoe: 2 groups of 4 experts */
-    c.gate_cfg.k2 = 2;           /* hmoe: experts per chosen group */
-    c.gate_cfg.depth = 3;        /* signtree: 3 sign bits, 2^4 - 1 node matrices */
     c.d_out = 64;
     c.hidden = 32;               /* FFN experts: 64 -> 32 -> 64 */
-    if (strcmp(gate->name, "none") == 0)
-        c.gate_cfg.n_experts = 1;
-    if (strcmp(gate->name, "signtree") == 0)
-        c.bank = CCR_BANK_LINEAR;
     return c;
 }
 
-static ccr_net *build_net(ccr_backend *be, const ccr_gate_type *gate, gsl_rng *rng)
+static ccr_net *build_net(ccr_backend *be, const char *gate, gsl_rng *rng)
 {
     ccr_net *net;
     ccr_cond_config c = cond_config(gate);
@@ -234,11 +224,12 @@ static double train(ccr_net *net, const ccr_dataset *ds, size_t n, size_t steps,
 /* ---- 4. reading a trained network --------------------------------------------------- */
 
 /* Uses of each matrix of the conditional layer over the first n examples of
- * ds (evaluation mode), from the routing table of each batch: experts for
- * the MoE gates, every node on the root-to-leaf path for the sign-bit tree
- * (node 0 is the root). */
+ * ds (evaluation mode), read from the routing table of each batch by
+ * ccr_route_counts, the same for every gate: experts for the MoE gates,
+ * every node on the root-to-leaf path for the sign-bit tree (node 0 is the
+ * root).  counts and batch (scratch) hold n_matrices each. */
 static void route_counts(ccr_net *net, const ccr_dataset *ds, size_t n, size_t *counts,
-                         size_t n_matrices)
+                         size_t *batch, size_t n_matrices)
 {
     memset(counts, 0, n_matrices * sizeof *counts);
     for (size_t i0 = 0; i0 < n; i0 += BATCH) {
@@ -247,10 +238,9 @@ static void route_counts(ccr_net *net, const ccr_dataset *ds, size_t n, size_t *
         TRY(ccr_net_forward(net, ds->x + i0 * ds->dim, b, &out));
         ccr_cond *cond;
         TRY(ccr_net_cond(net, COND_LAYER, &cond, NULL));
-        const ccr_route *r = ccr_cond_route(cond);
-        for (size_t j = 0; j < r->batch * r->slots; j++)
-            if (r->ids[j] >= 0)                      /* -1: empty or dropped slot */
-                counts[r->ids[j]]++;
+        TRY(ccr_route_counts(ctx, ccr_cond_route(cond), batch, n_matrices, NULL));
+        for (size_t m = 0; m < n_matrices; m++)
+            counts[m] += batch[m];
     }
 }
 
@@ -266,14 +256,19 @@ static void report(ccr_net *net, const ccr_dataset *test, size_t n_test, double 
            f.fwd, li.flops_fwd, train_loss, (double)ev.correct / (double)ev.batch);
     ccr_cond *cond;
     TRY(ccr_net_cond(net, COND_LAYER, &cond, NULL));
-    size_t m = ccr_gate_n_matrices(ccr_cond_gate(cond)), counts[64];
-    if (m > 64)
-        m = 64;
-    route_counts(net, test, n_test, counts, m);
+    size_t m = ccr_gate_n_matrices(ccr_cond_gate(cond));
+    size_t *counts = calloc(m, sizeof *counts), *batch = calloc(m, sizeof *batch);
+    if (counts == NULL || batch == NULL) {
+        fprintf(stderr, "ccr-example: out of memory\n");
+        exit(1);
+    }
+    route_counts(net, test, n_test, counts, batch, m);
     printf("          uses per matrix:");
     for (size_t i = 0; i < m; i++)
         printf(" %zu", counts[i]);
     printf("\n");
+    free(batch);
+    free(counts);
 }
 
 /* ---- 6. a gate on its own -------------------------------------------------------------- */
@@ -349,20 +344,19 @@ int main(int argc, char **argv)
     /* 2-4. every gate by name, nothing else changed */
     printf("gates: %s\n", ccr_gate_type_names());
     for (const ccr_gate_type *const *t = ccr_gate_types(); *t != NULL; t++) {
-        ccr_net *net = build_net(be, *t, rng);
+        ccr_net *net = build_net(be, (*t)->name, rng);
         double loss = train(net, train_set, n_train, o.steps, rng);
         report(net, test_set, n_test, loss);
         ccr_net_free(net);
     }
 
     /* 5. save, load into a fresh network (other initial values), compare */
-    const ccr_gate_type *topk = ccr_gate_type_find("topk");
     char path[4096];
     snprintf(path, sizeof path, "%s/example.safetensors", o.outdir);
-    ccr_net *net = build_net(be, topk, rng);
+    ccr_net *net = build_net(be, "topk", rng);
     train(net, train_set, n_train, o.steps, rng);
     TRY(ccr_net_save(net, path));
-    ccr_net *copy = build_net(be, topk, rng);
+    ccr_net *copy = build_net(be, "topk", rng);
     TRY(ccr_net_load(copy, path));        /* CCR_EFORMAT if the architecture differs */
     ccr_step_stats a, b;
     TRY(ccr_net_eval(net, test_set->x, test_set->y, n_test, &a));

@@ -251,10 +251,10 @@ int main(int argc, char **argv)
     drv_setup(PROG, false, o.seed, &ctx, &be, NULL);
     validate(ctx, &o);
     ccr_dataset *train, *test;
-    if (fit_load_fmnist(ctx, o.data, false, &train) != CCR_OK ||
-        fit_load_fmnist(ctx, o.data, true, &test) != CCR_OK)
-        drv_usage_error(PROG, "cannot load Fashion-MNIST from %s: %s", o.data,
-                        ccr_ctx_errmsg(ctx));
+    ccr_status ls;
+    if ((ls = fit_load_fmnist(ctx, o.data, false, &train)) != CCR_OK ||
+        (ls = fit_load_fmnist(ctx, o.data, true, &test)) != CCR_OK)
+        drv_input_error(PROG, ctx, ls, "cannot load Fashion-MNIST from %s", o.data);
     if (o.max_train > train->n)
         drv_usage_error(PROG, "--max-train %zu is above the %zu training examples",
                         o.max_train, train->n);

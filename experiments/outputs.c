@@ -110,6 +110,13 @@ static bool same_file(const io_path *a, const io_path *b)
     return a->exists ? same_node : same_node && strcmp(a->base, b->base) == 0;
 }
 
+/* A killed run's results, kept by the sweep (ccr_tmp_sweep). */
+static void said_kept(void *prog, const char *dir, const char *tmp, const char *partial)
+{
+    fprintf(stderr, "%s: the complete lines of a killed run's results (%s) are in %s/%s\n",
+            (const char *)prog, tmp, dir, partial);
+}
+
 void drv_io_check(const char *prog)
 {
     for (size_t i = 0; i < n_paths; i++) {
@@ -138,7 +145,8 @@ void drv_io_check(const char *prog)
         if (!p->out || is_stream(p))
             continue;
         size_t removed = 0;
-        if (ccr_tmp_sweep(ctx, p->path, &removed) == CCR_OK && removed > 0)
+        if (ccr_tmp_sweep(ctx, p->path, &removed, said_kept, (void *)prog) == CCR_OK &&
+            removed > 0)
             fprintf(stderr, "%s: removed %zu stale temporary file%s beside %s\n", prog, removed,
                     removed == 1 ? "" : "s", p->path);
         /* The probe is a temporary like the real one, removed at once. */

@@ -170,9 +170,9 @@ int main(int argc, char **argv)
 
     ccr_dataset *full, *test, *train, *valid;
     if ((s = fit_load_fmnist(ctx, o.data, false, &full)) != CCR_OK)
-        drv_usage_error(PROG, "cannot load training data from %s: %s", o.data, ccr_ctx_errmsg(ctx));
+        drv_input_error(PROG, ctx, s, "cannot load training data from %s", o.data);
     if ((s = fit_load_fmnist(ctx, o.data, true, &test)) != CCR_OK)
-        drv_usage_error(PROG, "cannot load test data from %s: %s", o.data, ccr_ctx_errmsg(ctx));
+        drv_input_error(PROG, ctx, s, "cannot load test data from %s", o.data);
     if (o.valid >= full->n)
         drv_usage_error(PROG, "--valid %zu leaves no training examples (%zu in all)", o.valid, full->n);
     if ((s = ccr_dataset_split(ctx, full, rng, o.valid, &train, &valid)) != CCR_OK)

@@ -525,10 +525,9 @@ int main(int argc, char **argv)
     ccr_dataset *ftrain = NULL, *ftest = NULL, *strain = NULL, *stest = NULL;
     if (o.fmnist) {
         ccr_dataset *full, *rest;
-        if (fit_load_fmnist(ctx, o.data, false, &full) != CCR_OK ||
-            fit_load_fmnist(ctx, o.data, true, &ftest) != CCR_OK)
-            drv_usage_error(PROG, "cannot load Fashion-MNIST from %s: %s", o.data,
-                            ccr_ctx_errmsg(ctx));
+        if ((s = fit_load_fmnist(ctx, o.data, false, &full)) != CCR_OK ||
+            (s = fit_load_fmnist(ctx, o.data, true, &ftest)) != CCR_OK)
+            drv_input_error(PROG, ctx, s, "cannot load Fashion-MNIST from %s", o.data);
         if (o.n_train > full->n)
             drv_usage_error(PROG, "--n-train %zu is above the %zu training examples", o.n_train,
                             full->n);

@@ -17,6 +17,7 @@
 #include <sys/types.h>
 #include <unistd.h>
 
+#include "ccr/ccr_jsonl.h"  // provides: CCR_JSONL_PARTIAL_SUFFIX
 #include "internal.h"  // provides: CCR_FAIL, CCR_CHECK_NULL
 
 static char *dup_str(const char *s)
@@ -169,9 +170,10 @@ void ccr_tmp_release(ccr_tmp *t)
     *t = (ccr_tmp){.fd = -1};
 }
 
-bool ccr_tmp_parse_name(const char *name, long *pid)
+/* Splits "<target>.ccr-tmp.<pid>.<n>": *pid, and *prefix the length of
+ * <target> (the last occurrence of the infix: a target may contain it). */
+static bool tmp_name_split(const char *name, long *pid, size_t *prefix)
 {
-    /* The last occurrence: a target may itself contain the infix. */
     const char *m = NULL;
     for (const char *p = strstr(name, CCR_TMP_INFIX); p != NULL;
          p = strstr(p + 1, CCR_TMP_INFIX))
@@ -194,10 +196,84 @@ bool ccr_tmp_parse_name(const char *name, long *pid)
         return false;
     if (pid != NULL)
         *pid = v;
+    if (prefix != NULL)
+        *prefix = (size_t)(m - name);
     return true;
 }
 
-ccr_status ccr_tmp_sweep(ccr_ctx *ctx, const char *target, size_t *removed)
+bool ccr_tmp_parse_name(const char *name, long *pid)
+{
+    return tmp_name_split(name, pid, NULL);
+}
+
+/* Whether the open temporary fd holds JSON Lines: it starts with '{' and
+ * its first 4 KiB hold no NUL byte (a safetensors file starts with an
+ * 8-byte little-endian header length, whose high bytes are 0). */
+static bool looks_like_jsonl(int fd)
+{
+    char buf[4096];
+    ssize_t n = pread(fd, buf, sizeof buf, 0);
+    if (n <= 0 || buf[0] != '{')
+        return false;
+    return memchr(buf, '\0', (size_t)n) == NULL;
+}
+
+/* The length of fd's content up to and including its last '\n' (0 if it
+ * has none or cannot be read). */
+static off_t last_full_line(int fd, off_t size)
+{
+    char buf[4096];
+    for (off_t end = size; end > 0;) {
+        off_t start = end > (off_t)sizeof buf ? end - (off_t)sizeof buf : 0;
+        ssize_t n = pread(fd, buf, (size_t)(end - start), start);
+        if (n != end - start)
+            return 0;
+        for (ssize_t i = n - 1; i >= 0; i--)
+            if (buf[i] == '\n')
+                return start + i + 1;
+        end = start;
+    }
+    return 0;
+}
+
+/* Moves the stale JSONL temporary `name` (in dfd; its target's name is the
+ * first `prefix` bytes) to "<target>.partial", or to
+ * "<target>.partial.<pid>" if a .partial at least as new exists, after
+ * cutting it back to its last full line.  *partial (malloc'd) gets the new
+ * name relative to the directory.  Returns false (nothing moved) if the
+ * file is not JSON Lines with a full line, or on any failure. */
+static bool salvage_jsonl(int dfd, const char *name, size_t prefix, long pid, char **partial)
+{
+    *partial = NULL;
+    int fd = openat(dfd, name, O_RDWR | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0)
+        return false;
+    struct stat st, pst;
+    bool ok = fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && looks_like_jsonl(fd);
+    off_t keep = ok ? last_full_line(fd, st.st_size) : 0;
+    ok = keep > 0 && (keep == st.st_size || ftruncate(fd, keep) == 0) && fsync(fd) == 0;
+    close(fd);
+    size_t cap = prefix + sizeof CCR_JSONL_PARTIAL_SUFFIX + 24;
+    char *dest = ok ? malloc(cap) : NULL;
+    if (dest == NULL)
+        return false;
+    snprintf(dest, cap, "%.*s%s", (int)prefix, name, CCR_JSONL_PARTIAL_SUFFIX);
+    bool newer = fstatat(dfd, dest, &pst, AT_SYMLINK_NOFOLLOW) == 0 &&
+                 (pst.st_mtim.tv_sec > st.st_mtim.tv_sec ||
+                  (pst.st_mtim.tv_sec == st.st_mtim.tv_sec &&
+                   pst.st_mtim.tv_nsec >= st.st_mtim.tv_nsec));
+    if (newer)
+        snprintf(dest, cap, "%.*s%s.%ld", (int)prefix, name, CCR_JSONL_PARTIAL_SUFFIX, pid);
+    if (renameat(dfd, name, dfd, dest) != 0) {
+        free(dest);
+        return false;
+    }
+    *partial = dest;
+    return true;
+}
+
+ccr_status ccr_tmp_sweep(ccr_ctx *ctx, const char *target, size_t *removed,
+                         ccr_tmp_kept_fn kept, void *arg)
 {
     CCR_CHECK_NULL(ctx, target);
     if (removed != NULL)
@@ -217,15 +293,22 @@ ccr_status ccr_tmp_sweep(ccr_ctx *ctx, const char *target, size_t *removed)
     struct dirent *e;
     while ((e = readdir(d)) != NULL) {
         long pid;
-        if (!ccr_tmp_parse_name(e->d_name, &pid) || pid == (long)getpid())
+        size_t prefix;
+        if (!tmp_name_split(e->d_name, &pid, &prefix) || pid == (long)getpid())
             continue;
         if (kill((pid_t)pid, 0) == 0 || errno != ESRCH)
             continue;   /* alive, or not ours to judge */
         struct stat st;
         if (fstatat(dfd, e->d_name, &st, AT_SYMLINK_NOFOLLOW) != 0 || !S_ISREG(st.st_mode))
             continue;
-        if (unlinkat(dfd, e->d_name, 0) == 0 && removed != NULL)
+        char *partial;
+        if (salvage_jsonl(dfd, e->d_name, prefix, pid, &partial)) {
+            if (kept != NULL)
+                kept(arg, dir, e->d_name, partial);
+            free(partial);
+        } else if (unlinkat(dfd, e->d_name, 0) == 0 && removed != NULL) {
             (*removed)++;
+        }
     }
     closedir(d);
     free(dir);

@@ -10,7 +10,9 @@
  * untouched.  ccr_tmp_release closes and removes a temporary that was not
  * committed, so every failure path ends with it.  A run killed before it
  * could clean up leaves a temporary whose name carries its pid;
- * ccr_tmp_sweep removes those whose process no longer exists.
+ * ccr_tmp_sweep clears those whose process no longer exists: a JSON Lines
+ * temporary (results) is kept as "<target>.partial", cut back to its last
+ * full line; any other (a checkpoint) is removed.
  *
  * A target that exists and is neither a regular file nor a directory (a
  * device such as /dev/null, a FIFO) is written directly: renaming over it
@@ -59,10 +61,22 @@ ccr_status ccr_tmp_commit(ccr_ctx *ctx, ccr_tmp *t, const char *dest);
  * zeroed, released or committed ccr_tmp. */
 void ccr_tmp_release(ccr_tmp *t);
 
-/* Removes, in the directory of target, every "*.ccr-tmp.<pid>.<n>" regular
- * file whose process is gone (kill(pid, 0) says ESRCH).  *removed (may be
- * NULL) counts them.  Returns CCR_EIO if the directory cannot be read. */
-ccr_status ccr_tmp_sweep(ccr_ctx *ctx, const char *target, size_t *removed);
+/* Called for each stale temporary ccr_tmp_sweep kept: dir is the
+ * directory, tmp its old and partial its new name (both within dir). */
+typedef void (*ccr_tmp_kept_fn)(void *arg, const char *dir, const char *tmp,
+                                const char *partial);
+
+/* Clears, in the directory of target, every "<name>.ccr-tmp.<pid>.<n>"
+ * regular file whose process is gone (kill(pid, 0) says ESRCH).  One that
+ * holds JSON Lines (it starts with '{' and has no NUL byte in its first
+ * 4 KiB) and at least one full line is cut back to its last full line and
+ * renamed to "<name>.partial" (CCR_JSONL_PARTIAL_SUFFIX), or to
+ * "<name>.partial.<pid>" if a "<name>.partial" at least as new exists;
+ * kept (may be NULL) is told.  Every other one (a checkpoint, an empty or
+ * lineless file) is removed; *removed (may be NULL) counts those.  Returns
+ * CCR_EIO if the directory cannot be read. */
+ccr_status ccr_tmp_sweep(ccr_ctx *ctx, const char *target, size_t *removed,
+                         ccr_tmp_kept_fn kept, void *arg);
 
 /* Whether name (a file name, no directory) is a ccr temporary; *pid gets
  * the pid it carries. */

@@ -3,10 +3,10 @@
 # exit 2 and before any work, an output that is an input (--out naming the
 # corpus or a Fashion-MNIST file) or another output (--out == --save), and an
 # output directory that cannot be written; a killed run keeps the previous
-# --out and leaves its lines in <out>.partial; the next run removes the
-# temporaries of dead processes; a device as --out (/dev/null) is written in
-# place, never replaced; a run that fails (a full disk) exits 1 with the
-# same guarantees.
+# --out and leaves its lines in <out>.partial; the next run keeps a dead
+# process's results temporary as <out>.partial and removes its other ones;
+# a device as --out (/dev/null) is written in place, never replaced; a run
+# that fails (a full disk) exits 1 with the same guarantees.
 # Usage: driver_safety.sh CCR_TRAIN CCR_LM CCR_CAPACITY
 set -eu
 train=$1
@@ -119,12 +119,19 @@ rc=0
   fail "full disk: .partial ends in half a line"
 ls "$tmp" | grep -q 'ccr-tmp' && fail "failed run left a temporary: $(ls "$tmp")"
 
-# 5. Stale temporaries of dead processes go at the next run; a live one stays.
+# 5. Stale temporaries of dead processes (a SIGKILLed run) are cleared at the
+# next run: a results temporary's complete lines are kept in <out>.partial,
+# a checkpoint's temporary is removed; a live process's temporary stays.
 dead=$(sh -c 'echo $$')
-echo x >"$tmp/res.jsonl.ccr-tmp.$dead.0"
+printf '{"a":1}\n{"b":2}\n{"c":' >"$tmp/lost.jsonl.ccr-tmp.$dead.0"
+printf '\173\0\0\0\0\0\0\0{"x"' >"$tmp/m.safetensors.ccr-tmp.$dead.1"
 echo x >"$tmp/m.safetensors.ccr-tmp.$$.0"
 "$cap" --quick --gates none --dense-hidden 4 --out "$tmp/res.jsonl" >/dev/null 2>"$tmp/err"
-[ ! -e "$tmp/res.jsonl.ccr-tmp.$dead.0" ] || fail "stale temporary not removed"
+[ ! -e "$tmp/lost.jsonl.ccr-tmp.$dead.0" ] || fail "stale results temporary left"
+[ "$(cat "$tmp/lost.jsonl.partial")" = "$(printf '{"a":1}\n{"b":2}')" ] ||
+  fail "stale results not kept in .partial: $(cat "$tmp/lost.jsonl.partial" 2>&1)"
+grep -q 'lost.jsonl.partial' "$tmp/err" || fail "no message for kept results: $(cat "$tmp/err")"
+[ ! -e "$tmp/m.safetensors.ccr-tmp.$dead.1" ] || fail "stale checkpoint temporary not removed"
 [ -e "$tmp/m.safetensors.ccr-tmp.$$.0" ] || fail "a live process's temporary was removed"
 grep -q 'removed 1 stale temporary' "$tmp/err" || fail "no message: $(cat "$tmp/err")"
 [ "$(wc -l <"$tmp/res.jsonl")" -eq 1 ] || fail "the run did not replace --out"

@@ -4,6 +4,8 @@
  *   st_roundtrip write DIR   builds two networks from fixed seeds and writes
  *       DIR/mlp.safetensors   5 -> linear 7 -> relu -> linear 4 -> tanh -> linear 3
  *       DIR/cond.safetensors  6 -> linear 8 -> relu -> cond(topk, E 4, k 2) -> 3
+ *       DIR/tree.safetensors  6 -> linear 8 -> relu -> cond(signtree, depth 2,
+ *                             leaf combine, its default linear bank) -> 3
  *       DIR/values.txt        one line per tensor: "<file> <name> <n> v0 v1 ..."
  *                             (%.9g, exact for float32), plus the MLP's input
  *                             "mlp x" and evaluation-mode output "mlp y"
@@ -52,14 +54,18 @@ static int build_mlp(ccr_net **net)
     return 0;
 }
 
-static int build_cond(ccr_net **net)
+/* 6 -> linear 8 -> relu -> cond(gate) -> 3; the gate's options: topk E 4,
+ * k 2; signtree depth 2, leaf combine (the rest the defaults). */
+static int build_cond(ccr_net **net, const char *gate)
 {
     gsl_rng *r = gsl_rng_alloc(gsl_rng_mt19937);
     gsl_rng_set(r, 18);
     ccr_cond_config c = ccr_cond_config_default();
-    c.gate = ccr_gate_type_find("topk");
+    c.gate_name = gate;
     c.gate_cfg.n_experts = 4;
     c.gate_cfg.k = 2;
+    c.gate_cfg.depth = 2;
+    c.gate_cfg.combine = CCR_COMBINE_LEAF;
     c.gate_cfg.randomize = true;
     c.hidden = 5;
     c.d_out = 3;
@@ -90,13 +96,15 @@ static void dump_params(FILE *f, const char *file, const ccr_net *net)
 static int write_all(const char *dir)
 {
     char path[4096];
-    ccr_net *mlp, *cond;
-    if (build_mlp(&mlp) || build_cond(&cond))
+    ccr_net *mlp, *cond, *tree;
+    if (build_mlp(&mlp) || build_cond(&cond, "topk") || build_cond(&tree, "signtree"))
         return 1;
     snprintf(path, sizeof path, "%s/mlp.safetensors", dir);
     TRY("save mlp", ccr_net_save(mlp, path));
     snprintf(path, sizeof path, "%s/cond.safetensors", dir);
     TRY("save cond", ccr_net_save(cond, path));
+    snprintf(path, sizeof path, "%s/tree.safetensors", dir);
+    TRY("save tree", ccr_net_save(tree, path));
     snprintf(path, sizeof path, "%s/values.txt", dir);
     FILE *f = fopen(path, "w");
     if (f == NULL) {
@@ -105,6 +113,7 @@ static int write_all(const char *dir)
     }
     dump_params(f, "mlp", mlp);
     dump_params(f, "cond", cond);
+    dump_params(f, "tree", tree);
     float x[BATCH * 5];
     for (size_t i = 0; i < BATCH * 5; i++)
         x[i] = (float)((double)((i * 37) % 23) / 11.0 - 1.0);
@@ -118,6 +127,7 @@ static int write_all(const char *dir)
     }
     ccr_net_free(mlp);
     ccr_net_free(cond);
+    ccr_net_free(tree);
     return 0;
 }
 

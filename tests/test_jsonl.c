@@ -9,12 +9,14 @@
 #define _POSIX_C_SOURCE 200809L
 
 #include <dirent.h>
+#include <fcntl.h>
 #include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -478,6 +480,70 @@ static pid_t dead_pid(void)
     return pid;
 }
 
+static void count_kept(void *arg, const char *dir, const char *tmp, const char *partial)
+{
+    (void)dir;
+    (void)tmp;
+    (void)partial;
+    (*(size_t *)arg)++;
+}
+
+/* Sets path's modification time to `ago` seconds before now. */
+static void age(const char *path, long ago)
+{
+    struct timespec ts[2];
+    ck_assert_int_eq(clock_gettime(CLOCK_REALTIME, &ts[0]), 0);
+    ts[0].tv_sec -= ago;
+    ts[1] = ts[0];
+    ck_assert_int_eq(utimensat(AT_FDCWD, path, ts, 0), 0);
+}
+
+/* A killed run's results temporary is kept: cut back to its last full line
+ * and moved to <out>.partial (or <out>.partial.<pid> beside a newer
+ * .partial); a checkpoint's or a lineless temporary is removed. */
+START_TEST(test_tmp_sweep_keeps_results)
+{
+    ccr_ctx *ctx = ccr_test_ctx();
+    ccr_test_tpath dir = fresh_dir("sweep_keep");
+    long pid = (long)dead_pid();
+    char target[620], res[700], res_part[700], ck[700], half[700], newer[700], newer_part[700],
+        newer_pid[720], older[700], older_part[700];
+    snprintf(target, sizeof target, "%s/x", dir.s);
+    snprintf(res, sizeof res, "%s/r.jsonl" CCR_TMP_INFIX "%ld.0", dir.s, pid);
+    snprintf(res_part, sizeof res_part, "%s/r.jsonl.partial", dir.s);
+    snprintf(ck, sizeof ck, "%s/m.safetensors" CCR_TMP_INFIX "%ld.1", dir.s, pid);
+    snprintf(half, sizeof half, "%s/h.jsonl" CCR_TMP_INFIX "%ld.2", dir.s, pid);
+    snprintf(newer, sizeof newer, "%s/n.jsonl" CCR_TMP_INFIX "%ld.3", dir.s, pid);
+    snprintf(newer_part, sizeof newer_part, "%s/n.jsonl.partial", dir.s);
+    snprintf(newer_pid, sizeof newer_pid, "%s/n.jsonl.partial.%ld", dir.s, pid);
+    snprintf(older, sizeof older, "%s/o.jsonl" CCR_TMP_INFIX "%ld.4", dir.s, pid);
+    snprintf(older_part, sizeof older_part, "%s/o.jsonl.partial", dir.s);
+    const char *lines = "{\"a\":1}\n{\"b\":2}\n";
+    ck_assert_int_eq(ccr_test_write_file(res, "{\"a\":1}\n{\"b\":2}\n{\"c\":", 21), 0);
+    /* A safetensors file: 8-byte header length, then '{'. */
+    ck_assert_int_eq(ccr_test_write_file(ck, "\x7b\0\0\0\0\0\0\0{\"__metadata__\"", 24), 0);
+    ck_assert_int_eq(ccr_test_write_file(half, "{\"a\":", 5), 0);
+    ck_assert_int_eq(ccr_test_write_file(newer, lines, strlen(lines)), 0);
+    ck_assert_int_eq(ccr_test_write_file(newer_part, "{\"new\":1}\n", 10), 0);
+    age(newer, 60);
+    ck_assert_int_eq(ccr_test_write_file(older, lines, strlen(lines)), 0);
+    ck_assert_int_eq(ccr_test_write_file(older_part, "{\"old\":1}\n", 10), 0);
+    age(older_part, 60);
+    size_t removed = 99, kept = 0;
+    CCR_CK_OK(ctx, ccr_tmp_sweep(ctx, target, &removed, count_kept, &kept));
+    ck_assert_uint_eq(kept, 3);
+    ck_assert_uint_eq(removed, 2);
+    ck_assert(!ccr_test_exists(res) && !ccr_test_exists(ck) && !ccr_test_exists(half));
+    expect_file(res_part, lines);                  /* cut back to the last full line */
+    expect_file(newer_part, "{\"new\":1}\n");      /* a newer .partial stays */
+    expect_file(newer_pid, lines);
+    expect_file(older_part, lines);                /* an older one is replaced */
+    ck_assert_uint_eq(count_temps(dir.s), 0);
+    rm_dir(&dir);
+    ccr_ctx_free(ctx);
+}
+END_TEST
+
 START_TEST(test_tmp_sweep)
 {
     ccr_ctx *ctx = ccr_test_ctx();
@@ -504,12 +570,12 @@ START_TEST(test_tmp_sweep)
     ck_assert_int_eq(ccr_test_write_file(live, "x", 1), 0);
     ck_assert_int_eq(ccr_test_write_file(other, "x", 1), 0);
     size_t removed = 99;
-    CCR_CK_OK(ctx, ccr_tmp_sweep(ctx, target, &removed));
+    CCR_CK_OK(ctx, ccr_tmp_sweep(ctx, target, &removed, NULL, NULL));
     ck_assert_uint_eq(removed, 1);
     ck_assert(!ccr_test_exists(dead));
     ck_assert(ccr_test_exists(live));     /* its process is running */
     ck_assert(ccr_test_exists(other));    /* not a ccr temporary */
-    CCR_CK_STATUS(ctx, ccr_tmp_sweep(ctx, "/nonexistent-dir/x", NULL), CCR_EIO);
+    CCR_CK_STATUS(ctx, ccr_tmp_sweep(ctx, "/nonexistent-dir/x", NULL, NULL, NULL), CCR_EIO);
 
     /* A temporary is removed on every failure path: a rename onto a
      * directory fails and leaves nothing behind. */
@@ -543,6 +609,7 @@ static Suite *jsonl_suite(void)
     tcase_add_test(fs, test_jsonl_keeps_previous);
     tcase_add_test(fs, test_jsonl_full_disk);
     tcase_add_test(fs, test_tmp_sweep);
+    tcase_add_test(fs, test_tmp_sweep_keeps_results);
     suite_add_tcase(s, fs);
     return s;
 }

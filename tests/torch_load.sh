@@ -1,11 +1,13 @@
 #!/bin/sh
 # Round trip between ccr's checkpoints and plain PyTorch
 # (analysis/ccr_torch_load.py; Debian's torch 1.13 has no safetensors module):
-#   1. st_roundtrip writes two checkpoints (an MLP and a net with a topk
-#      conditional layer) and every value as text;
+#   1. st_roundtrip writes three checkpoints (an MLP and nets with a topk and
+#      a signtree conditional layer) and every value as text;
 #   2. ccr_torch_load.load gives torch tensors equal to those values, bit for
-#      bit; parse_architecture reads the architecture string; the MLP rebuilt
-#      with to_torch_module reproduces ccr's forward output;
+#      bit; parse_architecture reads each architecture string (the cond
+#      layers' options and bank size; malformed and pre-issue-9 strings are
+#      refused); the MLP rebuilt with to_torch_module reproduces ccr's
+#      forward output;
 #   3. PyTorch doubles every MLP parameter and writes mlp2.safetensors with
 #      ccr_torch_load.save; ccr_net_load reads it back (st_roundtrip read);
 #   4. the comparison is live: a changed value is reported.
@@ -34,7 +36,7 @@ for line in open(values):
     want[(f[0], f[1])] = torch.tensor([float(v) for v in f[3:]], dtype=torch.float32)
     assert len(f) - 3 == int(f[2])
 bad = 0
-for file in ("mlp", "cond"):
+for file in ("mlp", "cond", "tree"):
     state, meta = ctl.load(f"{d}/{file}.safetensors")
     assert meta["format"] == "ccr.net", meta
     arch = ctl.parse_architecture(meta["architecture"])
@@ -48,10 +50,15 @@ for file in ("mlp", "cond"):
             print(f"{file}: {k}[{i}] = {got[i].item()!r}, want {want[(file, k)][i].item()!r}")
             bad += 1
     print(f"{file}: {meta['architecture']}: {len(state)} tensors")
-    if file == "cond":
+    if file == "tree":
         c = arch[-1]
-        assert c["kind"] == "cond" and c["gate"] == "topk" and c["n_experts"] == 4, c
-        assert c["k"] == 2 and c["n_matrices"] == 4 and c["d_out"] == 3, c
+        assert [l["kind"] for l in arch] == ["input", "linear", "relu", "cond"], arch
+        assert c == {"kind": "cond", "gate": "signtree", "d_out": 3, "depth": 2,
+                     "combine": "leaf", "bits_from": "projection", "n_matrices": 4}, c
+    elif file == "cond":
+        c = arch[-1]
+        assert c == {"kind": "cond", "gate": "topk", "d_out": 3, "n_experts": 4, "k": 2,
+                     "n_matrices": 4}, c
         assert tuple(state["layers.2.experts.w1"].shape) == (4, 8, 5)
         try:
             ctl.to_torch_module(arch, state)
@@ -68,6 +75,17 @@ for file in ("mlp", "cond"):
         if err > 1e-5:
             bad += 1
         ctl.save(f"{d}/mlp2.safetensors", {k: 2 * v for k, v in state.items()}, meta)
+# Strings the parser must refuse: the pre-issue-9 form, unknown, repeated or
+# misordered options, a bad value, no bank size, a signed count.
+for s in ("6;cond:topk:3:E4:k2:a1:k1:d0:m4", "6;cond:topk:3:n_experts=4:frob=1:matrices=4",
+          "6;cond:topk:3:k=2:n_experts=4:matrices=4", "6;cond:topk:3:k=2:k=2:matrices=4",
+          "6;cond:signtree:3:combine=sum:matrices=3", "6;cond:topk:3:n_experts=4:k=2",
+          "6;cond:topk:3:n_experts=-4:matrices=4", " 6;linear:3"):
+    try:
+        ctl.parse_architecture(s)
+        print(f"parse_architecture accepted {s!r}"); bad += 1
+    except ValueError:
+        pass
 sys.exit(1 if bad else 0)
 PY
 }
