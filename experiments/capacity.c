@@ -55,7 +55,8 @@ typedef struct opts {
     size_t d, hidden, batch, k, k2;
     size_t experts[MAXL], n_experts, depths[MAXL], n_depths, dense_h[MAXL], n_dense;
     bool series[S_COUNT];
-    double seconds, capacity_factor, max_gib;
+    double seconds, capacity_factor, eval_capacity_factor, max_gib;
+    ccr_grad_mode grad_mode;   /* signtree */
     unsigned long seed;
     const char *out;
 } opts;
@@ -79,7 +80,8 @@ static void usage(void)
     printf(
         "usage: ccr-capacity [--gates LIST] [--experts LIST] [--depths LIST]\n"
         "                    [--dense-hidden LIST] [--d N] [--expert-hidden N] [--k N]\n"
-        "                    [--k2 N] [--capacity-factor X] [--batch N] [--seconds X]\n"
+        "                    [--k2 N] [--capacity-factor X] [--eval-capacity-factor X]\n"
+        "                    [--grad-mode none|ste] [--batch N] [--seconds X]\n"
         "                    [--max-gib X] [--seed N] [--out FILE] [--quick] [--help]\n"
         "Sweeps each gate's capacity knob at fixed work per example and measures params,\n"
         "FLOPs/example (analytic and counted), forward and forward+backward seconds per\n"
@@ -95,7 +97,9 @@ static void usage(void)
         "  --expert-hidden N    hidden width h of an FFN expert [256]\n"
         "  --k N                experts per example, topk and hmoe [4]\n"
         "  --k2 N               hmoe: experts per selected group (k/k2 groups) [2]\n"
-        "  --capacity-factor X  switch capacity factor [1.25]\n"
+        "  --capacity-factor X  switch capacity factor, training [1.25]\n"
+        "  --eval-capacity-factor X  switch capacity factor, evaluation, 0 = no limit [0]\n"
+        "  --grad-mode NAME     signtree: gradient through the sign bits, none | ste [ste]\n"
         "  --batch N            examples per batch [256]\n"
         "  --seconds X          timing window of each measurement [0.25]\n"
         "  --max-gib X          skip points whose parameters exceed X GiB [2.5]\n"
@@ -143,6 +147,8 @@ static void parse(int argc, char **argv, opts *o)
     bool quick = drv_quick_requested(argc, argv), dense_set = false;
     *o = (opts){.d = 64, .hidden = 256, .batch = 256, .k = 4, .k2 = 2, .seconds = 0.25,
                 .capacity_factor = 1.25, .max_gib = 2.5, .seed = 1,
+                .eval_capacity_factor = ccr_gate_config_default().eval_capacity_factor,
+                .grad_mode = ccr_gate_config_default().grad_mode,
                 .experts = {4, 16, 64, 256, 1024, 4096}, .n_experts = 6, .n_depths = 17};
     for (size_t i = 0; i < 17; i++)
         o->depths[i] = i;
@@ -173,7 +179,13 @@ static void parse(int argc, char **argv, opts *o)
         else if (strcmp(a, "--seed") == 0) o->seed = drv_parse_seed(PROG, a, v);
         else if (strcmp(a, "--capacity-factor") == 0)
             o->capacity_factor = drv_parse_double(PROG, a, v, 1e-6, 1e6);
-        else if (strcmp(a, "--seconds") == 0) o->seconds = drv_parse_double(PROG, a, v, 0, 600);
+        else if (strcmp(a, "--eval-capacity-factor") == 0)
+            o->eval_capacity_factor = drv_parse_double(PROG, a, v, 0, 1e6);
+        else if (strcmp(a, "--grad-mode") == 0) {
+            if (v != NULL && strcmp(v, "none") == 0) o->grad_mode = CCR_GRAD_NONE;
+            else if (v != NULL && strcmp(v, "ste") == 0) o->grad_mode = CCR_GRAD_STE;
+            else drv_usage_error(PROG, "--grad-mode must be none or ste");
+        } else if (strcmp(a, "--seconds") == 0) o->seconds = drv_parse_double(PROG, a, v, 0, 600);
         else if (strcmp(a, "--max-gib") == 0) o->max_gib = drv_parse_double(PROG, a, v, 0, 1e6);
         else if (strcmp(a, "--out") == 0) {
             if (v[0] == '\0')
@@ -230,6 +242,8 @@ static size_t build_points(const opts *o, ccr_backend *be, ccr_ctx *ctx, point *
             cc->hidden = o->hidden;
             g->randomize = true;
             g->capacity_factor = o->capacity_factor;
+            g->eval_capacity_factor = o->eval_capacity_factor;
+            g->grad_mode = o->grad_mode;
             static const char *const type[S_COUNT] = {"none", "topk", "hmoe", "switch",
                                                       "signtree", "signtree", "dense"};
             cc->gate = ccr_gate_type_find(type[s]);
