@@ -45,7 +45,8 @@ static void usage(void)
         "  --seed N           GSL RNG seed (init, split, shuffles) [1]\n"
         "  --backend NAME     cpu | cuda (device 0) [cpu]\n"
         "  --out FILE         JSONL results file [none]\n"
-        "  --save FILE        write the final parameters (safetensors) [none]\n"
+        "  --save FILE        write the final parameters (safetensors) [none]; a run\n"
+        "                     that diverges keeps its last ones in FILE.partial\n"
         "  --quick            smoke run: 1 epoch on 6000 examples\n"
         "  --help             this text\n\n"
         "Conditional hidden layers (each hidden layer becomes gate + bank; CPU):\n"
@@ -154,6 +155,28 @@ static void parse(int argc, char **argv, options *o)
     o->oc.weight_decay = wd;
 }
 
+/* A diverged run (CCR_EDOM from a training step, which then made no
+ * update, or from an evaluation) still holds the parameters of its last
+ * update: keep them in <save>.partial, the name saying the run did not
+ * finish (--save itself stays untouched), then fail as drv_fail does
+ * (exit 1; the results so far go to <out>.partial). */
+static void diverged(ccr_net *net, ccr_ctx *ctx, const char *save, const char *what)
+{
+    char msg[512], path[4096];
+    snprintf(msg, sizeof msg, "%s", ccr_ctx_errmsg(ctx));
+    fprintf(stderr, "%s: stopped at the first non-finite value (NaN or infinity): "
+            "the run diverged\n%s: %s: %s: %s\n", PROG, PROG, what,
+            ccr_strerror(CCR_EDOM), msg);
+    int n = snprintf(path, sizeof path, "%s.partial", save);
+    ccr_status s = n > 0 && (size_t)n < sizeof path ? ccr_net_save(net, path) : CCR_EINVAL;
+    if (s == CCR_OK)
+        fprintf(stderr, "%s: the parameters of the last update are in %s\n", PROG, path);
+    else
+        fprintf(stderr, "%s: could not keep the last good parameters: %s\n", PROG,
+                ccr_ctx_errmsg(ctx));
+    exit(1);
+}
+
 int main(int argc, char **argv)
 {
     options o;
@@ -254,8 +277,11 @@ int main(int argc, char **argv)
             size_t b = n_train - step * o.batch < o.batch ? n_train - step * o.batch : o.batch;
             ccr_dataset_gather(train, perm + step * o.batch, b, xb, yb);
             ccr_step_stats st;
-            if ((s = ccr_train_step(net, opt, rng, xb, yb, b, &st)) != CCR_OK)
+            if ((s = ccr_train_step(net, opt, rng, xb, yb, b, &st)) != CCR_OK) {
+                if (s == CCR_EDOM && o.save != NULL)
+                    diverged(net, ctx, o.save, "train step");
                 drv_fail(PROG, ctx, s, "train step");
+            }
             loss_sum += st.loss * (double)b;
             aux_sum += st.aux_loss;
             correct += st.correct;
@@ -283,8 +309,11 @@ int main(int argc, char **argv)
         /* TEST */
         ccr_step_stats sv, stt;
         if ((s = ccr_net_eval(net, valid->x, valid->y, valid->n, &sv)) != CCR_OK ||
-            (s = ccr_net_eval(net, test->x, test->y, test->n, &stt)) != CCR_OK)
+            (s = ccr_net_eval(net, test->x, test->y, test->n, &stt)) != CCR_OK) {
+            if (s == CCR_EDOM && o.save != NULL)
+                diverged(net, ctx, o.save, "evaluation");
             drv_fail(PROG, ctx, s, "evaluation");
+        }
         drv_progress_end();
         double tr_loss = loss_sum / (double)seen, tr_acc = (double)correct / (double)seen;
         double va_acc = (double)sv.correct / (double)sv.batch;

@@ -50,9 +50,17 @@ if [ -r "$data/train-images-idx3-ubyte.gz" ]; then
         --out "$tmp/r.jsonl"
     # Class 3: a diverging run (SGD at lr 100) stops at the first non-finite
     # loss with exit 1 and says so; it used to finish with NaN results, exit 0.
+    # With --save, the parameters of the last update are kept in
+    # <save>.partial, and --save itself is not written.
     "$train" --quick --max-train 1000 --valid 100 --optim sgd --momentum 0.99 --lr 100 \
-        --out "$tmp/nf.jsonl" >"$tmp/out" 2>"$tmp/err"
+        --out "$tmp/nf.jsonl" --save "$tmp/nf.st" >"$tmp/out" 2>"$tmp/err"
     rc=$?
+    if [ -e "$tmp/nf.st" ] || [ ! -s "$tmp/nf.st.partial" ] ||
+       ! grep -q 'parameters of the last update' "$tmp/err"; then
+        echo "FAIL ccr-train diverging: no checkpoint in nf.st.partial, or --save written:"
+        cat "$tmp/err"
+        fail=1
+    fi
     if [ "$rc" -ne 1 ] || ! grep -q 'non-finite' "$tmp/err"; then
         echo "FAIL ccr-train diverging: exit $rc (want 1 with 'non-finite'):"
         cat "$tmp/err"
