@@ -9,9 +9,10 @@
  * that constructor, in its own (a constructor of the program that links
  * libccr.a, which runs after those of the shared libraries it needs), through
  * OpenBLAS's exported gotoblas_dynamic_quit/gotoblas_dynamic_init, with
- * OPENBLAS_CORETYPE set only around that call.  Those two symbols are weak
- * references: an OpenBLAS without them (not DYNAMIC_ARCH, or linked
- * statically without them) keeps its own choice.
+ * OPENBLAS_CORETYPE set only around that call.  Those symbols are weak
+ * references: an OpenBLAS without them (not DYNAMIC_ARCH) keeps its own
+ * choice.  With a static libopenblas.a our constructor may run before
+ * OpenBLAS's; we call its idempotent gotoblas_init first.
  *
  * Global state, unavoidable: the core itself is process-wide in OpenBLAS;
  * ccr keeps only a pthread_once flag, who chose the core and the name of
@@ -31,6 +32,7 @@
 
 extern void gotoblas_dynamic_init(void) __attribute__((weak));
 extern void gotoblas_dynamic_quit(void) __attribute__((weak));
+extern void gotoblas_init(void) __attribute__((weak));
 
 static pthread_once_t blas_once = PTHREAD_ONCE_INIT;
 static ccr_blas_src blas_src = CCR_BLAS_SRC_OPENBLAS;
@@ -113,6 +115,10 @@ int ccr_blas_use_core(const char *core)
 
 static void blas_select_once(void)
 {
+    /* OpenBLAS's own constructor, a no-op once it has run.  With a static
+     * libopenblas.a, ours may run first (link order): then this makes
+     * OpenBLAS choose now, and its constructor later returns at once. */
+    if (gotoblas_init != NULL) gotoblas_init();
     snprintf(blas_openblas_choice, sizeof blas_openblas_choice, "%s", corename_now());
     ccr_blas_src src;
     const char *core = ccr_blas_choose(ccr_cpu_features(), getenv("OPENBLAS_CORETYPE"),
@@ -121,27 +127,27 @@ static void blas_select_once(void)
     blas_src = src;
 }
 
-static void blas_select(void) { pthread_once(&blas_once, blas_select_once); }
+void ccr_blas_select(void) { pthread_once(&blas_once, blas_select_once); }
 
 /* Before main, while the program has one thread: no BLAS call can be in
  * flight while the core changes. */
-__attribute__((constructor)) static void blas_select_at_start(void) { blas_select(); }
+__attribute__((constructor)) static void blas_select_at_start(void) { ccr_blas_select(); }
 
 const char *ccr_blas_openblas_choice(void)
 {
-    blas_select();
+    ccr_blas_select();
     return blas_openblas_choice;
 }
 
 const char *ccr_blas_corename(void)
 {
-    blas_select();
+    ccr_blas_select();
     return corename_now();
 }
 
 const char *ccr_blas_core_source(void)
 {
-    blas_select();
+    ccr_blas_select();
     switch (blas_src) {
     case CCR_BLAS_SRC_USER: return "user";
     case CCR_BLAS_SRC_CCR: return "ccr";

@@ -46,6 +46,10 @@ const char *ccr_blas_choose(unsigned features, const char *env_coretype, const c
  * experiments/blas_core.c. */
 int ccr_blas_use_core(const char *core);
 
+/* Applies the rule to this process, once (pthread_once); runs before main
+ * from a constructor, and from ccr_backend_cpu_init. */
+void ccr_blas_select(void);
+
 /* The core OpenBLAS chose itself at load time (before any switch). */
 const char *ccr_blas_openblas_choice(void);
 

@@ -113,10 +113,10 @@ START_TEST(test_this_process)
 }
 END_TEST
 
-/* A 300 x 200 x 250 sgemm (both layouts) against a double loop. */
+/* A 160 x 120 x 140 sgemm (both layouts) against a double loop. */
 static void check_sgemm(const char *core)
 {
-    enum { M = 300, N = 200, K = 250 };
+    enum { M = 160, N = 120, K = 140 };
     float *a = malloc(sizeof(float) * M * K), *b = malloc(sizeof(float) * K * N); /* bounded */
     float *c = malloc(sizeof(float) * M * N);                                     /* bounded */
     ck_assert(a && b && c);
