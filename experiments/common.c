@@ -400,6 +400,7 @@ ccr_status drv_record_base(ccr_record *r, const char *driver, const ccr_backend 
     if (s == CCR_OK) s = ccr_record_add_str(r, "git", CCR_GIT_REVISION);
     if (s == CCR_OK) s = ccr_record_add_str(r, "machine", drv_machine());
     if (s == CCR_OK) s = ccr_record_add_str(r, "blas_core", ccr_blas_corename());
+    if (s == CCR_OK) s = ccr_record_add_str(r, "blas_core_source", ccr_blas_core_source());
     if (s == CCR_OK) s = ccr_record_add_int(r, "blas_threads", ccr_blas_num_threads());
     if (s == CCR_OK) s = ccr_record_add_str(r, "backend", ccr_backend_name(be));
     if (s == CCR_OK) s = ccr_record_add_int(r, "seed", (int64_t)seed);

@@ -12,6 +12,7 @@
 #include <string.h>
 
 #include "backend_impl.h"  // provides: struct ccr_backend, ccr_kernels
+#include "blas_core.h"     // provides: ccr_blas_select
 #include "cpu_kernels.h"   // provides: ccr_cpu_adam_step
 #include "internal.h"      // provides: CCR_FAIL
 #include "ref/ref.h"       // provides: ccr_ref_* kernels
@@ -186,6 +187,7 @@ static const ccr_backend_i cpu_iface = {
 ccr_status ccr_backend_cpu_init(ccr_ctx *ctx, ccr_backend **out)
 {
     CCR_CHECK_NULL(ctx, out);
+    ccr_blas_select(); /* the OpenBLAS core, once per process (blas.c) */
     ccr_backend *be = calloc(1, sizeof *be);
     if (be == NULL)
         CCR_FAIL(ctx, CCR_ENOMEM, "cannot allocate the CPU backend");

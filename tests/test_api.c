@@ -93,6 +93,7 @@ START_TEST(test_backend)
     EINVAL_(ccr_mat_gemm(NULL, false, false, 1.0f, m, m, 0.0f, m));
     EINVAL_(ccr_mat_gemm(be, false, false, 1.0f, z, m, 0.0f, m));
     ck_assert_ptr_nonnull(ccr_blas_corename());
+    ck_assert_ptr_nonnull(ccr_blas_core_source());
     ck_assert_int_ge(ccr_blas_num_threads(), 0);
 }
 END_TEST

@@ -92,10 +92,19 @@ ccr_status ccr_backend_gemm(ccr_backend *be, bool trans_a, bool trans_b,
                             const float *a, size_t lda, const float *b, size_t ldb,
                             float beta, float *c, size_t ldc);
 
-/* The OpenBLAS core in use (openblas_get_corename), e.g. "Haswell", and the
- * number of OpenBLAS threads.  These are process-wide facts of the linked
- * OpenBLAS; ccr only reads them. */
+/* The OpenBLAS core in use (openblas_get_corename), e.g. "SkylakeX", and the
+ * number of OpenBLAS threads: process-wide facts of the linked OpenBLAS.
+ *
+ * The core is chosen once per process, before main, with no call needed
+ * (docs/DESIGN.md, "BLAS core"): when OpenBLAS's own choice is of a slower
+ * class than the best its kernels offer for this CPU (AVX-512: SkylakeX,
+ * AVX2+FMA: Haswell, AVX: Sandybridge) and an exact sgemm/dgemm self-check
+ * passes on it, ccr switches to it.  A preset OPENBLAS_CORETYPE or
+ * OPENBLAS_L2_SIZE always wins: ccr then changes nothing.
+ * ccr_blas_core_source says who chose: "user" (those variables), "ccr" (the
+ * switch) or "openblas" (OpenBLAS's own choice, kept).  Never NULL. */
 const char *ccr_blas_corename(void);
+const char *ccr_blas_core_source(void);
 int ccr_blas_num_threads(void);
 
 CCR_END_DECLS
