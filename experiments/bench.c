@@ -45,7 +45,7 @@
 #include <cblas.h>
 
 #include "common.h"
-#include "internal.h"  // provides: ccr_malloc3, ccr_mul_ok, ccr_mul3_ok
+#include "internal.h"  // provides: ccr_malloc3, ccr_mallocn, ccr_mul_ok, ccr_mul3_ok
 #include "outputs.h"
 
 #define PROG "ccr-bench"
@@ -344,7 +344,8 @@ int main(int argc, char **argv)
     /* (b) a square sgemm of the FLOPs of (a), forward + backward. */
     size_t sq = (size_t)llround(cbrt(f_sg_fwdbwd / 2.0));
     sq = sq < 1 ? 1 : sq > 16384 ? 16384 : sq;
-    float *sa = ccr_malloc3(sq, sq, 3 * sizeof(float));
+    size_t sq3 = 0;
+    float *sa = ccr_mul3_ok(3, sq, sq, &sq3) ? ccr_mallocn(sq3, sizeof(float)) : NULL;
     /* (c) the dense FFN whose expert FLOPs equal those of the forward. */
     ccr_cond_config dc = ccr_cond_config_default();
     dc.gate = ccr_gate_type_find("none");
@@ -357,7 +358,7 @@ int main(int argc, char **argv)
         drv_fail(PROG, ctx, s, "dense layer");
     /* (d) a copy buffer. */
     const size_t copy_bytes = o.copy_mib << 20;
-    char *cp = malloc(2 * copy_bytes);
+    char *cp = ccr_mallocn(2, copy_bytes);
     if (sa == NULL || cp == NULL)
         drv_fail(PROG, ctx, CCR_ENOMEM, "buffers");
     memset(cp, 1, 2 * copy_bytes);
