@@ -268,9 +268,9 @@ int main(int argc, char **argv)
     ccr_ctx *ctx;
     ccr_backend *be;
     gsl_rng *rng;
-    drv_setup(PROG, false, o.seed, &ctx, &be, &rng);
-    if (o.threads > 0)
+    if (o.threads > 0)  /* before the backend, which describes the thread count */
         openblas_set_num_threads((int)o.threads);
+    drv_setup(PROG, false, o.seed, &ctx, &be, &rng);
     const size_t B = o.batch, di = o.cc.d_in, dout = o.cc.d_out;
     const bool ffn = o.cc.bank == CCR_BANK_FFN;
     const size_t h = ffn ? o.cc.hidden : 0;
