@@ -424,19 +424,6 @@ done:
     return s;
 }
 
-/* The 1-minute load average (other processes share the cores), or NaN. */
-static double load_avg(void)
-{
-    double v = NAN;
-    FILE *f = fopen("/proc/loadavg", "r");
-    if (f != NULL) {
-        if (fscanf(f, "%lf", &v) != 1)
-            v = NAN;
-        fclose(f);
-    }
-    return v;
-}
-
 static ccr_status record(ccr_record *r, const opts *o, const point *p, const ccr_backend *be,
                          const result *x)
 {
@@ -472,7 +459,7 @@ static ccr_status record(ccr_record *r, const opts *o, const point *p, const ccr
     ADD_D("gate_fwd_seconds_per_example", x->t_gate);
     ADD_D("gate_train_fwd_seconds_per_example", x->t_gate_train);
     ADD_D("setup_seconds", x->t_setup);
-    ADD_D("load_avg", load_avg());
+    ADD_D("load_avg", drv_load_avg());
     ADD_I("reps_fwd", x->reps_fwd);
     ADD_I("reps_fwdbwd", x->reps_train);
     ADD_D("fwd_gflops", x->f_fwd_cnt / x->t_fwd * 1e-9);

@@ -126,6 +126,12 @@ void drv_teardown(const char *prog, ccr_ctx *ctx, ccr_backend *be, gsl_rng *rng,
 /* Seconds from a monotonic clock. */
 double drv_now(void);
 
+/* The median of v[0..n) (sorts v in place); NaN for n == 0. */
+double drv_median(double *v, size_t n);
+
+/* The 1-minute load average (other processes share the cores), or NaN. */
+double drv_load_avg(void);
+
 /* One progress line on stderr, rewritten in place ("\r"), with rate and ETA. */
 void drv_progress(const char *label, size_t done, size_t total, double t_start,
                   const char *extra);

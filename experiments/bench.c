@@ -1,0 +1,492 @@
+/*
+ * ccr-bench - the speed of one conditional layer against the machine's
+ * limits (issue 10).
+ *
+ * One layer (--gate, its options, --d-in -> --hidden -> --d-out, batch
+ * --batch), random gate weights (--randomize: zero weights would send every
+ * example to the same experts), Adam on its arena.  Timed as medians over
+ * --repeat rounds (one warm-up round first), every measurement once per
+ * round, interleaved, so that drift on a shared machine hits them alike:
+ *   seconds_fwd     ccr_cond_forward, eval mode
+ *   seconds_fwdbwd  ccr_cond_forward (train mode) + ccr_cond_backward
+ *   seconds_step    ccr_arena_zero_grad + forward + backward + ccr_optim_step
+ * and, in the same rounds, the references:
+ *   (a) cblas_sgemm on exactly the expert GEMM shapes the layer executed: per
+ *       bank matrix m with n_m examples (ccr_route_counts on the routing
+ *       table of the forward), the forward GEMMs ([n_m x d_in][d_in x h],
+ *       [n_m x h][h x d_out] for an FFN bank, [n_m x d_in][d_in x d_out] for
+ *       a linear one) and the backward ones (dH, dW2, dX, dW1 / dX, dW),
+ *       reading the layer's own parameter block, so that the weights read
+ *       are as many as the layer reads;
+ *   (b) one square sgemm n^3 with the FLOPs of (a), forward + backward;
+ *   (c) a dense FFN (gate none) whose hidden width gives the FLOPs of the
+ *       expert GEMMs of the forward;
+ *   (d) memcpy of a large buffer: the machine's copy bandwidth.
+ * Ratios are speeds relative to the layer: ratio_to_sgemm = time of (a) /
+ * seconds_fwdbwd (1 = the layer runs as fast as its own GEMMs alone),
+ * ratio_to_dense = time of (c) / seconds_fwdbwd.
+ *
+ * Phases of the training step (shares of seconds_step): the gate and the
+ * optimiser (zero_grad + Adam) are measured alone on the same inputs; the
+ * expert GEMMs are (a), measured alone; dispatch/sort + combine (and the
+ * activation and the gate's backward) are the remainder, derived, not
+ * measured.  The library has no phase timers.
+ *
+ * A summary goes to stdout, one JSONL record per run to --out.
+ */
+#define _POSIX_C_SOURCE 200809L
+#include <gsl/gsl_rng.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cblas.h>
+
+#include "common.h"
+#include "internal.h"  // provides: ccr_malloc3, ccr_mallocn, ccr_mul_ok, ccr_mul3_ok
+#include "outputs.h"
+
+#define PROG "ccr-bench"
+#define MAXDIM ((size_t)1 << 20)
+#define MAXBATCH ((size_t)1 << 24)
+
+typedef struct opts {
+    ccr_cond_config cc;
+    size_t batch, threads, repeat, copy_mib;
+    unsigned long seed;
+    bool quick;
+    const char *out;
+} opts;
+
+static void usage(void)
+{
+    printf("usage: ccr-bench [--gate NAME] [gate options] [--batch N] [--d-in N]\n"
+           "                 [--hidden N] [--d-out N] [--threads N] [--repeat N]\n"
+           "                 [--seed N] [--out FILE] [--quick] [--help]\n"
+           "Times one conditional layer (forward, forward+backward, training step with\n"
+           "Adam; medians over --repeat) against cblas_sgemm on the expert GEMM shapes it\n"
+           "executed, a square sgemm of the same FLOPs, a dense FFN of equal FLOPs and a\n"
+           "memcpy; phase shares of the step.  One JSONL record with --out.\n\n"
+           "  --batch N    examples per batch [4096]\n"
+           "  --d-in N     layer input width [512]\n"
+           "  --hidden N   hidden width of an FFN expert [1024]\n"
+           "  --d-out N    layer output width [512]\n"
+           "  --threads N  OpenBLAS threads (default: OpenBLAS's own)\n"
+           "  --repeat N   timed rounds, medians reported [5]\n"
+           "  --seed N     GSL seed (parameters, inputs, noise) [1]\n"
+           "  --out FILE   JSONL output\n"
+           "  --quick      tiny sizes, a smoke run\n"
+           "Gate options (gates: %s; defaults here: topk, E = 64, k = 4, --randomize):\n%s",
+           ccr_gate_type_names(), drv_gate_usage);
+}
+
+static void parse(int argc, char **argv, opts *o)
+{
+    bool quick = drv_quick_requested(argc, argv), bank_set = false;
+    *o = (opts){.batch = 4096, .repeat = 5, .seed = 1, .quick = quick, .copy_mib = 256};
+    o->cc = drv_gate_defaults();
+    o->cc.gate = ccr_gate_type_find("topk");
+    o->cc.d_in = o->cc.d_out = 512;
+    o->cc.hidden = 1024;
+    o->cc.gate_cfg.n_experts = 64;
+    o->cc.gate_cfg.k = 4;
+    o->cc.gate_cfg.randomize = true;
+    if (quick) {
+        o->batch = 64, o->repeat = 3, o->copy_mib = 8;
+        o->cc.d_in = o->cc.d_out = o->cc.hidden = 16;
+        o->cc.gate_cfg.n_experts = 8;
+        o->cc.gate_cfg.k = 2;
+    }
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        bool used_value;
+        if (drv_parse_common(PROG, a, usage))
+            continue;  /* --quick: applied above */
+        if (drv_parse_gate_option(PROG, a, v, &o->cc, &used_value)) {
+            bank_set |= strcmp(a, "--bank") == 0;
+            i += used_value;
+            continue;
+        }
+        if (v == NULL)
+            drv_bad_option(PROG, a, v);
+        i++;
+        if (strcmp(a, "--out") == 0) {
+            if (v[0] == '\0')
+                drv_usage_error(PROG, "--out needs a file name");
+            o->out = v;
+        } else if (strcmp(a, "--batch") == 0) o->batch = drv_parse_size(PROG, a, v, 1);
+        else if (strcmp(a, "--d-in") == 0) o->cc.d_in = drv_parse_size(PROG, a, v, 1);
+        else if (strcmp(a, "--d-out") == 0) o->cc.d_out = drv_parse_size(PROG, a, v, 1);
+        else if (strcmp(a, "--hidden") == 0) o->cc.hidden = drv_parse_size(PROG, a, v, 1);
+        else if (strcmp(a, "--threads") == 0) o->threads = drv_parse_size(PROG, a, v, 1);
+        else if (strcmp(a, "--repeat") == 0) o->repeat = drv_parse_size(PROG, a, v, 1);
+        else if (strcmp(a, "--seed") == 0) o->seed = drv_parse_seed(PROG, a, v);
+        else drv_bad_option(PROG, a, v);
+    }
+    drv_gate_finish(PROG, &o->cc, bank_set);
+    o->cc.gate_cfg.d_in = o->cc.d_in;
+    if (o->batch > MAXBATCH)
+        drv_usage_error(PROG, "--batch %zu is too large (at most %zu)", o->batch, MAXBATCH);
+    if (o->cc.d_in > MAXDIM || o->cc.d_out > MAXDIM || o->cc.hidden > MAXDIM)
+        drv_usage_error(PROG, "--d-in, --hidden and --d-out must be at most %zu", MAXDIM);
+    if (o->threads > 1024)
+        drv_usage_error(PROG, "--threads %zu is too large (at most 1024)", o->threads);
+    if (o->repeat > 100000)
+        drv_usage_error(PROG, "--repeat %zu is too large (at most 100000)", o->repeat);
+}
+
+/* Uniform with mean 0 and variance 1 (gsl_randist.h and cblas.h clash). */
+static float unit(gsl_rng *rng)
+{
+    return (float)((2.0 * gsl_rng_uniform(rng) - 1.0) * 1.7320508075688772);
+}
+
+/* A layer with its own arena, initialised; optionally Adam on it. */
+typedef struct layer {
+    ccr_cond *c;
+    ccr_arena *a;
+    ccr_optim *opt;
+} layer;
+
+static void layer_free(layer *l)
+{
+    ccr_optim_free(l->opt);
+    ccr_arena_free(l->a);
+    ccr_cond_free(l->c);
+    *l = (layer){0};
+}
+
+static ccr_status layer_make(ccr_backend *be, const ccr_cond_config *cc, size_t B, gsl_rng *rng,
+                             bool adam, layer *l)
+{
+    *l = (layer){0};
+    ccr_status s = ccr_cond_alloc(be, cc, B, &l->c);
+    if (s == CCR_OK) s = ccr_arena_init(be, &l->a);
+    if (s == CCR_OK) s = ccr_cond_declare(l->c, l->a, "");
+    if (s == CCR_OK) s = ccr_arena_finalize(l->a);
+    if (s == CCR_OK) s = ccr_cond_init_params(l->c, rng);
+    if (s == CCR_OK && adam) {
+        ccr_optim_config oc = ccr_optim_defaults(CCR_OPTIM_ADAM);
+        s = ccr_optim_init(l->a, &oc, &l->opt);
+    }
+    if (s != CCR_OK)
+        layer_free(l);
+    return s;
+}
+
+/* The expert GEMMs of one batch, as the bank executed them (counts per
+ * matrix), on packed activations; weights and weight gradients are slices
+ * of the layer's parameter and gradient blocks (matrix m at its own
+ * offset, so all used matrices are read).  Returns the FLOPs. */
+typedef struct shapes {
+    const size_t *counts;
+    size_t n_mat, d_in, h, d_out;
+    bool ffn;
+    const float *w;
+    float *gw;
+    size_t n_params;
+    float *x, *hid, *y, *dhid, *dx;  /* packed, rows = routed pairs */
+} shapes;
+
+static double gemm_shapes(const shapes *s, bool bwd)
+{
+    const int di = (int)s->d_in, h = (int)s->h, dout = (int)s->d_out;
+    const size_t msize = s->ffn ? s->d_in * s->h + s->h * s->d_out : s->d_in * s->d_out;
+    const size_t span = s->n_params >= msize ? s->n_params - msize + 1 : 1;
+    double flops = 0;
+    size_t row = 0;
+    for (size_t m = 0; m < s->n_mat; m++) {
+        const int n = (int)s->counts[m];
+        if (n == 0)
+            continue;
+        const size_t off = (m * msize) % span;
+        const float *w1 = s->w + off, *w2 = w1 + s->d_in * s->h;
+        float *g1 = s->gw + off, *g2 = g1 + s->d_in * s->h;
+        const float *x = s->x + row * s->d_in;
+        float *y = s->y + row * s->d_out, *dx = s->dx + row * s->d_in;
+        if (s->ffn) {
+            float *hid = s->hid + row * s->h, *dh = s->dhid + row * s->h;
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, h, di, 1.0f, x, di, w1, h,
+                        0.0f, hid, h);
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, dout, h, 1.0f, hid, h, w2,
+                        dout, 0.0f, y, dout);
+            flops += 2.0 * n * ((double)di * h + (double)h * dout);
+            if (bwd) {  /* y plays dY */
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, h, dout, 1.0f, y, dout,
+                            w2, dout, 0.0f, dh, h);
+                cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, h, dout, n, 1.0f, hid, h, y,
+                            dout, 0.0f, g2, dout);
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, di, h, 1.0f, dh, h, w1,
+                            h, 0.0f, dx, di);
+                cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, di, h, n, 1.0f, x, di, dh,
+                            h, 0.0f, g1, h);
+                flops += 4.0 * n * ((double)di * h + (double)h * dout);
+            }
+        } else {
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, dout, di, 1.0f, x, di, w1,
+                        dout, 0.0f, y, dout);
+            flops += 2.0 * n * (double)di * dout;
+            if (bwd) {
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, di, dout, 1.0f, y, dout,
+                            w1, dout, 0.0f, dx, di);
+                cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, di, dout, n, 1.0f, x, di, y,
+                            dout, 0.0f, g1, dout);
+                flops += 4.0 * n * (double)di * dout;
+            }
+        }
+        row += (size_t)n;
+    }
+    return flops;
+}
+
+/* Measurements, one slot per round each. */
+enum {
+    T_FWD, T_FWDBWD, T_STEP, T_GATE, T_GATE_TRAIN, T_ZERO, T_ADAM, T_SG_FWD, T_SG_FWDBWD,
+    T_SQUARE, T_DENSE_FWD, T_DENSE_FWDBWD, T_COPY, T_COUNT
+};
+static const char *const t_name[T_COUNT] = {
+    "seconds_fwd", "seconds_fwdbwd", "seconds_step", "seconds_gate", "seconds_gate_train",
+    "seconds_zero_grad", "seconds_adam", "seconds_sgemm_shapes_fwd",
+    "seconds_sgemm_shapes_fwdbwd", "seconds_sgemm_square", "seconds_dense_fwd",
+    "seconds_dense_fwdbwd", "seconds_copy"};
+
+#define TIMED(slot, stmt)                        \
+    do {                                         \
+        double t0_ = drv_now();                  \
+        stmt;                                    \
+        tv[(slot) * R + r] = drv_now() - t0_;    \
+    } while (0)
+
+int main(int argc, char **argv)
+{
+    opts o;
+    parse(argc, argv, &o);
+    drv_io_output("--out", o.out);
+    drv_io_check(PROG);
+    ccr_ctx *ctx;
+    ccr_backend *be;
+    gsl_rng *rng;
+    if (o.threads > 0)  /* before the backend, which describes the thread count */
+        openblas_set_num_threads((int)o.threads);
+    drv_setup(PROG, false, o.seed, &ctx, &be, &rng);
+    const size_t B = o.batch, di = o.cc.d_in, dout = o.cc.d_out;
+    const bool ffn = o.cc.bank == CCR_BANK_FFN;
+    const size_t h = ffn ? o.cc.hidden : 0;
+
+    /* Validate the configuration before any output exists. */
+    ccr_cond *probe;
+    ccr_status s = ccr_cond_alloc(be, &o.cc, B, &probe);
+    if (s == CCR_EINVAL)
+        drv_usage_error(PROG, "%s", ccr_ctx_errmsg(ctx));
+    if (s != CCR_OK)
+        drv_fail(PROG, ctx, s, "layer");
+    ccr_cond_free(probe);
+
+    ccr_jsonl *out;
+    ccr_record *rec;
+    drv_open_out(PROG, ctx, o.out, &rec, &out);
+
+    layer L;
+    if ((s = layer_make(be, &o.cc, B, rng, true, &L)) != CCR_OK)
+        drv_fail(PROG, ctx, s, "layer");
+    ccr_gate *g = ccr_cond_gate(L.c);
+    const size_t n_mat = ccr_gate_n_matrices(g);
+    const ccr_route *route = ccr_cond_route(L.c);
+
+    /* Inputs and buffers. */
+    size_t nx, ny;
+    if (!ccr_mul_ok(B, di, &nx) || !ccr_mul_ok(B, dout, &ny))
+        drv_fail(PROG, ctx, ccr_mem_check(ctx, SIZE_MAX, "buffers"), "buffers");
+    float *x = ccr_malloc3(nx, 2, sizeof *x), *dy = ccr_malloc3(ny, 2, sizeof *dy);
+    size_t *counts = ccr_malloc3(n_mat, 2, sizeof *counts);
+    double *tv = ccr_malloc3(T_COUNT, o.repeat, sizeof *tv);
+    if (!x || !dy || !counts || !tv)
+        drv_fail(PROG, ctx, CCR_ENOMEM, "buffers");
+    float *y = dy + ny, *dx = x + nx;
+    for (size_t i = 0; i < nx; i++)
+        x[i] = unit(rng);
+    for (size_t i = 0; i < ny; i++)
+        dy[i] = unit(rng);
+
+    /* The routing of this batch, eval and train mode: the shapes of (a). */
+    ccr_gate_stats st;
+    size_t *cnt_ev = counts, *cnt_tr = counts + n_mat, routed_ev = 0, routed_tr = 0;
+    s = ccr_cond_forward(L.c, x, B, false, rng, y, &st);
+    if (s == CCR_OK) s = ccr_route_counts(ctx, route, cnt_ev, n_mat, &routed_ev);
+    if (s == CCR_OK) s = ccr_cond_forward(L.c, x, B, true, rng, y, &st);
+    if (s == CCR_OK) s = ccr_route_counts(ctx, route, cnt_tr, n_mat, &routed_tr);
+    if (s != CCR_OK)
+        drv_fail(PROG, ctx, s, "routing");
+    /* Packed activations of (a): rows = routed pairs. */
+    const size_t slots_max = routed_ev > routed_tr ? routed_ev : routed_tr;
+    size_t pmax;
+    if (!ccr_mul_ok(slots_max, 2 * di + dout + 2 * h, &pmax))
+        drv_fail(PROG, ctx, ccr_mem_check(ctx, SIZE_MAX, "packed rows"), "buffers");
+    float *pk = ccr_malloc3(pmax > 0 ? pmax : 1, 1, sizeof *pk);
+    if (pk == NULL)
+        drv_fail(PROG, ctx, CCR_ENOMEM, "buffers");
+    for (size_t i = 0; i < pmax; i++)
+        pk[i] = 0.1f * unit(rng);
+    size_t used_ev = 0, max_ev = 0;
+    for (size_t m = 0; m < n_mat; m++)
+        used_ev += cnt_ev[m] > 0, max_ev = cnt_ev[m] > max_ev ? cnt_ev[m] : max_ev;
+    shapes sh = {.n_mat = n_mat, .d_in = di, .h = h, .d_out = dout, .ffn = ffn,
+                 .w = ccr_arena_values(L.a), .gw = ccr_arena_grads(L.a),
+                 .n_params = ccr_arena_n_params(L.a)};
+    sh.x = pk, sh.y = sh.x + slots_max * di, sh.dx = sh.y + slots_max * dout;
+    sh.hid = sh.dx + slots_max * di, sh.dhid = sh.hid + slots_max * h;
+    shapes sh_ev = sh, sh_tr = sh;
+    sh_ev.counts = cnt_ev, sh_tr.counts = cnt_tr;
+    const double f_sg_fwd = gemm_shapes(&sh_ev, false), f_sg_fwdbwd = gemm_shapes(&sh_tr, true);
+
+    /* (b) a square sgemm of the FLOPs of (a), forward + backward. */
+    size_t sq = (size_t)llround(cbrt(f_sg_fwdbwd / 2.0));
+    sq = sq < 1 ? 1 : sq > 16384 ? 16384 : sq;
+    size_t sq3 = 0;
+    float *sa = ccr_mul3_ok(3, sq, sq, &sq3) ? ccr_mallocn(sq3, sizeof(float)) : NULL;
+    /* (c) the dense FFN whose expert FLOPs equal those of the forward. */
+    ccr_cond_config dc = ccr_cond_config_default();
+    dc.gate = ccr_gate_type_find("none");
+    dc.d_in = di, dc.d_out = dout, dc.gate_cfg.d_in = di;
+    dc.bank = CCR_BANK_FFN;
+    double hd = f_sg_fwd / (double)B / (2.0 * (double)(di + dout));
+    dc.hidden = hd < 1 ? 1 : (size_t)llround(hd);
+    layer D;
+    if ((s = layer_make(be, &dc, B, rng, false, &D)) != CCR_OK)
+        drv_fail(PROG, ctx, s, "dense layer");
+    /* (d) a copy buffer. */
+    const size_t copy_bytes = o.copy_mib << 20;
+    char *cp = ccr_mallocn(2, copy_bytes);
+    if (sa == NULL || cp == NULL)
+        drv_fail(PROG, ctx, CCR_ENOMEM, "buffers");
+    memset(cp, 1, 2 * copy_bytes);
+    for (size_t i = 0; i < 2 * sq * sq; i++)
+        sa[i] = (float)((i % 13) - 6) * 0.01f;
+
+    fprintf(stderr, "%s: %s | %s | gate=%s B=%zu d_in=%zu h=%zu d_out=%zu repeat=%zu\n", PROG,
+            ccr_backend_describe(be), drv_machine(), o.cc.gate->name, B, di, h, dout, o.repeat);
+    const size_t R = o.repeat, isq = sq;
+    double t_start = drv_now();
+    for (size_t round = 0; round <= R && s == CCR_OK; round++) {
+        const size_t r = round == 0 ? 0 : round - 1;  /* round 0: warm-up, overwritten */
+        drv_progress("rounds", round, R + 1, t_start, o.cc.gate->name);
+        TIMED(T_FWD, s = ccr_cond_forward(L.c, x, B, false, rng, y, &st));
+        if (s == CCR_OK) TIMED(T_FWDBWD, {
+            s = ccr_cond_forward(L.c, x, B, true, rng, y, &st);
+            if (s == CCR_OK) s = ccr_cond_backward(L.c, dy, dx);
+        });
+        if (s == CCR_OK) TIMED(T_STEP, {
+            s = ccr_arena_zero_grad(L.a);
+            if (s == CCR_OK) s = ccr_cond_forward(L.c, x, B, true, rng, y, &st);
+            if (s == CCR_OK) s = ccr_cond_backward(L.c, dy, dx);
+            if (s == CCR_OK) s = ccr_optim_step(L.opt);
+        });
+        ccr_route rt;
+        if (s == CCR_OK) TIMED(T_GATE, s = ccr_gate_forward(g, x, B, false, rng, &rt, &st));
+        if (s == CCR_OK) TIMED(T_GATE_TRAIN, s = ccr_gate_forward(g, x, B, true, rng, &rt, &st));
+        if (s == CCR_OK) TIMED(T_ZERO, s = ccr_arena_zero_grad(L.a));
+        if (s == CCR_OK) TIMED(T_ADAM, s = ccr_optim_step(L.opt));
+        TIMED(T_SG_FWD, gemm_shapes(&sh_ev, false));
+        TIMED(T_SG_FWDBWD, gemm_shapes(&sh_tr, true));
+        TIMED(T_SQUARE, {
+            for (int k = 0; k < 3; k++)  /* forward + backward: three products */
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)isq, (int)isq,
+                            (int)isq, 1.0f, sa, (int)isq, sa + sq * sq, (int)isq, 0.0f,
+                            sa + 2 * sq * sq, (int)isq);
+        });
+        if (s == CCR_OK) TIMED(T_DENSE_FWD, s = ccr_cond_forward(D.c, x, B, false, rng, y, &st));
+        if (s == CCR_OK) TIMED(T_DENSE_FWDBWD, {
+            s = ccr_cond_forward(D.c, x, B, true, rng, y, &st);
+            if (s == CCR_OK) s = ccr_cond_backward(D.c, dy, dx);
+        });
+        TIMED(T_COPY, memcpy(cp + (round % 2) * copy_bytes, cp + (1 - round % 2) * copy_bytes,
+                             copy_bytes));
+    }
+    drv_progress("rounds", R + 1, R + 1, t_start, "done");
+    drv_progress_end();
+    if (s != CCR_OK)
+        drv_fail(PROG, ctx, s, "timing");
+    double t[T_COUNT];
+    for (int k = 0; k < T_COUNT; k++)
+        t[k] = drv_median(tv + (size_t)k * R, R);
+    /* The square sgemm did 3 sq^3 products of 2 FLOPs each. */
+    const double f_sq = 6.0 * (double)sq * (double)sq * (double)sq;
+    const double f_fwd = ccr_cond_flops(L.c, false) * (double)B;
+    const double f_fwdbwd = (ccr_cond_flops(L.c, true) + ccr_cond_flops_bwd(L.c, true)) * (double)B;
+    const double f_dense = (ccr_cond_flops(D.c, true) + ccr_cond_flops_bwd(D.c, true)) * (double)B;
+    const double t_opt = t[T_ZERO] + t[T_ADAM];
+    const double t_disp = t[T_STEP] - t[T_GATE_TRAIN] - t[T_SG_FWDBWD] - t_opt;
+
+    ccr_record_clear(rec);
+    s = drv_record_base(rec, PROG, be, o.seed);
+#define ADD_I(k, v) if (s == CCR_OK) s = ccr_record_add_int(rec, k, (int64_t)(v))
+#define ADD_D(k, v) if (s == CCR_OK) s = ccr_record_add_double(rec, k, v)
+    if (s == CCR_OK) s = drv_record_gate(rec, &o.cc);
+    ADD_I("d_in", di);
+    ADD_I("hidden", o.cc.hidden);
+    ADD_I("d_out", dout);
+    ADD_I("batch", B);
+    ADD_I("threads", o.threads);
+    ADD_I("repeat", R);
+    if (s == CCR_OK) s = ccr_record_add_bool(rec, "quick", o.quick);
+    ADD_D("load_avg", drv_load_avg());
+    ADD_I("params", ccr_cond_n_params(L.c));
+    ADD_I("n_matrices", n_mat);
+    ADD_I("matrices_used", used_ev);
+    ADD_D("examples_per_matrix_mean", used_ev ? (double)routed_ev / (double)used_ev : 0.0);
+    ADD_I("examples_per_matrix_max", max_ev);
+    for (int k = 0; k < T_COUNT; k++)
+        ADD_D(t_name[k], t[k]);
+    ADD_D("flops_fwd", f_fwd);
+    ADD_D("flops_fwdbwd", f_fwdbwd);
+    ADD_D("flops_sgemm_shapes_fwd", f_sg_fwd);
+    ADD_D("flops_sgemm_shapes_fwdbwd", f_sg_fwdbwd);
+    ADD_I("sgemm_square_n", sq);
+    ADD_I("dense_hidden", dc.hidden);
+    ADD_D("gflops", f_fwdbwd / t[T_FWDBWD] * 1e-9);
+    ADD_D("gflops_fwd", f_fwd / t[T_FWD] * 1e-9);
+    ADD_D("gflops_sgemm_shapes", f_sg_fwdbwd / t[T_SG_FWDBWD] * 1e-9);
+    ADD_D("gflops_sgemm_square", f_sq / t[T_SQUARE] * 1e-9);
+    ADD_D("gflops_dense", f_dense / t[T_DENSE_FWDBWD] * 1e-9);
+    ADD_D("ratio_to_sgemm", t[T_SG_FWDBWD] / t[T_FWDBWD]);
+    ADD_D("ratio_to_sgemm_fwd", t[T_SG_FWD] / t[T_FWD]);
+    ADD_D("ratio_to_sgemm_square", (f_sg_fwdbwd / f_sq) * t[T_SQUARE] / t[T_FWDBWD]);
+    ADD_D("ratio_to_dense", t[T_DENSE_FWDBWD] / t[T_FWDBWD]);
+    ADD_D("ratio_to_dense_fwd", t[T_DENSE_FWD] / t[T_FWD]);
+    ADD_D("copy_bytes", (double)copy_bytes);
+    ADD_D("copy_gbs", 2.0 * (double)copy_bytes / t[T_COPY] * 1e-9);
+    ADD_D("phase_gate", t[T_GATE_TRAIN] / t[T_STEP]);
+    ADD_D("phase_expert_gemm", t[T_SG_FWDBWD] / t[T_STEP]);
+    ADD_D("phase_dispatch_combine", t_disp / t[T_STEP]);
+    ADD_D("phase_optimiser", t_opt / t[T_STEP]);
+    if (s == CCR_OK)
+        s = ccr_record_add_str(rec, "phase_method",
+                               "gate (forward, train mode), expert GEMMs (sgemm on the executed "
+                               "shapes) and optimiser (zero_grad + Adam) timed alone; "
+                               "dispatch/sort + combine = step minus those (derived)");
+#undef ADD_I
+#undef ADD_D
+    drv_write_record(PROG, ctx, s, out, rec);
+
+    printf("%s %s B=%zu d_in=%zu h=%zu d_out=%zu core=%s threads=%d\n", PROG, o.cc.gate->name,
+           B, di, h, dout, ccr_blas_corename(), ccr_blas_num_threads());
+    printf("  fwd %.3f ms  fwd+bwd %.3f ms (%.1f GFLOP/s)  step %.3f ms\n", t[T_FWD] * 1e3,
+           t[T_FWDBWD] * 1e3, f_fwdbwd / t[T_FWDBWD] * 1e-9, t[T_STEP] * 1e3);
+    printf("  sgemm on its shapes %.3f ms (%.1f GFLOP/s): ratio %.2f; square n=%zu %.1f GFLOP/s\n",
+           t[T_SG_FWDBWD] * 1e3, f_sg_fwdbwd / t[T_SG_FWDBWD] * 1e-9,
+           t[T_SG_FWDBWD] / t[T_FWDBWD], sq, f_sq / t[T_SQUARE] * 1e-9);
+    printf("  dense FFN h=%zu fwd+bwd %.3f ms: ratio %.2f; copy %.1f GB/s\n", dc.hidden,
+           t[T_DENSE_FWDBWD] * 1e3, t[T_DENSE_FWDBWD] / t[T_FWDBWD],
+           2.0 * (double)copy_bytes / t[T_COPY] * 1e-9);
+    printf("  step shares: gate %.3f  expert GEMMs %.3f  dispatch+combine (derived) %.3f  "
+           "optimiser %.3f\n", t[T_GATE_TRAIN] / t[T_STEP], t[T_SG_FWDBWD] / t[T_STEP],
+           t_disp / t[T_STEP], t_opt / t[T_STEP]);
+
+    free(x), free(dy), free(pk), free(counts), free(tv), free(sa), free(cp);
+    layer_free(&L);
+    layer_free(&D);
+    drv_teardown(PROG, ctx, be, rng, out, rec);
+    return 0;
+}

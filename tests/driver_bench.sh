@@ -1,0 +1,75 @@
+#!/bin/sh
+# Integration test of ccr-bench (issue 10): a --quick run for every gate (and
+# the sign-bit tree's leaf combine) writes one JSONL record;
+# analysis/check_results.py checks the settings, the medians, the reference
+# timings and the phase shares are present and finite, and an inline reader
+# checks that every time is positive, the FLOPs of the sgemm shapes are those
+# of the routing (forward + backward = 3 x forward for the same shapes is not
+# assumed: eval and train routes may differ) and that the phase shares add up
+# to 1.  Bad arguments exit 2 with one line on stderr and leave no output
+# file.  Nothing here depends on how long anything took.
+# Usage: driver_bench.sh CCR_BENCH SOURCE_ROOT
+set -eu
+prog=$1
+src=$2
+py=/usr/bin/python3
+tmp=$(mktemp -d "${TMPDIR:-/tmp}/ccr-bench-test.XXXXXX")
+trap 'rm -rf "$tmp"' EXIT
+
+"$prog" --help >"$tmp/help"
+grep -q -- "--quick" "$tmp/help" || { echo "--help does not mention --quick"; exit 1; }
+
+for g in none dense topk hmoe switch signtree "signtree --combine leaf"; do
+  # shellcheck disable=SC2086
+  "$prog" --quick --gate $g --repeat 2 --threads 1 --out "$tmp/one.jsonl" >"$tmp/sum" 2>"$tmp/err" ||
+    { echo "ccr-bench --gate $g failed"; cat "$tmp/err"; exit 1; }
+  [ "$(wc -l < "$tmp/one.jsonl")" -eq 1 ] || { echo "--gate $g: not one record"; exit 1; }
+  grep -q 'ratio' "$tmp/sum" || { echo "--gate $g: no summary on stdout"; exit 1; }
+  cat "$tmp/one.jsonl" >>"$tmp/all.jsonl"
+done
+
+if [ ! -x "$py" ]; then echo "skip: no $py"; exit 77; fi
+times=seconds_fwd,seconds_fwdbwd,seconds_step,seconds_gate,seconds_gate_train,seconds_zero_grad,seconds_adam,seconds_sgemm_shapes_fwd,seconds_sgemm_shapes_fwdbwd,seconds_sgemm_square,seconds_dense_fwd,seconds_dense_fwdbwd,seconds_copy
+$py "$src/analysis/check_results.py" "$tmp/all.jsonl" --min-records 7 \
+  --require gate,experts,k,groups,k2,depth,combine,bank,blas_core_source,quick,phase_method \
+  --finite d_in,hidden,d_out,batch,threads,repeat,params,$times,gflops,gflops_sgemm_shapes,gflops_sgemm_square,gflops_dense,ratio_to_sgemm,ratio_to_sgemm_fwd,ratio_to_sgemm_square,ratio_to_dense,ratio_to_dense_fwd,copy_gbs,phase_gate,phase_expert_gemm,phase_dispatch_combine,phase_optimiser,flops_fwd,flops_fwdbwd,flops_sgemm_shapes_fwd,flops_sgemm_shapes_fwdbwd,dense_hidden,sgemm_square_n
+
+$py - "$tmp/all.jsonl" "$times" <<'PY'
+import json, sys
+recs = [json.loads(l) for l in open(sys.argv[1])]
+times = sys.argv[2].split(",")
+gates = [r["gate"] + ("-" + r["combine"] if r["gate"] == "signtree" else "") for r in recs]
+assert gates == ["none", "dense", "topk", "hmoe", "switch", "signtree-path", "signtree-leaf"], gates
+for r, tag in zip(recs, gates):
+    assert r["driver"] == "ccr-bench" and r["quick"] is True, tag
+    assert r["repeat"] == 2 and r["threads"] == 1 and r["blas_threads"] == 1, tag
+    assert r["batch"] == 64 and r["d_in"] == 16 and r["d_out"] == 16, tag
+    for t in times:
+        assert r[t] > 0, (tag, t, r[t])
+    for f in ("gflops", "ratio_to_sgemm", "ratio_to_dense", "copy_gbs"):
+        assert r[f] > 0, (tag, f)
+    assert abs(r["ratio_to_sgemm"] - r["seconds_sgemm_shapes_fwdbwd"] / r["seconds_fwdbwd"]) < 1e-9 * r["ratio_to_sgemm"], tag
+    assert abs(r["ratio_to_dense"] - r["seconds_dense_fwdbwd"] / r["seconds_fwdbwd"]) < 1e-9 * r["ratio_to_dense"], tag
+    share = r["phase_gate"] + r["phase_expert_gemm"] + r["phase_dispatch_combine"] + r["phase_optimiser"]
+    assert abs(share - 1) < 1e-9, (tag, share)
+    # The sgemm shapes are the routing's: every routed (example, matrix)
+    # pair costs the matrix's forward FLOPs, backward twice that.
+    per = 2 * (r["d_in"] * r["hidden"] + r["hidden"] * r["d_out"]) if r["bank"] == "ffn" else 2 * r["d_in"] * r["d_out"]
+    assert r["flops_sgemm_shapes_fwd"] % per == 0 and r["flops_sgemm_shapes_fwdbwd"] % (3 * per) == 0, tag
+    assert 0 < r["flops_sgemm_shapes_fwd"] <= r["flops_fwd"], tag
+    assert 0 < r["flops_sgemm_shapes_fwdbwd"] <= r["flops_fwdbwd"], tag
+print("driver_bench: records ok")
+PY
+
+# Bad arguments: exit 2, one line on stderr, no output file.
+for args in "--gate bogus" "--batch -4" "--batch 0" "--d-in 0" "--hidden x" "--d-out 1e3" \
+            "--threads 0" "--repeat 0" "--gate none --experts 4" "--gate hmoe --groups 3" \
+            "--bogus 1" "--gate" "--out"; do
+  rc=0
+  # shellcheck disable=SC2086
+  "$prog" --quick $args --out "$tmp/bad.jsonl" >/dev/null 2>"$tmp/err" || rc=$?
+  [ "$rc" -eq 2 ] || { echo "ccr-bench $args: exit $rc, want 2"; cat "$tmp/err"; exit 1; }
+  [ ! -e "$tmp/bad.jsonl" ] || { echo "ccr-bench $args left an output file"; exit 1; }
+  [ "$(wc -l < "$tmp/err")" -eq 1 ] || { echo "ccr-bench $args: not one line:"; cat "$tmp/err"; exit 1; }
+done
+echo "driver_bench: bad arguments ok"
