@@ -329,10 +329,11 @@ ccr_status ccr_arena_for_written(const ccr_arena *a, ccr_arena_range_fn fn, void
         const arena_tensor *t = &a->t[r->tensor];
         if (t->offset > cur)
             CCR_TRY(fn(u, cur, t->offset - cur, SIZE_MAX));
-        for (size_t j = 0; j < r->n_touched; j++) {
-            size_t row = r->list[j];
-            CCR_TRY(fn(u, t->offset + row * r->row_len, r->row_len, r->base + row));
-        }
+        /* Rows in block order (a scan of E flags), so that sums over the
+         * ranges add in the order of the whole block. */
+        for (size_t row = 0; row < r->rows && r->n_touched > 0; row++)
+            if (r->flag[row])
+                CCR_TRY(fn(u, t->offset + row * r->row_len, r->row_len, r->base + row));
         cur = t->offset + t->size;
     }
     return cur < a->block_len ? fn(u, cur, a->block_len - cur, SIZE_MAX) : CCR_OK;

@@ -32,7 +32,9 @@ typedef struct ccr_arena_sparse {
 /* Calls fn(u, offset, len, row) for every range of the blocks whose gradient
  * may be non-zero since the last zeroing, in block order: the dense ranges
  * (row == SIZE_MAX, padding included) and each touched row of a row-sparse
- * tensor (row = its index among all row-sparse rows).  Stops at and returns
+ * tensor (row = its index among all row-sparse rows), rows in block order
+ * too, so a sum over the ranges adds in the order of the whole block and,
+ * the skipped gradients being zero, equals the sum over it.  Stops at and returns
  * the first error.  Requires a finalized arena. */
 typedef ccr_status (*ccr_arena_range_fn)(void *u, size_t offset, size_t len, size_t row);
 ccr_status ccr_arena_for_written(const ccr_arena *a, ccr_arena_range_fn fn, void *u);

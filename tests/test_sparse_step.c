@@ -4,7 +4,8 @@
  *   - ccr_arena_zero_grad, which clears only the bank matrices written since
  *     the last zeroing, leaves the whole gradient block zero, and the
  *     gradients after it are bitwise those after zeroing the whole block by
- *     hand, over steps whose routes change;
+ *     hand, over steps whose routes change; ccr_arena_grad_norm, which reads
+ *     only the written ranges, is bitwise the norm of the whole block;
  *   - SGD without momentum or weight decay gives bitwise the same parameters
  *     in sparse and dense mode, and the sparse one updates fewer parameters
  *     where a batch leaves matrices unused;
@@ -136,6 +137,13 @@ START_TEST(zeroing_is_exact)
         gsl_rng_memcpy(r2, r);
         CCR_CK_OK(ctx, ccr_net_loss_grad_mode(net, xs[s], ys[s], BATCH, CCR_MODE_TRAIN, r, &st));
         memcpy(ga, g, n * sizeof *g);
+        /* The norm reads only the written ranges; bitwise the whole block's. */
+        double s2 = 0.0, nrm;
+        for (size_t i = 0; i < n; i++)
+            s2 += (double)g[i] * g[i];
+        CCR_CK_OK(ctx, ccr_arena_grad_norm(p, &nrm));
+        ck_assert_msg(nrm == sqrt(s2), "%s step %zu: norm %.17g, block %.17g", gate, s, nrm,
+                      sqrt(s2));
         /* The same pass after zeroing every gradient by hand. */
         memset(g, 0, n * sizeof *g);
         CCR_CK_OK(ctx, ccr_net_loss_grad_mode(net, xs[s], ys[s], BATCH, CCR_MODE_TRAIN, r2, &st));
