@@ -18,6 +18,7 @@
 #include "blas_core.h"
 #include "ccr/ccr.h"
 #include "common.h"
+#include "internal.h"  // provides: ccr_malloc3, ccr_mallocn, ccr_calloc3
 
 #define PROG "ccr-bench-step"
 
@@ -68,9 +69,11 @@ int main(int argc, char **argv)
         else if (strcmp(a, "--hidden") == 0) h = drv_parse_size(PROG, a, v, 1);
         else if (strcmp(a, "--batch") == 0) B = drv_parse_size(PROG, a, v, 1);
         else if (strcmp(a, "--steps") == 0) steps = drv_parse_size(PROG, a, v, 1);
-        else if (strcmp(a, "--optim") == 0 && strcmp(v, "adam") == 0) kind = CCR_OPTIM_ADAM;
-        else if (strcmp(a, "--optim") == 0 && strcmp(v, "sgd") == 0) kind = CCR_OPTIM_SGD;
-        else drv_bad_option(PROG, a, v);
+        else if (strcmp(a, "--optim") == 0) {
+            if (strcmp(v, "adam") == 0) kind = CCR_OPTIM_ADAM;
+            else if (strcmp(v, "sgd") == 0) kind = CCR_OPTIM_SGD;
+            else drv_usage_error(PROG, "--optim must be adam or sgd");
+        } else drv_bad_option(PROG, a, v);
         i++;
     }
     ccr_ctx *ctx;
@@ -86,12 +89,12 @@ int main(int argc, char **argv)
     cc.bank = CCR_BANK_FFN;
     cc.hidden = h;
     cc.d_out = d;
-    float *x = malloc(B * d * sizeof *x);
-    int32_t *y = malloc(B * sizeof *y);
+    float *x = ccr_malloc3(B, d, sizeof *x);
+    int32_t *y = ccr_mallocn(B, sizeof *y);
     run r[2];
     memset(r, 0, sizeof r);
     for (int m = 0; m < 2; m++) {
-        r[m].t_zero = calloc(4 * steps, sizeof(double));
+        r[m].t_zero = ccr_calloc3(4, steps, sizeof(double));
         if (r[m].t_zero == NULL)
             drv_fail(PROG, ctx, CCR_ENOMEM, "timers");
         r[m].t_lg = r[m].t_zero + steps;
