@@ -49,6 +49,8 @@ static void usage(void)
         "  --lr X               Adam learning rate after warm-up [0.004]\n"
         "  --warmup N           linear warm-up steps, then lr*sqrt(warmup/step) [200]\n"
         "  --clip X             global gradient-norm clip, 0 = off [1]\n"
+        "  --optim-sparse       lazy Adam: only the experts a batch used are updated,\n"
+        "                       each with its own step count (docs/GATES.md) [dense]\n"
         "  --dropout X          drop probability on every layer output [0.1]\n"
         "  --no-sigmoid         no sigmoid on the MoE output\n"
         "  --w-importance X --w-load X --noise-eps X --z-loss X   gate losses [0.1 0.1 0.01 0]\n"
@@ -76,7 +78,7 @@ typedef struct options {
     size_t n_models, vocab, max_tokens, d, hidden, branching, batch, unroll, epochs, warmup;
     double valid_frac, test_frac, lr, clip, dropout;
     unsigned long seed, split_seed;
-    bool sigmoid, accounting, gate_set;
+    bool sigmoid, accounting, gate_set, optim_sparse;
     ccr_cond_config cond;
 } options;
 
@@ -130,6 +132,9 @@ static void parse(int argc, char **argv, options *o)
             continue;
         } else if (strcmp(a, "--no-sigmoid") == 0) {
             o->sigmoid = false;
+            continue;
+        } else if (strcmp(a, "--optim-sparse") == 0) {
+            o->optim_sparse = true;
             continue;
         }
         i++;
@@ -325,6 +330,7 @@ static void record(ccr_record *r, const options *o, const ccr_backend *be, const
     if (s == CCR_OK) s = ccr_record_add_double(r, "lr", o->lr);
     if (s == CCR_OK) s = ccr_record_add_int(r, "warmup", (int64_t)o->warmup);
     if (s == CCR_OK) s = ccr_record_add_double(r, "clip", o->clip);
+    if (s == CCR_OK) s = ccr_record_add_bool(r, "optim_sparse", o->optim_sparse);
     if (s == CCR_OK) s = ccr_record_add_double(r, "dropout", c->dropout);
     if (s == CCR_OK) s = ccr_record_add_bool(r, "moe_sigmoid", c->moe_sigmoid);
     if (s == CCR_OK) s = ccr_record_add_int(r, "params", (int64_t)lm_model_n_params(m, true));
@@ -407,6 +413,7 @@ int main(int argc, char **argv)
         ccr_optim *opt;
         ccr_optim_config oc = ccr_optim_defaults(CCR_OPTIM_ADAM);
         oc.lr = (float)o.lr;
+        oc.sparse = o.optim_sparse;
         if ((s = lm_model_init_params(m, rng)) != CCR_OK ||
             (s = ccr_optim_init(lm_model_arena(m), &oc, &opt)) != CCR_OK)
             drv_fail(PROG, ctx, s, "init");

@@ -37,6 +37,8 @@ static void usage(void)
         "  --lr X             learning rate [1e-3 adam, 0.05 sgd]\n"
         "  --momentum X       SGD momentum [0.9]\n"
         "  --weight-decay X   L2 weight decay [0]\n"
+        "  --optim-sparse     update only the bank matrices a batch used, each with its\n"
+        "                     own step count (lazy Adam; docs/GATES.md) [dense]\n"
         "  --schedule NAME    cosine | constant learning rate over epochs [cosine]\n"
         "  --batch N          mini-batch size [128]\n"
         "  --epochs N         epochs [10]\n"
@@ -82,6 +84,7 @@ static void parse(int argc, char **argv, options *o)
                    .oc = ccr_optim_defaults(CCR_OPTIM_ADAM), .batch = 128, .epochs = 10,
                    .valid = 5000, .seed = 1, .cosine = true};
     float momentum = 0.9f, wd = 0.0f, lr = 0.0f;
+    bool sparse = false;
     bool bank_set = false, used, cond_layers_set = false;
     size_t cond_layers[MAX_HIDDEN], n_cond_layers = 0;
     o->cond = drv_gate_defaults();   /* the library's defaults (expert hidden 64) */
@@ -107,6 +110,9 @@ static void parse(int argc, char **argv, options *o)
             cond_layers_set = true;
         } else if (strcmp(a, "--residual") == 0) {
             o->cond.residual = true;
+            i--;
+        } else if (strcmp(a, "--optim-sparse") == 0) {
+            sparse = true;
             i--;
         } else if (strcmp(a, "--act") == 0) {
             if (v == NULL || ccr_act_from_name(v, &o->act) != CCR_OK || o->act == CCR_ACT_IDENTITY)
@@ -153,6 +159,7 @@ static void parse(int argc, char **argv, options *o)
     o->oc.lr = o->lr_set ? lr : (o->oc.kind == CCR_OPTIM_SGD ? 0.05f : base.lr);
     o->oc.momentum = momentum;
     o->oc.weight_decay = wd;
+    o->oc.sparse = sparse;
 }
 
 /* A diverged run (CCR_EDOM from a training step, which then made no
@@ -341,6 +348,7 @@ int main(int argc, char **argv)
         if (s == CCR_OK) s = ccr_record_add_str(rec, "act", ccr_act_name(o.act));
         if (s == CCR_OK) s = ccr_record_add_str(rec, "optim", o.oc.kind == CCR_OPTIM_ADAM ? "adam" : "sgd");
         if (s == CCR_OK) s = ccr_record_add_double(rec, "lr", o.oc.lr);
+        if (s == CCR_OK) s = ccr_record_add_bool(rec, "optim_sparse", o.oc.sparse);
         if (s == CCR_OK) s = ccr_record_add_str(rec, "schedule", o.cosine ? "cosine" : "constant");
         if (s == CCR_OK) s = ccr_record_add_double(rec, "epoch_lr", lr_e);
         if (s == CCR_OK) s = ccr_record_add_int(rec, "batch", (int64_t)o.batch);

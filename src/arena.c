@@ -23,6 +23,7 @@ typedef struct arena_tensor {
     size_t shape[CCR_ARENA_MAX_RANK];
     size_t size;     /* product of shape */
     size_t offset;   /* in floats from the block start */
+    bool row_sparse; /* gradient rows (dim 0) written only after ccr_arena_touch_row */
 } arena_tensor;
 
 struct ccr_arena {
@@ -32,6 +33,11 @@ struct ccr_arena {
     size_t n_params;   /* sum of sizes */
     size_t block_len;  /* floats in each block, padding included */
     float *values, *grads;
+    /* Row-sparse tensors (issue 10): one record each, in block order; the
+     * flags and touched lists of all of them in one allocation (finalize). */
+    ccr_arena_sparse *sp;
+    size_t n_sp, sp_rows;
+    void *sp_work;
 };
 
 #define ARENA_ALIGN 16
@@ -55,6 +61,8 @@ void ccr_arena_free(ccr_arena *a)
         return;
     ccr_backend_free_buffer(a->be, a->values);
     ccr_backend_free_buffer(a->be, a->grads);
+    free(a->sp);
+    free(a->sp_work);
     free(a->t);
     free(a);
 }
@@ -112,6 +120,56 @@ ccr_status ccr_arena_add(ccr_arena *a, const char *name, size_t rank, const size
     return CCR_OK;
 }
 
+ccr_status ccr_arena_set_row_sparse(ccr_arena *a, size_t i)
+{
+    if (a == NULL)
+        return CCR_EINVAL;
+    if (a->values != NULL)
+        CCR_FAIL(a->be->ctx, CCR_EINVAL, "arena already finalized");
+    if (i >= a->n)
+        CCR_FAIL(a->be->ctx, CCR_EINVAL, "tensor index %zu >= %zu", i, a->n);
+    if (!a->t[i].row_sparse) {
+        a->t[i].row_sparse = true;
+        a->n_sp++;
+        a->sp_rows += a->t[i].shape[0];
+    }
+    return CCR_OK;
+}
+
+/* The records, flags and touched lists of the row-sparse tensors. */
+static ccr_status arena_sparse_alloc(ccr_arena *a)
+{
+    if (a->n_sp == 0)
+        return CCR_OK;
+    a->sp = calloc(a->n_sp, sizeof *a->sp);
+    a->sp_work = ccr_malloc3(a->sp_rows, sizeof(size_t) + 1, 1);
+    if (a->sp == NULL || a->sp_work == NULL) {
+        free(a->sp);
+        free(a->sp_work);
+        a->sp = NULL;
+        a->sp_work = NULL;
+        CCR_FAIL(a->be->ctx, CCR_ENOMEM, "cannot allocate sparse-gradient bookkeeping");
+    }
+    size_t *list = a->sp_work;
+    unsigned char *flag = (unsigned char *)(list + a->sp_rows);
+    memset(flag, 0, a->sp_rows);
+    size_t k = 0, base = 0;
+    for (size_t i = 0; i < a->n; i++) {
+        if (!a->t[i].row_sparse)
+            continue;
+        ccr_arena_sparse *r = &a->sp[k++];
+        r->tensor = i;
+        r->rows = a->t[i].shape[0];
+        r->row_len = a->t[i].size / r->rows;
+        r->base = base;
+        r->flag = flag + base;
+        r->list = list + base;
+        r->n_touched = 0;
+        base += r->rows;
+    }
+    return CCR_OK;
+}
+
 ccr_status ccr_arena_finalize(ccr_arena *a)
 {
     if (a == NULL)
@@ -135,7 +193,13 @@ ccr_status ccr_arena_finalize(ccr_arena *a)
     }
     a->values = v;
     a->grads = g;
-    return CCR_OK;
+    s = arena_sparse_alloc(a);
+    if (s != CCR_OK) {
+        ccr_backend_free_buffer(a->be, v);
+        ccr_backend_free_buffer(a->be, g);
+        a->values = a->grads = NULL;
+    }
+    return s;
 }
 
 size_t ccr_arena_count(const ccr_arena *a) { return a ? a->n : 0; }
@@ -234,13 +298,73 @@ ccr_status ccr_arena_find(const ccr_arena *a, const char *name, size_t *index)
     CCR_FAIL(a->be->ctx, CCR_EINVAL, "no tensor named '%s'", name);
 }
 
+static ccr_status arena_zero_range(void *u, size_t off, size_t len, size_t row)
+{
+    CCR_UNUSED(row);
+    ccr_arena *a = u;
+    return ccr_backend_memset(a->be, a->grads + off, 0, len * sizeof(float));
+}
+
 ccr_status ccr_arena_zero_grad(ccr_arena *a)
 {
     if (a == NULL)
         return CCR_EINVAL;
     if (a->grads == NULL)
         CCR_FAIL(a->be->ctx, CCR_EINVAL, "arena not finalized");
-    return ccr_backend_memset(a->be, a->grads, 0, a->block_len * sizeof(float));
+    CCR_TRY(ccr_arena_for_written(a, arena_zero_range, a));
+    for (size_t k = 0; k < a->n_sp; k++) {
+        ccr_arena_sparse *r = &a->sp[k];
+        for (size_t j = 0; j < r->n_touched; j++)
+            r->flag[r->list[j]] = 0;
+        r->n_touched = 0;
+    }
+    return CCR_OK;
+}
+
+ccr_status ccr_arena_for_written(const ccr_arena *a, ccr_arena_range_fn fn, void *u)
+{
+    size_t cur = 0;
+    for (size_t k = 0; k < a->n_sp; k++) {
+        const ccr_arena_sparse *r = &a->sp[k];
+        const arena_tensor *t = &a->t[r->tensor];
+        if (t->offset > cur)
+            CCR_TRY(fn(u, cur, t->offset - cur, SIZE_MAX));
+        /* Rows in block order (a scan of E flags), so that sums over the
+         * ranges add in the order of the whole block. */
+        for (size_t row = 0; row < r->rows && r->n_touched > 0; row++)
+            if (r->flag[row])
+                CCR_TRY(fn(u, t->offset + row * r->row_len, r->row_len, r->base + row));
+        cur = t->offset + t->size;
+    }
+    return cur < a->block_len ? fn(u, cur, a->block_len - cur, SIZE_MAX) : CCR_OK;
+}
+
+void ccr_arena_touch_row(ccr_arena *a, size_t i, size_t row)
+{
+    if (a == NULL || i >= a->n || !a->t[i].row_sparse || a->sp == NULL ||
+        row >= a->t[i].shape[0])
+        return;
+    ccr_arena_sparse *r = ccr_arena_sparse_of(a, i);
+    if (!r->flag[row]) {
+        r->flag[row] = 1;
+        r->list[r->n_touched++] = row;
+    }
+}
+
+size_t ccr_arena_n_sparse(const ccr_arena *a) { return a && a->sp ? a->n_sp : 0; }
+size_t ccr_arena_sparse_rows(const ccr_arena *a) { return a && a->sp ? a->sp_rows : 0; }
+
+ccr_arena_sparse *ccr_arena_sparse_at(const ccr_arena *a, size_t k)
+{
+    return a && a->sp && k < a->n_sp ? &a->sp[k] : NULL;
+}
+
+ccr_arena_sparse *ccr_arena_sparse_of(const ccr_arena *a, size_t i)
+{
+    for (size_t k = 0; a && a->sp && k < a->n_sp; k++)
+        if (a->sp[k].tensor == i)
+            return &a->sp[k];
+    return NULL;
 }
 
 ccr_status ccr_arena_save(const ccr_arena *a, const char *path, int with_grads,

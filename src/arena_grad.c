@@ -22,6 +22,45 @@ static ccr_status grad_check(const ccr_arena *a)
     return CCR_OK;
 }
 
+typedef struct grad_walk {
+    ccr_backend *be;
+    float *g;
+    double s;     /* norm: the sum of squares */
+    float k;      /* clip: the scale */
+} grad_walk;
+
+static ccr_status norm_range(void *u, size_t off, size_t n, size_t row)
+{
+    CCR_UNUSED(row);
+    grad_walk *w = u;
+    float buf[GRAD_CHUNK];
+    for (size_t i0 = 0; i0 < n; i0 += GRAD_CHUNK) {
+        size_t m = n - i0 < GRAD_CHUNK ? n - i0 : GRAD_CHUNK;
+        CCR_TRY(ccr_backend_get(w->be, buf, w->g + off + i0, m * sizeof(float)));
+        for (size_t i = 0; i < m; i++)
+            w->s += (double)buf[i] * buf[i];
+    }
+    return CCR_OK;
+}
+
+static ccr_status scale_range(void *u, size_t off, size_t n, size_t row)
+{
+    CCR_UNUSED(row);
+    grad_walk *w = u;
+    float buf[GRAD_CHUNK];
+    for (size_t i0 = 0; i0 < n; i0 += GRAD_CHUNK) {
+        size_t m = n - i0 < GRAD_CHUNK ? n - i0 : GRAD_CHUNK;
+        CCR_TRY(ccr_backend_get(w->be, buf, w->g + off + i0, m * sizeof(float)));
+        for (size_t i = 0; i < m; i++)
+            buf[i] *= w->k;
+        CCR_TRY(ccr_backend_set(w->be, w->g + off + i0, buf, m * sizeof(float)));
+    }
+    return CCR_OK;
+}
+
+/* Only the ranges that may be non-zero are read (ccr_arena_for_written, in
+ * block order): the sum is the whole block's, bit for bit, since the rest
+ * adds exact zeros; scaling them would leave them zero. */
 ccr_status ccr_arena_grad_norm(const ccr_arena *a, double *norm)
 {
     if (a == NULL)
@@ -29,17 +68,9 @@ ccr_status ccr_arena_grad_norm(const ccr_arena *a, double *norm)
     ccr_backend *be = ccr_arena_backend(a);
     CCR_CHECK_NULL(ccr_backend_ctx(be), norm);
     CCR_TRY(grad_check(a));
-    const float *g = ccr_arena_grads(a);
-    size_t n = ccr_arena_block_len(a);
-    float buf[GRAD_CHUNK];
-    double s = 0.0;
-    for (size_t i0 = 0; i0 < n; i0 += GRAD_CHUNK) {
-        size_t m = n - i0 < GRAD_CHUNK ? n - i0 : GRAD_CHUNK;
-        CCR_TRY(ccr_backend_get(be, buf, g + i0, m * sizeof(float)));
-        for (size_t i = 0; i < m; i++)
-            s += (double)buf[i] * buf[i];
-    }
-    *norm = sqrt(s);
+    grad_walk w = {.be = be, .g = ccr_arena_grads(a), .s = 0.0};
+    CCR_TRY(ccr_arena_for_written(a, norm_range, &w));
+    *norm = sqrt(w.s);
     return CCR_OK;
 }
 
@@ -58,16 +89,6 @@ ccr_status ccr_arena_clip_grad_norm(ccr_arena *a, double max_norm, double *norm)
         CCR_FAIL(ccr_backend_ctx(be), CCR_EDOM, "gradient norm is %g", nrm);
     if (nrm <= max_norm)
         return CCR_OK;
-    float k = (float)(max_norm / nrm);
-    float *g = ccr_arena_grads(a);
-    size_t n = ccr_arena_block_len(a);
-    float buf[GRAD_CHUNK];
-    for (size_t i0 = 0; i0 < n; i0 += GRAD_CHUNK) {
-        size_t m = n - i0 < GRAD_CHUNK ? n - i0 : GRAD_CHUNK;
-        CCR_TRY(ccr_backend_get(be, buf, g + i0, m * sizeof(float)));
-        for (size_t i = 0; i < m; i++)
-            buf[i] *= k;
-        CCR_TRY(ccr_backend_set(be, g + i0, buf, m * sizeof(float)));
-    }
-    return CCR_OK;
+    grad_walk w = {.be = be, .g = ccr_arena_grads(a), .k = (float)(max_norm / nrm)};
+    return ccr_arena_for_written(a, scale_range, &w);
 }

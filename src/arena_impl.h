@@ -13,6 +13,39 @@ ccr_backend *ccr_arena_backend(const ccr_arena *a);
 /* ccr_arena_load from a file already read (path is for messages only). */
 ccr_status ccr_arena_load_from(ccr_arena *a, const ccr_safetensors *f, const char *path);
 
+/* ---- row-sparse gradients (issue 10) -------------------------------------
+ * A tensor marked row-sparse (before finalize) has its gradient rows (along
+ * dim 0: one bank matrix each) written only by code that first calls
+ * ccr_arena_touch_row.  ccr_arena_zero_grad then clears only the touched
+ * rows of it (everything else in full), and a sparse optimiser
+ * (ccr_optim_config.sparse) updates only those rows.  The touched lists are
+ * reset by ccr_arena_zero_grad. */
+typedef struct ccr_arena_sparse {
+    size_t tensor;          /* arena index */
+    size_t rows, row_len;   /* shape[0], floats per row */
+    size_t base;            /* index of row 0 among all row-sparse rows */
+    unsigned char *flag;    /* [rows] 1 if touched since the last zeroing */
+    size_t *list;           /* [rows] the touched rows, n_touched of them */
+    size_t n_touched;
+} ccr_arena_sparse;
+
+/* Calls fn(u, offset, len, row) for every range of the blocks whose gradient
+ * may be non-zero since the last zeroing, in block order: the dense ranges
+ * (row == SIZE_MAX, padding included) and each touched row of a row-sparse
+ * tensor (row = its index among all row-sparse rows), rows in block order
+ * too, so a sum over the ranges adds in the order of the whole block and,
+ * the skipped gradients being zero, equals the sum over it.  Stops at and returns
+ * the first error.  Requires a finalized arena. */
+typedef ccr_status (*ccr_arena_range_fn)(void *u, size_t offset, size_t len, size_t row);
+ccr_status ccr_arena_for_written(const ccr_arena *a, ccr_arena_range_fn fn, void *u);
+
+ccr_status ccr_arena_set_row_sparse(ccr_arena *a, size_t i);
+void ccr_arena_touch_row(ccr_arena *a, size_t i, size_t row);
+size_t ccr_arena_n_sparse(const ccr_arena *a);     /* records, in block order */
+size_t ccr_arena_sparse_rows(const ccr_arena *a);  /* rows over all records */
+ccr_arena_sparse *ccr_arena_sparse_at(const ccr_arena *a, size_t k);
+ccr_arena_sparse *ccr_arena_sparse_of(const ccr_arena *a, size_t i);  /* NULL if dense */
+
 CCR_END_DECLS
 
 #endif /* CCR_ARENA_IMPL_H */

@@ -19,6 +19,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "arena_impl.h"    // provides: ccr_arena_set_row_sparse, ccr_arena_touch_row
 #include "backend_impl.h"  // provides: struct ccr_backend (kernel table)
 #include "ccr/ccr_cond.h"
 #include "internal.h"      // provides: CCR_FAIL, CCR_TRY, ccr_mul_ok
@@ -237,6 +238,14 @@ ccr_status ccr_cond_declare(ccr_cond *c, ccr_arena *a, const char *prefix)
         CCR_TRY(cond_add(c, a, prefix, "w", 3, E, d_in, d_out, &c->p_w1));
         CCR_TRY(cond_add(c, a, prefix, "b", 2, E, d_out, 0, &c->p_b1));
     }
+    /* Bank gradients are row-sparse: backward touches only the matrices
+     * the batch routed to (zeroing and sparse optimisers follow). */
+    CCR_TRY(ccr_arena_set_row_sparse(a, c->p_w1));
+    CCR_TRY(ccr_arena_set_row_sparse(a, c->p_b1));
+    if (cond_ffn(c)) {
+        CCR_TRY(ccr_arena_set_row_sparse(a, c->p_w2));
+        CCR_TRY(ccr_arena_set_row_sparse(a, c->p_b2));
+    }
     char gp[CCR_ARENA_MAX_NAME];
     snprintf(gp, sizeof gp, "%s%s", prefix, c->cfg.gate->param_group);
     c->gate_first = ccr_arena_count(a);
@@ -413,6 +422,13 @@ ccr_status ccr_cond_backward(ccr_cond *c, const float *dy, float *dx)
         while (q1 < n && (size_t)(c->keys[q1] >> 32) == m)
             q1++;
         size_t cnt = q1 - q0;
+        ccr_arena *aw = c->arena;
+        ccr_arena_touch_row(aw, c->p_w1, m);
+        ccr_arena_touch_row(aw, c->p_b1, m);
+        if (cond_ffn(c)) {
+            ccr_arena_touch_row(aw, c->p_w2, m);
+            ccr_arena_touch_row(aw, c->p_b2, m);
+        }
         const float *xg = c->xg + q0 * d_in;
         float *gout = c->g_out + q0 * d_out, *gx = c->g_x + q0 * d_in;
         if (cond_ffn(c)) {

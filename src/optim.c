@@ -4,6 +4,13 @@
  * One update runs over the arena's whole value block with the backend's
  * sgd_step or adam_step kernel (the padding between tensors is zero in values
  * and gradients and stays zero).  Moment buffers are allocated once, at init.
+ *
+ * Sparse mode (ccr_optim_config.sparse, issue 10): the dense ranges of the
+ * block are updated as above, and of each row-sparse tensor (a conditional
+ * layer's bank) only the rows the last batches touched, each with the same
+ * kernel and its own step count t_row (lazy Adam: a matrix's moments decay
+ * and its bias correction advances only when it gets a gradient; PyTorch's
+ * SparseAdam, TF's LazyAdam).  Untouched rows keep values, moments and count.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -18,7 +25,20 @@ struct ccr_optim {
     ccr_optim_config cfg;
     float *m, *v;     /* moments: SGD uses m as the momentum buffer */
     uint64_t t;       /* steps taken */
+    uint64_t *t_row;  /* sparse mode: steps taken by each row-sparse row */
+    size_t updated;   /* parameters (block floats) updated by the last step */
 };
+
+/* FLOPs per updated parameter of the kernels (optim_ref.c, cpu_kernels.c):
+ * SGD w -= lr g (2), momentum v = mu v + g (2); Adam's two moments (3 + 4)
+ * and the update (sqrt, 2 mul, add, div, sub: 6); L2 weight decay 2. */
+static double optim_flops_per_param(const ccr_optim_config *c)
+{
+    double wd = c->weight_decay != 0.0f ? 2.0 : 0.0;
+    if (c->kind == CCR_OPTIM_ADAM)
+        return 13.0 + wd;
+    return 2.0 + (c->momentum != 0.0f ? 2.0 : 0.0) + wd;
+}
 
 ccr_optim_config ccr_optim_defaults(ccr_optim_kind kind)
 {
@@ -75,6 +95,12 @@ ccr_status ccr_optim_init(ccr_arena *params, const ccr_optim_config *cfg, ccr_op
         s = ccr_backend_alloc(be, bytes, (void **)&o->m);
     if (s == CCR_OK && cfg->kind == CCR_OPTIM_ADAM)
         s = ccr_backend_alloc(be, bytes, (void **)&o->v);
+    size_t rows = ccr_arena_sparse_rows(params);
+    if (s == CCR_OK && cfg->sparse && rows > 0) {
+        o->t_row = calloc(rows, sizeof *o->t_row);
+        if (o->t_row == NULL)
+            s = CCR_FAIL_EXPR(be->ctx, CCR_ENOMEM, "cannot allocate per-matrix step counts");
+    }
     if (s != CCR_OK) {
         ccr_optim_free(o);
         return s;
@@ -89,6 +115,7 @@ void ccr_optim_free(ccr_optim *o)
         return;
     ccr_backend_free_buffer(o->be, o->m);
     ccr_backend_free_buffer(o->be, o->v);
+    free(o->t_row);
     free(o);
 }
 
@@ -102,17 +129,44 @@ ccr_status ccr_optim_set_lr(ccr_optim *o, float lr)
     return CCR_OK;
 }
 
+/* One kernel call over [off, off + len) of the block, with step count t. */
+static ccr_status optim_range_t(ccr_optim *o, size_t off, size_t len, uint64_t t)
+{
+    float *w = ccr_arena_values(o->params) + off;
+    const float *g = ccr_arena_grads(o->params) + off;
+    float *m = o->m ? o->m + off : NULL, *v = o->v ? o->v + off : NULL;
+    const ccr_optim_config *c = &o->cfg;
+    o->updated += len;
+    if (c->kind == CCR_OPTIM_SGD)
+        return o->be->k->sgd_step(o->be, w, g, m, len, c->lr, c->momentum, c->weight_decay);
+    return o->be->k->adam_step(o->be, w, g, m, v, len, c->lr, c->beta1, c->beta2, c->eps,
+                               c->weight_decay, t);
+}
+
+/* ccr_arena_for_written callback: dense ranges at the global count, touched
+ * rows at their own. */
+static ccr_status optim_range(void *u, size_t off, size_t len, size_t row)
+{
+    ccr_optim *o = u;
+    if (row == SIZE_MAX)
+        return optim_range_t(o, off, len, o->t);
+    return optim_range_t(o, off, len, ++o->t_row[row]);
+}
+
 ccr_status ccr_optim_step(ccr_optim *o)
 {
     if (o == NULL)
         return CCR_EINVAL;
-    float *w = ccr_arena_values(o->params);
-    const float *g = ccr_arena_grads(o->params);
-    size_t n = ccr_arena_block_len(o->params);
-    const ccr_optim_config *c = &o->cfg;
     o->t++;
-    if (c->kind == CCR_OPTIM_SGD)
-        return o->be->k->sgd_step(o->be, w, g, o->m, n, c->lr, c->momentum, c->weight_decay);
-    return o->be->k->adam_step(o->be, w, g, o->m, o->v, n, c->lr, c->beta1, c->beta2, c->eps,
-                               c->weight_decay, o->t);
+    o->updated = 0;
+    if (o->t_row != NULL)
+        return ccr_arena_for_written(o->params, optim_range, o);
+    return optim_range_t(o, 0, ccr_arena_block_len(o->params), o->t);
+}
+
+size_t ccr_optim_last_updated(const ccr_optim *o) { return o ? o->updated : 0; }
+
+double ccr_optim_flops(const ccr_optim *o)
+{
+    return o ? (double)o->updated * optim_flops_per_param(&o->cfg) : 0.0;
 }

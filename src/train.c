@@ -5,26 +5,41 @@
  */
 #include <math.h>
 
+#include "arena_impl.h"    // provides: ccr_arena_for_written
 #include "backend_impl.h"  // provides: struct ccr_backend (is_cpu)
 #include "ccr/ccr_nn.h"
 #include "internal.h"  // provides: CCR_TRY
 #include "nn_impl.h"   // provides: struct ccr_net
 
-/* Squared L2 norm of every gradient (double accumulation).  The gradient
- * block is read in place on the CPU, through the host mirror otherwise. */
+typedef struct norm_walk {
+    const float *g;
+    double s;
+} norm_walk;
+
+static ccr_status norm_range(void *u, size_t off, size_t len, size_t row)
+{
+    CCR_UNUSED(row);
+    norm_walk *w = u;
+    for (size_t i = 0; i < len; i++)
+        w->s += (double)w->g[off + i] * (double)w->g[off + i];
+    return CCR_OK;
+}
+
+/* Squared L2 norm of every gradient that may be non-zero (double
+ * accumulation; the untouched rows of a bank are zero and skipped).  The
+ * gradient block is read in place on the CPU, through the host mirror
+ * otherwise. */
 static ccr_status net_grad_norm2(ccr_net *net, double *out)
 {
     ccr_arena *a = net->params;
-    size_t n = ccr_arena_block_len(a);
-    const float *g = ccr_arena_grads(a);
+    norm_walk w = {.g = ccr_arena_grads(a), .s = 0.0};
     if (!net->be->is_cpu) {
-        CCR_TRY(ccr_backend_get(net->be, net->grad_host, g, n * sizeof(float)));
-        g = net->grad_host;
+        CCR_TRY(ccr_backend_get(net->be, net->grad_host, w.g,
+                                ccr_arena_block_len(a) * sizeof(float)));
+        w.g = net->grad_host;
     }
-    double s = 0.0;
-    for (size_t i = 0; i < n; i++)
-        s += (double)g[i] * (double)g[i];
-    *out = s;
+    CCR_TRY(ccr_arena_for_written(a, norm_range, &w));
+    *out = w.s;
     return CCR_OK;
 }
 

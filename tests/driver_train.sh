@@ -58,6 +58,18 @@ assert r["params"] == (784*64 + 64) + 4 * (64*16 + 16 + 16*64 + 64) + 64*4 + (64
 print("driver_train: residual ok", r["test_acc"])
 PY
 
+# The sparse optimiser (--optim-sparse, lazy Adam; most of the 256 experts
+# skip each batch): recorded, and it learns.
+"$train" --quick --seed 3 --hidden 64 --gate topk --experts 256 --k 2 --expert-hidden 16 \
+  --optim-sparse --out "$tmp/sp.jsonl" 2>"$tmp/err"
+$py - "$tmp/sp.jsonl" <<'PY'
+import json, sys
+r = [json.loads(l) for l in open(sys.argv[1])][-1]
+assert r["optim_sparse"] is True, r
+assert r["test_acc"] > 0.2, r["test_acc"]   # learns (chance 0.1); 1 epoch of 256 small experts
+print("driver_train: optim-sparse ok", r["test_acc"])
+PY
+
 # --quick changes defaults only: an option given before it still applies.
 "$train" --max-train 500 --hidden 32 --quick --out "$tmp/q.jsonl" 2>/dev/null
 $py - "$tmp/q.jsonl" <<'PY'

@@ -337,7 +337,11 @@ START_TEST(test_nn)
     ccr_optim_free(NULL);
     EINVAL_(ccr_optim_step(NULL));
     EINVAL_(ccr_optim_set_lr(NULL, 0.1f));
+    ck_assert(ccr_optim_last_updated(NULL) == 0);
+    ck_assert(ccr_optim_flops(NULL) == 0.0);
     CCR_CK_OK(ctx, ccr_optim_init(ccr_net_params(net), &oc, &opt));
+    ck_assert(ccr_optim_last_updated(opt) == 0);   /* no step yet */
+    ck_assert(ccr_optim_flops(opt) == 0.0);
     EINVAL_(ccr_train_step(NULL, opt, rng, x, lab, 1, &ss));
     EINVAL_(ccr_train_step(net, NULL, rng, x, lab, 1, &ss));
     EINVAL_(ccr_train_step(net, opt, rng, NULL, lab, 1, &ss));

@@ -84,7 +84,11 @@ ccr_status ccr_arena_get_grad(const ccr_arena *a, size_t i, float *host);
 /* Looks a tensor up by name; returns CCR_EINVAL if absent. */
 ccr_status ccr_arena_find(const ccr_arena *a, const char *name, size_t *index);
 
-/* Sets every gradient to zero. */
+/* Sets every gradient to zero.  The bank tensors of conditional layers
+ * (ccr_cond.h) are cleared only in the matrices their backward passes wrote
+ * since the last call (the others are zero already): O(parameters used),
+ * not O(parameters).  Code that writes a bank gradient through
+ * ccr_arena_grad/ccr_arena_grads by other means clears it itself. */
 ccr_status ccr_arena_zero_grad(ccr_arena *a);
 
 /* The global L2 norm of the gradient block, sqrt(sum g^2), summed in double

@@ -24,8 +24,9 @@
  *
  * FLOP accounting is exact for the work ccr executes: a multiply-add counts
  * 2 FLOPs (as Shazeer et al. 2017 count ops), a bias addition 1; element-wise
- * nonlinearities, the loss and optimiser updates are not counted (they are
- * O(width), not O(parameters)).  Backward counts what is executed: the input
+ * nonlinearities and the loss are not counted (they are O(width), not
+ * O(parameters)).  The optimiser's FLOPs per step, which are O(parameters
+ * updated), are counted separately by ccr_optim_flops.  Backward counts what is executed: the input
  * gradient of the first layer is never computed, so it is not counted.
  */
 #ifndef CCR_NN_H
@@ -224,10 +225,24 @@ typedef struct ccr_optim_config {
     float beta1, beta2;  /* Adam, in [0, 1) */
     float eps;           /* Adam, > 0 */
     float weight_decay;  /* L2 added to the gradient, >= 0 */
+    bool sparse;         /* update only the bank matrices the batch used (below) */
 } ccr_optim_config;
 
 /* Defaults: SGD lr 0.1 momentum 0.9; Adam lr 1e-3, betas 0.9/0.999, eps 1e-8;
- * no weight decay. */
+ * no weight decay; sparse off (dense updates).
+ *
+ * Sparse updates (sparse = true; docs/GATES.md, "Sparse training step"): the
+ * gradient of a conditional layer's bank is written only for the matrices
+ * its batch routed to (ccr_arena_zero_grad clears only those; this holds in
+ * both modes).  A sparse optimiser updates every other parameter as the
+ * dense one does, and of the bank only the matrices touched since the last
+ * ccr_arena_zero_grad, each with its own step count: a matrix's parameters,
+ * moments and weight decay move only on the steps it gets a gradient, and
+ * Adam's bias correction uses that matrix's count (lazy Adam, as PyTorch's
+ * SparseAdam and TF's LazyAdam).  SGD without momentum and weight decay is
+ * bitwise identical in both modes; with momentum, weight decay or Adam the
+ * sparse rule differs from the dense one for matrices a batch skips.  Off by
+ * default: it is a different optimiser, and dense results stay reproducible. */
 ccr_optim_config ccr_optim_defaults(ccr_optim_kind kind);
 
 typedef struct ccr_optim ccr_optim;
@@ -237,8 +252,16 @@ typedef struct ccr_optim ccr_optim;
 ccr_status ccr_optim_init(ccr_arena *params, const ccr_optim_config *cfg, ccr_optim **out);
 void ccr_optim_free(ccr_optim *opt);
 
-/* One update of every parameter from the accumulated gradients. */
+/* One update of every parameter from the accumulated gradients (sparse
+ * mode: of the touched bank matrices and every non-bank parameter). */
 ccr_status ccr_optim_step(ccr_optim *opt);
+
+/* Parameters the last ccr_optim_step updated (block floats, padding
+ * included), and its FLOPs: that count times the kernel's FLOPs per
+ * parameter (SGD 2, +2 with momentum; Adam 13; +2 with weight decay).
+ * 0 before the first step or for NULL. */
+size_t ccr_optim_last_updated(const ccr_optim *opt);
+double ccr_optim_flops(const ccr_optim *opt);
 
 /* Changes the learning rate (schedules); CCR_EINVAL unless lr > 0. */
 ccr_status ccr_optim_set_lr(ccr_optim *opt, float lr);
