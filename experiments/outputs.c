@@ -182,6 +182,12 @@ static void on_signal(int sig)
         if (!watches[i].armed)
             continue;
         watches[i].armed = 0;
+        /* A run interrupted before its first result keeps nothing (the
+         * getter only reads a counter: safe here). */
+        if (ccr_jsonl_lines(watches[i].w) == 0) {
+            unlink(watches[i].tmp);
+            continue;
+        }
         if (rename(watches[i].tmp, watches[i].partial) == 0) {
             say(watch_prog);
             say(": interrupted; the results so far are in ");
@@ -203,7 +209,7 @@ static void at_exit(void)
         watches[i].armed = 0;
         watches[i].w = NULL;
         char partial[WATCH_PATH];
-        const char *pp = ccr_jsonl_partial_path(w);
+        const char *pp = ccr_jsonl_lines(w) > 0 ? ccr_jsonl_partial_path(w) : NULL;
         snprintf(partial, sizeof partial, "%s", pp ? pp : "");
         if (ccr_jsonl_abort(w) == CCR_OK && partial[0] != '\0')
             fprintf(stderr, "%s: the run failed; the results so far are in %s\n", watch_prog,

@@ -42,6 +42,7 @@ struct ccr_jsonl {
     char *partial;    /* "<path>.partial" */
     off_t committed;  /* bytes of full lines written */
     off_t last_nl;    /* append mode: end of the previous file's last line */
+    size_t lines;     /* lines this writer wrote */
 };
 
 ccr_status ccr_record_init(ccr_ctx *ctx, ccr_record **out)
@@ -310,6 +311,7 @@ ccr_status ccr_jsonl_write(ccr_jsonl *w, const ccr_record *r)
     free(line);
     if (s == CCR_OK) {
         w->committed += (off_t)(len + 1);
+        w->lines++;
         return CCR_OK;
     }
     if (!w->t.direct &&
@@ -355,11 +357,17 @@ ccr_status ccr_jsonl_abort(ccr_jsonl *w)
     if (w == NULL)
         return CCR_OK;
     ccr_ctx *ctx = w->ctx;
-    ccr_status s = w->t.direct ? ccr_tmp_commit(ctx, &w->t, NULL)
-                               : ccr_tmp_commit(ctx, &w->t, w->partial);
+    ccr_status s = CCR_OK;
+    if (w->t.direct)
+        s = ccr_tmp_commit(ctx, &w->t, NULL);
+    else if (w->lines > 0)
+        s = ccr_tmp_commit(ctx, &w->t, w->partial);
+    /* else: nothing of this run to keep; free_writer removes the temporary */
     free_writer(w);
     return s;
 }
+
+size_t ccr_jsonl_lines(const ccr_jsonl *w) { return w == NULL ? 0 : w->lines; }
 
 const char *ccr_jsonl_temp_path(const ccr_jsonl *w)
 {

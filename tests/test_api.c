@@ -200,6 +200,7 @@ START_TEST(test_safetensors_jsonl)
     CCR_CK_OK(ctx, ccr_jsonl_abort(NULL));
     ck_assert_ptr_null(ccr_jsonl_temp_path(NULL));
     ck_assert_ptr_null(ccr_jsonl_partial_path(NULL));
+    ck_assert_uint_eq(ccr_jsonl_lines(NULL), 0);
 }
 END_TEST
 

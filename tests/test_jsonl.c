@@ -348,9 +348,19 @@ START_TEST(test_jsonl_keeps_previous)
     expect_file(partial, "{\"i\":0}\n{\"i\":1}\n");
     ck_assert_uint_eq(count_temps(dir.s), 0);
 
+    /* A run that fails before its first line keeps nothing: no .partial
+     * (the older one stays as it was), no temporary. */
+    CCR_CK_OK(ctx, ccr_jsonl_open(ctx, path, false, &w));
+    ck_assert_uint_eq(ccr_jsonl_lines(w), 0);
+    CCR_CK_OK(ctx, ccr_jsonl_abort(w));
+    expect_file(path, old);
+    expect_file(partial, "{\"i\":0}\n{\"i\":1}\n");
+    ck_assert_uint_eq(count_temps(dir.s), 0);
+
     /* Append mode also works on a copy: abort keeps the file as it was. */
     CCR_CK_OK(ctx, ccr_jsonl_open(ctx, path, true, &w));
     write_line(ctx, w, r, 2);
+    ck_assert_uint_eq(ccr_jsonl_lines(w), 1);   /* the copied line is not this run's */
     expect_file(path, old);
     CCR_CK_OK(ctx, ccr_jsonl_abort(w));
     expect_file(path, old);

@@ -85,7 +85,8 @@ ccr_status ccr_jsonl_close(ccr_jsonl *w);
 
 /* For a run that failed or was interrupted: moves the lines written so far
  * to "<path>.partial" (replacing an older one), leaves path untouched and
- * frees the writer.  Returns CCR_EIO if the rename fails (the temporary is
+ * frees the writer.  A writer that wrote no line makes no ".partial" (its
+ * temporary is removed).  Returns CCR_EIO if the rename fails (the temporary is
  * then removed).  NULL is accepted (returns CCR_OK). */
 ccr_status ccr_jsonl_abort(ccr_jsonl *w);
 
@@ -95,6 +96,9 @@ ccr_status ccr_jsonl_abort(ccr_jsonl *w);
  * NULL writer or one writing a device directly. */
 const char *ccr_jsonl_temp_path(const ccr_jsonl *w);
 const char *ccr_jsonl_partial_path(const ccr_jsonl *w);
+
+/* Lines this writer has written (0 for NULL). */
+size_t ccr_jsonl_lines(const ccr_jsonl *w);
 
 CCR_END_DECLS
 
