@@ -68,13 +68,17 @@ class Layer:
         self.k, self.E = a.k, E
         self.wg = par(d, E, scale=1 / math.sqrt(d))
         self.wn = par(d, E, scale=1 / math.sqrt(d))
-        self.w1 = par(E, d, h, scale=math.sqrt(2 / d))
-        self.b1 = par(E, h, scale=0.0)
-        self.w2 = par(E, h, o, scale=1 / math.sqrt(h))
-        self.b2 = par(E, o, scale=0.0)
+        # One tensor per expert (as nn.ModuleList of nn.Linear would hold
+        # them): slicing one [E, d, h] tensor would make autograd build a
+        # dense [E, d, h] gradient per used expert.
+        self.w1 = [par(d, h, scale=math.sqrt(2 / d)) for _ in range(E)]
+        self.b1 = [par(h, scale=0.0) for _ in range(E)]
+        self.w2 = [par(h, o, scale=1 / math.sqrt(h)) for _ in range(E)]
+        self.b2 = [par(o, scale=0.0) for _ in range(E)]
         self.x = torch.randn(a.batch, d, generator=g).requires_grad_()
         self.dy = torch.randn(a.batch, o, generator=g)
-        self.params = [self.wg, self.wn, self.w1, self.b1, self.w2, self.b2, self.x]
+        self.d_out = o
+        self.params = [self.wg, self.wn, self.x] + self.w1 + self.b1 + self.w2 + self.b2
 
     def gate(self):
         """Noisy top-k in train mode: (indices [B,k], gates [B,k], aux loss)."""
@@ -115,7 +119,7 @@ def conventional(L):
 
     def combine(idx, gates):
         B = L.x.shape[0]
-        y = torch.zeros(B, L.w2.shape[2])
+        y = torch.zeros(B, L.d_out)
         for e in range(L.E):
             rows, slot = (idx == e).nonzero(as_tuple=True)
             if rows.numel() == 0:
