@@ -3,10 +3,14 @@
 
 Times forward + backward (train mode) of the layer written in PyTorch:
   conventional  per-expert Python loop, index_select / index_add_
-  strong        sort the (example, slot) pairs by expert once, gather rows
-                contiguously, per-expert addmm on contiguous slices, combine
-                by a gather (inverse permutation) instead of a scatter;
-                autograd backward.
+  strong_autograd  sort the (example, slot) pairs by expert once, gather
+                rows contiguously, per-expert addmm on contiguous slices,
+                combine by a gather (inverse permutation) instead of a
+                scatter; autograd backward.
+  strong        the same sort, gather and combine; the expert block is an
+                autograd.Function with a hand-written backward, one expert
+                per thread (T Python threads, torch and OpenBLAS at one
+                thread each, so the GEMMs are single-threaded).
 Only the `topk` gate (noisy top-k, docs/GATES.md) over an FFN bank
 (relu(x W1 + b1) W2 + b2) is implemented; any other gate prints a record with
 "supported": false and no times.  The FLOPs match ccr's: gate 4 d_in E
@@ -16,14 +20,16 @@ in ccr; their weights do not change the cost.
 
 Prints one JSON line on stdout:
   {"supported": true, "torch": ..., "threads": T,
-   "seconds_fwdbwd": {"conventional": median, "strong": median}, ...}
+   "seconds_fwdbwd": {"conventional": s, "strong_autograd": s, "strong": s}, ...}
 Exit 0 ok, 2 usage error (argparse), 3 torch missing.
 """
 import argparse
+import ctypes
 import json
 import math
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 
 def parse():
@@ -132,7 +138,7 @@ def conventional(L):
     return combine
 
 
-def strong(L):
+def strong_autograd(L):
     torch = L.torch
 
     def combine(idx, gates):
@@ -155,6 +161,87 @@ def strong(L):
     return combine
 
 
+def blas_threads(n):
+    """Set OpenBLAS's own thread count (torch's generic BLAS path ignores
+    torch.set_num_threads).  False when no OpenBLAS is loaded."""
+    for line in open("/proc/self/maps"):
+        path = line.split()[-1]
+        if "libopenblas" in path:
+            try:
+                ctypes.CDLL(path).openblas_set_num_threads(int(n))
+                return True
+            except (OSError, AttributeError):
+                return False
+    return False
+
+
+def strong(L, threads):
+    """Sort once, expert-contiguous rows, one expert per thread with
+    single-threaded GEMMs, a hand-written backward of the expert block."""
+    torch = L.torch
+    pool = ThreadPoolExecutor(max(1, threads))
+
+    class Experts(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, xs, counts, *ws):
+            E = L.E
+            offs = [0]
+            for c in counts:
+                offs.append(offs[-1] + c)
+            ys = xs.new_empty(xs.shape[0], L.d_out)
+            hs = [None] * E
+
+            @torch.no_grad()
+            def fwd(e):  # pool threads: grad mode is thread-local
+                if counts[e] == 0:
+                    return
+                a, b = offs[e], offs[e + 1]
+                h = torch.addmm(ws[E + e], xs[a:b], ws[e]).clamp_min_(0)
+                hs[e] = h
+                torch.addmm(ws[3 * E + e], h, ws[2 * E + e], out=ys[a:b])
+            list(pool.map(fwd, range(E)))
+            ctx.offs, ctx.counts, ctx.hs = offs, counts, hs
+            ctx.save_for_backward(xs, *ws)
+            return ys
+
+        @staticmethod
+        def backward(ctx, dys):
+            xs, *ws = ctx.saved_tensors
+            E, offs, counts, hs = L.E, ctx.offs, ctx.counts, ctx.hs
+            dxs = torch.zeros_like(xs)
+            g = [None] * (4 * E)
+
+            @torch.no_grad()
+            def bwd(e):
+                if counts[e] == 0:
+                    for j in range(4):
+                        g[j * E + e] = torch.zeros_like(ws[j * E + e])
+                    return
+                a, b = offs[e], offs[e + 1]
+                dy, h = dys[a:b], hs[e]
+                g[2 * E + e] = h.t().mm(dy)
+                g[3 * E + e] = dy.sum(0)
+                dh = dy.mm(ws[2 * E + e].t()).mul_(h > 0)
+                g[e] = xs[a:b].t().mm(dh)
+                g[E + e] = dh.sum(0)
+                torch.mm(dh, ws[e].t(), out=dxs[a:b])
+            list(pool.map(bwd, range(E)))
+            return (dxs, None, *g)
+
+    def combine(idx, gates):
+        B, k = idx.shape
+        flat = idx.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=L.E).tolist()
+        xs = L.x.index_select(0, order // k)
+        ys = Experts.apply(xs, counts, *L.w1, *L.b1, *L.w2, *L.b2)
+        inv = torch.empty_like(order)
+        inv[order] = torch.arange(order.numel())
+        yk = ys.index_select(0, inv).view(B, k, -1)
+        return torch.bmm(gates.unsqueeze(1), yk).squeeze(1)
+    return combine
+
+
 def main():
     a = parse()
     try:
@@ -171,10 +258,17 @@ def main():
         torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     L = Layer(torch, a)
-    peers = {"conventional": conventional(L), "strong": strong(L)}
+    T = torch.get_num_threads()
+    # (combine, torch threads, OpenBLAS threads): strong runs T experts at
+    # once, each with single-threaded GEMMs.
+    peers = {"conventional": (conventional(L), T, T),
+             "strong_autograd": (strong_autograd(L), T, T),
+             "strong": (strong(L, T), 1, 1)}
     times = {n: [] for n in peers}
     for r in range(a.repeat + 1):  # round 0: warm-up
-        for n, comb in peers.items():
+        for n, (comb, tt, bt) in peers.items():
+            torch.set_num_threads(tt)
+            blas_threads(bt)
             t0 = time.perf_counter()
             L.run(comb)
             dt = time.perf_counter() - t0
@@ -184,7 +278,7 @@ def main():
            0.5 * (sorted(v)[len(v) // 2 - 1] + sorted(v)[len(v) // 2]) for n, v in times.items()}
     flops = 2.0 * a.batch * (2 * a.d_in * a.experts
                              + a.k * (a.d_in * a.hidden + a.hidden * a.d_out)) * 3
-    rec.update(supported=True, threads=torch.get_num_threads(), repeat=a.repeat,
+    rec.update(supported=True, threads=T, repeat=a.repeat,
                seconds_fwdbwd=med, flops_fwdbwd_approx=flops)
     print(json.dumps(rec))
     return 0

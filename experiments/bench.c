@@ -268,8 +268,12 @@ static double gemm_shapes(const shapes *s, bool bwd)
 
 /* --peer: the PyTorch peers (analysis/peer_torch.py). */
 #define PEER_PY "/usr/bin/python3"
-enum { PEER_N = 2 };
-static const char *const peer_name[PEER_N] = {"conventional", "strong"};
+enum { PEER_N = 3 };
+static const char *const peer_name[PEER_N] = {"conventional", "strong_autograd", "strong"};
+static const char *const peer_sec_key[PEER_N] = {
+    "seconds_peer_conventional", "seconds_peer_strong_autograd", "seconds_peer_strong"};
+static const char *const peer_ratio_key[PEER_N] = {
+    "ratio_to_peer_conventional", "ratio_to_peer_strong_autograd", "ratio_to_peer_strong"};
 
 /* Whether the peers implement this layer. */
 static bool peer_supported(const opts *o)
@@ -574,10 +578,10 @@ int main(int argc, char **argv)
     if (o.peer && s == CCR_OK) s = ccr_record_add_bool(rec, "peer_supported", peer_on);
     if (peer_on) {
         ADD_I("peer_threads", peer_threads);
-        ADD_D("seconds_peer_conventional", tp[0]);
-        ADD_D("seconds_peer_strong", tp[1]);
-        ADD_D("ratio_to_peer_conventional", tp[0] / t[T_FWDBWD]);
-        ADD_D("ratio_to_peer_strong", tp[1] / t[T_FWDBWD]);
+        for (int k = 0; k < PEER_N; k++) {
+            ADD_D(peer_sec_key[k], tp[k]);
+            ADD_D(peer_ratio_key[k], tp[k] / t[T_FWDBWD]);
+        }
     } else if (o.peer && s == CCR_OK) {
         s = ccr_record_add_str(rec, "peer_unsupported",
                                "the PyTorch peers implement only the topk gate with an FFN bank");
@@ -600,11 +604,13 @@ int main(int argc, char **argv)
            "optimiser %.3f\n", t[T_GATE_TRAIN] / t[T_STEP], t[T_SG_FWDBWD] / t[T_STEP],
            t_disp / t[T_STEP], t_opt / t[T_STEP]);
 
-    if (peer_on)
-        printf("  PyTorch peers fwd+bwd (threads %zu): conventional %.3f ms ratio %.2f; strong "
-               "%.3f ms ratio %.2f\n", peer_threads, tp[0] * 1e3, tp[0] / t[T_FWDBWD],
-               tp[1] * 1e3, tp[1] / t[T_FWDBWD]);
-    else if (o.peer)
+    if (peer_on) {
+        printf("  PyTorch peers fwd+bwd (threads %zu):", peer_threads);
+        for (int k = 0; k < PEER_N; k++)
+            printf("%s %s %.3f ms ratio %.2f", k ? ";" : "", peer_name[k], tp[k] * 1e3,
+                   tp[k] / t[T_FWDBWD]);
+        printf("\n");
+    } else if (o.peer)
         printf("  PyTorch peers: not implemented for gate %s (no ratio)\n", o.cc.gate->name);
 
     free(x), free(dy), free(pk), free(counts), free(tv), free(pv), free(sa), free(cp);

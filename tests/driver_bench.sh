@@ -77,7 +77,7 @@ if "$py" -c 'import torch' 2>/dev/null; then
 import json, math, sys
 r = json.loads(open(sys.argv[1]).read())
 assert r["peer"] is True and r["peer_supported"] is True and r["peer_threads"] == 1, r
-for n in ("conventional", "strong"):
+for n in ("conventional", "strong_autograd", "strong"):
     for f in ("seconds_peer_" + n, "ratio_to_peer_" + n):
         assert math.isfinite(r[f]) and r[f] > 0, (f, r[f])
     assert abs(r["ratio_to_peer_" + n] - r["seconds_peer_" + n] / r["seconds_fwdbwd"]) < 1e-9 * r["ratio_to_peer_" + n]
