@@ -91,7 +91,9 @@ else
 fi
 rc=0
 "$prog" --quick --peer --peer-script "$tmp/none.py" --out "$tmp/bad.jsonl" >/dev/null 2>"$tmp/err" || rc=$?
-[ "$rc" -eq 2 ] && [ ! -e "$tmp/bad.jsonl" ] || { echo "--peer with a missing script: exit $rc, want 2, no output"; exit 1; }
+if [ "$rc" -ne 2 ] || [ -e "$tmp/bad.jsonl" ]; then
+  echo "--peer with a missing script: exit $rc, want 2, no output"; exit 1
+fi
 
 # Bad arguments: exit 2, one line on stderr, no output file.
 for args in "--gate bogus" "--batch -4" "--batch 0" "--d-in 0" "--hidden x" "--d-out 1e3" \
