@@ -32,12 +32,24 @@
  * activation and the gate's backward) are the remainder, derived, not
  * measured.  The library has no phase timers.
  *
+ * --peer: PyTorch peers of the same layer (analysis/peer_torch.py, run by
+ * /usr/bin/python3; --peer-script names the script, default
+ * analysis/peer_torch.py relative to the working directory), same sizes and
+ * thread count, called once per timed round after ccr's measurements of that
+ * round (so ccr's rounds alternate with the peer's), each call timing one
+ * forward+backward per peer after its own warm-up.  Records per peer the
+ * median seconds and ratio_to_peer_<name> = peer time / seconds_fwdbwd (> 1:
+ * ccr faster); a gate the peer does not implement is recorded as
+ * peer_supported false, without ratios.  Without python3 or torch, --peer is
+ * a usage error (exit 2).
+ *
  * A summary goes to stdout, one JSONL record per run to --out.
  */
 #define _POSIX_C_SOURCE 200809L
 #include <gsl/gsl_rng.h>
 #include <math.h>
 #include <stdint.h>
+#include <unistd.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -56,15 +68,16 @@ typedef struct opts {
     ccr_cond_config cc;
     size_t batch, threads, repeat, copy_mib;
     unsigned long seed;
-    bool quick;
-    const char *out;
+    bool quick, peer;
+    const char *out, *peer_script;
 } opts;
 
 static void usage(void)
 {
     printf("usage: ccr-bench [--gate NAME] [gate options] [--batch N] [--d-in N]\n"
            "                 [--hidden N] [--d-out N] [--threads N] [--repeat N]\n"
-           "                 [--seed N] [--out FILE] [--quick] [--help]\n"
+           "                 [--seed N] [--out FILE] [--peer] [--peer-script FILE]\n"
+           "                 [--quick] [--help]\n"
            "Times one conditional layer (forward, forward+backward, training step with\n"
            "Adam; medians over --repeat) against cblas_sgemm on the expert GEMM shapes it\n"
            "executed, a square sgemm of the same FLOPs, a dense FFN of equal FLOPs and a\n"
@@ -77,6 +90,9 @@ static void usage(void)
            "  --repeat N   timed rounds, medians reported [5]\n"
            "  --seed N     GSL seed (parameters, inputs, noise) [1]\n"
            "  --out FILE   JSONL output\n"
+           "  --peer       also time PyTorch peers of the layer (needs /usr/bin/python3\n"
+           "               with torch; topk gate with an FFN bank only): ratio_to_peer_*\n"
+           "  --peer-script FILE  the peers' script [analysis/peer_torch.py]\n"
            "  --quick      tiny sizes, a smoke run\n"
            "Gate options (gates: %s; defaults here: topk, E = 64, k = 4, --randomize):\n%s",
            ccr_gate_type_names(), drv_gate_usage);
@@ -85,7 +101,8 @@ static void usage(void)
 static void parse(int argc, char **argv, opts *o)
 {
     bool quick = drv_quick_requested(argc, argv), bank_set = false;
-    *o = (opts){.batch = 4096, .repeat = 5, .seed = 1, .quick = quick, .copy_mib = 256};
+    *o = (opts){.batch = 4096, .repeat = 5, .seed = 1, .quick = quick, .copy_mib = 256,
+                .peer_script = "analysis/peer_torch.py"};
     o->cc = drv_gate_defaults();
     o->cc.gate = ccr_gate_type_find("topk");
     o->cc.d_in = o->cc.d_out = 512;
@@ -109,6 +126,10 @@ static void parse(int argc, char **argv, opts *o)
             i += used_value;
             continue;
         }
+        if (strcmp(a, "--peer") == 0) {
+            o->peer = true;
+            continue;
+        }
         if (v == NULL)
             drv_bad_option(PROG, a, v);
         i++;
@@ -116,6 +137,10 @@ static void parse(int argc, char **argv, opts *o)
             if (v[0] == '\0')
                 drv_usage_error(PROG, "--out needs a file name");
             o->out = v;
+        } else if (strcmp(a, "--peer-script") == 0) {
+            if (v[0] == '\0')
+                drv_usage_error(PROG, "--peer-script needs a file name");
+            o->peer_script = v;
         } else if (strcmp(a, "--batch") == 0) o->batch = drv_parse_size(PROG, a, v, 1);
         else if (strcmp(a, "--d-in") == 0) o->cc.d_in = drv_parse_size(PROG, a, v, 1);
         else if (strcmp(a, "--d-out") == 0) o->cc.d_out = drv_parse_size(PROG, a, v, 1);
@@ -241,6 +266,71 @@ static double gemm_shapes(const shapes *s, bool bwd)
     return flops;
 }
 
+/* --peer: the PyTorch peers (analysis/peer_torch.py). */
+#define PEER_PY "/usr/bin/python3"
+enum { PEER_N = 3 };
+static const char *const peer_name[PEER_N] = {"conventional", "strong_autograd", "strong"};
+static const char *const peer_sec_key[PEER_N] = {
+    "seconds_peer_conventional", "seconds_peer_strong_autograd", "seconds_peer_strong"};
+static const char *const peer_ratio_key[PEER_N] = {
+    "ratio_to_peer_conventional", "ratio_to_peer_strong_autograd", "ratio_to_peer_strong"};
+
+/* Whether the peers implement this layer. */
+static bool peer_supported(const opts *o)
+{
+    return strcmp(o->cc.gate->name, "topk") == 0 && o->cc.bank == CCR_BANK_FFN;
+}
+
+/* Before any output: python3 with torch present, the script readable. */
+static void peer_check(const opts *o)
+{
+    if (access(PEER_PY, X_OK) != 0)
+        drv_usage_error(PROG, "--peer needs %s with PyTorch; %s is missing", PEER_PY, PEER_PY);
+    if (strchr(o->peer_script, '\'') != NULL || access(o->peer_script, R_OK) != 0)
+        drv_usage_error(PROG, "--peer: cannot read the peers' script %s (see --peer-script)",
+                        o->peer_script);
+    if (system(PEER_PY " -c 'import torch' >/dev/null 2>&1") != 0)
+        drv_usage_error(PROG, "--peer needs PyTorch: '%s -c \"import torch\"' fails", PEER_PY);
+}
+
+/* One call of the peers' script (its own warm-up, then one timed forward +
+ * backward per peer): seconds per peer.  False on any failure. */
+static bool peer_run(const opts *o, size_t threads, double sec[PEER_N])
+{
+    char cmd[4096], line[4096];
+    int n = snprintf(cmd, sizeof cmd,
+                     PEER_PY " '%s' --gate %s --experts %zu --k %zu --batch %zu --d-in %zu"
+                     " --hidden %zu --d-out %zu --threads %zu --repeat 1 --seed %lu",
+                     o->peer_script, o->cc.gate->name, o->cc.gate_cfg.n_experts,
+                     o->cc.gate_cfg.k, o->batch, o->cc.d_in, o->cc.hidden, o->cc.d_out, threads,
+                     o->seed);
+    if (n < 0 || (size_t)n >= sizeof cmd)
+        return false;
+    fflush(NULL);
+    FILE *f = popen(cmd, "r");
+    if (f == NULL)
+        return false;
+    bool got = fgets(line, sizeof line, f) != NULL;
+    char rest[256];
+    while (fgets(rest, sizeof rest, f) != NULL)
+        ;
+    if (pclose(f) != 0 || !got)
+        return false;
+    for (int k = 0; k < PEER_N; k++) {
+        char key[64];
+        snprintf(key, sizeof key, "\"%s\": ", peer_name[k]);
+        const char *p = strstr(line, key);
+        char *end;
+        if (p == NULL)
+            return false;
+        p += strlen(key);
+        sec[k] = strtod(p, &end);
+        if (end == p || !isfinite(sec[k]) || sec[k] <= 0)
+            return false;
+    }
+    return true;
+}
+
 /* Measurements, one slot per round each. */
 enum {
     T_FWD, T_FWDBWD, T_STEP, T_GATE, T_GATE_TRAIN, T_ZERO, T_ADAM, T_SG_FWD, T_SG_FWDBWD,
@@ -265,6 +355,8 @@ int main(int argc, char **argv)
     parse(argc, argv, &o);
     drv_io_output("--out", o.out);
     drv_io_check(PROG);
+    if (o.peer)
+        peer_check(&o);
     ccr_ctx *ctx;
     ccr_backend *be;
     gsl_rng *rng;
@@ -302,7 +394,8 @@ int main(int argc, char **argv)
     float *x = ccr_malloc3(nx, 2, sizeof *x), *dy = ccr_malloc3(ny, 2, sizeof *dy);
     size_t *counts = ccr_malloc3(n_mat, 2, sizeof *counts);
     double *tv = ccr_malloc3(T_COUNT, o.repeat, sizeof *tv);
-    if (!x || !dy || !counts || !tv)
+    double *pv = ccr_malloc3(PEER_N, o.repeat, sizeof *pv);
+    if (!x || !dy || !counts || !tv || !pv)
         drv_fail(PROG, ctx, CCR_ENOMEM, "buffers");
     float *y = dy + ny, *dx = x + nx;
     for (size_t i = 0; i < nx; i++)
@@ -368,6 +461,8 @@ int main(int argc, char **argv)
     fprintf(stderr, "%s: %s | %s | gate=%s B=%zu d_in=%zu h=%zu d_out=%zu repeat=%zu\n", PROG,
             ccr_backend_describe(be), drv_machine(), o.cc.gate->name, B, di, h, dout, o.repeat);
     const size_t R = o.repeat, isq = sq;
+    const bool peer_on = o.peer && peer_supported(&o);
+    const size_t peer_threads = o.threads > 0 ? o.threads : (size_t)ccr_blas_num_threads();
     double t_start = drv_now();
     for (size_t round = 0; round <= R && s == CCR_OK; round++) {
         const size_t r = round == 0 ? 0 : round - 1;  /* round 0: warm-up, overwritten */
@@ -403,14 +498,27 @@ int main(int argc, char **argv)
         });
         TIMED(T_COPY, memcpy(cp + (round % 2) * copy_bytes, cp + (1 - round % 2) * copy_bytes,
                              copy_bytes));
+        double ps[PEER_N];
+        if (s == CCR_OK && peer_on && round > 0) {  /* between ccr's rounds */
+            if (!peer_run(&o, peer_threads, ps)) {
+                drv_progress_end();
+                fprintf(stderr, "%s: --peer: %s failed or printed no times\n", PROG,
+                        o.peer_script);
+                exit(1);
+            }
+            for (int k = 0; k < PEER_N; k++)
+                pv[(size_t)k * R + r] = ps[k];
+        }
     }
     drv_progress("rounds", R + 1, R + 1, t_start, "done");
     drv_progress_end();
     if (s != CCR_OK)
         drv_fail(PROG, ctx, s, "timing");
-    double t[T_COUNT];
+    double t[T_COUNT], tp[PEER_N] = {0};
     for (int k = 0; k < T_COUNT; k++)
         t[k] = drv_median(tv + (size_t)k * R, R);
+    for (int k = 0; peer_on && k < PEER_N; k++)
+        tp[k] = drv_median(pv + (size_t)k * R, R);
     /* The square sgemm did 3 sq^3 products of 2 FLOPs each. */
     const double f_sq = 6.0 * (double)sq * (double)sq * (double)sq;
     const double f_fwd = ccr_cond_flops(L.c, false) * (double)B;
@@ -466,6 +574,18 @@ int main(int argc, char **argv)
                                "gate (forward, train mode), expert GEMMs (sgemm on the executed "
                                "shapes) and optimiser (zero_grad + Adam) timed alone; "
                                "dispatch/sort + combine = step minus those (derived)");
+    if (s == CCR_OK) s = ccr_record_add_bool(rec, "peer", o.peer);
+    if (o.peer && s == CCR_OK) s = ccr_record_add_bool(rec, "peer_supported", peer_on);
+    if (peer_on) {
+        ADD_I("peer_threads", peer_threads);
+        for (int k = 0; k < PEER_N; k++) {
+            ADD_D(peer_sec_key[k], tp[k]);
+            ADD_D(peer_ratio_key[k], tp[k] / t[T_FWDBWD]);
+        }
+    } else if (o.peer && s == CCR_OK) {
+        s = ccr_record_add_str(rec, "peer_unsupported",
+                               "the PyTorch peers implement only the topk gate with an FFN bank");
+    }
 #undef ADD_I
 #undef ADD_D
     drv_write_record(PROG, ctx, s, out, rec);
@@ -484,7 +604,16 @@ int main(int argc, char **argv)
            "optimiser %.3f\n", t[T_GATE_TRAIN] / t[T_STEP], t[T_SG_FWDBWD] / t[T_STEP],
            t_disp / t[T_STEP], t_opt / t[T_STEP]);
 
-    free(x), free(dy), free(pk), free(counts), free(tv), free(sa), free(cp);
+    if (peer_on) {
+        printf("  PyTorch peers fwd+bwd (threads %zu):", peer_threads);
+        for (int k = 0; k < PEER_N; k++)
+            printf("%s %s %.3f ms ratio %.2f", k ? ";" : "", peer_name[k], tp[k] * 1e3,
+                   tp[k] / t[T_FWDBWD]);
+        printf("\n");
+    } else if (o.peer)
+        printf("  PyTorch peers: not implemented for gate %s (no ratio)\n", o.cc.gate->name);
+
+    free(x), free(dy), free(pk), free(counts), free(tv), free(pv), free(sa), free(cp);
     layer_free(&L);
     layer_free(&D);
     drv_teardown(PROG, ctx, be, rng, out, rec);

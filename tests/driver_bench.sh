@@ -6,7 +6,9 @@
 # checks that every time is positive, the FLOPs of the sgemm shapes are those
 # of the routing (forward + backward = 3 x forward for the same shapes is not
 # assumed: eval and train routes may differ) and that the phase shares add up
-# to 1.  Bad arguments exit 2 with one line on stderr and leave no output
+# to 1.  --peer (when /usr/bin/python3 has torch; else printed as skipped)
+# records finite positive ratio_to_peer_* for topk and "unsupported" for
+# hmoe; a missing --peer-script exits 2.  Bad arguments exit 2 with one line on stderr and leave no output
 # file.  Nothing here depends on how long anything took.
 # Usage: driver_bench.sh CCR_BENCH SOURCE_ROOT
 set -eu
@@ -61,10 +63,42 @@ for r, tag in zip(recs, gates):
 print("driver_bench: records ok")
 PY
 
+# --peer (PyTorch peers, analysis/peer_torch.py): topk gets finite positive
+# ratio_to_peer_* per peer; a gate the peers lack is recorded as unsupported,
+# without ratios.  Skipped (the rest still checked) without python3-torch.
+if "$py" -c 'import torch' 2>/dev/null; then
+  for g in topk hmoe; do
+    "$prog" --quick --gate $g --peer --peer-script "$src/analysis/peer_torch.py" --repeat 2 \
+      --threads 1 --out "$tmp/peer-$g.jsonl" >"$tmp/sum" 2>"$tmp/err" ||
+      { echo "ccr-bench --peer --gate $g failed"; cat "$tmp/err"; exit 1; }
+    grep -q 'PyTorch peers' "$tmp/sum" || { echo "--peer --gate $g: no peer summary"; exit 1; }
+  done
+  $py - "$tmp/peer-topk.jsonl" "$tmp/peer-hmoe.jsonl" <<'PY'
+import json, math, sys
+r = json.loads(open(sys.argv[1]).read())
+assert r["peer"] is True and r["peer_supported"] is True and r["peer_threads"] == 1, r
+for n in ("conventional", "strong_autograd", "strong"):
+    for f in ("seconds_peer_" + n, "ratio_to_peer_" + n):
+        assert math.isfinite(r[f]) and r[f] > 0, (f, r[f])
+    assert abs(r["ratio_to_peer_" + n] - r["seconds_peer_" + n] / r["seconds_fwdbwd"]) < 1e-9 * r["ratio_to_peer_" + n]
+h = json.loads(open(sys.argv[2]).read())
+assert h["peer"] is True and h["peer_supported"] is False and h["peer_unsupported"], h
+assert not any(k.startswith("ratio_to_peer") for k in h), h
+print("driver_bench: --peer ok")
+PY
+else
+  echo "driver_bench: --peer skipped (skip: no PyTorch for $py)"
+fi
+rc=0
+"$prog" --quick --peer --peer-script "$tmp/none.py" --out "$tmp/bad.jsonl" >/dev/null 2>"$tmp/err" || rc=$?
+if [ "$rc" -ne 2 ] || [ -e "$tmp/bad.jsonl" ]; then
+  echo "--peer with a missing script: exit $rc, want 2, no output"; exit 1
+fi
+
 # Bad arguments: exit 2, one line on stderr, no output file.
 for args in "--gate bogus" "--batch -4" "--batch 0" "--d-in 0" "--hidden x" "--d-out 1e3" \
             "--threads 0" "--repeat 0" "--gate none --experts 4" "--gate hmoe --groups 3" \
-            "--bogus 1" "--gate" "--out"; do
+            "--bogus 1" "--gate" "--out" "--peer-script"; do
   rc=0
   # shellcheck disable=SC2086
   "$prog" --quick $args --out "$tmp/bad.jsonl" >/dev/null 2>"$tmp/err" || rc=$?
