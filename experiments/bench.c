@@ -33,8 +33,8 @@
  * measured.  The library has no phase timers.
  *
  * --peer: PyTorch peers of the same layer (analysis/peer_torch.py, run by
- * /usr/bin/python3; --peer-script names the script, default
- * analysis/peer_torch.py relative to the working directory), same sizes and
+ * /usr/bin/python3; --peer-script names the script, default the source
+ * tree's analysis/peer_torch.py, CCR_PEER_SCRIPT), same sizes and
  * thread count, called once per timed round after ccr's measurements of that
  * round (so ccr's rounds alternate with the peer's), each call timing one
  * forward+backward per peer after its own warm-up.  Records per peer the
@@ -60,6 +60,9 @@
 #include "internal.h"  // provides: ccr_malloc3, ccr_mallocn, ccr_mul_ok, ccr_mul3_ok
 #include "outputs.h"
 
+#ifndef CCR_PEER_SCRIPT   /* set by experiments/meson.build: the source tree's copy */
+#define CCR_PEER_SCRIPT "analysis/peer_torch.py"
+#endif
 #define PROG "ccr-bench"
 #define MAXDIM ((size_t)1 << 20)
 #define MAXBATCH ((size_t)1 << 24)
@@ -92,7 +95,7 @@ static void usage(void)
            "  --out FILE   JSONL output\n"
            "  --peer       also time PyTorch peers of the layer (needs /usr/bin/python3\n"
            "               with torch; topk gate with an FFN bank only): ratio_to_peer_*\n"
-           "  --peer-script FILE  the peers' script [analysis/peer_torch.py]\n"
+           "  --peer-script FILE  the peers' script [" CCR_PEER_SCRIPT "]\n"
            "  --quick      tiny sizes, a smoke run\n"
            "Gate options (gates: %s; defaults here: topk, E = 64, k = 4, --randomize):\n%s",
            ccr_gate_type_names(), drv_gate_usage);
@@ -102,7 +105,7 @@ static void parse(int argc, char **argv, opts *o)
 {
     bool quick = drv_quick_requested(argc, argv), bank_set = false;
     *o = (opts){.batch = 4096, .repeat = 5, .seed = 1, .quick = quick, .copy_mib = 256,
-                .peer_script = "analysis/peer_torch.py"};
+                .peer_script = CCR_PEER_SCRIPT};
     o->cc = drv_gate_defaults();
     o->cc.gate = ccr_gate_type_find("topk");
     o->cc.d_in = o->cc.d_out = 512;
