@@ -614,7 +614,7 @@ int main(int argc, char **argv)
                    tp[k] / t[T_FWDBWD]);
         printf("\n");
     } else if (o.peer)
-        printf("  PyTorch peers: not implemented for gate %s (no ratio)\n", o.cc.gate->name);
+        printf("  PyTorch peers: none written for gate %s (no ratio)\n", o.cc.gate->name);
 
     free(x), free(dy), free(pk), free(counts), free(tv), free(pv), free(sa), free(cp);
     layer_free(&L);
