@@ -2,6 +2,7 @@
 """JSON Lines results -> PNG plots (matplotlib, Agg backend; no display needed).
 
     /usr/bin/python3 analysis/plots.py capacity FILE.jsonl [--out capacity.png]
+    /usr/bin/python3 analysis/plots.py constwork FILE.jsonl [FILE.jsonl ...] [--out F.png]
     /usr/bin/python3 analysis/plots.py xy FILE.jsonl [FILE.jsonl ...] --x FIELD --y FIELD
             [--group FIELD[,FIELD]] [--where FIELD=VALUE ...] [--logx] [--logy]
             [--xlabel TEXT] [--ylabel TEXT] [--title TEXT] [--out plot.png]
@@ -10,6 +11,11 @@
 example on log-log axes, forward (eval) and forward + backward (train) side
 by side, one line per gate with the dense baseline (gate `none`, its hidden
 width swept) dashed; each line's end points are labelled with their knob.
+
+`constwork` draws ccr-bench records of issue 10's target 2 (constant work,
+growing capacity): parameters against µs per example, one panel per batch
+size, forward + backward solid and the full training step dashed, one colour
+per layer (hmoe, the leaf tree, ...); each point's knob (E or depth) labelled.
 
 `xy` is the generic form for the other drivers: one line per distinct value
 of the --group field(s) (records in file order, sorted by x), optional
@@ -90,6 +96,52 @@ def capacity(a):
     print(f"plots.py: wrote {out}", file=sys.stderr)
 
 
+def bench_series(r):
+    if r.get("gate") == "signtree":
+        return f"signtree-{r.get('combine', 'leaf')}"
+    return r.get("gate", "?")
+
+
+def constwork(a):
+    recs = [r for r in load(a.files) if r.get("driver") == "ccr-bench"]
+    if not recs:
+        print(f"plots.py: {a.files[0]}: no ccr-bench records", file=sys.stderr)
+        return 1
+    batches = sorted({r["batch"] for r in recs})
+    fig, axes = plt.subplots(1, len(batches), figsize=(5.2 * len(batches), 4.8), squeeze=False)
+    for ax, b in zip(axes[0], batches):
+        here = [r for r in recs if r["batch"] == b]
+        for s in [s for s in STYLE if any(bench_series(r) == s for r in here)]:
+            pts = sorted((r for r in here if bench_series(r) == s), key=lambda r: r["params"])
+            label, colour, marker, _ = STYLE[s]
+            xs = [r["params"] for r in pts]
+            for field, ls, what in (("seconds_fwdbwd", "-", "fwd+bwd"),
+                                    ("seconds_step", "--", "step")):
+                ys = [r[field] / b * 1e6 for r in pts]
+                ax.plot(xs, ys, ls, color=colour, marker=marker, ms=4,
+                        label=f"{label.split(' (')[0]} {what}")
+            for r, x in zip(pts, xs):
+                knob = f"d={r['depth']}" if s.startswith("signtree") else f"E={r['experts']}"
+                ax.annotate(knob, (x, r["seconds_fwdbwd"] / b * 1e6), textcoords="offset points",
+                            xytext=(3, -9), fontsize=6, color=colour)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("parameters of the layer")
+        ax.set_ylabel("µs per example")
+        ax.set_title(f"batch {b}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    r0 = recs[0]
+    fig.suptitle(f"ccr-bench, constant work per example: {r0.get('machine', '')}, OpenBLAS "
+                 f"{r0.get('blas_core', '')} {r0.get('blas_threads', '')} thr, git "
+                 f"{r0.get('git', '')}", fontsize=9)
+    fig.tight_layout()
+    out = a.out or default_out(a.files[0])
+    fig.savefig(out, dpi=110)
+    print(f"plots.py: wrote {out}", file=sys.stderr)
+    return 0
+
+
 def xy(a):
     recs = load(a.files)
     for w in a.where:
@@ -135,6 +187,9 @@ def main(argv):
     c = sub.add_parser("capacity", help="ccr-capacity: params vs time/example")
     c.add_argument("files", nargs="+")
     c.add_argument("--out")
+    w = sub.add_parser("constwork", help="ccr-bench: params vs time/example per batch")
+    w.add_argument("files", nargs="+")
+    w.add_argument("--out")
     x = sub.add_parser("xy", help="any field against any field")
     x.add_argument("files", nargs="+")
     x.add_argument("--x", required=True)
@@ -148,7 +203,7 @@ def main(argv):
     x.add_argument("--title")
     x.add_argument("--out")
     a = p.parse_args(argv[1:])
-    return (capacity if a.cmd == "capacity" else xy)(a) or 0
+    return {"capacity": capacity, "constwork": constwork, "xy": xy}[a.cmd](a) or 0
 
 
 if __name__ == "__main__":

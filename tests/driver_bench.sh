@@ -9,7 +9,7 @@
 # to 1.  --peer (when /usr/bin/python3 has torch; else printed as skipped)
 # records finite positive ratio_to_peer_* for topk and "unsupported" for
 # hmoe; a missing --peer-script exits 2.  Bad arguments exit 2 with one line on stderr and leave no output
-# file.  Nothing here depends on how long anything took.
+# file.  analysis/plots.py constwork turns the records into a PNG.  Nothing here depends on how long anything took.
 # Usage: driver_bench.sh CCR_BENCH SOURCE_ROOT
 set -eu
 prog=$1
@@ -62,6 +62,12 @@ for r, tag in zip(recs, gates):
     assert 0 < r["flops_sgemm_shapes_fwdbwd"] <= r["flops_fwdbwd"], tag
 print("driver_bench: records ok")
 PY
+
+# The target-2 figure (analysis/plots.py constwork) draws these records.
+if $py -c 'import matplotlib' 2>/dev/null; then
+  $py "$src/analysis/plots.py" constwork "$tmp/all.jsonl" --out "$tmp/cw.png" 2>/dev/null
+  [ "$(head -c 4 "$tmp/cw.png" | od -An -c | tr -d ' ')" = '211PNG' ] || { echo "plots.py constwork: not a PNG"; exit 1; }
+fi
 
 # --peer (PyTorch peers, analysis/peer_torch.py): topk gets finite positive
 # ratio_to_peer_* per peer; a gate the peers lack is recorded as unsupported,
