@@ -5,16 +5,27 @@
  *
  * The routed matmul is the one op that executes every gate's routing table
  * (the analogue of ggml's mul_mat_id and of t2t's SparseDispatcher):
- *   1. sort the (example, slot) pairs with id >= 0 by (id, pair index);
- *   2. gather their inputs in that order;
- *   3. one GEMM per bank layer per non-empty group of equal id;
- *   4. combine: y_b = sum over slots in slot order of w * out.
- * Every step has a fixed order, so the result is bitwise reproducible.  The
- * backward pass mirrors it and also yields dL/dw_{b,s} = <dy_b, M(x_b)>,
- * from which the gate computes its own gradients.  All buffers are sized
- * for max_batch at allocation; forward and backward allocate nothing.
+ *   1. a stable counting sort of the (example, slot) pairs with id >= 0 by
+ *      id: groups of equal id in ascending id order, pairs in pair order
+ *      within a group;
+ *   2. per group: gather its inputs, one GEMM per bank layer, the bias and
+ *      the ReLU in one pass after the GEMM;
+ *   3. combine: y_b = sum over slots in slot order of w * out, a gather per
+ *      example.
+ * Every step has a fixed order and every group writes only its own rows, so
+ * the result is bitwise reproducible and does not depend on which thread ran
+ * which group.  The groups run one at a time with OpenBLAS's threads, or
+ * side by side on the layer's pool (pool.h) with single-threaded GEMMs
+ * (ccr_cond_parallel in ccr_cond.h; cond_use_experts picks).  The backward
+ * pass mirrors it (dx a gather per example in slot order) and also yields
+ * dL/dw_{b,s} = <dy_b, M(x_b)>, from which the gate computes its own
+ * gradients.  All buffers are sized for max_batch at allocation; forward
+ * and backward allocate nothing.
  */
+#include <cblas.h>   // provides: openblas_set_num_threads, openblas_get_num_threads
 #include <math.h>
+#include <stdatomic.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -23,6 +34,7 @@
 #include "backend_impl.h"  // provides: struct ccr_backend (kernel table)
 #include "ccr/ccr_cond.h"
 #include "internal.h"      // provides: CCR_FAIL, CCR_TRY, ccr_mul_ok
+#include "pool.h"          // provides: ccr_pool (the layer's threads)
 #include "ref/ref.h"       // provides: ccr_ref_act_fwd (ReLU)
 
 /* Largest bank, in floats per block (2^34 floats = 64 GiB). */
@@ -41,8 +53,14 @@ struct ccr_cond {
     /* workspace, one allocation */
     void *work;
     size_t work_bytes;
-    uint64_t *keys;            /* [P] (id << 32 | pair) sorted */
+    uint32_t *cnt;             /* [n_mat] counting-sort counters, 0 between calls */
+    int32_t *gid;              /* [G_max] group -> matrix id, ascending */
+    uint32_t *goff;            /* [G_max + 1] group -> first sorted position */
+    uint64_t *gsched;          /* [G_max] (rows, group) keys: the pool's order */
+    int32_t *src;              /* [P] sorted position -> pair */
     int32_t *pos;              /* [P] pair -> sorted position, -1 if empty */
+    double *acc;               /* [T, acc_n] per-worker column sums (bias grads) */
+    size_t acc_n;
     float *xin;                /* [max_batch, d_in] copy of the forward input */
     float *xg, *hid, *out;     /* [P, d_in], [P, h], [P, d_out] in sorted order */
     float *g_out, *g_hid, *g_x;/* their gradients */
@@ -52,26 +70,57 @@ struct ccr_cond {
     /* last forward */
     ccr_route route;
     size_t batch, n_pairs;     /* examples, used pairs */
+    size_t n_groups;           /* non-empty groups */
+    bool experts;              /* groups ran on the pool (CCR_COND_PAR_EXPERTS) */
+    /* threads */
+    ccr_pool *pool;
+    size_t T;                  /* pool workers, the caller included */
+    const float *job_x, *job_dy; /* the running job's arguments */
+    float *job_y;
+    bool job_dx;
+    atomic_size_t job_next;    /* next entry of gsched to take */
+    atomic_int job_err;        /* first failing status, CCR_OK if none */
 };
 
-/* Bytes of the workspace for max_batch examples of `slots` pairs (P = max_batch
- * x slots, returned in *pairs); SIZE_MAX if a product overflows. */
-static size_t cond_work_bytes(size_t max_batch, size_t slots, size_t d_in, size_t d_out,
-                              size_t h, size_t *pairs)
+/* *tot += a * b, false on overflow. */
+static bool cond_mac(size_t *tot, size_t a, size_t b)
 {
-    size_t P, per_pair, t, floats, bytes, pb;
-    bool ok = ccr_mul_ok(max_batch, slots, &P) &&
-              ccr_mul_ok(2, d_in, &per_pair) && ccr_mul_ok(2, h, &t) &&
-              ccr_add_ok(per_pair, t, &per_pair) && ccr_mul_ok(2, d_out, &t) &&
-              ccr_add_ok(per_pair, t, &per_pair) && ccr_add_ok(per_pair, 1, &per_pair) &&
-              ccr_mul_ok(P, per_pair, &floats) && ccr_mul_ok(max_batch, d_in, &t) &&
-              ccr_add_ok(floats, t, &floats) && ccr_add_ok(h, d_out, &t) &&
-              ccr_add_ok(floats, t, &floats) && ccr_add_ok(floats, 64, &floats) &&
-              ccr_mul_ok(floats, sizeof(float), &bytes) &&
-              ccr_mul_ok(P, sizeof(uint64_t) + sizeof(int32_t), &pb) &&
-              ccr_add_ok(bytes, pb, &bytes) && ccr_add_ok(bytes, 64, &bytes);
+    size_t t;
+    return ccr_mul_ok(a, b, &t) && ccr_add_ok(*tot, t, tot);
+}
+
+/* Doubles per worker of the column sums: max(h, d_out). */
+static size_t cond_acc_n(size_t d_out, size_t h) { return h > d_out ? h : d_out; }
+
+/* Bytes of the workspace for max_batch examples of `slots` pairs (P = max_batch
+ * x slots, returned in *pairs), a bank of n_mat matrices and T workers;
+ * SIZE_MAX if a product overflows.  Every float buffer starts on 64 bytes. */
+static size_t cond_work_bytes(size_t max_batch, size_t slots, size_t n_mat, size_t T,
+                              size_t d_in, size_t d_out, size_t h, size_t *pairs)
+{
+    size_t P = 0, G, bytes = 64 * 16;  /* alignment slack */
+    bool ok = ccr_mul_ok(max_batch, slots, &P);
+    G = P < n_mat ? P : n_mat;
+    /* floats: xg, g_x [P, d_in]; hid, g_hid [P, h]; out, g_out [P, d_out];
+     * dweights [P]; xin [max_batch, d_in]; eval_hid [h], eval_out [d_out] */
+    size_t floats = 0;
+    ok = ok && cond_mac(&floats, P, 2 * d_in) && cond_mac(&floats, P, 2 * h) &&
+         cond_mac(&floats, P, 2 * d_out) && cond_mac(&floats, P, 1) &&
+         cond_mac(&floats, max_batch, d_in) && cond_mac(&floats, 1, h) &&
+         cond_mac(&floats, 1, d_out) && cond_mac(&bytes, floats, sizeof(float)) &&
+         /* cnt [n_mat], gid [G], goff [G + 1], src and pos [P] */
+         cond_mac(&bytes, n_mat, sizeof(uint32_t)) && cond_mac(&bytes, G, 2 * sizeof(int32_t)) &&
+         cond_mac(&bytes, 1, sizeof(uint32_t)) && cond_mac(&bytes, P, 2 * sizeof(int32_t)) &&
+         cond_mac(&bytes, G, sizeof(uint64_t)) &&
+         cond_mac(&bytes, T, cond_acc_n(d_out, h) * sizeof(double));
     *pairs = ok ? P : 0;
     return ok ? bytes : SIZE_MAX;
+}
+
+/* p rounded up to 64 bytes. */
+static void *cond_align(void *p)
+{
+    return (void *)(((uintptr_t)p + 63) & ~(uintptr_t)63);
 }
 
 size_t ccr_cond_memory_bytes(const ccr_cond *c)
@@ -83,7 +132,8 @@ ccr_cond_config ccr_cond_config_default(void)
 {
     ccr_cond_config c = {.gate = NULL, .gate_name = NULL,
                          .gate_cfg = ccr_gate_config_default(), .bank = CCR_BANK_DEFAULT,
-                         .d_in = 0, .d_out = 0, .hidden = 64, .residual = false};
+                         .d_in = 0, .d_out = 0, .hidden = 64, .residual = false,
+                         .parallel = CCR_COND_PAR_AUTO};
     return c;
 }
 
@@ -136,6 +186,10 @@ ccr_status ccr_cond_alloc(ccr_backend *be, const ccr_cond_config *cfg, size_t ma
     if (cfg->residual && cfg->d_in != cfg->d_out)
         CCR_FAIL(ctx, CCR_EINVAL, "a residual conditional layer needs d_in == d_out (%zu != %zu)",
                  cfg->d_in, cfg->d_out);
+    if (cfg->parallel != CCR_COND_PAR_AUTO && cfg->parallel != CCR_COND_PAR_BLAS &&
+        cfg->parallel != CCR_COND_PAR_EXPERTS)
+        CCR_FAIL(ctx, CCR_EINVAL, "unknown parallel mode %d (auto 0, blas 1, experts 2)",
+                 (int)cfg->parallel);
     ccr_cond *c = calloc(1, sizeof *c);
     if (c == NULL)
         CCR_FAIL(ctx, CCR_ENOMEM, "cannot allocate conditional layer");
@@ -152,7 +206,7 @@ ccr_status ccr_cond_alloc(ccr_backend *be, const ccr_cond_config *cfg, size_t ma
     /* Refuse up front what cannot fit: the workspace with one slot per
      * example is a lower bound of what this layer will hold. */
     size_t P1;
-    ccr_status s = ccr_mem_check(ctx, cond_work_bytes(max_batch, 1, cfg->d_in, cfg->d_out,
+    ccr_status s = ccr_mem_check(ctx, cond_work_bytes(max_batch, 1, 0, 1, cfg->d_in, cfg->d_out,
                                                        c->h, &P1),
                                  "conditional layer workspace");
     if (s != CCR_OK) {
@@ -173,13 +227,19 @@ ccr_status ccr_cond_alloc(ccr_backend *be, const ccr_cond_config *cfg, size_t ma
         CCR_FAIL(ctx, CCR_ENOMEM, "bank of %zu matrices of %zu floats is too large "
                  "(limit %zu floats)", n_mat, per, COND_MAX_BANK);
     }
+    int nt = ccr_blas_num_threads();
+    c->T = nt > 1 ? (size_t)nt : 1;
     /* Workspace: P pairs. */
     size_t P = 0, d_in = cfg->d_in, d_out = cfg->d_out, h = c->h;
-    size_t bytes = cond_work_bytes(max_batch, c->slots, d_in, d_out, h, &P);
+    size_t bytes = cond_work_bytes(max_batch, c->slots, c->n_mat, c->T, d_in, d_out, h, &P);
     ccr_status ms = ccr_mem_check(ctx, bytes, "conditional layer workspace");
     if (ms != CCR_OK) {
         ccr_cond_free(c);
         return ms;
+    }
+    if (P > (size_t)INT32_MAX) {
+        ccr_cond_free(c);
+        CCR_FAIL(ctx, CCR_ENOMEM, "%zu routing slots (max_batch x slots) exceed 2^31 - 1", P);
     }
     c->work_bytes = bytes;
     c->work = malloc(bytes);
@@ -187,19 +247,32 @@ ccr_status ccr_cond_alloc(ccr_backend *be, const ccr_cond_config *cfg, size_t ma
         ccr_cond_free(c);
         CCR_FAIL(ctx, CCR_ENOMEM, "cannot allocate %zu bytes of workspace", bytes);
     }
-    c->keys = c->work;
-    c->pos = (int32_t *)(c->keys + P);
-    float *f = (float *)(c->pos + P);
-    c->xin = f, f += max_batch * d_in;
-    c->xg = f, f += P * d_in;
-    c->g_x = f, f += P * d_in;
-    c->hid = f, f += P * h;
-    c->g_hid = f, f += P * h;
-    c->out = f, f += P * d_out;
-    c->g_out = f, f += P * d_out;
-    c->dweights = f, f += P;
-    c->eval_hid = f, f += h;
+    size_t G = P < c->n_mat ? P : c->n_mat;
+    c->acc_n = cond_acc_n(d_out, h);
+    c->acc = cond_align(c->work);
+    c->gsched = (uint64_t *)(c->acc + c->T * c->acc_n);
+    c->cnt = (uint32_t *)(c->gsched + G);
+    c->gid = (int32_t *)(c->cnt + c->n_mat);
+    c->goff = (uint32_t *)(c->gid + G);
+    c->src = (int32_t *)(c->goff + G + 1);
+    c->pos = c->src + P;
+    float *f = cond_align(c->pos + P);
+    c->xin = f, f = cond_align(f + max_batch * d_in);
+    c->xg = f, f = cond_align(f + P * d_in);
+    c->g_x = f, f = cond_align(f + P * d_in);
+    c->hid = f, f = cond_align(f + P * h);
+    c->g_hid = f, f = cond_align(f + P * h);
+    c->out = f, f = cond_align(f + P * d_out);
+    c->g_out = f, f = cond_align(f + P * d_out);
+    c->dweights = f, f = cond_align(f + P);
+    c->eval_hid = f, f = cond_align(f + h);
     c->eval_out = f;
+    memset(c->cnt, 0, c->n_mat * sizeof *c->cnt);
+    ms = ccr_pool_create(ctx, c->T, &c->pool);
+    if (ms != CCR_OK) {
+        ccr_cond_free(c);
+        return ms;
+    }
     *out = c;
     return CCR_OK;
 }
@@ -208,6 +281,7 @@ void ccr_cond_free(ccr_cond *c)
 {
     if (c == NULL)
         return;
+    ccr_pool_free(c->pool);
     ccr_gate_free(c->gate);
     free(c->work);
     free(c);
@@ -286,10 +360,55 @@ ccr_status ccr_cond_init_params(ccr_cond *c, gsl_rng *rng)
     return ccr_gate_init_params(c->gate, rng);
 }
 
+static int cmp_i32(const void *a, const void *b)
+{
+    int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
+    return (x > y) - (x < y);
+}
+
 static int cmp_u64(const void *a, const void *b)
 {
     uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
     return (x > y) - (x < y);
+}
+
+/* y[r, :] += bias, then ReLU if relu: one pass over [n, cols] (the
+ * references' bias_add and act_fwd, fused; the same float operations). */
+static void cond_bias_act(float *y, const float *bias, size_t n, size_t cols, bool relu)
+{
+    for (size_t r = 0; r < n; r++) {
+        float *row = y + r * cols;
+        if (relu) {
+            for (size_t j = 0; j < cols; j++) {
+                float v = row[j] + bias[j];
+                row[j] = v > 0.0f ? v : 0.0f;
+            }
+        } else {
+            for (size_t j = 0; j < cols; j++)
+                row[j] += bias[j];
+        }
+    }
+}
+
+/* g = hid > 0 ? g : 0 over [n, cols] and db += its column sums, in one pass
+ * (the references' act_bwd and bias_grad, fused: each column summed over
+ * rows in order in double, as ccr_ref_bias_grad does).  acc: cols doubles. */
+static void cond_relu_bwd_bias(float *g, const float *hid, size_t n, size_t cols, double *acc,
+                               float *db)
+{
+    for (size_t j = 0; j < cols; j++)
+        acc[j] = 0.0;
+    for (size_t r = 0; r < n; r++) {
+        float *gr = g + r * cols;
+        const float *hr = hid + r * cols;
+        for (size_t j = 0; j < cols; j++) {
+            float v = hr[j] > 0.0f ? gr[j] : 0.0f;
+            gr[j] = v;
+            acc[j] += v;
+        }
+    }
+    for (size_t j = 0; j < cols; j++)
+        db[j] += (float)acc[j];
 }
 
 /* Applies bank matrix m to n gathered rows: out = M_m(xg), hid kept. */
@@ -302,17 +421,186 @@ static ccr_status cond_apply(ccr_cond *c, size_t m, const float *xg, float *hid,
     if (cond_ffn(c)) {
         CCR_TRY(be->k->gemm(be, false, false, n, h, d_in, 1.0f, xg, d_in,
                             ccr_arena_value(a, c->p_w1) + m * d_in * h, h, 0.0f, hid, h));
-        CCR_TRY(be->k->bias_add(be, hid, ccr_arena_value(a, c->p_b1) + m * h, n, h));
-        CCR_TRY(be->k->act_fwd(be, CCR_ACT_RELU, hid, hid, n * h));
+        cond_bias_act(hid, ccr_arena_value(a, c->p_b1) + m * h, n, h, true);
         CCR_TRY(be->k->gemm(be, false, false, n, d_out, h, 1.0f, hid, h,
                             ccr_arena_value(a, c->p_w2) + m * h * d_out, d_out, 0.0f, out,
                             d_out));
-        return be->k->bias_add(be, out, ccr_arena_value(a, c->p_b2) + m * d_out, n, d_out);
+        cond_bias_act(out, ccr_arena_value(a, c->p_b2) + m * d_out, n, d_out, false);
+        return CCR_OK;
     }
     CCR_TRY(be->k->gemm(be, false, false, n, d_out, d_in, 1.0f, xg, d_in,
                         ccr_arena_value(a, c->p_w1) + m * d_in * d_out, d_out, 0.0f, out,
                         d_out));
-    return be->k->bias_add(be, out, ccr_arena_value(a, c->p_b1) + m * d_out, n, d_out);
+    cond_bias_act(out, ccr_arena_value(a, c->p_b1) + m * d_out, n, d_out, false);
+    return CCR_OK;
+}
+
+/* Stable counting sort of the used pairs of r by id: gid/goff (groups in
+ * ascending id), src/pos.  The counters of the ids seen are reset before
+ * returning, so only the ids a batch uses are touched - except that with
+ * n_mat <= P the groups are found by a scan of the counters, cheaper than
+ * sorting the distinct ids. */
+static ccr_status cond_sort(ccr_cond *c, const ccr_route *r, size_t P)
+{
+    uint32_t *cnt = c->cnt;
+    size_t n = 0, G = 0, n_mat = c->n_mat;
+    for (size_t p = 0; p < P; p++) {
+        int32_t id = r->ids[p];
+        c->pos[p] = -1;
+        if (id < 0)
+            continue;
+        if ((size_t)id >= n_mat) {
+            for (size_t g = 0; g < G; g++)
+                cnt[c->gid[g]] = 0;
+            CCR_FAIL(c->ctx, CCR_EINVAL, "routing table names matrix %d of %zu", (int)id,
+                     n_mat);
+        }
+        if (cnt[id]++ == 0)
+            c->gid[G++] = id;
+        n++;
+    }
+    if (n_mat <= P) {
+        G = 0;
+        for (size_t m = 0; m < n_mat; m++)
+            if (cnt[m] != 0)
+                c->gid[G++] = (int32_t)m;
+    } else {
+        qsort(c->gid, G, sizeof *c->gid, cmp_i32);
+    }
+    uint32_t off = 0;
+    for (size_t g = 0; g < G; g++) {
+        uint32_t k = cnt[c->gid[g]];
+        c->goff[g] = off;
+        cnt[c->gid[g]] = off;  /* now the group's next free position */
+        off += k;
+    }
+    c->goff[G] = off;
+    for (size_t p = 0; p < P; p++) {
+        int32_t id = r->ids[p];
+        if (id < 0)
+            continue;
+        uint32_t q = cnt[id]++;
+        c->src[q] = (int32_t)p;
+        c->pos[p] = (int32_t)q;
+    }
+    for (size_t g = 0; g < G; g++)
+        cnt[c->gid[g]] = 0;
+    c->n_pairs = n;
+    c->n_groups = G;
+    return CCR_OK;
+}
+
+/* Whether the groups of the last sort run on the pool (see ccr_cond_parallel):
+ * AUTO picks it with at least T groups none of which holds more than 1/T of
+ * the pairs - a function of the group sizes and T only. */
+static bool cond_use_experts(const ccr_cond *c)
+{
+    if (c->cfg.parallel == CCR_COND_PAR_EXPERTS)
+        return true;
+    if (c->cfg.parallel == CCR_COND_PAR_BLAS || c->T < 2 || c->n_groups < c->T)
+        return false;
+    size_t rows_max = 0;
+    for (size_t g = 0; g < c->n_groups; g++) {
+        size_t k = c->goff[g + 1] - c->goff[g];
+        rows_max = k > rows_max ? k : rows_max;
+    }
+    return rows_max * c->T <= c->n_pairs;
+}
+
+/* The pool's order of the groups: largest first, then by group index. */
+static void cond_schedule(ccr_cond *c)
+{
+    for (size_t g = 0; g < c->n_groups; g++) {
+        uint64_t k = c->goff[g + 1] - c->goff[g];
+        c->gsched[g] = ((uint64_t)(UINT32_MAX - k) << 32) | (uint64_t)g;
+    }
+    qsort(c->gsched, c->n_groups, sizeof *c->gsched, cmp_u64);
+}
+
+static void cond_job_fail(ccr_cond *c, ccr_status s)
+{
+    int expected = CCR_OK;
+    if (s != CCR_OK)
+        atomic_compare_exchange_strong(&c->job_err, &expected, (int)s);
+}
+
+/* Forward of group g: gather its inputs, apply its matrix. */
+static ccr_status cond_group_fwd(ccr_cond *c, size_t g)
+{
+    size_t d_in = c->cfg.d_in, S = c->slots, q0 = c->goff[g], q1 = c->goff[g + 1];
+    for (size_t q = q0; q < q1; q++)
+        memcpy(c->xg + q * d_in, c->job_x + ((size_t)c->src[q] / S) * d_in,
+               d_in * sizeof *c->xg);
+    return cond_apply(c, (size_t)c->gid[g], c->xg + q0 * d_in, c->hid + q0 * c->h,
+                      c->out + q0 * c->cfg.d_out, q1 - q0);
+}
+
+static void cond_fwd_job(void *arg, size_t w)
+{
+    ccr_cond *c = arg;
+    (void)w;
+    for (;;) {
+        size_t i = atomic_fetch_add(&c->job_next, 1);
+        if (i >= c->n_groups)
+            break;
+        cond_job_fail(c, cond_group_fwd(c, (size_t)(c->gsched[i] & 0xffffffffu)));
+    }
+}
+
+/* Worker w's share [*b0, *b1) of the batch's examples. */
+static void cond_rows(const ccr_cond *c, size_t w, size_t *b0, size_t *b1)
+{
+    *b0 = c->batch * w / c->T;
+    *b1 = c->batch * (w + 1) / c->T;
+}
+
+/* Combine, a gather per example: y_b = sum over slots in slot order of
+ * w * out (+ x_b). */
+static void cond_combine_job(void *arg, size_t w)
+{
+    ccr_cond *c = arg;
+    size_t S = c->slots, d_out = c->cfg.d_out, b0, b1;
+    const ccr_route *r = &c->route;
+    cond_rows(c, w, &b0, &b1);
+    for (size_t b = b0; b < b1; b++) {
+        float *y = c->job_y + b * d_out;
+        memset(y, 0, d_out * sizeof *y);
+        for (size_t s = 0; s < S; s++) {
+            int32_t q = c->pos[b * S + s];
+            if (q < 0)
+                continue;
+            float wt = r->weights[b * S + s];
+            const float *o = c->out + (size_t)q * d_out;
+            for (size_t j = 0; j < d_out; j++)
+                y[j] += wt * o[j];
+        }
+        if (c->cfg.residual) { /* d_in == d_out */
+            const float *x = c->job_x + b * d_out;
+            for (size_t j = 0; j < d_out; j++)
+                y[j] += x[j];
+        }
+    }
+}
+
+/* Runs fn on the pool with OpenBLAS single-threaded for the duration (the
+ * EXPERTS mode), or on the caller alone. */
+static ccr_status cond_run_groups(ccr_cond *c, ccr_pool_fn fn, ccr_status (*one)(ccr_cond *,
+                                                                                 size_t))
+{
+    atomic_store(&c->job_err, CCR_OK);
+    if (!c->experts) {
+        for (size_t g = 0; g < c->n_groups; g++)
+            CCR_TRY(one(c, g));
+        return CCR_OK;
+    }
+    atomic_store(&c->job_next, 0);
+    int prev = openblas_get_num_threads();
+    if (prev != 1)
+        openblas_set_num_threads(1);
+    ccr_pool_run(c->pool, fn, c);
+    if (prev != 1)
+        openblas_set_num_threads(prev);
+    return (ccr_status)atomic_load(&c->job_err);
 }
 
 ccr_status ccr_cond_forward(ccr_cond *c, const float *x, size_t batch, bool train,
@@ -327,51 +615,24 @@ ccr_status ccr_cond_forward(ccr_cond *c, const float *x, size_t batch, bool trai
     ccr_route r;
     ccr_gate_stats st;
     CCR_TRY(ccr_gate_forward(c->gate, x, batch, train, rng, &r, &st));
-    size_t d_in = c->cfg.d_in, d_out = c->cfg.d_out, h = c->h, S = c->slots;
+    c->batch = 0;  /* the sort below overwrites the last forward's state */
+    size_t d_in = c->cfg.d_in, d_out = c->cfg.d_out;
     memcpy(c->xin, x, batch * d_in * sizeof *x);
 
-    /* 1. Sort the used pairs by (id, pair index). */
-    size_t P = batch * S, n = 0;
-    for (size_t p = 0; p < P; p++) {
-        c->pos[p] = -1;
-        if (r.ids[p] >= 0)
-            c->keys[n++] = ((uint64_t)(uint32_t)r.ids[p] << 32) | (uint64_t)p;
-    }
-    qsort(c->keys, n, sizeof *c->keys, cmp_u64);
-    /* 2. Gather. */
-    for (size_t q = 0; q < n; q++) {
-        size_t p = (size_t)(c->keys[q] & 0xffffffffu);
-        c->pos[p] = (int32_t)q;
-        memcpy(c->xg + q * d_in, x + (p / S) * d_in, d_in * sizeof *x);
-    }
-    /* 3. One pass of GEMMs per group of equal id. */
-    for (size_t q0 = 0; q0 < n;) {
-        size_t m = (size_t)(c->keys[q0] >> 32), q1 = q0 + 1;
-        while (q1 < n && (size_t)(c->keys[q1] >> 32) == m)
-            q1++;
-        CCR_TRY(cond_apply(c, m, c->xg + q0 * d_in, c->hid + q0 * h, c->out + q0 * d_out,
-                           q1 - q0));
-        q0 = q1;
-    }
-    /* 4. Combine in slot order. */
-    memset(y, 0, batch * d_out * sizeof *y);
-    for (size_t b = 0; b < batch; b++) {
-        for (size_t s = 0; s < S; s++) {
-            int32_t q = c->pos[b * S + s];
-            if (q < 0)
-                continue;
-            float w = r.weights[b * S + s];
-            const float *o = c->out + (size_t)q * d_out;
-            for (size_t j = 0; j < d_out; j++)
-                y[b * d_out + j] += w * o[j];
-        }
-    }
-    if (c->cfg.residual)  /* d_in == d_out */
-        for (size_t i = 0; i < batch * d_out; i++)
-            y[i] += x[i];
+    /* 1. Sort the used pairs by id (stable). */
+    CCR_TRY(cond_sort(c, &r, batch * c->slots));
+    c->experts = cond_use_experts(c);
+    if (c->experts)
+        cond_schedule(c);
+    /* 2. Per group: gather, GEMMs, bias and ReLU. */
+    c->job_x = x;
+    CCR_TRY(cond_run_groups(c, cond_fwd_job, cond_group_fwd));
+    /* 3. Combine in slot order. */
     c->route = r;
     c->batch = batch;
-    c->n_pairs = n;
+    c->job_y = y;
+    ccr_pool_run(c->pool, cond_combine_job, c);
+    size_t n = c->n_pairs;
     st.flops_counted = ccr_gate_flops(c->gate, train) +
                        (double)n / (double)batch * ccr_cond_matrix_flops(c) +
                        (c->cfg.residual ? (double)d_out : 0.0);
@@ -388,6 +649,101 @@ static ccr_status cond_eval_matrix(void *bank, size_t m, const float *x_row, flo
     return cond_apply(c, m, x_row, c->eval_hid, out, 1);
 }
 
+/* Backward of group g on worker w: dL/d(out) = w dy_b and dL/dw = <dy_b, out>
+ * per pair, the bank's gradients, and the gathered input gradient. */
+static ccr_status cond_group_bwd(ccr_cond *c, size_t g, size_t w)
+{
+    ccr_backend *be = c->be;
+    const ccr_arena *a = c->arena;
+    size_t d_in = c->cfg.d_in, d_out = c->cfg.d_out, h = c->h, S = c->slots;
+    size_t q0 = c->goff[g], q1 = c->goff[g + 1], cnt = q1 - q0, m = (size_t)c->gid[g];
+    const float *dy = c->job_dy, *wts = c->route.weights;
+    double *acc = c->acc + w * c->acc_n;
+    /* g_out, dweights and the output bias's gradient in one pass. */
+    for (size_t j = 0; j < d_out; j++)
+        acc[j] = 0.0;
+    for (size_t q = q0; q < q1; q++) {
+        size_t p = (size_t)c->src[q];
+        const float *d = dy + (p / S) * d_out, *o = c->out + q * d_out;
+        float *go = c->g_out + q * d_out, wt = wts[p];
+        double dot = 0.0;
+        for (size_t j = 0; j < d_out; j++) {
+            float v = wt * d[j];
+            go[j] = v;
+            acc[j] += v;
+            dot += (double)d[j] * (double)o[j];
+        }
+        c->dweights[p] = (float)dot;
+    }
+    float *db_out = ccr_arena_grad(a, cond_ffn(c) ? c->p_b2 : c->p_b1) + m * d_out;
+    for (size_t j = 0; j < d_out; j++)
+        db_out[j] += (float)acc[j];
+    const float *xg = c->xg + q0 * d_in;
+    float *gout = c->g_out + q0 * d_out, *gx = c->g_x + q0 * d_in;
+    if (cond_ffn(c)) {
+        float *hid = c->hid + q0 * h, *ghid = c->g_hid + q0 * h;
+        float *w1 = ccr_arena_value(a, c->p_w1) + m * d_in * h;
+        float *w2 = ccr_arena_value(a, c->p_w2) + m * h * d_out;
+        CCR_TRY(be->k->gemm(be, true, false, h, d_out, cnt, 1.0f, hid, h, gout, d_out, 1.0f,
+                            ccr_arena_grad(a, c->p_w2) + m * h * d_out, d_out));
+        CCR_TRY(be->k->gemm(be, false, true, cnt, h, d_out, 1.0f, gout, d_out, w2, d_out, 0.0f,
+                            ghid, h));
+        cond_relu_bwd_bias(ghid, hid, cnt, h, acc, ccr_arena_grad(a, c->p_b1) + m * h);
+        CCR_TRY(be->k->gemm(be, true, false, d_in, h, cnt, 1.0f, xg, d_in, ghid, h, 1.0f,
+                            ccr_arena_grad(a, c->p_w1) + m * d_in * h, h));
+        if (c->job_dx)
+            CCR_TRY(be->k->gemm(be, false, true, cnt, d_in, h, 1.0f, ghid, h, w1, h, 0.0f, gx,
+                                d_in));
+    } else {
+        float *wm = ccr_arena_value(a, c->p_w1) + m * d_in * d_out;
+        CCR_TRY(be->k->gemm(be, true, false, d_in, d_out, cnt, 1.0f, xg, d_in, gout, d_out,
+                            1.0f, ccr_arena_grad(a, c->p_w1) + m * d_in * d_out, d_out));
+        if (c->job_dx)
+            CCR_TRY(be->k->gemm(be, false, true, cnt, d_in, d_out, 1.0f, gout, d_out, wm,
+                                d_out, 0.0f, gx, d_in));
+    }
+    return CCR_OK;
+}
+
+static ccr_status cond_group_bwd0(ccr_cond *c, size_t g) { return cond_group_bwd(c, g, 0); }
+
+static void cond_bwd_job(void *arg, size_t w)
+{
+    ccr_cond *c = arg;
+    for (;;) {
+        size_t i = atomic_fetch_add(&c->job_next, 1);
+        if (i >= c->n_groups)
+            break;
+        cond_job_fail(c, cond_group_bwd(c, (size_t)(c->gsched[i] & 0xffffffffu), w));
+    }
+}
+
+/* dx, a gather per example: dx_b = sum over slots in slot order of the
+ * pair's input gradient (+ dy_b). */
+static void cond_dx_job(void *arg, size_t w)
+{
+    ccr_cond *c = arg;
+    size_t S = c->slots, d_in = c->cfg.d_in, b0, b1;
+    cond_rows(c, w, &b0, &b1);
+    for (size_t b = b0; b < b1; b++) {
+        float *dx = c->job_y + b * d_in;
+        memset(dx, 0, d_in * sizeof *dx);
+        for (size_t s = 0; s < S; s++) {
+            int32_t q = c->pos[b * S + s];
+            if (q < 0)
+                continue;
+            const float *gx = c->g_x + (size_t)q * d_in;
+            for (size_t j = 0; j < d_in; j++)
+                dx[j] += gx[j];
+        }
+        if (c->cfg.residual) { /* d_in == d_out */
+            const float *dy = c->job_dy + b * d_in;
+            for (size_t j = 0; j < d_in; j++)
+                dx[j] += dy[j];
+        }
+    }
+}
+
 ccr_status ccr_cond_backward(ccr_cond *c, const float *dy, float *dx)
 {
     if (c == NULL)
@@ -395,83 +751,27 @@ ccr_status ccr_cond_backward(ccr_cond *c, const float *dy, float *dx)
     CCR_CHECK_NULL(c->ctx, dy);
     if (c->batch == 0)
         CCR_FAIL(c->ctx, CCR_EINVAL, "backward without a forward pass");
-    ccr_backend *be = c->be;
-    const ccr_arena *a = c->arena;
-    size_t d_in = c->cfg.d_in, d_out = c->cfg.d_out, h = c->h, S = c->slots;
-    size_t batch = c->batch, n = c->n_pairs;
-    const ccr_route *r = &c->route;
+    size_t d_out = c->cfg.d_out, batch = c->batch;
 
-    /* dL/d(out) = w dy_b; dL/dw = <dy_b, out>. */
-    for (size_t p = 0; p < batch * S; p++) {
-        int32_t q = c->pos[p];
-        c->dweights[p] = 0.0f;
-        if (q < 0)
-            continue;
-        const float *d = dy + (p / S) * d_out, *o = c->out + (size_t)q * d_out;
-        float *g = c->g_out + (size_t)q * d_out, w = r->weights[p];
-        double dot = 0.0;
-        for (size_t j = 0; j < d_out; j++) {
-            g[j] = w * d[j];
-            dot += (double)d[j] * (double)o[j];
-        }
-        c->dweights[p] = (float)dot;
-    }
-    /* Per group: bank gradients and the gathered input gradient. */
-    for (size_t q0 = 0; q0 < n;) {
-        size_t m = (size_t)(c->keys[q0] >> 32), q1 = q0 + 1;
-        while (q1 < n && (size_t)(c->keys[q1] >> 32) == m)
-            q1++;
-        size_t cnt = q1 - q0;
-        ccr_arena *aw = c->arena;
+    /* The touched bank rows, in ascending id (the arena's list is serial). */
+    ccr_arena *aw = c->arena;
+    for (size_t g = 0; g < c->n_groups; g++) {
+        size_t m = (size_t)c->gid[g];
         ccr_arena_touch_row(aw, c->p_w1, m);
         ccr_arena_touch_row(aw, c->p_b1, m);
         if (cond_ffn(c)) {
             ccr_arena_touch_row(aw, c->p_w2, m);
             ccr_arena_touch_row(aw, c->p_b2, m);
         }
-        const float *xg = c->xg + q0 * d_in;
-        float *gout = c->g_out + q0 * d_out, *gx = c->g_x + q0 * d_in;
-        if (cond_ffn(c)) {
-            float *hid = c->hid + q0 * h, *ghid = c->g_hid + q0 * h;
-            float *w1 = ccr_arena_value(a, c->p_w1) + m * d_in * h;
-            float *w2 = ccr_arena_value(a, c->p_w2) + m * h * d_out;
-            CCR_TRY(be->k->gemm(be, true, false, h, d_out, cnt, 1.0f, hid, h, gout, d_out, 1.0f,
-                                ccr_arena_grad(a, c->p_w2) + m * h * d_out, d_out));
-            CCR_TRY(be->k->bias_grad(be, ccr_arena_grad(a, c->p_b2) + m * d_out, gout, cnt,
-                                     d_out));
-            CCR_TRY(be->k->gemm(be, false, true, cnt, h, d_out, 1.0f, gout, d_out, w2, d_out,
-                                0.0f, ghid, h));
-            CCR_TRY(be->k->act_bwd(be, CCR_ACT_RELU, hid, ghid, ghid, cnt * h));
-            CCR_TRY(be->k->gemm(be, true, false, d_in, h, cnt, 1.0f, xg, d_in, ghid, h, 1.0f,
-                                ccr_arena_grad(a, c->p_w1) + m * d_in * h, h));
-            CCR_TRY(be->k->bias_grad(be, ccr_arena_grad(a, c->p_b1) + m * h, ghid, cnt, h));
-            if (dx != NULL)
-                CCR_TRY(be->k->gemm(be, false, true, cnt, d_in, h, 1.0f, ghid, h, w1, h, 0.0f,
-                                    gx, d_in));
-        } else {
-            float *w = ccr_arena_value(a, c->p_w1) + m * d_in * d_out;
-            CCR_TRY(be->k->gemm(be, true, false, d_in, d_out, cnt, 1.0f, xg, d_in, gout, d_out,
-                                1.0f, ccr_arena_grad(a, c->p_w1) + m * d_in * d_out, d_out));
-            CCR_TRY(be->k->bias_grad(be, ccr_arena_grad(a, c->p_b1) + m * d_out, gout, cnt,
-                                     d_out));
-            if (dx != NULL)
-                CCR_TRY(be->k->gemm(be, false, true, cnt, d_in, d_out, 1.0f, gout, d_out, w,
-                                    d_out, 0.0f, gx, d_in));
-        }
-        q0 = q1;
     }
-    /* Scatter-add the input gradient in sorted order (deterministic). */
+    /* dL/dw is 0 for the empty slots; each group writes its own pairs. */
+    memset(c->dweights, 0, batch * c->slots * sizeof *c->dweights);
+    c->job_dy = dy;
+    c->job_dx = dx != NULL;
+    CCR_TRY(cond_run_groups(c, cond_bwd_job, cond_group_bwd0));
     if (dx != NULL) {
-        memset(dx, 0, batch * d_in * sizeof *dx);
-        for (size_t q = 0; q < n; q++) {
-            size_t b = (size_t)(c->keys[q] & 0xffffffffu) / S;
-            const float *g = c->g_x + q * d_in;
-            for (size_t j = 0; j < d_in; j++)
-                dx[b * d_in + j] += g[j];
-        }
-        if (c->cfg.residual)  /* d_in == d_out */
-            for (size_t i = 0; i < batch * d_in; i++)
-                dx[i] += dy[i];
+        c->job_y = dx;
+        ccr_pool_run(c->pool, cond_dx_job, c);
     }
     ccr_gate_bwd_args ga = {.x = c->xin, .batch = batch, .dweights = c->dweights, .dx = dx,
                             .dy = dy, .d_out = d_out, .eval_matrix = cond_eval_matrix,

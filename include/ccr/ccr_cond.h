@@ -17,8 +17,11 @@
  *
  * The routed matmul sorts the (example, slot) pairs by matrix id with a
  * stable counting sort, runs one GEMM (per layer of the matrix) per non-empty
- * group, and combines with a weighted sum in slot order: the result is
- * bitwise reproducible.  Backward gives the bank's parameter gradients, dx,
+ * group, and combines with a weighted sum in slot order (dx likewise, a
+ * gather per example): the result is bitwise reproducible for a given
+ * OpenBLAS thread count.  The groups run either one after another, each
+ * GEMM with OpenBLAS's own threads, or side by side on the layer's thread
+ * pool, one single-threaded GEMM per group (ccr_cond_parallel).  Backward gives the bank's parameter gradients, dx,
  * and dL/d(route weight), which the gate turns into its own gradients.
  * Runs on the CPU backend (host memory); other backends get CCR_EUNSUP.
  *
@@ -54,6 +57,26 @@ typedef enum ccr_bank_kind {
                             FFN otherwise (ccr_gate_type.linear_bank) */
 } ccr_bank_kind;
 
+/* How the routed matmul uses the CPU's threads.  The layer owns a pool of
+ * T = ccr_blas_num_threads() workers (the caller included; read at
+ * ccr_cond_alloc).
+ *   BLAS     one group at a time, each GEMM threaded by OpenBLAS;
+ *   EXPERTS  the groups shared among the pool's workers, every GEMM
+ *            single-threaded: for the duration the layer sets OpenBLAS's
+ *            process-wide thread count to 1 (openblas_set_num_threads, the
+ *            only control OpenBLAS 0.3 has) and restores the previous value
+ *            after, so nothing else in the process should run OpenBLAS
+ *            concurrently with a layer's forward or backward;
+ *   AUTO     EXPERTS when there are at least T groups and the largest
+ *            holds at most 1/T of the pairs, else BLAS - a function of the
+ *            routing table's group sizes and T only, so a given seed and
+ *            thread count give bitwise-identical results. */
+typedef enum ccr_cond_parallel {
+    CCR_COND_PAR_AUTO = 0,
+    CCR_COND_PAR_BLAS = 1,
+    CCR_COND_PAR_EXPERTS = 2
+} ccr_cond_parallel;
+
 typedef struct ccr_cond_config {
     const ccr_gate_type *gate;  /* the gate; if NULL, gate_name is looked up */
     const char *gate_name;      /* used only when gate is NULL: "topk", ... (an
@@ -67,11 +90,13 @@ typedef struct ccr_cond_config {
                                    nothing) passes through unchanged.  Needs
                                    d_in == d_out.  Costs d_out FLOPs per example
                                    forward (and d_in backward when dx is wanted). */
+    ccr_cond_parallel parallel; /* CCR_COND_PAR_AUTO by default (see above) */
 } ccr_cond_config;
 
 /* Defaults, the drivers' (one place): gate NULL (set gate or gate_name),
  * ccr_gate_config_default(), bank CCR_BANK_DEFAULT (the gate's own),
- * hidden 64, d_in = d_out = 0 (to set), no residual.  With only the gate
+ * hidden 64, d_in = d_out = 0 (to set), no residual, parallel
+ * CCR_COND_PAR_AUTO.  With only the gate
  * (or its name) changed, every gate gets what the drivers give it. */
 ccr_cond_config ccr_cond_config_default(void);
 
@@ -83,9 +108,11 @@ ccr_bank_kind ccr_cond_config_bank(const ccr_cond_config *cfg);
 typedef struct ccr_cond ccr_cond;
 
 /* Allocates the layer and its gate with every workspace for max_batch.
+ * Starts the layer's thread pool (T - 1 threads, joined by ccr_cond_free).
  * Returns CCR_EINVAL (no gate, an unknown gate_name, zero sizes, bad gate
- * config), CCR_EUNSUP on a
- * non-CPU backend, CCR_ENOMEM. */
+ * config, an unknown parallel mode), CCR_EUNSUP on a non-CPU backend,
+ * CCR_ENOMEM (memory, more than 2^31 - 1 routing slots, or a thread that
+ * cannot be started). */
 ccr_status ccr_cond_alloc(ccr_backend *be, const ccr_cond_config *cfg, size_t max_batch,
                           ccr_cond **out);
 void ccr_cond_free(ccr_cond *c);
