@@ -86,8 +86,9 @@ static void run_layer(const ccr_cond_config *cfg, size_t batch, run_out *o)
     memcpy(o->w, r->weights, batch * r->slots * sizeof(float));
     /* The bank's tensors come first, in declaration order. */
     bool ffn = cfg->bank == CCR_BANK_FFN;
-    ck_assert_str_eq(ccr_arena_name(a, 0), strcmp(cfg->gate_name, "signtree") == 0 ? (ffn ? "tree.w1" : "tree.w")
-                                                                   : (ffn ? "experts.w1" : "experts.w"));
+    const char *w0 = strcmp(cfg->gate_name, "signtree") == 0 ? (ffn ? "tree.w1" : "tree.w")
+                                                              : (ffn ? "experts.w1" : "experts.w");
+    ck_assert_str_eq(ccr_arena_name(a, 0), w0);
     for (size_t i = 0; i < (ffn ? 4u : 2u); i++)
         o->off[i] = (size_t)(ccr_arena_value(a, i) - ccr_arena_values(a));
     ccr_arena_free(a);
