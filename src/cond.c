@@ -52,7 +52,19 @@ struct ccr_cond {
     /* last forward */
     ccr_route route;
     size_t batch, n_pairs;     /* examples, used pairs */
+    /* eval_dots workspace (cond_dots_alloc), its own allocation */
+    void *dots_work;
+    size_t dots_cap;           /* pairs per chunk; 0: no eval_dots */
+    size_t dots_blk;           /* rows per GEMM block */
+    size_t *dots_cnt;          /* [n_mat + 1] counting sort by matrix */
+    size_t *dots_ord;          /* [cap] chunk pairs in (matrix, pair) order */
+    float *dots_x, *dots_h, *dots_y, *dots_dy; /* one block: [blk, d_in], [blk, h],
+                                                  [blk, d_out], [blk, d_out] */
 };
+
+static ccr_status cond_dots_alloc(ccr_cond *c);
+static ccr_status cond_eval_dots(void *bank, size_t n, const size_t *mat, const size_t *row,
+                                 const float *x, const float *dy, double *out);
 
 /* Bytes of the workspace for max_batch examples of `slots` pairs (P = max_batch
  * x slots, returned in *pairs); SIZE_MAX if a product overflows. */
@@ -200,6 +212,11 @@ ccr_status ccr_cond_alloc(ccr_backend *be, const ccr_cond_config *cfg, size_t ma
     c->dweights = f, f += P;
     c->eval_hid = f, f += h;
     c->eval_out = f;
+    ccr_status ds = cond_dots_alloc(c);
+    if (ds != CCR_OK) {
+        ccr_cond_free(c);
+        return ds;
+    }
     *out = c;
     return CCR_OK;
 }
@@ -210,6 +227,7 @@ void ccr_cond_free(ccr_cond *c)
         return;
     ccr_gate_free(c->gate);
     free(c->work);
+    free(c->dots_work);
     free(c);
 }
 
@@ -388,6 +406,112 @@ static ccr_status cond_eval_matrix(void *bank, size_t m, const float *x_row, flo
     return cond_apply(c, m, x_row, c->eval_hid, out, 1);
 }
 
+/* ---- eval_dots: the batched eval_matrix (sign-bit tree, grad_mode ste) ------
+ * The straight-through backward needs dy_b . M_m(x_b) for batch x depth
+ * (matrix, example) pairs the table did not route.  Per chunk of at most
+ * dots_cap pairs: a stable counting sort by matrix (order (matrix, pair
+ * index)); then for each non-empty matrix, in blocks of at most dots_blk
+ * rows that stay in cache: gather the rows of x and dy, cond_apply (GEMMs, bias, ReLU
+ * as in the forward), and each dot in double with eight partial sums added
+ * in a fixed order.  The workspace (order, counts, one block) is allocated
+ * here once; a call allocates nothing. */
+
+/* Floats of one block (d_in + h + 2 d_out per row), and its least rows. */
+#define COND_DOTS_BLOCK_FLOATS ((size_t)1 << 16)
+#define COND_DOTS_MIN_ROWS 16
+
+/* Sizes and allocates the workspace when the gate has a straight-through
+ * mode over `depth` levels and uses it; otherwise eval_dots stays off. */
+static ccr_status cond_dots_alloc(ccr_cond *c)
+{
+    const ccr_gate_config *g = &c->cfg.gate_cfg;
+    unsigned need = CCR_GATE_OPT_DEPTH | CCR_GATE_OPT_GRAD_MODE;
+    if ((c->cfg.gate->options & need) != need || g->grad_mode != CCR_GRAD_STE || g->depth == 0)
+        return CCR_OK;
+    size_t cap, row, blk, t, bytes, n_cnt;
+    bool ok = ccr_mul_ok(c->max_batch, g->depth, &cap) &&
+              ccr_add_ok(c->cfg.d_in, c->h, &row) && ccr_add_ok(row, c->cfg.d_out, &row) &&
+              ccr_add_ok(row, c->cfg.d_out, &row);
+    blk = ok ? COND_DOTS_BLOCK_FLOATS / row : 0;
+    blk = blk < COND_DOTS_MIN_ROWS ? COND_DOTS_MIN_ROWS : blk;
+    ok = ok && ccr_add_ok(c->n_mat, 1, &n_cnt) && ccr_add_ok(n_cnt, cap, &t) &&
+         ccr_mul_ok(t, sizeof(size_t), &bytes) && ccr_mul_ok(blk, row, &t) &&
+         ccr_mul_ok(t, sizeof(float), &t) && ccr_add_ok(bytes, t, &bytes) &&
+         c->work_bytes <= SIZE_MAX - bytes;
+    if (!ok)
+        CCR_FAIL(c->ctx, CCR_ENOMEM, "straight-through workspace: max_batch %zu x depth %zu "
+                 "pairs overflow", c->max_batch, g->depth);
+    CCR_TRY(ccr_mem_check(c->ctx, bytes, "straight-through workspace"));
+    c->dots_work = malloc(bytes);
+    if (c->dots_work == NULL)
+        CCR_FAIL(c->ctx, CCR_ENOMEM, "cannot allocate %zu bytes of straight-through workspace",
+                 bytes);
+    c->work_bytes += bytes;
+    c->dots_cap = cap;
+    c->dots_blk = blk;
+    c->dots_cnt = c->dots_work;
+    c->dots_ord = c->dots_cnt + n_cnt;
+    c->dots_x = (float *)(c->dots_ord + cap);
+    c->dots_h = c->dots_x + blk * c->cfg.d_in;
+    c->dots_y = c->dots_h + blk * c->h;
+    c->dots_dy = c->dots_y + blk * c->cfg.d_out;
+    return CCR_OK;
+}
+
+/* dy . y in double: eight partial sums (vectorisable), added in a fixed order. */
+static double cond_dot8(const float *dy, const float *y, size_t n)
+{
+    double p[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
+    size_t j = 0;
+    for (; j + 8 <= n; j += 8)
+        for (size_t k = 0; k < 8; k++)
+            p[k] += (double)dy[j + k] * (double)y[j + k];
+    for (; j < n; j++)
+        p[0] += (double)dy[j] * (double)y[j];
+    return ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
+}
+
+/* out[i] = dy[row[i]] . M_mat[i](x[row[i]]): the gate's eval_dots callback. */
+static ccr_status cond_eval_dots(void *bank, size_t n, const size_t *mat, const size_t *row,
+                                 const float *x, const float *dy, double *out)
+{
+    ccr_cond *c = bank;
+    size_t d_in = c->cfg.d_in, d_out = c->cfg.d_out, n_mat = c->n_mat;
+    if (c->dots_cap == 0)
+        CCR_FAIL(c->ctx, CCR_EINVAL, "eval_dots: no workspace (not a straight-through gate)");
+    for (size_t i = 0; i < n; i++)
+        if (mat[i] >= n_mat)
+            CCR_FAIL(c->ctx, CCR_EINVAL, "eval_dots: matrix %zu >= %zu", mat[i], n_mat);
+    size_t *cnt = c->dots_cnt, *ord = c->dots_ord;
+    for (size_t p0 = 0; p0 < n; p0 += c->dots_cap) {
+        size_t k = n - p0 < c->dots_cap ? n - p0 : c->dots_cap;
+        const size_t *mk = mat + p0, *rk = row + p0;
+        /* cnt[m] = start of matrix m's group, then its end after placing */
+        memset(cnt, 0, (n_mat + 1) * sizeof *cnt);
+        for (size_t i = 0; i < k; i++)
+            cnt[mk[i] + 1]++;
+        for (size_t m = 0; m < n_mat; m++)
+            cnt[m + 1] += cnt[m];
+        for (size_t i = 0; i < k; i++)
+            ord[cnt[mk[i]]++] = i;
+        for (size_t q0 = 0; q0 < k;) {
+            size_t m = mk[ord[q0]], end = cnt[m];
+            size_t q1 = end - q0 < c->dots_blk ? end : q0 + c->dots_blk;
+            for (size_t q = q0; q < q1; q++) {
+                size_t r = rk[ord[q]];
+                memcpy(c->dots_x + (q - q0) * d_in, x + r * d_in, d_in * sizeof *x);
+                memcpy(c->dots_dy + (q - q0) * d_out, dy + r * d_out, d_out * sizeof *dy);
+            }
+            CCR_TRY(cond_apply(c, m, c->dots_x, c->dots_h, c->dots_y, q1 - q0));
+            for (size_t q = q0; q < q1; q++)
+                out[p0 + ord[q]] = cond_dot8(c->dots_dy + (q - q0) * d_out,
+                                             c->dots_y + (q - q0) * d_out, d_out);
+            q0 = q1;
+        }
+    }
+    return CCR_OK;
+}
+
 ccr_status ccr_cond_backward(ccr_cond *c, const float *dy, float *dx)
 {
     if (c == NULL)
@@ -475,7 +599,8 @@ ccr_status ccr_cond_backward(ccr_cond *c, const float *dy, float *dx)
     }
     ccr_gate_bwd_args ga = {.x = c->xin, .batch = batch, .dweights = c->dweights, .dx = dx,
                             .dy = dy, .d_out = d_out, .eval_matrix = cond_eval_matrix,
-                            .bank = c, .scratch = c->eval_out};
+                            .bank = c, .scratch = c->eval_out,
+                            .eval_dots = c->dots_cap ? cond_eval_dots : NULL};
     return ccr_gate_backward(c->gate, &ga);
 }
 
