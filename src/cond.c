@@ -411,10 +411,10 @@ static ccr_status cond_eval_matrix(void *bank, size_t m, const float *x_row, flo
  * (matrix, example) pairs the table did not route.  Per chunk of at most
  * dots_cap pairs: a stable counting sort by matrix (order (matrix, pair
  * index)); then for each non-empty matrix, in blocks of at most dots_blk
- * rows that stay in cache: gather the rows of x and dy, cond_apply (GEMMs, bias, ReLU
- * as in the forward), and each dot in double with eight partial sums added
- * in a fixed order.  The workspace (order, counts, one block) is allocated
- * here once; a call allocates nothing. */
+ * rows that stay in cache: gather the rows of x and dy, cond_apply (GEMMs,
+ * bias, ReLU as in the forward), and each dot in double with eight partial
+ * sums added in a fixed order.  The workspace (order, counts, one block) is
+ * allocated here once; a call allocates nothing. */
 
 /* Floats of one block (d_in + h + 2 d_out per row), and its least rows. */
 #define COND_DOTS_BLOCK_FLOATS ((size_t)1 << 16)

@@ -73,7 +73,10 @@ static ccr_status wrap_init(void *s, ccr_ctx *c, const ccr_gate_config *cfg, siz
     return ccr_gate_alloc(c, &ccr_gate_signtree, cfg, mb, &w->inner);
 }
 static void wrap_free(void *s) { ccr_gate_free(((wrap_state *)s)->inner); }
-static size_t wrap_n_mat(const void *s) { return ccr_gate_n_matrices(((const wrap_state *)s)->inner); }
+static size_t wrap_n_mat(const void *s)
+{
+    return ccr_gate_n_matrices(((const wrap_state *)s)->inner);
+}
 static size_t wrap_slots(const void *s) { return ccr_gate_slots(((const wrap_state *)s)->inner); }
 static ccr_status wrap_declare(void *s, ccr_arena *a, const char *p)
 {
