@@ -58,6 +58,7 @@ struct ccr_cond {
     size_t dots_blk;           /* rows per GEMM block */
     size_t *dots_cnt;          /* [n_mat + 1] counting sort by matrix */
     size_t *dots_ord;          /* [cap] chunk pairs in (matrix, pair) order */
+    size_t *dots_row;          /* [cap] their rows, in the same order */
     float *dots_x, *dots_h, *dots_y, *dots_dy; /* one block: [blk, d_in], [blk, h],
                                                   [blk, d_out], [blk, d_out] */
 };
@@ -411,7 +412,8 @@ static ccr_status cond_eval_matrix(void *bank, size_t m, const float *x_row, flo
  * (matrix, example) pairs the table did not route.  Per chunk of at most
  * dots_cap pairs: a stable counting sort by matrix (order (matrix, pair
  * index)); then for each non-empty matrix, in blocks of at most dots_blk
- * rows that stay in cache: gather the rows of x and dy, cond_apply (GEMMs,
+ * rows that stay in cache: gather the rows of x and dy (their indices
+ * sorted alongside, the rows prefetched a few pairs ahead), cond_apply (GEMMs,
  * bias, ReLU as in the forward), and each dot in double with eight partial
  * sums added in a fixed order.  The workspace (order, counts, one block) is
  * allocated here once; a call allocates nothing. */
@@ -419,6 +421,7 @@ static ccr_status cond_eval_matrix(void *bank, size_t m, const float *x_row, flo
 /* Floats of one block (d_in + h + 2 d_out per row), and its least rows. */
 #define COND_DOTS_BLOCK_FLOATS ((size_t)1 << 16)
 #define COND_DOTS_MIN_ROWS 16
+#define COND_DOTS_PREFETCH 8   /* pairs ahead whose rows the gather prefetches */
 
 /* Sizes and allocates the workspace when the gate has a straight-through
  * mode over `depth` levels and uses it; otherwise eval_dots stays off. */
@@ -435,8 +438,9 @@ static ccr_status cond_dots_alloc(ccr_cond *c)
     blk = ok ? COND_DOTS_BLOCK_FLOATS / row : 0;
     blk = blk < COND_DOTS_MIN_ROWS ? COND_DOTS_MIN_ROWS : blk;
     ok = ok && ccr_add_ok(c->n_mat, 1, &n_cnt) && ccr_add_ok(n_cnt, cap, &t) &&
-         ccr_mul_ok(t, sizeof(size_t), &bytes) && ccr_mul_ok(blk, row, &t) &&
-         ccr_mul_ok(t, sizeof(float), &t) && ccr_add_ok(bytes, t, &bytes) &&
+         ccr_add_ok(t, cap, &t) && ccr_mul_ok(t, sizeof(size_t), &bytes) &&
+         ccr_mul_ok(blk, row, &t) && ccr_mul_ok(t, sizeof(float), &t) &&
+         ccr_add_ok(bytes, t, &bytes) &&
          c->work_bytes <= SIZE_MAX - bytes;
     if (!ok)
         CCR_FAIL(c->ctx, CCR_ENOMEM, "straight-through workspace: max_batch %zu x depth %zu "
@@ -451,7 +455,8 @@ static ccr_status cond_dots_alloc(ccr_cond *c)
     c->dots_blk = blk;
     c->dots_cnt = c->dots_work;
     c->dots_ord = c->dots_cnt + n_cnt;
-    c->dots_x = (float *)(c->dots_ord + cap);
+    c->dots_row = c->dots_ord + cap;
+    c->dots_x = (float *)(c->dots_row + cap);
     c->dots_h = c->dots_x + blk * c->cfg.d_in;
     c->dots_y = c->dots_h + blk * c->h;
     c->dots_dy = c->dots_y + blk * c->cfg.d_out;
@@ -482,7 +487,7 @@ static ccr_status cond_eval_dots(void *bank, size_t n, const size_t *mat, const 
     for (size_t i = 0; i < n; i++)
         if (mat[i] >= n_mat)
             CCR_FAIL(c->ctx, CCR_EINVAL, "eval_dots: matrix %zu >= %zu", mat[i], n_mat);
-    size_t *cnt = c->dots_cnt, *ord = c->dots_ord;
+    size_t *cnt = c->dots_cnt, *ord = c->dots_ord, *srow = c->dots_row;
     for (size_t p0 = 0; p0 < n; p0 += c->dots_cap) {
         size_t k = n - p0 < c->dots_cap ? n - p0 : c->dots_cap;
         const size_t *mk = mat + p0, *rk = row + p0;
@@ -492,13 +497,25 @@ static ccr_status cond_eval_dots(void *bank, size_t n, const size_t *mat, const 
             cnt[mk[i] + 1]++;
         for (size_t m = 0; m < n_mat; m++)
             cnt[m + 1] += cnt[m];
-        for (size_t i = 0; i < k; i++)
-            ord[cnt[mk[i]]++] = i;
+        for (size_t i = 0; i < k; i++) {
+            size_t q = cnt[mk[i]]++;
+            ord[q] = i;
+            srow[q] = rk[i];
+        }
         for (size_t q0 = 0; q0 < k;) {
             size_t m = mk[ord[q0]], end = cnt[m];
             size_t q1 = end - q0 < c->dots_blk ? end : q0 + c->dots_blk;
             for (size_t q = q0; q < q1; q++) {
-                size_t r = rk[ord[q]];
+                size_t r = srow[q];
+#if defined(__GNUC__)  /* the rows are scattered: ask for a later pair's now */
+                if (q + COND_DOTS_PREFETCH < k) {
+                    size_t rp = srow[q + COND_DOTS_PREFETCH];
+                    for (size_t o = 0; o < d_in; o += 16)
+                        __builtin_prefetch(x + rp * d_in + o);
+                    for (size_t o = 0; o < d_out; o += 16)
+                        __builtin_prefetch(dy + rp * d_out + o);
+                }
+#endif
                 memcpy(c->dots_x + (q - q0) * d_in, x + r * d_in, d_in * sizeof *x);
                 memcpy(c->dots_dy + (q - q0) * d_out, dy + r * d_out, d_out * sizeof *dy);
             }

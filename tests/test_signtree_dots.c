@@ -8,7 +8,8 @@
  *     compares W_bits, c_bits and dx gradients (depth 4, batch 96, leaf and
  *     path, linear and FFN banks);
  *   - called directly: random (matrix, row) pairs, more than the layer's
- *     workspace holds (so the call works in chunks), each dot against
+ *     workspace holds (so the call works in chunks), half of them on one
+ *     matrix (more rows than a GEMM block of the FFN bank), each dot against
  *     dy . eval_matrix(x), the same call twice bitwise equal, an
  *     out-of-range matrix refused;
  *   - the layer leaves eval_dots NULL for grad_mode none.
@@ -20,12 +21,13 @@
 
 #include "ccr_test.h"
 
-#define D_IN 8
+#define D_IN 160 /* rows of d_in + hidden + 2 d_out floats: the layer's blocks of
+                    2^16 floats hold 350 rows (FFN), fewer than B x DEPTH */
 #define D_OUT 11
 #define HID 5
 #define DEPTH 4
 #define B 96
-#define MAX_GRAD 256 /* floats of the gate's gradients: d_in x depth + depth */
+#define MAX_GRAD 1024 /* floats of the gate's gradients: d_in x depth + depth */
 
 static ccr_ctx *ctx;
 static ccr_backend *be;
@@ -219,8 +221,8 @@ START_TEST(test_layer_both_ways)
     size_t *mat = malloc(N * sizeof *mat), *row = malloc(N * sizeof *row);
     double *out = malloc(N * sizeof *out), *out2 = malloc(N * sizeof *out2);
     ck_assert(mat && row && out && out2);
-    for (size_t i = 0; i < N; i++) {
-        mat[i] = gsl_rng_uniform_int(rng, n_mat);
+    for (size_t i = 0; i < N; i++) { /* the first half on matrix 0: blocks split */
+        mat[i] = i < N / 2 ? 0 : gsl_rng_uniform_int(rng, n_mat);
         row[i] = gsl_rng_uniform_int(rng, B);
     }
     CCR_CK_OK(ctx, w->eval_dots(w->bank, N, mat, row, x, dy, out));
