@@ -80,7 +80,20 @@ struct ccr_cond {
     bool job_dx;
     atomic_size_t job_next;    /* next entry of gsched to take */
     atomic_int job_err;        /* first failing status, CCR_OK if none */
+    /* eval_dots workspace (cond_dots_alloc), its own allocation */
+    void *dots_work;
+    size_t dots_cap;           /* pairs per chunk; 0: no eval_dots */
+    size_t dots_blk;           /* rows per GEMM block */
+    size_t *dots_cnt;          /* [n_mat + 1] counting sort by matrix */
+    size_t *dots_ord;          /* [cap] chunk pairs in (matrix, pair) order */
+    size_t *dots_row;          /* [cap] their rows, in the same order */
+    float *dots_x, *dots_h, *dots_y, *dots_dy; /* one block: [blk, d_in], [blk, h],
+                                                  [blk, d_out], [blk, d_out] */
 };
+
+static ccr_status cond_dots_alloc(ccr_cond *c);
+static ccr_status cond_eval_dots(void *bank, size_t n, const size_t *mat, const size_t *row,
+                                 const float *x, const float *dy, double *out);
 
 /* *tot += a * b, false on overflow. */
 static bool cond_mac(size_t *tot, size_t a, size_t b)
@@ -273,6 +286,11 @@ ccr_status ccr_cond_alloc(ccr_backend *be, const ccr_cond_config *cfg, size_t ma
         ccr_cond_free(c);
         return ms;
     }
+    ms = cond_dots_alloc(c);
+    if (ms != CCR_OK) {
+        ccr_cond_free(c);
+        return ms;
+    }
     *out = c;
     return CCR_OK;
 }
@@ -284,6 +302,7 @@ void ccr_cond_free(ccr_cond *c)
     ccr_pool_free(c->pool);
     ccr_gate_free(c->gate);
     free(c->work);
+    free(c->dots_work);
     free(c);
 }
 
@@ -720,6 +739,115 @@ static ccr_status cond_group_bwd(ccr_cond *c, size_t g, size_t w)
     return CCR_OK;
 }
 
+/* ---- eval_dots: the batched eval_matrix (sign-bit tree, grad_mode ste) ------
+ * The straight-through backward needs dy_b . M_m(x_b) for batch x depth
+ * (matrix, example) pairs the table did not route.  Per chunk of at most
+ * dots_cap pairs: a stable counting sort by matrix (order (matrix, pair
+ * index)); then for each non-empty matrix, in blocks of at most dots_blk
+ * rows that stay in cache: gather the rows of x and dy (their indices
+ * sorted alongside, the rows prefetched a few pairs ahead), cond_apply (GEMMs,
+ * bias, ReLU as in the forward), and each dot in double (cond_dot: four partial
+ * sums added in a fixed order).  The workspace (order, counts, one block) is
+ * allocated here once; a call allocates nothing. */
+
+/* Floats of one block (d_in + h + 2 d_out per row), and its least rows. */
+#define COND_DOTS_BLOCK_FLOATS ((size_t)1 << 16)
+#define COND_DOTS_MIN_ROWS 16
+#define COND_DOTS_PREFETCH 8   /* pairs ahead whose rows the gather prefetches */
+
+/* Sizes and allocates the workspace when the gate has a straight-through
+ * mode over `depth` levels and uses it; otherwise eval_dots stays off. */
+static ccr_status cond_dots_alloc(ccr_cond *c)
+{
+    const ccr_gate_config *g = &c->cfg.gate_cfg;
+    unsigned need = CCR_GATE_OPT_DEPTH | CCR_GATE_OPT_GRAD_MODE;
+    if ((c->cfg.gate->options & need) != need || g->grad_mode != CCR_GRAD_STE || g->depth == 0)
+        return CCR_OK;
+    size_t cap, row, blk, t, bytes, n_cnt;
+    bool ok = ccr_mul_ok(c->max_batch, g->depth, &cap) &&
+              ccr_add_ok(c->cfg.d_in, c->h, &row) && ccr_add_ok(row, c->cfg.d_out, &row) &&
+              ccr_add_ok(row, c->cfg.d_out, &row);
+    blk = ok ? COND_DOTS_BLOCK_FLOATS / row : 0;
+    blk = blk < COND_DOTS_MIN_ROWS ? COND_DOTS_MIN_ROWS : blk;
+    ok = ok && ccr_add_ok(c->n_mat, 1, &n_cnt) && ccr_add_ok(n_cnt, cap, &t) &&
+         ccr_add_ok(t, cap, &t) && ccr_mul_ok(t, sizeof(size_t), &bytes) &&
+         ccr_mul_ok(blk, row, &t) && ccr_mul_ok(t, sizeof(float), &t) &&
+         ccr_add_ok(bytes, t, &bytes) &&
+         c->work_bytes <= SIZE_MAX - bytes;
+    if (!ok)
+        CCR_FAIL(c->ctx, CCR_ENOMEM, "straight-through workspace: max_batch %zu x depth %zu "
+                 "pairs overflow", c->max_batch, g->depth);
+    CCR_TRY(ccr_mem_check(c->ctx, bytes, "straight-through workspace"));
+    c->dots_work = malloc(bytes);
+    if (c->dots_work == NULL)
+        CCR_FAIL(c->ctx, CCR_ENOMEM, "cannot allocate %zu bytes of straight-through workspace",
+                 bytes);
+    c->work_bytes += bytes;
+    c->dots_cap = cap;
+    c->dots_blk = blk;
+    c->dots_cnt = c->dots_work;
+    c->dots_ord = c->dots_cnt + n_cnt;
+    c->dots_row = c->dots_ord + cap;
+    c->dots_x = (float *)(c->dots_row + cap);
+    c->dots_h = c->dots_x + blk * c->cfg.d_in;
+    c->dots_y = c->dots_h + blk * c->h;
+    c->dots_dy = c->dots_y + blk * c->cfg.d_out;
+    return CCR_OK;
+}
+
+/* out[i] = dy[row[i]] . M_mat[i](x[row[i]]): the gate's eval_dots callback. */
+static ccr_status cond_eval_dots(void *bank, size_t n, const size_t *mat, const size_t *row,
+                                 const float *x, const float *dy, double *out)
+{
+    ccr_cond *c = bank;
+    size_t d_in = c->cfg.d_in, d_out = c->cfg.d_out, n_mat = c->n_mat;
+    if (c->dots_cap == 0)
+        CCR_FAIL(c->ctx, CCR_EINVAL, "eval_dots: no workspace (not a straight-through gate)");
+    for (size_t i = 0; i < n; i++)
+        if (mat[i] >= n_mat)
+            CCR_FAIL(c->ctx, CCR_EINVAL, "eval_dots: matrix %zu >= %zu", mat[i], n_mat);
+    size_t *cnt = c->dots_cnt, *ord = c->dots_ord, *srow = c->dots_row;
+    for (size_t p0 = 0; p0 < n; p0 += c->dots_cap) {
+        size_t k = n - p0 < c->dots_cap ? n - p0 : c->dots_cap;
+        const size_t *mk = mat + p0, *rk = row + p0;
+        /* cnt[m] = start of matrix m's group, then its end after placing */
+        memset(cnt, 0, (n_mat + 1) * sizeof *cnt);
+        for (size_t i = 0; i < k; i++)
+            cnt[mk[i] + 1]++;
+        for (size_t m = 0; m < n_mat; m++)
+            cnt[m + 1] += cnt[m];
+        for (size_t i = 0; i < k; i++) {
+            size_t q = cnt[mk[i]]++;
+            ord[q] = i;
+            srow[q] = rk[i];
+        }
+        for (size_t q0 = 0; q0 < k;) {
+            size_t m = mk[ord[q0]], end = cnt[m];
+            size_t q1 = end - q0 < c->dots_blk ? end : q0 + c->dots_blk;
+            for (size_t q = q0; q < q1; q++) {
+                size_t r = srow[q];
+#if defined(__GNUC__)  /* the rows are scattered: ask for a later pair's now */
+                if (q + COND_DOTS_PREFETCH < k) {
+                    size_t rp = srow[q + COND_DOTS_PREFETCH];
+                    for (size_t o = 0; o < d_in; o += 16)
+                        __builtin_prefetch(x + rp * d_in + o);
+                    for (size_t o = 0; o < d_out; o += 16)
+                        __builtin_prefetch(dy + rp * d_out + o);
+                }
+#endif
+                memcpy(c->dots_x + (q - q0) * d_in, x + r * d_in, d_in * sizeof *x);
+                memcpy(c->dots_dy + (q - q0) * d_out, dy + r * d_out, d_out * sizeof *dy);
+            }
+            CCR_TRY(cond_apply(c, m, c->dots_x, c->dots_h, c->dots_y, q1 - q0));
+            for (size_t q = q0; q < q1; q++)
+                out[p0 + ord[q]] = cond_dot(c->dots_dy + (q - q0) * d_out,
+                                             c->dots_y + (q - q0) * d_out, d_out);
+            q0 = q1;
+        }
+    }
+    return CCR_OK;
+}
+
 static ccr_status cond_group_bwd0(ccr_cond *c, size_t g) { return cond_group_bwd(c, g, 0); }
 
 static void cond_bwd_job(void *arg, size_t w)
@@ -790,7 +918,8 @@ ccr_status ccr_cond_backward(ccr_cond *c, const float *dy, float *dx)
     }
     ccr_gate_bwd_args ga = {.x = c->xin, .batch = batch, .dweights = c->dweights, .dx = dx,
                             .dy = dy, .d_out = d_out, .eval_matrix = cond_eval_matrix,
-                            .bank = c, .scratch = c->eval_out};
+                            .bank = c, .scratch = c->eval_out,
+                            .eval_dots = c->dots_cap ? cond_eval_dots : NULL};
     return ccr_gate_backward(c->gate, &ga);
 }
 

@@ -30,9 +30,11 @@
  *         da_l = dy . (M_right(x) - M_left(x)).  The chosen child's term
  *         dy . M_chosen(x) is dweights[b, slot] (the layer's
  *         dL/d(route weight), slot l on the path, the only slot for a leaf);
- *         the sibling goes through the layer's eval_matrix callback.  For
- *         leaf, level l's children are the chosen leaf and the leaf with bit
- *         l flipped.  Then dW_bits += x^T da, dc += sum_b da,
+ *         the siblings of all (example, level) pairs of the batch go
+ *         through one call of the layer's batched eval_dots callback (one
+ *         GEMM per bank matrix), or, without it, eval_matrix row by row.
+ *         For leaf, level l's children are the chosen leaf and the leaf
+ *         with bit l flipped.  Then dW_bits += x^T da, dc += sum_b da,
  *         dx += da W_bits^T (projection) or dx_j += da_j (input).
  *
  * No aux loss.  Importance = Load = counts of examples per leaf (leaf index
@@ -40,8 +42,10 @@
  * "importance", "load" and "leaf_counts" (the same [2^d] counts), and for
  * d > 0 "bits" [B, d] (0/1) and "a" [B, d] of the last forward.
  *
- * Memory: every buffer is allocated in init; the d_out floats of a sibling's
- * output are the caller's scratch row (ccr_gate_bwd_args.scratch).
+ * Memory: every buffer is allocated in init (with ste: the pairs' matrix,
+ * example and dot, max_batch x d each); the d_out floats of a sibling's
+ * output under eval_matrix are the caller's scratch row
+ * (ccr_gate_bwd_args.scratch).
  */
 #include <limits.h>
 #include <stdlib.h>
@@ -73,6 +77,10 @@ typedef struct st_state {
     double *counts;    /* [2^d] examples per leaf */
     float *counts_f;   /* [2^d] the same, exported */
     unsigned char *seen; /* [n_mat] scratch of gate_count_distinct */
+    /* ste only: the backward's (sibling, example) pairs, b-major then level */
+    size_t *pair_mat;  /* [max_batch, d] sibling matrix */
+    size_t *pair_row;  /* [max_batch, d] example */
+    double *pair_dot;  /* [max_batch, d] dy . M_sibling(x) */
 } st_state;
 
 static void st_free(void *state)
@@ -86,6 +94,9 @@ static void st_free(void *state)
     free(s->counts);
     free(s->counts_f);
     free(s->seen);
+    free(s->pair_mat);
+    free(s->pair_row);
+    free(s->pair_dot);
     memset(s, 0, sizeof *s);
 }
 
@@ -148,8 +159,13 @@ static ccr_status st_init(void *state, ccr_ctx *ctx, const ccr_gate_config *cfg,
     s->counts = st_calloc(s->n_leaves, sizeof *s->counts);
     s->counts_f = st_calloc(s->n_leaves, sizeof *s->counts_f);
     s->seen = st_calloc(s->n_mat, 1);
+    bool ste = cfg->grad_mode == CCR_GRAD_STE;
+    s->pair_mat = ste ? st_calloc(n_bd, sizeof *s->pair_mat) : NULL;
+    s->pair_row = ste ? st_calloc(n_bd, sizeof *s->pair_row) : NULL;
+    s->pair_dot = ste ? st_calloc(n_bd, sizeof *s->pair_dot) : NULL;
     if (!s->a || !s->bits || !s->da || !s->ids || !s->weights || !s->counts ||
-        !s->counts_f || !s->seen) {
+        !s->counts_f || !s->seen ||
+        (ste && (!s->pair_mat || !s->pair_row || !s->pair_dot))) {
         st_free(s);
         CCR_FAIL(ctx, CCR_ENOMEM, "signtree: cannot allocate buffers (depth %zu, batch %zu)",
                  d, max_batch);
@@ -269,7 +285,7 @@ static ccr_status st_forward(void *state, const float *x, size_t batch, bool tra
     return CCR_OK;
 }
 
-/* dy . M_m(x_row) through the layer's callback, summed in double. */
+/* dy . M_m(x_row) through the layer's per-row callback, summed in double. */
 static ccr_status st_eval_dot(const ccr_gate_bwd_args *a, size_t m, const float *x_row,
                               const float *dy_row, double *out)
 {
@@ -287,10 +303,11 @@ static ccr_status st_backward(void *state, const ccr_gate_bwd_args *a)
     size_t d = s->d, d_in = s->cfg.d_in, slots = s->slots, batch = a->batch;
     if (s->cfg.grad_mode == CCR_GRAD_NONE || d == 0)
         return CCR_OK;
-    if (a->dy == NULL || a->eval_matrix == NULL || a->d_out == 0 || a->scratch == NULL)
+    if (a->dy == NULL || a->d_out == 0 ||
+        (a->eval_dots == NULL && (a->eval_matrix == NULL || a->scratch == NULL)))
         CCR_FAIL(s->ctx, CCR_EINVAL,
-                 "signtree: grad_mode ste needs dy, d_out, eval_matrix and scratch in the "
-                 "backward arguments");
+                 "signtree: grad_mode ste needs dy, d_out and eval_dots, or eval_matrix and "
+                 "scratch, in the backward arguments");
     if (batch != s->batch)
         CCR_FAIL(s->ctx, CCR_EINVAL, "signtree: backward batch %zu, last forward %zu", batch,
                  s->batch);
@@ -298,25 +315,37 @@ static ccr_status st_backward(void *state, const ccr_gate_bwd_args *a)
     if (s->has_params)
         CCR_TRY(st_params(s, &w, &c, &gw, &gc));
     bool path = s->cfg.combine == CCR_COMBINE_PATH;
+    /* 1. The sibling of every (example, level): pair b d + l - 1. */
     for (size_t b = 0; b < batch; b++) {
-        const float *xb = a->x + b * d_in, *dyb = a->dy + b * a->d_out;
         const float *bb = s->bits + b * d;
         const int32_t *id = s->ids + b * slots;
+        size_t *pm = s->pair_mat + b * d, *pr = s->pair_row + b * d;
+        for (size_t l = 1; l <= d; l++) {
+            if (path)
+                pm[l - 1] = bb[l - 1] != 0.0f ? (size_t)id[l] - 1 : (size_t)id[l] + 1;
+            else
+                pm[l - 1] = (size_t)id[0] ^ ((size_t)1 << (d - l));
+            pr[l - 1] = b;
+        }
+    }
+    /* 2. dy . M_sibling(x): one batched call, or one row at a time. */
+    size_t n = batch * d; /* <= max_batch x d, checked in init */
+    if (a->eval_dots != NULL) {
+        CCR_TRY(a->eval_dots(a->bank, n, s->pair_mat, s->pair_row, a->x, a->dy, s->pair_dot));
+    } else {
+        for (size_t i = 0; i < n; i++) {
+            size_t b = s->pair_row[i];
+            CCR_TRY(st_eval_dot(a, s->pair_mat[i], a->x + b * d_in, a->dy + b * a->d_out,
+                                s->pair_dot + i));
+        }
+    }
+    /* 3. da_l = dy . (M_right - M_left); the chosen child's term is dweights. */
+    for (size_t b = 0; b < batch; b++) {
+        const float *bb = s->bits + b * d;
         for (size_t l = 1; l <= d; l++) {
             bool right = bb[l - 1] != 0.0f;
-            size_t chosen, sibling;
-            double dw_chosen;
-            if (path) {
-                chosen = (size_t)id[l];
-                sibling = right ? chosen - 1 : chosen + 1;
-                dw_chosen = a->dweights[b * slots + l];
-            } else {
-                chosen = (size_t)id[0];
-                sibling = chosen ^ ((size_t)1 << (d - l));
-                dw_chosen = a->dweights[b * slots];
-            }
-            double dw_sibling;
-            CCR_TRY(st_eval_dot(a, sibling, xb, dyb, &dw_sibling));
+            double dw_chosen = a->dweights[b * slots + (path ? l : 0)];
+            double dw_sibling = s->pair_dot[b * d + l - 1];
 #ifdef CCR_MUTANT_SIGNTREE_SIBLING  /* tests/gradcheck_mutants.sh */
             dw_sibling = 0.0;
 #endif

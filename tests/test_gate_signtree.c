@@ -4,7 +4,8 @@
  * known bits, the zero tie rule, slot and weight layout, matrix counts,
  * depth 0 and depth 20, depth validation, the two gradient modes (ste
  * checked against its definition with the small linear bank of
- * gate_ref.c), diagnostics on a hand case, and determinism.
+ * gate_ref.c, siblings through eval_matrix or the batched eval_dots),
+ * diagnostics on a hand case, and determinism.
  */
 #include <math.h>
 #include <stdint.h>
@@ -348,10 +349,33 @@ END_TEST
 
 /* Loop index: bit 0 = combine leaf, bit 1 = bits from the input, bit 2 =
  * grad_mode none (no parameter gradient, dx untouched, the bank never asked). */
+/* The batched callback (ccr_gate_bwd_args.eval_dots) on the fake bank: each
+ * pair through fake_dot; counts its calls. */
+static size_t fake_dots_calls;
+
+static ccr_status fake_dots(void *bank, size_t n, const size_t *mat, const size_t *row,
+                           const float *x, const float *dy, double *out)
+{
+    fake_bank *fb = bank;
+    fake_dots_calls++;
+    for (size_t i = 0; i < n; i++)
+        if (mat[i] >= fb->n)
+            return CCR_EINVAL;
+    for (size_t i = 0; i < n; i++) {
+        fb->calls++;
+        out[i] = fake_dot(fb, mat[i], x + row[i] * fb->d_in, dy + row[i] * fb->d_out);
+    }
+    return CCR_OK;
+}
+
+/* _i: bit 0 leaf, bit 1 bits from the input, bit 2 grad_mode none, bit 3
+ * the siblings through eval_dots (eval_matrix and scratch NULL). */
 START_TEST(test_grad)
 {
     enum { d = 3, d_in = 5, d_out = 4, B = 7 };
     float scratch[d_out];
+    bool dots = (_i & 8) != 0;
+    fake_dots_calls = 0;
     ccr_combine comb = (_i & 1) ? CCR_COMBINE_LEAF : CCR_COMBINE_PATH;
     ccr_bits_from bf = (_i & 2) ? CCR_BITS_INPUT : CCR_BITS_PROJECTION;
     ccr_gate_config c = tree_cfg(d_in, d, comb, bf, (_i & 4) ? CCR_GRAD_NONE : CCR_GRAD_STE);
@@ -417,8 +441,9 @@ START_TEST(test_grad)
         }
     }
     ccr_gate_bwd_args ba = {.x = x, .batch = B, .dweights = dwt, .dx = dx, .dy = dy,
-                            .d_out = d_out, .eval_matrix = fake_eval, .bank = &fb,
-                            .scratch = scratch};
+                            .d_out = d_out, .eval_matrix = dots ? NULL : fake_eval,
+                            .bank = &fb, .scratch = dots ? NULL : scratch,
+                            .eval_dots = dots ? fake_dots : NULL};
     CCR_CK_OK(ctx, ccr_gate_backward(g, &ba));
     if (c.grad_mode == CCR_GRAD_NONE) {
         for (size_t i = 0; i < B * d_in; i++)
@@ -431,6 +456,7 @@ START_TEST(test_grad)
         goto cleanup;
     }
     ck_assert_uint_eq(fb.calls, B * d); /* only the siblings are evaluated */
+    ck_assert_uint_eq(fake_dots_calls, dots ? 1 : 0); /* all of them in one call */
     float want_dx[B * d_in];
     for (size_t b = 0; b < B; b++) {
         for (size_t i = 0; i < d_in; i++) {
@@ -470,8 +496,10 @@ START_TEST(test_grad)
      * status comes back with the outputs untouched */
     memcpy(dx, dx0, sizeof dx);
     ba.eval_matrix = NULL;
+    ba.eval_dots = NULL;
     CCR_CK_STATUS(ctx, ccr_gate_backward(g, &ba), CCR_EINVAL);
-    ba.eval_matrix = fake_eval;
+    ba.eval_matrix = dots ? NULL : fake_eval;
+    ba.eval_dots = dots ? fake_dots : NULL;
     fb.n = 0;
     CCR_CK_STATUS(ctx, ccr_gate_backward(g, &ba), CCR_EINVAL);
     ck_assert(memcmp(dx, dx0, sizeof dx) == 0);
@@ -582,7 +610,7 @@ static Suite *signtree_suite(void)
     tcase_add_test(tc, test_depth0);
     tcase_add_test(tc, test_depth20);
     tcase_add_test(tc, test_bad_config);
-    tcase_add_loop_test(tc, test_grad, 0, 8);
+    tcase_add_loop_test(tc, test_grad, 0, 16);
     tcase_add_test(tc, test_diagnostics);
     tcase_add_test(tc, test_determinism);
     suite_add_tcase(s, tc);

@@ -218,6 +218,18 @@ typedef struct ccr_gate_bwd_args {
     void *bank;
     float *scratch;          /* d_out floats the gate may overwrite (the output
                                 row of eval_matrix), or NULL with eval_matrix */
+    /* The batched form of eval_matrix, or NULL (the gate then falls back to
+     * eval_matrix): for the n pairs i = 0 .. n-1,
+     *   out[i] = dy[row[i]] . M_mat[i](x[row[i]])   (bias included),
+     * x = [rows, d_in] and dy = [rows, d_out] row-major, each dot summed in
+     * double.  The result of pair i depends on the pairs given only through
+     * float rounding inside the bank's GEMM; a call with the same arguments
+     * gives bitwise the same out.  The conditional layer sets it only for
+     * gates it sized a workspace for (a straight-through grad_mode over
+     * `depth` levels: batch x depth pairs per GEMM pass; a larger n is
+     * worked through in chunks of that size). */
+    ccr_status (*eval_dots)(void *bank, size_t n, const size_t *mat, const size_t *row,
+                            const float *x, const float *dy, double *out);
 } ccr_gate_bwd_args;
 
 typedef struct ccr_gate_type {
