@@ -12,6 +12,11 @@
  * optional ST-MoE z-loss over every evaluated gate.  Each gate is the
  * shared noisy top-k row of gate_topk_core.c (eqs. 3-10); exact semantics
  * in docs/GATES.md, "hmoe".
+ * The secondary gates run batched: a pass per example draws every random
+ * number in the documented order (the draws do not depend on the secondary
+ * logits), then each group's logits are one GEMM over the rows routed to
+ * it (and so are its weight gradients and dx in backward).  The exports
+ * noise.secondary, importance and load are built on request.
  */
 #include <gsl/gsl_randist.h>
 #include <stdlib.h>
