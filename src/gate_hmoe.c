@@ -42,7 +42,10 @@ typedef struct hmoe_state {
      * pos_of[r] = pos, group i owns positions off[i] .. off[i+1]. */
     size_t *row_of, *pos_of, *off;  /* [max_batch k], [max_batch k], [a + 1] */
     float *xg;                      /* [max_batch k, d] gathered inputs */
-    float *yc, *yr;                 /* [max_batch k, bs] logits / their gradients, sorted */
+    float *y;                       /* [max_batch k, 2 bs] logits (clean | raw) or their
+                                       gradients, sorted; [.., bs] clean only in eval */
+    float *wcat, *dwcat;            /* [a, d, 2 bs]: w_g[i] | w_noise[i] side by side, and
+                                       their gradients: one GEMM per group for both */
     float *dxg;                     /* [max_batch k, d] dx contributions, sorted */
     /* The export noise.secondary [batch, a, bs], built on request from the
      * secondary rows' draws (get_export); NULL until first asked for. */
@@ -61,7 +64,8 @@ static void hmoe_free(void *state)
     hmoe_state *s = state;
     tk_core_free(&s->prim);
     tk_core_free(&s->sec);
-    void *bufs[] = {s->ids, s->weights, s->row_of, s->pos_of, s->off, s->xg, s->yc, s->yr,
+    void *bufs[] = {s->ids, s->weights, s->row_of, s->pos_of, s->off, s->xg, s->y, s->wcat,
+                    s->dwcat,
                     s->dxg, s->noise_sec, s->imp, s->load, s->counts, s->dimp,
                     s->dload, s->ls, s->dls, s->lp, s->cnt, s->dlp, s->imp_f, s->load_f,
                     s->seen, s->dgp, s->dgs};
@@ -94,14 +98,14 @@ static ccr_status hmoe_init(void *state, ccr_ctx *ctx, const ccr_gate_config *cf
 {
     hmoe_state *s = state;
     CCR_TRY(hmoe_check(ctx, cfg));
-    size_t rows, slots, de, nsec, rd, rbs;
+    size_t rows, slots, de, de2, nsec, rd, rbs;
     if (!ccr_mul_ok(max_batch, cfg->k_groups, &rows) || !ccr_mul_ok(rows, cfg->k2, &slots) ||
         !ccr_mul_ok(cfg->d_in, cfg->n_experts, &de) ||
         !ccr_mul_ok(max_batch, cfg->n_experts, &nsec) ||
         !ccr_mul_ok(nsec, sizeof(float), &nsec) || !ccr_mul_ok(rows, cfg->d_in, &rd) ||
         !ccr_mul_ok(rd, sizeof(float), &rd) ||
         !ccr_mul_ok(rows, cfg->n_experts / cfg->n_groups, &rbs) ||
-        !ccr_mul_ok(rbs, sizeof(float), &rbs))
+        !ccr_mul_ok(rbs, 2 * sizeof(float), &rbs) || !ccr_mul_ok(de, 2 * sizeof(float), &de2))
         CCR_FAIL(ctx, CCR_EINVAL, "hmoe: sizes overflow (d_in %zu, n_experts %zu, batch %zu)",
                  cfg->d_in, cfg->n_experts, max_batch);
     s->ctx = ctx;
@@ -126,8 +130,9 @@ static ccr_status hmoe_init(void *state, ccr_ctx *ctx, const ccr_gate_config *cf
     s->pos_of = calloc(rows, sizeof(size_t));
     s->off = calloc(a + 1, sizeof(size_t));
     s->xg = calloc(rows, s->d * sizeof(float));
-    s->yc = calloc(rows, s->bs * sizeof(float));
-    s->yr = calloc(rows, s->bs * sizeof(float));
+    s->y = calloc(rows, 2 * s->bs * sizeof(float));
+    s->wcat = calloc(de, 2 * sizeof(float));
+    s->dwcat = calloc(de, 2 * sizeof(float));
     s->dxg = calloc(rows, s->d * sizeof(float));
     s->imp = calloc(e, sizeof(double));
     s->load = calloc(e, sizeof(double));
@@ -144,8 +149,8 @@ static ccr_status hmoe_init(void *state, ccr_ctx *ctx, const ccr_gate_config *cf
     s->seen = calloc(e, 1);
     s->dgp = calloc(s->k, sizeof(float));
     s->dgs = calloc(s->k2, sizeof(float));
-    if (!s->ids || !s->weights || !s->row_of || !s->pos_of || !s->off || !s->xg || !s->yc ||
-        !s->yr || !s->dxg || !s->imp || !s->load || !s->counts ||
+    if (!s->ids || !s->weights || !s->row_of || !s->pos_of || !s->off || !s->xg || !s->y ||
+        !s->wcat || !s->dwcat || !s->dxg || !s->imp || !s->load || !s->counts ||
         !s->dimp || !s->dload || !s->ls || !s->dls || !s->lp || !s->cnt || !s->dlp ||
         !s->imp_f || !s->load_f || !s->seen || !s->dgp || !s->dgs) {
         hmoe_free(s);
@@ -244,6 +249,27 @@ static void hmoe_sec_row_forward(tk_core *c, size_t r, bool train)
     }
 }
 
+/* The secondary weights of the GEMMs: in train w_g[i] | w_noise[i] packed
+ * side by side into wcat [a, d, 2 bs] (one GEMM per group gives both
+ * logits), in eval w_g itself.  Returns the matrices and sets *nc, the
+ * columns per group. */
+static const float *hmoe_sec_weights(hmoe_state *s, float *const w[4], bool train, size_t *nc)
+{
+    const size_t d = s->d, bs = s->bs;
+    if (!train) {
+        *nc = bs;
+        return w[2];
+    }
+    *nc = 2 * bs;
+    for (size_t i = 0; i < s->a; i++)
+        for (size_t t = 0; t < d; t++) {
+            float *dst = s->wcat + (i * d + t) * 2 * bs;
+            memcpy(dst, w[2] + (i * d + t) * bs, bs * sizeof(float));
+            memcpy(dst + bs, w[3] + (i * d + t) * bs, bs * sizeof(float));
+        }
+    return s->wcat;
+}
+
 static ccr_status hmoe_forward(void *state, const float *x, size_t batch, bool train,
                                gsl_rng *rng, ccr_route *route, ccr_gate_stats *st)
 {
@@ -291,21 +317,21 @@ static ccr_status hmoe_forward(void *state, const float *x, size_t batch, bool t
     for (size_t i = a; i > 0; i--) /* back to the group starts */
         s->off[i] = s->off[i - 1];
     s->off[0] = 0;
-    /* Pass 2: per group, one GEMM over its rows; the logits go to the rows. */
+    /* Pass 2: per group, one GEMM over its rows (clean and, in train, raw
+     * logits together); the logits go to the rows. */
+    size_t nc;
+    const float *ws = hmoe_sec_weights(s, w, train, &nc);
     for (size_t i = 0; i < a; i++) {
         const size_t lo = s->off[i], n = s->off[i + 1] - lo;
-        if (n == 0)
-            continue;
-        gate_matmul(s->xg + lo * d, w[2] + i * d * bs, n, d, bs, s->yc + lo * bs, false);
-        if (train)
-            gate_matmul(s->xg + lo * d, w[3] + i * d * bs, n, d, bs, s->yr + lo * bs, false);
+        if (n > 0)
+            gate_matmul(s->xg + lo * d, ws + i * d * nc, n, d, nc, s->y + lo * nc, false);
     }
     const size_t rows = batch * k;
     for (size_t pos = 0; pos < rows; pos++) {
         const size_t r = s->row_of[pos];
-        memcpy(sc->clean + r * bs, s->yc + pos * bs, bs * sizeof(float));
+        memcpy(sc->clean + r * bs, s->y + pos * nc, bs * sizeof(float));
         if (train)
-            memcpy(sc->raw + r * bs, s->yr + pos * bs, bs * sizeof(float));
+            memcpy(sc->raw + r * bs, s->y + pos * nc + bs, bs * sizeof(float));
         hmoe_sec_row_forward(sc, r, train);
     }
     /* Pass 3, per example: routes and the sums of eqs. 13-14, in the order
@@ -418,29 +444,41 @@ static ccr_status hmoe_backward(void *state, const ccr_gate_bwd_args *ar)
         }
         tk_core_row_backward(pc, b, train, s->dgp, smooth_p ? s->dlp : NULL, zcoef);
     }
-    /* Per group: dW_i += X_i^T dlogits_i (one GEMM each for w_g, w_noise)
-     * and the rows' dx contributions, in the forward's sorted order. */
+    /* Per group, in the forward's sorted order: dW_i += X_i^T dlogits_i
+     * and the rows' dx contributions dlogits_i W_i^T, one GEMM each for
+     * w_g and w_noise together (train: packed as in the forward, the
+     * packed gradient added to dw after). */
     const size_t rows = batch * k;
+    size_t nc;
+    const float *ws = hmoe_sec_weights(s, w, train, &nc);
     for (size_t pos = 0; pos < rows; pos++) {
         const size_t r = s->row_of[pos], b = r / k;
         memcpy(s->xg + pos * d, ar->x + b * d, d * sizeof(float));
-        memcpy(s->yc + pos * bs, sc->dclean + r * bs, bs * sizeof(float));
+        memcpy(s->y + pos * nc, sc->dclean + r * bs, bs * sizeof(float));
         if (train)
-            memcpy(s->yr + pos * bs, sc->draw + r * bs, bs * sizeof(float));
+            memcpy(s->y + pos * nc + bs, sc->draw + r * bs, bs * sizeof(float));
     }
     if (ar->dx != NULL)
         memset(s->dxg, 0, rows * d * sizeof(float));
-    float *dxg = ar->dx != NULL ? s->dxg : NULL;
+    if (train)
+        memset(s->dwcat, 0, a * d * nc * sizeof(float));
+    float *dxg = ar->dx != NULL ? s->dxg : NULL, *dws = train ? s->dwcat : dw[2];
     for (size_t i = 0; i < a; i++) {
         const size_t lo = s->off[i], n = s->off[i + 1] - lo;
-        if (n == 0)
-            continue;
-        gate_matmul_backward(s->xg + lo * d, w[2] + i * d * bs, s->yc + lo * bs, n, d, bs,
-                             dw[2] + i * d * bs, dxg ? dxg + lo * d : NULL);
-        if (train)
-            gate_matmul_backward(s->xg + lo * d, w[3] + i * d * bs, s->yr + lo * bs, n, d, bs,
-                                 dw[3] + i * d * bs, dxg ? dxg + lo * d : NULL);
+        if (n > 0)
+            gate_matmul_backward(s->xg + lo * d, ws + i * d * nc, s->y + lo * nc, n, d, nc,
+                                 dws + i * d * nc, dxg ? dxg + lo * d : NULL);
     }
+    if (train)
+        for (size_t i = 0; i < a; i++)
+            for (size_t t = 0; t < d; t++) {
+                const float *src = s->dwcat + (i * d + t) * nc;
+                float *g2 = dw[2] + (i * d + t) * bs, *g3 = dw[3] + (i * d + t) * bs;
+                for (size_t j = 0; j < bs; j++) {
+                    g2[j] += src[j];
+                    g3[j] += src[bs + j];
+                }
+            }
     /* dx, per example in top order: a fixed order whatever the groups. */
     if (ar->dx != NULL)
         for (size_t b = 0; b < batch; b++) {
