@@ -65,8 +65,7 @@ static void hmoe_free(void *state)
     tk_core_free(&s->prim);
     tk_core_free(&s->sec);
     void *bufs[] = {s->ids, s->weights, s->row_of, s->pos_of, s->off, s->xg, s->y, s->wcat,
-                    s->dwcat,
-                    s->dxg, s->noise_sec, s->imp, s->load, s->counts, s->dimp,
+                    s->dwcat, s->dxg, s->noise_sec, s->imp, s->load, s->counts, s->dimp,
                     s->dload, s->ls, s->dls, s->lp, s->cnt, s->dlp, s->imp_f, s->load_f,
                     s->seen, s->dgp, s->dgs};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
@@ -98,14 +97,10 @@ static ccr_status hmoe_init(void *state, ccr_ctx *ctx, const ccr_gate_config *cf
 {
     hmoe_state *s = state;
     CCR_TRY(hmoe_check(ctx, cfg));
-    size_t rows, slots, de, de2, nsec, rd, rbs;
+    size_t rows, slots, de, nsec;
     if (!ccr_mul_ok(max_batch, cfg->k_groups, &rows) || !ccr_mul_ok(rows, cfg->k2, &slots) ||
         !ccr_mul_ok(cfg->d_in, cfg->n_experts, &de) ||
-        !ccr_mul_ok(max_batch, cfg->n_experts, &nsec) ||
-        !ccr_mul_ok(nsec, sizeof(float), &nsec) || !ccr_mul_ok(rows, cfg->d_in, &rd) ||
-        !ccr_mul_ok(rd, sizeof(float), &rd) ||
-        !ccr_mul_ok(rows, cfg->n_experts / cfg->n_groups, &rbs) ||
-        !ccr_mul_ok(rbs, 2 * sizeof(float), &rbs) || !ccr_mul_ok(de, 2 * sizeof(float), &de2))
+        !ccr_mul_ok(max_batch, cfg->n_experts, &nsec))
         CCR_FAIL(ctx, CCR_EINVAL, "hmoe: sizes overflow (d_in %zu, n_experts %zu, batch %zu)",
                  cfg->d_in, cfg->n_experts, max_batch);
     s->ctx = ctx;
@@ -129,11 +124,11 @@ static ccr_status hmoe_init(void *state, ccr_ctx *ctx, const ccr_gate_config *cf
     s->row_of = calloc(rows, sizeof(size_t));
     s->pos_of = calloc(rows, sizeof(size_t));
     s->off = calloc(a + 1, sizeof(size_t));
-    s->xg = calloc(rows, s->d * sizeof(float));
-    s->y = calloc(rows, 2 * s->bs * sizeof(float));
-    s->wcat = calloc(de, 2 * sizeof(float));
-    s->dwcat = calloc(de, 2 * sizeof(float));
-    s->dxg = calloc(rows, s->d * sizeof(float));
+    s->xg = ccr_calloc3(rows, s->d, sizeof(float));
+    s->y = ccr_calloc3(rows, 2 * s->bs, sizeof(float)); /* bounded: 2 bs <= 2 E */
+    s->wcat = ccr_calloc3(de, 2, sizeof(float));
+    s->dwcat = ccr_calloc3(de, 2, sizeof(float));
+    s->dxg = ccr_calloc3(rows, s->d, sizeof(float));
     s->imp = calloc(e, sizeof(double));
     s->load = calloc(e, sizeof(double));
     s->counts = calloc(e, sizeof(double));
@@ -525,8 +520,7 @@ static ccr_status hmoe_noise_sec(hmoe_state *s)
         return CCR_OK;
     const size_t a = s->a, bs = s->bs, k = s->k, batch = s->batch;
     if (s->noise_sec == NULL) {
-        /* max_batch e floats: hmoe_init checked the product */
-        s->noise_sec = calloc(s->max_batch * s->e, sizeof(float));
+        s->noise_sec = ccr_calloc3(s->max_batch, s->e, sizeof(float));
         if (s->noise_sec == NULL)
             CCR_FAIL(s->ctx, CCR_ENOMEM, "hmoe: cannot allocate noise.secondary (%zu x %zu)",
                      s->max_batch, s->e);
