@@ -12,7 +12,13 @@
  * optional ST-MoE z-loss over every evaluated gate.  Each gate is the
  * shared noisy top-k row of gate_topk_core.c (eqs. 3-10); exact semantics
  * in docs/GATES.md, "hmoe".
+ * The secondary gates run batched: a pass per example draws every random
+ * number in the documented order (the draws do not depend on the secondary
+ * logits), then each group's logits are one GEMM over the rows routed to
+ * it (and so are its weight gradients and dx in backward).  The exports
+ * noise.secondary, importance and load are built on request.
  */
+#include <gsl/gsl_randist.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -31,11 +37,24 @@ typedef struct hmoe_state {
     tk_core sec;                    /* rows = max_batch * k (row b k + p), width bs, top k2 */
     int32_t *ids;                   /* [max_batch, k k2] */
     float *weights;                 /* [max_batch, k k2] */
-    float *noise_sec;               /* [max_batch, a, bs] exported draws */
+    /* The secondary rows batched per group: rows r = b k + p sorted by
+     * group (a counting sort in example order), row_of[pos] = r,
+     * pos_of[r] = pos, group i owns positions off[i] .. off[i+1]. */
+    size_t *row_of, *pos_of, *off;  /* [max_batch k], [max_batch k], [a + 1] */
+    float *xg;                      /* [max_batch k, d] gathered inputs */
+    float *y;                       /* [max_batch k, 2 bs] logits (clean | raw) or their
+                                       gradients, sorted; [.., bs] clean only in eval */
+    float *wcat, *dwcat;            /* [a, d, 2 bs]: w_g[i] | w_noise[i] side by side, and
+                                       their gradients: one GEMM per group for both */
+    float *dxg;                     /* [max_batch k, d] dx contributions, sorted */
+    /* The export noise.secondary [batch, a, bs], built on request from the
+     * secondary rows' draws (get_export); NULL until first asked for. */
+    float *noise_sec;
+    unsigned long fwd_seq, noise_sec_seq;   /* forwards done; the one noise_sec shows */
     double *imp, *load, *counts;    /* [a bs]: eq. 13, eq. 14, true counts */
     double *dimp, *dload, *ls, *dls;/* [a bs]; ls = Load_i(X^(i))_j */
     double *lp, *cnt, *dlp;         /* [a]: Load_primary, |X^(i)|, dL/dLoad_primary */
-    float *imp_f, *load_f;          /* [a bs] exported copies */
+    float *imp_f, *load_f;          /* [a bs] exported copies, filled on request */
     unsigned char *seen;            /* [E] */
     float *dgp, *dgs;               /* [k], [k2] */
 } hmoe_state;
@@ -45,7 +64,8 @@ static void hmoe_free(void *state)
     hmoe_state *s = state;
     tk_core_free(&s->prim);
     tk_core_free(&s->sec);
-    void *bufs[] = {s->ids, s->weights, s->noise_sec, s->imp, s->load, s->counts, s->dimp,
+    void *bufs[] = {s->ids, s->weights, s->row_of, s->pos_of, s->off, s->xg, s->y, s->wcat,
+                    s->dwcat, s->dxg, s->noise_sec, s->imp, s->load, s->counts, s->dimp,
                     s->dload, s->ls, s->dls, s->lp, s->cnt, s->dlp, s->imp_f, s->load_f,
                     s->seen, s->dgp, s->dgs};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
@@ -101,7 +121,14 @@ static ccr_status hmoe_init(void *state, ccr_ctx *ctx, const ccr_gate_config *cf
     const size_t e = s->e, a = s->a;
     s->ids = calloc(slots, sizeof(int32_t));
     s->weights = calloc(slots, sizeof(float));
-    s->noise_sec = calloc(nsec, sizeof(float));
+    s->row_of = calloc(rows, sizeof(size_t));
+    s->pos_of = calloc(rows, sizeof(size_t));
+    s->off = calloc(a + 1, sizeof(size_t));
+    s->xg = ccr_calloc3(rows, s->d, sizeof(float));
+    s->y = ccr_calloc3(rows, 2 * s->bs, sizeof(float)); /* bounded: 2 bs <= 2 E */
+    s->wcat = ccr_calloc3(de, 2, sizeof(float));
+    s->dwcat = ccr_calloc3(de, 2, sizeof(float));
+    s->dxg = ccr_calloc3(rows, s->d, sizeof(float));
     s->imp = calloc(e, sizeof(double));
     s->load = calloc(e, sizeof(double));
     s->counts = calloc(e, sizeof(double));
@@ -117,7 +144,8 @@ static ccr_status hmoe_init(void *state, ccr_ctx *ctx, const ccr_gate_config *cf
     s->seen = calloc(e, 1);
     s->dgp = calloc(s->k, sizeof(float));
     s->dgs = calloc(s->k2, sizeof(float));
-    if (!s->ids || !s->weights || !s->noise_sec || !s->imp || !s->load || !s->counts ||
+    if (!s->ids || !s->weights || !s->row_of || !s->pos_of || !s->off || !s->xg || !s->y ||
+        !s->wcat || !s->dwcat || !s->dxg || !s->imp || !s->load || !s->counts ||
         !s->dimp || !s->dload || !s->ls || !s->dls || !s->lp || !s->cnt || !s->dlp ||
         !s->imp_f || !s->load_f || !s->seen || !s->dgp || !s->dgs) {
         hmoe_free(s);
@@ -173,6 +201,70 @@ static ccr_status hmoe_init_params(void *state, gsl_rng *rng)
     return CCR_OK;
 }
 
+/* tk_core_row_forward for a secondary row whose draws are already in
+ * c->noise (train; hmoe_forward draws them in the documented order before
+ * the batched logits exist), with the same arithmetic; in eval it zeroes
+ * them.  The marking of the top k and the threshold index are those of
+ * gate_topk_core.c. */
+static void hmoe_sec_row_forward(tk_core *c, size_t r, bool train)
+{
+    const size_t n = c->n, k = c->k;
+    const float *clean = c->clean + r * n, *raw = c->raw + r * n;
+    float *std = c->std + r * n, *noise = c->noise + r * n, *h = c->h + r * n;
+    int32_t *top = c->top + r * c->ntop;
+    for (size_t i = 0; i < n; i++) {
+        if (train) {
+            std[i] = (float)(gate_softplus((double)raw[i]) + c->noise_eps);
+            h[i] = (float)((double)clean[i] + (double)noise[i] * (double)std[i]);
+        } else {
+            std[i] = 0.0f;
+            noise[i] = 0.0f;
+            h[i] = clean[i];
+        }
+    }
+    gate_topk(h, n, c->ntop, top);
+    for (size_t s = 0; s < k; s++)
+        c->hk[s] = h[top[s]];
+    gate_softmax(c->hk, k, c->gates + r * k);
+    c->lse[r] = gate_logsumexp(clean, n);
+    if (!tk_core_smooth(c, train))
+        return;
+    memset(c->in_top, 0, n);
+    for (size_t s = 0; s < k; s++)
+        c->in_top[top[s]] = 1;
+    double *p = c->p + r * n;
+    for (size_t i = 0; i < n; i++) {
+        /* the (k+1)-th largest H if i is in the top k, else the k-th */
+        double thr = (double)h[c->in_top[i] ? top[k] : top[k - 1]];
+        double diff = (double)clean[i] - thr;
+        if (std[i] > 0.0f)
+            p[i] = ccr_normal_cdf(diff / (double)std[i]);
+        else /* noise scale underflowed (noise_eps = 0): a step, no gradient */
+            p[i] = diff > 0.0 ? 1.0 : (diff < 0.0 ? 0.0 : 0.5);
+    }
+}
+
+/* The secondary weights of the GEMMs: in train w_g[i] | w_noise[i] packed
+ * side by side into wcat [a, d, 2 bs] (one GEMM per group gives both
+ * logits), in eval w_g itself.  Returns the matrices and sets *nc, the
+ * columns per group. */
+static const float *hmoe_sec_weights(hmoe_state *s, float *const w[4], bool train, size_t *nc)
+{
+    const size_t d = s->d, bs = s->bs;
+    if (!train) {
+        *nc = bs;
+        return w[2];
+    }
+    *nc = 2 * bs;
+    for (size_t i = 0; i < s->a; i++)
+        for (size_t t = 0; t < d; t++) {
+            float *dst = s->wcat + (i * d + t) * 2 * bs;
+            memcpy(dst, w[2] + (i * d + t) * bs, bs * sizeof(float));
+            memcpy(dst + bs, w[3] + (i * d + t) * bs, bs * sizeof(float));
+        }
+    return s->wcat;
+}
+
 static ccr_status hmoe_forward(void *state, const float *x, size_t batch, bool train,
                                gsl_rng *rng, ccr_route *route, ccr_gate_stats *st)
 {
@@ -188,16 +280,63 @@ static ccr_status hmoe_forward(void *state, const float *x, size_t batch, bool t
     gate_matmul(x, w[0], batch, d, a, pc->clean, false);
     if (train)
         gate_matmul(x, w[1], batch, d, a, pc->raw, false);
-    memset(s->noise_sec, 0, batch * e * sizeof(float));
+    for (size_t i = 0; i <= a; i++)
+        s->off[i] = 0;
+    /* Pass 1, per example, every draw in the documented order: the
+     * primary's a draws, then the bs draws of each selected group in top
+     * order (into the secondary row, used once its logits exist). */
+    for (size_t b = 0; b < batch; b++) {
+        tk_core_row_forward(pc, b, train, rng);
+        const int32_t *topp = pc->top + b * pc->ntop;
+        for (size_t p = 0; p < k; p++) {
+            s->off[(size_t)topp[p] + 1]++;
+            if (train) {
+                float *nz = sc->noise + (b * k + p) * bs;
+                for (size_t j = 0; j < bs; j++)
+                    nz[j] = (float)gsl_ran_gaussian(rng, 1.0);
+            }
+        }
+    }
+    /* Counting sort of the rows b k + p by group, example order kept. */
+    for (size_t i = 0; i < a; i++)
+        s->off[i + 1] += s->off[i];
+    for (size_t b = 0; b < batch; b++) {
+        const int32_t *topp = pc->top + b * pc->ntop;
+        for (size_t p = 0; p < k; p++) {
+            const size_t r = b * k + p, pos = s->off[topp[p]]++;
+            s->row_of[pos] = r;
+            s->pos_of[r] = pos;
+            memcpy(s->xg + pos * d, x + b * d, d * sizeof(float));
+        }
+    }
+    for (size_t i = a; i > 0; i--) /* back to the group starts */
+        s->off[i] = s->off[i - 1];
+    s->off[0] = 0;
+    /* Pass 2: per group, one GEMM over its rows (clean and, in train, raw
+     * logits together); the logits go to the rows. */
+    size_t nc;
+    const float *ws = hmoe_sec_weights(s, w, train, &nc);
+    for (size_t i = 0; i < a; i++) {
+        const size_t lo = s->off[i], n = s->off[i + 1] - lo;
+        if (n > 0)
+            gate_matmul(s->xg + lo * d, ws + i * d * nc, n, d, nc, s->y + lo * nc, false);
+    }
+    const size_t rows = batch * k;
+    for (size_t pos = 0; pos < rows; pos++) {
+        const size_t r = s->row_of[pos];
+        memcpy(sc->clean + r * bs, s->y + pos * nc, bs * sizeof(float));
+        if (train)
+            memcpy(sc->raw + r * bs, s->y + pos * nc + bs, bs * sizeof(float));
+        hmoe_sec_row_forward(sc, r, train);
+    }
+    /* Pass 3, per example: routes and the sums of eqs. 13-14, in the order
+     * of the per-example formulation (sums in double, index order). */
     for (size_t i = 0; i < e; i++)
         s->imp[i] = s->counts[i] = s->ls[i] = 0.0;
     for (size_t i = 0; i < a; i++)
         s->lp[i] = s->cnt[i] = 0.0;
     double zsum = 0.0;
     for (size_t b = 0; b < batch; b++) {
-        const float *xb = x + b * d;
-        /* Draw order: the primary's a draws, then each selected group's. */
-        tk_core_row_forward(pc, b, train, rng);
         const int32_t *topp = pc->top + b * pc->ntop;
         const float *gp = pc->gates + b * k;
         zsum += pc->lse[b] * pc->lse[b];
@@ -207,11 +346,6 @@ static ccr_status hmoe_forward(void *state, const float *x, size_t batch, bool t
         for (size_t p = 0; p < k; p++) {
             const size_t i = (size_t)topp[p], r = b * k + p;
             s->cnt[i] += 1.0;
-            gate_matmul(xb, w[2] + i * d * bs, 1, d, bs, sc->clean + r * bs, false);
-            if (train)
-                gate_matmul(xb, w[3] + i * d * bs, 1, d, bs, sc->raw + r * bs, false);
-            tk_core_row_forward(sc, r, train, rng);
-            memcpy(s->noise_sec + (b * a + i) * bs, sc->noise + r * bs, bs * sizeof(float));
             zsum += sc->lse[r] * sc->lse[r];
             const int32_t *tops = sc->top + r * sc->ntop;
             const float *gs = sc->gates + r * k2;
@@ -234,15 +368,12 @@ static ccr_status hmoe_forward(void *state, const float *x, size_t batch, bool t
     for (size_t i = 0; i < a; i++)
         for (size_t j = 0; j < bs; j++)
             s->load[i * bs + j] = s->lp[i] * s->ls[i * bs + j] / (s->cnt[i] + 1e-10);
-    for (size_t i = 0; i < e; i++) {
-        s->imp_f[i] = (float)s->imp[i];
-        s->load_f[i] = (float)s->load[i];
-    }
     double loss_z = s->cfg.z_loss > 0.0 ? s->cfg.z_loss * zsum / (double)batch : 0.0;
     tk_fill_stats(st, &s->cfg, s->imp, s->load, s->counts, e, loss_z);
     st->distinct = gate_count_distinct(s->ids, batch * k * k2, e, s->seen);
     s->batch = batch;
     s->train = train;
+    s->fwd_seq++;
     route->batch = batch;
     route->slots = k * k2;
     route->n_matrices = e;
@@ -281,9 +412,9 @@ static ccr_status hmoe_backward(void *state, const ccr_gate_bwd_args *ar)
 #endif
     }
     const double zcoef = s->cfg.z_loss > 0.0 ? s->cfg.z_loss / (double)batch : 0.0;
+    /* Per example: the rows' gate gradients (the weight matrices come
+     * after, batched per group). */
     for (size_t b = 0; b < batch; b++) {
-        const float *xb = ar->x + b * d;
-        float *dxb = ar->dx != NULL ? ar->dx + b * d : NULL;
         const int32_t *topp = pc->top + b * pc->ntop;
         const float *gp = pc->gates + b * k;
         for (size_t p = 0; p < k; p++) {
@@ -305,14 +436,54 @@ static ccr_status hmoe_backward(void *state, const ccr_gate_bwd_args *ar)
             s->dgp[p] = (float)dgp;
             tk_core_row_backward(sc, r, train, s->dgs, smooth_s ? s->dls + i * bs : NULL,
                                  zcoef);
-            gate_matmul_backward(xb, w[2] + i * d * bs, sc->dclean + r * bs, 1, d, bs,
-                                 dw[2] + i * d * bs, dxb);
-            if (train)
-                gate_matmul_backward(xb, w[3] + i * d * bs, sc->draw + r * bs, 1, d, bs,
-                                     dw[3] + i * d * bs, dxb);
         }
         tk_core_row_backward(pc, b, train, s->dgp, smooth_p ? s->dlp : NULL, zcoef);
     }
+    /* Per group, in the forward's sorted order: dW_i += X_i^T dlogits_i
+     * and the rows' dx contributions dlogits_i W_i^T, one GEMM each for
+     * w_g and w_noise together (train: packed as in the forward, the
+     * packed gradient added to dw after). */
+    const size_t rows = batch * k;
+    size_t nc;
+    const float *ws = hmoe_sec_weights(s, w, train, &nc);
+    for (size_t pos = 0; pos < rows; pos++) {
+        const size_t r = s->row_of[pos], b = r / k;
+        memcpy(s->xg + pos * d, ar->x + b * d, d * sizeof(float));
+        memcpy(s->y + pos * nc, sc->dclean + r * bs, bs * sizeof(float));
+        if (train)
+            memcpy(s->y + pos * nc + bs, sc->draw + r * bs, bs * sizeof(float));
+    }
+    if (ar->dx != NULL)
+        memset(s->dxg, 0, rows * d * sizeof(float));
+    if (train)
+        memset(s->dwcat, 0, a * d * nc * sizeof(float));
+    float *dxg = ar->dx != NULL ? s->dxg : NULL, *dws = train ? s->dwcat : dw[2];
+    for (size_t i = 0; i < a; i++) {
+        const size_t lo = s->off[i], n = s->off[i + 1] - lo;
+        if (n > 0)
+            gate_matmul_backward(s->xg + lo * d, ws + i * d * nc, s->y + lo * nc, n, d, nc,
+                                 dws + i * d * nc, dxg ? dxg + lo * d : NULL);
+    }
+    if (train)
+        for (size_t i = 0; i < a; i++)
+            for (size_t t = 0; t < d; t++) {
+                const float *src = s->dwcat + (i * d + t) * nc;
+                float *g2 = dw[2] + (i * d + t) * bs, *g3 = dw[3] + (i * d + t) * bs;
+                for (size_t j = 0; j < bs; j++) {
+                    g2[j] += src[j];
+                    g3[j] += src[bs + j];
+                }
+            }
+    /* dx, per example in top order: a fixed order whatever the groups. */
+    if (ar->dx != NULL)
+        for (size_t b = 0; b < batch; b++) {
+            float *dxb = ar->dx + b * d;
+            for (size_t p = 0; p < k; p++) {
+                const float *src = s->dxg + s->pos_of[b * k + p] * d;
+                for (size_t j = 0; j < d; j++)
+                    dxb[j] += src[j];
+            }
+        }
     gate_matmul_backward(ar->x, w[0], pc->dclean, batch, d, a, dw[0], ar->dx);
     if (train)
         gate_matmul_backward(ar->x, w[1], pc->draw, batch, d, a, dw[1], ar->dx);
@@ -338,10 +509,41 @@ static size_t hmoe_n_exports(const void *state)
     return 4;
 }
 
+/* noise.secondary [batch, a, bs] of the last forward, from the secondary
+ * rows' draws: row b k + p is group top_p of example b, every other entry
+ * 0.  Built on the first request after each forward (and the buffer on
+ * the first request at all), so that a forward does not write B E floats
+ * nobody reads. */
+static ccr_status hmoe_noise_sec(hmoe_state *s)
+{
+    if (s->noise_sec != NULL && s->noise_sec_seq == s->fwd_seq)
+        return CCR_OK;
+    const size_t a = s->a, bs = s->bs, k = s->k, batch = s->batch;
+    if (s->noise_sec == NULL) {
+        s->noise_sec = ccr_calloc3(s->max_batch, s->e, sizeof(float));
+        if (s->noise_sec == NULL)
+            CCR_FAIL(s->ctx, CCR_ENOMEM, "hmoe: cannot allocate noise.secondary (%zu x %zu)",
+                     s->max_batch, s->e);
+    } else {
+        memset(s->noise_sec, 0, batch * s->e * sizeof(float));
+    }
+    for (size_t b = 0; b < batch; b++) {
+        const int32_t *topp = s->prim.top + b * s->prim.ntop;
+        for (size_t p = 0; p < k; p++)
+            memcpy(s->noise_sec + (b * a + (size_t)topp[p]) * bs,
+                   s->sec.noise + (b * k + p) * bs, bs * sizeof(float));
+    }
+    s->noise_sec_seq = s->fwd_seq;
+    return CCR_OK;
+}
+
 static ccr_status hmoe_get_export(const void *state, size_t i, const char **name, size_t *rank,
                                   size_t shape[4], const float **data)
 {
-    const hmoe_state *s = state;
+    /* The gate allocated its state (ccr_gate_alloc), so it is not const:
+     * the exports below are caches of the last forward, built on request,
+     * and building them changes nothing else the gate shows. */
+    hmoe_state *s = (hmoe_state *)(uintptr_t)state;
     static const char *const names[4] = {"noise.primary", "noise.secondary", "importance",
                                          "load"};
     memset(shape, 0, 4 * sizeof(size_t));
@@ -354,6 +556,7 @@ static ccr_status hmoe_get_export(const void *state, size_t i, const char **name
         *data = s->prim.noise;
         break;
     case 1:
+        CCR_TRY(hmoe_noise_sec(s));
         *rank = 3;
         shape[0] = s->batch;
         shape[1] = s->a;
@@ -364,6 +567,12 @@ static ccr_status hmoe_get_export(const void *state, size_t i, const char **name
         *rank = 2;
         shape[0] = s->a;
         shape[1] = s->bs;
+        if (i == 2)
+            for (size_t j = 0; j < s->e; j++)
+                s->imp_f[j] = (float)s->imp[j];
+        else
+            for (size_t j = 0; j < s->e; j++)
+                s->load_f[j] = (float)s->load[j];
         *data = i == 2 ? s->imp_f : s->load_f;
         break;
     }

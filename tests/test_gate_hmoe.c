@@ -211,6 +211,152 @@ START_TEST(hmoe_grad)
 }
 END_TEST
 
+/* ---- batched secondary gates and exports built on request -------------------- */
+
+/* Scale of a float array: its largest |entry|, at least 1e-3. */
+static double scale_of(const float *v, size_t n)
+{
+    double m = 1e-3;
+    for (size_t i = 0; i < n; i++)
+        m = fabs((double)v[i]) > m ? fabs((double)v[i]) : m;
+    return m;
+}
+
+/* The secondary gates are batched per group (one GEMM over the rows routed
+ * to a group).  Against the same gate run one example at a time (batch 1:
+ * every group GEMM has one row, the per-example path), on the same draws:
+ * several groups, B much larger than a.  Without aux losses the parameter
+ * gradients are sums over examples and dx is per example, so the two must
+ * agree to float rounding; the routes and the draws agree exactly. */
+static void hmoe_batched_case(bool train, unsigned long seed)
+{
+    enum { D = 6, A = 8, BS = 8, K = 2, K2 = 2, B = 200 };
+    ccr_gate_config c = hmoe_cfg(D, A, BS, K, K2);
+    c.randomize = true;
+    c.w_importance = c.w_load = 0.0;
+    env v1, v2;
+    env_open(&v1, &ccr_gate_hmoe, &c, B, seed);
+    env_open(&v2, &ccr_gate_hmoe, &c, 1, seed); /* the same parameters */
+    static float x[B * D], dw[B * K * K2], dx1[B * D], dx2[B * D], ns1[B * A * BS];
+    static float np1[B * A], w1[B * K * K2];
+    static int32_t ids1[B * K * K2];
+    ccr_test_fill_uniform(v1.rng, x, B * D, -1, 1);
+    ccr_test_fill_uniform(v1.rng, dw, B * K * K2, -1, 1);
+    memset(dx1, 0, sizeof dx1);
+    memset(dx2, 0, sizeof dx2);
+    gsl_rng_set(v1.rng, seed + 11);
+    gsl_rng_set(v2.rng, seed + 11);
+    ccr_route r;
+    ccr_gate_stats st;
+    CCR_CK_OK(v1.ctx, ccr_gate_forward(v1.g, x, B, train, v1.rng, &r, &st));
+    memcpy(ids1, r.ids, sizeof ids1);
+    memcpy(w1, r.weights, sizeof w1);
+    size_t n;
+    memcpy(np1, env_export(&v1, "noise.primary", &n), sizeof np1);
+    ck_assert_uint_eq(n, B * A);
+    memcpy(ns1, env_export(&v1, "noise.secondary", &n), sizeof ns1);
+    ck_assert_uint_eq(n, B * A * BS);
+    ccr_gate_bwd_args ba = {.x = x, .batch = B, .dweights = dw, .dx = dx1};
+    CCR_CK_OK(v1.ctx, ccr_arena_zero_grad(v1.a));
+    CCR_CK_OK(v1.ctx, ccr_gate_backward(v1.g, &ba));
+    CCR_CK_OK(v2.ctx, ccr_arena_zero_grad(v2.a));
+    size_t used[A] = {0};
+    for (size_t b = 0; b < B; b++) {
+        CCR_CK_OK(v2.ctx, ccr_gate_forward(v2.g, x + b * D, 1, train, v2.rng, &r, &st));
+        for (size_t s = 0; s < K * K2; s++) {
+            ck_assert_int_eq(r.ids[s], ids1[b * K * K2 + s]);
+            ck_close(r.weights[s], w1[b * K * K2 + s], 1e-5, "batched hmoe weight");
+            used[(size_t)r.ids[s] / BS]++;
+        }
+        const float *np = env_export(&v2, "noise.primary", NULL);
+        const float *ns = env_export(&v2, "noise.secondary", NULL);
+        ck_assert_mem_eq(np, np1 + b * A, A * sizeof(float));
+        ck_assert_mem_eq(ns, ns1 + b * A * BS, A * BS * sizeof(float));
+        ccr_gate_bwd_args b2 = {.x = x + b * D, .batch = 1, .dweights = dw + b * K * K2,
+                                .dx = dx2 + b * D};
+        CCR_CK_OK(v2.ctx, ccr_gate_backward(v2.g, &b2));
+    }
+    size_t groups = 0;
+    for (size_t i = 0; i < A; i++)
+        groups += used[i] > 0;
+    ck_assert_uint_ge(groups, 4); /* several groups, each with many rows */
+    for (size_t t = 0; t < ccr_arena_count(v1.a); t++) {
+        const float *g1 = ccr_arena_grad(v1.a, t), *g2 = ccr_arena_grad(v2.a, t);
+        const size_t m = ccr_arena_size(v1.a, t);
+        const double sc = scale_of(g2, m);
+        for (size_t j = 0; j < m; j++)
+            ck_assert_msg(fabs((double)g1[j] - (double)g2[j]) <= 1e-5 * sc,
+                          "%s[%zu]: batched %g, per example %g", ccr_arena_name(v1.a, t), j,
+                          (double)g1[j], (double)g2[j]);
+    }
+    const double sx = scale_of(dx2, B * D);
+    for (size_t j = 0; j < B * D; j++)
+        ck_assert_msg(fabs((double)dx1[j] - (double)dx2[j]) <= 1e-5 * sx,
+                      "dx[%zu]: batched %g, per example %g", j, (double)dx1[j], (double)dx2[j]);
+    env_close(&v1);
+    env_close(&v2);
+}
+
+START_TEST(hmoe_batched)
+{
+    hmoe_batched_case(true, 21);
+    hmoe_batched_case(false, 22);
+}
+END_TEST
+
+/* noise.secondary, importance and load are built when asked for.  What a
+ * caller reads is what the eager exports held: every draw of every
+ * example replayed from the seed in the documented order, each at (b,
+ * selected group), 0 elsewhere; Importance_H the weights summed per expert
+ * in double; after a second, smaller forward (then an eval one), the
+ * export shows that forward, not a stale one. */
+START_TEST(hmoe_exports_on_request)
+{
+    enum { D = 5, A = 6, BS = 4, K = 2, K2 = 2, B = 64 };
+    ccr_gate_config c = hmoe_cfg(D, A, BS, K, K2);
+    c.randomize = true;
+    env v;
+    env_open(&v, &ccr_gate_hmoe, &c, B, 31);
+    static float x[B * D], want[B * A * BS];
+    ccr_test_fill_uniform(v.rng, x, B * D, -1, 1);
+    const size_t batches[3] = {B, B / 3, B / 2};
+    const bool trains[3] = {true, true, false};
+    for (size_t t = 0; t < 3; t++) {
+        const size_t nb = batches[t], slots = K * K2;
+        gsl_rng_set(v.rng, 40 + t);
+        ccr_route r;
+        ccr_gate_stats st;
+        CCR_CK_OK(v.ctx, ccr_gate_forward(v.g, x, nb, trains[t], v.rng, &r, &st));
+        gsl_rng *r2 = ccr_test_rng(40 + t);
+        memset(want, 0, sizeof want);
+        for (size_t b = 0; b < nb && trains[t]; b++) {
+            for (size_t i = 0; i < A; i++)
+                (void)gsl_ran_gaussian(r2, 1.0); /* the primary's */
+            for (size_t p = 0; p < K; p++) {
+                size_t grp = (size_t)r.ids[b * slots + p * K2] / BS;
+                for (size_t j = 0; j < BS; j++)
+                    want[(b * A + grp) * BS + j] = (float)gsl_ran_gaussian(r2, 1.0);
+            }
+        }
+        gsl_rng_free(r2);
+        double imp[A * BS] = {0};
+        for (size_t s = 0; s < nb * slots; s++)
+            imp[r.ids[s]] += (double)r.weights[s];
+        for (int rep = 0; rep < 2; rep++) { /* asking twice changes nothing */
+            size_t n;
+            const float *ns = env_export(&v, "noise.secondary", &n);
+            ck_assert_uint_eq(n, nb * A * BS);
+            ck_assert_mem_eq(ns, want, n * sizeof(float));
+            const float *ei = env_export(&v, "importance", &n);
+            ck_assert_uint_eq(n, A * BS);
+            for (size_t i = 0; i < A * BS; i++)
+                ck_assert(ei[i] == (float)imp[i]);
+        }
+    }
+    env_close(&v);
+}
+END_TEST
+
 /* ---- config errors and determinism ------------------------------------------ */
 
 START_TEST(hmoe_config_errors)
@@ -254,6 +400,11 @@ static Suite *suite(void)
     tcase_set_timeout(g, 120);
     tcase_add_test(g, hmoe_grad);
     suite_add_tcase(s, g);
+    TCase *bt = tcase_create("batched");
+    tcase_set_timeout(bt, 60);
+    tcase_add_test(bt, hmoe_batched);
+    tcase_add_test(bt, hmoe_exports_on_request);
+    suite_add_tcase(s, bt);
     TCase *e = tcase_create("errors");
     tcase_add_test(e, hmoe_config_errors);
     tcase_add_test(e, hmoe_determinism);
