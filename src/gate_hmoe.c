@@ -201,49 +201,6 @@ static ccr_status hmoe_init_params(void *state, gsl_rng *rng)
     return CCR_OK;
 }
 
-/* tk_core_row_forward for a secondary row whose draws are already in
- * c->noise (train; hmoe_forward draws them in the documented order before
- * the batched logits exist), with the same arithmetic; in eval it zeroes
- * them.  The marking of the top k and the threshold index are those of
- * gate_topk_core.c. */
-static void hmoe_sec_row_forward(tk_core *c, size_t r, bool train)
-{
-    const size_t n = c->n, k = c->k;
-    const float *clean = c->clean + r * n, *raw = c->raw + r * n;
-    float *std = c->std + r * n, *noise = c->noise + r * n, *h = c->h + r * n;
-    int32_t *top = c->top + r * c->ntop;
-    for (size_t i = 0; i < n; i++) {
-        if (train) {
-            std[i] = (float)(gate_softplus((double)raw[i]) + c->noise_eps);
-            h[i] = (float)((double)clean[i] + (double)noise[i] * (double)std[i]);
-        } else {
-            std[i] = 0.0f;
-            noise[i] = 0.0f;
-            h[i] = clean[i];
-        }
-    }
-    gate_topk(h, n, c->ntop, top);
-    for (size_t s = 0; s < k; s++)
-        c->hk[s] = h[top[s]];
-    gate_softmax(c->hk, k, c->gates + r * k);
-    c->lse[r] = gate_logsumexp(clean, n);
-    if (!tk_core_smooth(c, train))
-        return;
-    memset(c->in_top, 0, n);
-    for (size_t s = 0; s < k; s++)
-        c->in_top[top[s]] = 1;
-    double *p = c->p + r * n;
-    for (size_t i = 0; i < n; i++) {
-        /* the (k+1)-th largest H if i is in the top k, else the k-th */
-        double thr = (double)h[c->in_top[i] ? top[k] : top[k - 1]];
-        double diff = (double)clean[i] - thr;
-        if (std[i] > 0.0f)
-            p[i] = ccr_normal_cdf(diff / (double)std[i]);
-        else /* noise scale underflowed (noise_eps = 0): a step, no gradient */
-            p[i] = diff > 0.0 ? 1.0 : (diff < 0.0 ? 0.0 : 0.5);
-    }
-}
-
 /* The secondary weights of the GEMMs: in train w_g[i] | w_noise[i] packed
  * side by side into wcat [a, d, 2 bs] (one GEMM per group gives both
  * logits), in eval w_g itself.  Returns the matrices and sets *nc, the
@@ -327,7 +284,7 @@ static ccr_status hmoe_forward(void *state, const float *x, size_t batch, bool t
         memcpy(sc->clean + r * bs, s->y + pos * nc, bs * sizeof(float));
         if (train)
             memcpy(sc->raw + r * bs, s->y + pos * nc + bs, bs * sizeof(float));
-        hmoe_sec_row_forward(sc, r, train);
+        tk_core_row_forward_drawn(sc, r, train);
     }
     /* Pass 3, per example: routes and the sums of eqs. 13-14, in the order
      * of the per-example formulation (sums in double, index order). */

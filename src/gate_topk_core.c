@@ -108,6 +108,16 @@ static size_t tk_thr_index(const tk_core *c, const int32_t *top, size_t i)
 
 void tk_core_row_forward(tk_core *c, size_t r, bool train, gsl_rng *rng)
 {
+    if (train) {
+        float *noise = c->noise + r * c->n;
+        for (size_t i = 0; i < c->n; i++)
+            noise[i] = (float)gsl_ran_gaussian(rng, 1.0);
+    }
+    tk_core_row_forward_drawn(c, r, train);
+}
+
+void tk_core_row_forward_drawn(tk_core *c, size_t r, bool train)
+{
     const size_t n = c->n, k = c->k;
     const float *clean = c->clean + r * n, *raw = c->raw + r * n;
     float *std = c->std + r * n, *noise = c->noise + r * n, *h = c->h + r * n;
@@ -115,7 +125,6 @@ void tk_core_row_forward(tk_core *c, size_t r, bool train, gsl_rng *rng)
     for (size_t i = 0; i < n; i++) {
         if (train) {
             std[i] = (float)(gate_softplus((double)raw[i]) + c->noise_eps);
-            noise[i] = (float)gsl_ran_gaussian(rng, 1.0);
             h[i] = (float)((double)clean[i] + (double)noise[i] * (double)std[i]);
         } else {
             std[i] = 0.0f;

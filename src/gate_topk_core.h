@@ -61,6 +61,10 @@ bool tk_core_smooth(const tk_core *c, bool train);
  * gates, lse and, when smooth, P. */
 void tk_core_row_forward(tk_core *c, size_t r, bool train, gsl_rng *rng);
 
+/* The same with the row's draws already in c->noise (train; hmoe draws its
+ * secondary rows in its documented order first, then batches their GEMMs). */
+void tk_core_row_forward_drawn(tk_core *c, size_t r, bool train);
+
 /* Backward of row r.  dg [k]: dL/d(gate value) in top order (NULL: none).
  * dload [n]: dL/dP(r, i), used only when smooth (NULL: none).  zcoef:
  * coefficient c of c * lse^2 (0: no z-loss).  Overwrites the row of dclean
