@@ -7,7 +7,8 @@
 # Each FILE.jsonl is recognised by the "driver" field of its first record and
 # turned into FILE.table.md (analysis/tables.py) and, where the driver has a
 # plot, FILE.png (analysis/plots.py): ccr-capacity -> table + params vs
-# time/example plot; ccr-train -> per-epoch table; ccr-bench-mlp -> step
+# time/example plot; ccr-train -> per-epoch table; ccr-bench -> params vs
+# time/example per batch (plots.py constwork); ccr-bench-mlp -> step
 # table, with the PyTorch peer bench_mlp_torch_X.jsonl next to bench_mlp_X.
 # Files of other drivers are listed and skipped (add a case below).  Then
 # every generated block inside the hand-written fragments (*.md, see
@@ -42,6 +43,9 @@ print(json.loads(line).get("driver", "") if line.strip() else "")' "$f")
       ;;
     ccr-train)
       table "$stem" train "$f"
+      ;;
+    ccr-bench)
+      $py "$an/plots.py" constwork "$f" --out "$stem.tmp.png" && mv "$stem.tmp.png" "$stem.png"
       ;;
     ccr-bench-mlp)
       peer=$(dirname "$f")/$(basename "$f" | sed 's/^bench_mlp_/bench_mlp_torch_/')

@@ -42,6 +42,9 @@ STYLE = {  # series -> (label, colour, marker, line style)
     "signtree-path": ("signtree path (d+1 nodes)", "tab:red", "D", "-"),
     "signtree-leaf": ("signtree leaf (1 of 2^d)", "tab:purple", "P", "-"),
     "dense": ("dense gate (all E run)", "tab:gray", "x", ":"),
+    # ccr-bench only: the tree without the sign bits' straight-through gradient
+    "signtree-path-none": ("signtree path, grad-mode none", "tab:pink", "D", "-"),
+    "signtree-leaf-none": ("signtree leaf, grad-mode none", "tab:brown", "P", "-"),
 }
 KNOB = {"hidden": "h", "experts": "E", "depth": "d"}
 
@@ -98,7 +101,8 @@ def capacity(a):
 
 def bench_series(r):
     if r.get("gate") == "signtree":
-        return f"signtree-{r.get('combine', 'leaf')}"
+        none = "-none" if r.get("grad_mode") == "none" else ""
+        return f"signtree-{r.get('combine', 'leaf')}{none}"
     return r.get("gate", "?")
 
 

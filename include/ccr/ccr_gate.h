@@ -360,7 +360,9 @@ double ccr_gate_matrices_per_example(const ccr_gate *g);
  *
  * "importance" and "load" exist for every gate, but their index space
  * differs (signtree: leaves, not the 2^(d+1) - 1 path nodes); the load per
- * bank matrix, the same for every gate, is ccr_route_counts. */
+ * bank matrix, the same for every gate, is ccr_route_counts.  A gate may
+ * build an export only when asked (hmoe's noise.secondary, importance and
+ * load): the pointer stays valid until the gate's next forward. */
 size_t ccr_gate_n_exports(const ccr_gate *g);
 ccr_status ccr_gate_get_export(const ccr_gate *g, size_t i, const char **name, size_t *rank,
                                size_t shape[4], const float **data);
