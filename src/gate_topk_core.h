@@ -33,6 +33,7 @@ typedef struct tk_core {
     float *clean;       /* x W_g (written by the caller) */
     float *raw;         /* x W_noise (written by the caller, train only) */
     float *std;         /* softplus(raw) + noise_eps in train, 0 in eval */
+    double *sig;        /* sigmoid(raw) = dsoftplus/draw (train; kept for backward) */
     float *noise;       /* the N(0,1) draws (0 in eval) */
     float *h;           /* clean + noise * std */
     int32_t *top;       /* [rows, ntop] indices by decreasing H, ties to the lower index */
