@@ -44,6 +44,7 @@ ccr_status tk_core_init(tk_core *c, ccr_ctx *ctx, size_t rows, size_t n, size_t 
     c->k = k;
     c->ntop = k < n ? k + 1 : k;
     c->noise_eps = noise_eps;
+    c->want_lse = true;
     bool ok = true;
     c->clean = tk_calloc(rows, n, sizeof(float), &ok);
     c->raw = tk_calloc(rows, n, sizeof(float), &ok);
@@ -154,7 +155,7 @@ void tk_core_row_forward_drawn(tk_core *c, size_t r, bool train)
     for (size_t s = 0; s < k; s++)
         c->hk[s] = h[top[s]];
     gate_softmax(c->hk, k, c->gates + r * k);
-    c->lse[r] = gate_logsumexp(clean, n);
+    c->lse[r] = c->want_lse ? gate_logsumexp(clean, n) : 0.0;
     if (!tk_core_smooth(c, train))
         return;
     tk_mark_top(c, top);
