@@ -118,6 +118,7 @@ static ccr_status hmoe_init(void *state, ccr_ctx *ctx, const ccr_gate_config *cf
         tk_core_free(&s->prim);
         return st;
     }
+    s->prim.want_lse = s->sec.want_lse = cfg->z_loss > 0.0; /* lse: z-loss only */
     const size_t e = s->e, a = s->a;
     s->ids = calloc(slots, sizeof(int32_t));
     s->weights = calloc(slots, sizeof(float));

@@ -74,6 +74,7 @@ static ccr_status topk_init(void *state, ccr_ctx *ctx, const ccr_gate_config *cf
     s->k = cfg->k;
     s->max_batch = max_batch;
     CCR_TRY(tk_core_init(&s->core, ctx, max_batch, s->e, s->k, cfg->noise_eps));
+    s->core.want_lse = cfg->z_loss > 0.0; /* lse is read only for the z-loss */
     const size_t e = s->e;
     s->ids = calloc(dk, sizeof(int32_t));
     s->weights = calloc(dk, sizeof(float));

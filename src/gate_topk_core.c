@@ -44,10 +44,12 @@ ccr_status tk_core_init(tk_core *c, ccr_ctx *ctx, size_t rows, size_t n, size_t 
     c->k = k;
     c->ntop = k < n ? k + 1 : k;
     c->noise_eps = noise_eps;
+    c->want_lse = true;
     bool ok = true;
     c->clean = tk_calloc(rows, n, sizeof(float), &ok);
     c->raw = tk_calloc(rows, n, sizeof(float), &ok);
     c->std = tk_calloc(rows, n, sizeof(float), &ok);
+    c->sig = tk_calloc(rows, n, sizeof(double), &ok);
     c->noise = tk_calloc(rows, n, sizeof(float), &ok);
     c->h = tk_calloc(rows, n, sizeof(float), &ok);
     c->top = tk_calloc(rows, c->ntop, sizeof(int32_t), &ok);
@@ -73,6 +75,7 @@ void tk_core_free(tk_core *c)
     free(c->clean);
     free(c->raw);
     free(c->std);
+    free(c->sig);
     free(c->noise);
     free(c->h);
     free(c->top);
@@ -116,36 +119,54 @@ void tk_core_row_forward(tk_core *c, size_t r, bool train, gsl_rng *rng)
     tk_core_row_forward_drawn(c, r, train);
 }
 
+/* 1/sqrt(2 pi), the standard normal density at 0. */
+#define TK_INV_SQRT_2PI 0.39894228040143267794
+/* 1/sqrt(2). */
+#define TK_SQRT1_2 0.70710678118654752440
+
 void tk_core_row_forward_drawn(tk_core *c, size_t r, bool train)
 {
     const size_t n = c->n, k = c->k;
-    const float *clean = c->clean + r * n, *raw = c->raw + r * n;
-    float *std = c->std + r * n, *noise = c->noise + r * n, *h = c->h + r * n;
+    const float *restrict clean = c->clean + r * n, *restrict raw = c->raw + r * n;
+    float *restrict std = c->std + r * n, *restrict noise = c->noise + r * n;
+    float *restrict h = c->h + r * n;
     int32_t *top = c->top + r * c->ntop;
-    for (size_t i = 0; i < n; i++) {
-        if (train) {
-            std[i] = (float)(gate_softplus((double)raw[i]) + c->noise_eps);
-            h[i] = (float)((double)clean[i] + (double)noise[i] * (double)std[i]);
-        } else {
-            std[i] = 0.0f;
-            noise[i] = 0.0f;
-            h[i] = clean[i];
+    if (train) {
+        /* softplus(x) = max(x, 0) + log1p(e) and sigmoid(x) = (x >= 0 ? 1 :
+         * e) / (1 + e) with e = exp(-|x|): one exp for both (the same values
+         * as gate_softplus and gate_sigmoid, bit for bit); the sigmoid is
+         * kept for the backward pass. */
+        double *restrict sig = c->sig + r * n;
+        const double eps = c->noise_eps;
+        for (size_t i = 0; i < n; i++) {
+            const double x = (double)raw[i];
+            const double e = exp(-fabs(x));
+            std[i] = (float)((x > 0.0 ? x : 0.0) + log1p(e) + eps);
+            sig[i] = (x >= 0.0 ? 1.0 : e) / (1.0 + e);
         }
+        for (size_t i = 0; i < n; i++)
+            h[i] = (float)((double)clean[i] + (double)noise[i] * (double)std[i]);
+    } else {
+        memset(std, 0, n * sizeof *std);
+        memset(noise, 0, n * sizeof *noise);
+        memcpy(h, clean, n * sizeof *h);
     }
     gate_topk(h, n, c->ntop, top);
     for (size_t s = 0; s < k; s++)
         c->hk[s] = h[top[s]];
     gate_softmax(c->hk, k, c->gates + r * k);
-    c->lse[r] = gate_logsumexp(clean, n);
+    c->lse[r] = c->want_lse ? gate_logsumexp(clean, n) : 0.0;
     if (!tk_core_smooth(c, train))
         return;
     tk_mark_top(c, top);
-    double *p = c->p + r * n;
+    /* P = Phi(u) = erfc(-u / sqrt 2) / 2, u = (clean - thr) / std. */
+    const double thr_in = (double)h[top[k]], thr_out = (double)h[top[k - 1]];
+    const unsigned char *restrict in_top = c->in_top;
+    double *restrict p = c->p + r * n;
     for (size_t i = 0; i < n; i++) {
-        double thr = (double)h[tk_thr_index(c, top, i)];
-        double diff = (double)clean[i] - thr;
+        const double diff = (double)clean[i] - (in_top[i] ? thr_in : thr_out);
         if (std[i] > 0.0f)
-            p[i] = ccr_normal_cdf(diff / (double)std[i]);
+            p[i] = 0.5 * erfc(-(diff / (double)std[i]) * TK_SQRT1_2);
         else /* noise scale underflowed (noise_eps = 0): a step, no gradient */
             p[i] = diff > 0.0 ? 1.0 : (diff < 0.0 ? 0.0 : 0.5);
     }
@@ -155,22 +176,23 @@ void tk_core_row_backward(tk_core *c, size_t r, bool train, const float *dg,
                           const double *dload, double zcoef)
 {
     const size_t n = c->n, k = c->k;
-    const float *clean = c->clean + r * n, *raw = c->raw + r * n;
-    const float *std = c->std + r * n, *noise = c->noise + r * n, *h = c->h + r * n;
+    const float *restrict clean = c->clean + r * n;
+    const float *restrict std = c->std + r * n, *restrict noise = c->noise + r * n;
+    const float *restrict h = c->h + r * n;
     const int32_t *top = c->top + r * c->ntop;
-    float *dclean = c->dclean + r * n, *draw = c->draw + r * n;
-    memset(c->dh, 0, n * sizeof(float));
-    for (size_t i = 0; i < n; i++)
-        c->dstd[i] = 0.0;
+    float *restrict dclean = c->dclean + r * n, *restrict draw = c->draw + r * n;
+    float *restrict dh = c->dh;
+    double *restrict dstdv = c->dstd;
+    memset(dh, 0, n * sizeof *dh);
+    memset(dstdv, 0, n * sizeof *dstdv);
     /* Through the gate values: softmax backward over the kept k. */
     if (dg != NULL) {
         memset(c->dg, 0, k * sizeof(float));
         gate_softmax_backward(c->gates + r * k, dg, k, c->dg);
         for (size_t s = 0; s < k; s++)
-            c->dh[top[s]] += c->dg[s];
+            dh[top[s]] += c->dg[s];
     }
-    for (size_t i = 0; i < n; i++)
-        dclean[i] = 0.0f;
+    memset(dclean, 0, n * sizeof *dclean);
     /* Through the smooth load: P = Phi(u), u = (clean - thr) / std. */
     if (dload != NULL && tk_core_smooth(c, train)) {
         tk_mark_top(c, top);
@@ -180,13 +202,13 @@ void tk_core_row_backward(tk_core *c, size_t r, bool train, const float *dg,
             size_t j = tk_thr_index(c, top, i);
             double s = (double)std[i];
             double u = ((double)clean[i] - (double)h[j]) / s;
-            double t = dload[i] * gsl_ran_ugaussian_pdf(u) / s; /* dL/dclean_i */
+            double t = dload[i] * (TK_INV_SQRT_2PI * exp(-0.5 * u * u)) / s; /* dL/dclean_i */
             dclean[i] += (float)t;
 #ifndef CCR_MUTANT_LOAD_THRESHOLD  /* mutants: tests/gradcheck_mutants.sh */
-            c->dh[j] -= (float)t;  /* dL/dthr, thr = H_j */
+            dh[j] -= (float)t;  /* dL/dthr, thr = H_j */
 #endif
 #ifndef CCR_MUTANT_LOAD_STD
-            c->dstd[i] -= t * u;
+            dstdv[i] -= t * u;
 #endif
         }
     }
@@ -199,16 +221,19 @@ void tk_core_row_backward(tk_core *c, size_t r, bool train, const float *dg,
         for (size_t i = 0; i < n; i++)
             dclean[i] += (float)(g * exp((double)clean[i] - c->lse[r]));
     }
-    /* H = clean + noise * std; std = softplus(raw) + eps. */
-    for (size_t i = 0; i < n; i++) {
-        dclean[i] += c->dh[i];
-        if (train) {
-            double dstd = c->dstd[i] + (double)c->dh[i] * (double)noise[i]
+    /* H = clean + noise * std; std = softplus(raw) + eps, dstd/draw =
+     * sigmoid(raw), kept by the forward pass. */
+    for (size_t i = 0; i < n; i++)
+        dclean[i] += dh[i];
+    if (train) {
+        const double *restrict sig = c->sig + r * n;
+        for (size_t i = 0; i < n; i++) {
+            double dstd = dstdv[i] + (double)dh[i] * (double)noise[i]
 #ifdef CCR_MUTANT_NOISE_STD
-                                           * 0.0
+                                         * 0.0
 #endif
                 ;
-            draw[i] = (float)(dstd * gate_sigmoid((double)raw[i]));
+            draw[i] = (float)(dstd * sig[i]);
         }
     }
 }

@@ -29,16 +29,19 @@ typedef struct tk_core {
     size_t rows, n, k;
     size_t ntop;        /* entries kept in top: k + 1 if k < n (the thresholds), else k */
     double noise_eps;
+    bool want_lse;      /* compute lse (true after init; callers clear it when
+                           the z-loss is off: its exp per entry is then skipped) */
     /* [rows, n] unless noted; row r starts at r * n (top: r * ntop, gates: r * k) */
     float *clean;       /* x W_g (written by the caller) */
     float *raw;         /* x W_noise (written by the caller, train only) */
     float *std;         /* softplus(raw) + noise_eps in train, 0 in eval */
+    double *sig;        /* sigmoid(raw) = dsoftplus/draw (train; kept for backward) */
     float *noise;       /* the N(0,1) draws (0 in eval) */
     float *h;           /* clean + noise * std */
     int32_t *top;       /* [rows, ntop] indices by decreasing H, ties to the lower index */
     float *gates;       /* [rows, k] softmax over H[top[0..k)] */
     double *p;          /* smooth load probabilities (train and k < n only) */
-    double *lse;        /* [rows] logsumexp of the clean logits (z-loss) */
+    double *lse;        /* [rows] logsumexp of the clean logits (z-loss); 0 if !want_lse */
     float *dclean;      /* backward results: dL/dclean */
     float *draw;        /* dL/draw (train only) */
     /* scratch of one row */
@@ -58,7 +61,7 @@ bool tk_core_smooth(const tk_core *c, bool train);
 
 /* Forward of row r from its clean (and, if train, raw) logits: std, n draws
  * from rng (train; gsl_ran_gaussian(rng, 1.0) in index order), H, top,
- * gates, lse and, when smooth, P. */
+ * gates, lse (if want_lse, else 0) and, when smooth, P. */
 void tk_core_row_forward(tk_core *c, size_t r, bool train, gsl_rng *rng);
 
 /* The same with the row's draws already in c->noise (train; hmoe draws its
