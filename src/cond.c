@@ -573,32 +573,46 @@ static void cond_rows(const ccr_cond *c, size_t w, size_t *b0, size_t *b1)
     *b1 = c->batch * (w + 1) / c->T;
 }
 
-/* Combine, a gather per example: y_b = sum over slots in slot order of
- * w * out (+ x_b). */
-static void cond_combine_job(void *arg, size_t w)
+/* Rows [b0, b1) of a gather per example, shared by combine and dx:
+ * dst_b = sum over slots in slot order of (weight *) src[pos] (+ add_b).
+ * weights NULL: plain sums; add NULL: nothing added. */
+static void cond_gather(const ccr_cond *c, size_t b0, size_t b1, const float *src, size_t n,
+                        const float *weights, const float *add, float *dst)
 {
-    ccr_cond *c = arg;
-    size_t S = c->slots, d_out = c->cfg.d_out, b0, b1;
-    const ccr_route *r = &c->route;
-    cond_rows(c, w, &b0, &b1);
+    const size_t S = c->slots;
     for (size_t b = b0; b < b1; b++) {
-        float *y = c->job_y + b * d_out;
-        memset(y, 0, d_out * sizeof *y);
+        float *y = dst + b * n;
+        memset(y, 0, n * sizeof *y);
         for (size_t s = 0; s < S; s++) {
             int32_t q = c->pos[b * S + s];
             if (q < 0)
                 continue;
-            float wt = r->weights[b * S + s];
-            const float *o = c->out + (size_t)q * d_out;
-            for (size_t j = 0; j < d_out; j++)
-                y[j] += wt * o[j];
+            const float *o = src + (size_t)q * n;
+            if (weights != NULL) {
+                float wt = weights[b * S + s];
+                for (size_t j = 0; j < n; j++)
+                    y[j] += wt * o[j];
+            } else {
+                for (size_t j = 0; j < n; j++)
+                    y[j] += o[j];
+            }
         }
-        if (c->cfg.residual) { /* d_in == d_out */
-            const float *x = c->job_x + b * d_out;
-            for (size_t j = 0; j < d_out; j++)
+        if (add != NULL) {
+            const float *x = add + b * n;
+            for (size_t j = 0; j < n; j++)
                 y[j] += x[j];
         }
     }
+}
+
+/* Combine: y_b = sum over slots of w * out (+ x_b with residual, d_in == d_out). */
+static void cond_combine_job(void *arg, size_t w)
+{
+    ccr_cond *c = arg;
+    size_t b0, b1;
+    cond_rows(c, w, &b0, &b1);
+    cond_gather(c, b0, b1, c->out, c->cfg.d_out, c->route.weights,
+                c->cfg.residual ? c->job_x : NULL, c->job_y);
 }
 
 /* Runs fn on the pool with OpenBLAS single-threaded for the duration (the
@@ -861,30 +875,14 @@ static void cond_bwd_job(void *arg, size_t w)
     }
 }
 
-/* dx, a gather per example: dx_b = sum over slots in slot order of the
- * pair's input gradient (+ dy_b). */
+/* dx: dx_b = sum over slots of the pair's input gradient (+ dy_b with residual). */
 static void cond_dx_job(void *arg, size_t w)
 {
     ccr_cond *c = arg;
-    size_t S = c->slots, d_in = c->cfg.d_in, b0, b1;
+    size_t b0, b1;
     cond_rows(c, w, &b0, &b1);
-    for (size_t b = b0; b < b1; b++) {
-        float *dx = c->job_y + b * d_in;
-        memset(dx, 0, d_in * sizeof *dx);
-        for (size_t s = 0; s < S; s++) {
-            int32_t q = c->pos[b * S + s];
-            if (q < 0)
-                continue;
-            const float *gx = c->g_x + (size_t)q * d_in;
-            for (size_t j = 0; j < d_in; j++)
-                dx[j] += gx[j];
-        }
-        if (c->cfg.residual) { /* d_in == d_out */
-            const float *dy = c->job_dy + b * d_in;
-            for (size_t j = 0; j < d_in; j++)
-                dx[j] += dy[j];
-        }
-    }
+    cond_gather(c, b0, b1, c->g_x, c->cfg.d_in, NULL, c->cfg.residual ? c->job_dy : NULL,
+                c->job_y);
 }
 
 ccr_status ccr_cond_backward(ccr_cond *c, const float *dy, float *dx)
