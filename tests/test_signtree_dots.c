@@ -164,6 +164,19 @@ static ccr_gate_type wrap_gate(void)
 /* ---- the tests --------------------------------------------------------------- */
 
 /* _i: bit 0 leaf (else path), bit 1 FFN bank (else linear). */
+/* A layer of cc for B examples in its own arena, parameters initialised;
+ * returns the wrapper gate's state. */
+static wrap_state *make_layer(const ccr_cond_config *cc, ccr_cond **c, ccr_arena **a)
+{
+    CCR_CK_OK(ctx, ccr_cond_alloc(be, cc, B, c));
+    wrap_state *w = wrap_last;
+    CCR_CK_OK(ctx, ccr_arena_init(be, a));
+    CCR_CK_OK(ctx, ccr_cond_declare(*c, *a, ""));
+    CCR_CK_OK(ctx, ccr_arena_finalize(*a));
+    CCR_CK_OK(ctx, ccr_cond_init_params(*c, rng));
+    return w;
+}
+
 START_TEST(test_layer_both_ways)
 {
     ccr_gate_type t = wrap_gate();
@@ -180,12 +193,7 @@ START_TEST(test_layer_both_ways)
     cc.gate_cfg.randomize = true;
     ccr_cond *c;
     ccr_arena *a;
-    CCR_CK_OK(ctx, ccr_cond_alloc(be, &cc, B, &c));
-    wrap_state *w = wrap_last;
-    CCR_CK_OK(ctx, ccr_arena_init(be, &a));
-    CCR_CK_OK(ctx, ccr_cond_declare(c, a, ""));
-    CCR_CK_OK(ctx, ccr_arena_finalize(a));
-    CCR_CK_OK(ctx, ccr_cond_init_params(c, rng));
+    wrap_state *w = make_layer(&cc, &c, &a);
     size_t n_mat = ccr_gate_n_matrices(w->inner);
 
     float *x = malloc(B * D_IN * sizeof *x), *dy = malloc(B * D_OUT * sizeof *dy);
@@ -270,12 +278,7 @@ START_TEST(test_none_no_dots)
     cc.gate_cfg.grad_mode = CCR_GRAD_NONE;
     ccr_cond *c;
     ccr_arena *a;
-    CCR_CK_OK(ctx, ccr_cond_alloc(be, &cc, B, &c));
-    wrap_state *w = wrap_last;
-    CCR_CK_OK(ctx, ccr_arena_init(be, &a));
-    CCR_CK_OK(ctx, ccr_cond_declare(c, a, ""));
-    CCR_CK_OK(ctx, ccr_arena_finalize(a));
-    CCR_CK_OK(ctx, ccr_cond_init_params(c, rng));
+    wrap_state *w = make_layer(&cc, &c, &a);
     float x[8 * D_IN], y[8 * D_OUT], dy[8 * D_OUT], dx[8 * D_IN];
     ccr_test_fill_uniform(rng, x, 8 * D_IN, -1.0f, 1.0f);
     ccr_test_fill_uniform(rng, dy, 8 * D_OUT, -1.0f, 1.0f);
