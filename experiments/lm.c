@@ -286,8 +286,32 @@ static int accounting(const options *o, ccr_backend *be)
 
 typedef struct progress_ud {
     const char *name;
-    double t0, nll, n;
+    double t0, nll, n, eval_s;  /* eval_s: time in epoch_end, not training */
+    const ccr_corpus *cp;
+    size_t epochs;
+    double *train_ppl, *valid_ppl;  /* [epochs], filled by epoch_end */
 } progress_ud;
+
+/* After every pass: the pass's training perplexity and the validation
+ * perplexity (NaN without a validation split), for the learning curve. */
+static ccr_status epoch_end(void *ud, lm_model *m, size_t epoch, double train_nll)
+{
+    progress_ud *p = ud;
+    double vn = 0.0, t = drv_now();
+    size_t vc = 0;
+    if (p->cp->n_valid > 0) {
+        ccr_status s = lm_evaluate(m, p->cp->valid, p->cp->n_valid, &vn, &vc);
+        if (s != CCR_OK)
+            return s;
+    }
+    p->train_ppl[epoch] = exp(train_nll);
+    p->valid_ppl[epoch] = vc ? exp(vn / (double)vc) : NAN;
+    p->eval_s += drv_now() - t;
+    drv_progress_end();
+    fprintf(stderr, "%s: %s epoch %zu/%zu: train ppl %.2f valid ppl %.2f (%.0fs)\n", PROG, p->name,
+            epoch + 1, p->epochs, p->train_ppl[epoch], p->valid_ppl[epoch], drv_now() - p->t0);
+    return CCR_OK;
+}
 
 static void progress(void *ud, size_t step, size_t total, const lm_fwd_stats *st)
 {
@@ -305,8 +329,8 @@ static void progress(void *ud, size_t step, size_t total, const lm_fwd_stats *st
 
 static void record(ccr_record *r, const options *o, const ccr_backend *be, const char *name,
                    const lm_config *c, const lm_model *m, const ccr_corpus *cp,
-                   const lm_train_summary *ts, double valid_nll, double test_nll, double test_n,
-                   double train_s, double wall_s)
+                   const lm_train_summary *ts, const progress_ud *pu, double valid_nll,
+                   double test_nll, double test_n, double train_s, double wall_s)
 {
     double p, ops;
     lm_arch arch = lm_config_arch(c);
@@ -342,6 +366,8 @@ static void record(ccr_record *r, const options *o, const ccr_backend *be, const
     if (s == CCR_OK) s = ccr_record_add_double(r, "flops_counted", ts->flops_counted);
     if (s == CCR_OK) s = ccr_record_add_double(r, "train_ppl", exp(ts->train_nll));
     if (s == CCR_OK) s = ccr_record_add_double(r, "valid_ppl", exp(valid_nll));
+    if (s == CCR_OK) s = ccr_record_add_doubles(r, "train_ppl_epochs", pu->train_ppl, pu->epochs);
+    if (s == CCR_OK) s = ccr_record_add_doubles(r, "valid_ppl_epochs", pu->valid_ppl, pu->epochs);
     if (s == CCR_OK) s = ccr_record_add_double(r, "test_ppl", exp(test_nll));
     if (s == CCR_OK) s = ccr_record_add_double(r, "test_nll", test_nll);
     if (s == CCR_OK) s = ccr_record_add_int(r, "test_tokens", (int64_t)test_n);
@@ -417,17 +443,21 @@ int main(int argc, char **argv)
         if ((s = lm_model_init_params(m, rng)) != CCR_OK ||
             (s = ccr_optim_init(lm_model_arena(m), &oc, &opt)) != CCR_OK)
             drv_fail(PROG, ctx, s, "init");
-        progress_ud pu = {.name = name, .t0 = drv_now()};
+        progress_ud pu = {.name = name, .t0 = drv_now(), .cp = cp, .epochs = o.epochs,
+                          .train_ppl = calloc(o.epochs, 2 * sizeof(double))};
+        if (pu.train_ppl == NULL)
+            drv_fail(PROG, ctx, CCR_ENOMEM, "per-epoch perplexities");
+        pu.valid_ppl = pu.train_ppl + o.epochs;
         lm_train_args ta = {.tok = cp->train, .n = cp->n_train, .epochs = o.epochs,
                             .lr = o.lr, .clip = o.clip, .warmup = o.warmup,
-                            .progress = progress, .ud = &pu};
+                            .progress = progress, .epoch_end = epoch_end, .ud = &pu};
         lm_stream st;
         lm_stream_init(&st, cp->train, cp->n_train, c.batch, c.unroll);
         ta.avg_last = st.steps;  /* diagnostics: the last epoch */
         lm_train_summary ts;
         if ((s = lm_train_run(m, opt, rng, &ta, &ts)) != CCR_OK)
             drv_fail(PROG, ctx, s, "training");
-        double train_s = drv_now() - pu.t0;
+        double train_s = drv_now() - pu.t0 - pu.eval_s;
         drv_progress_end();
         double vn = 0, tn = 0;
         size_t vc = 0, tc = 0;
@@ -444,9 +474,10 @@ int main(int argc, char **argv)
                 lm_model_n_params(m, true), ops, exp(ts.train_nll),
                 exp(vnll), exp(tnll), train_s,
                 (double)(ts.steps * c.batch * c.unroll) / train_s);
-        record(rec, &o, be, name, &c, m, cp, &ts, vnll, tnll, (double)tc, train_s,
+        record(rec, &o, be, name, &c, m, cp, &ts, &pu, vnll, tnll, (double)tc, train_s,
                drv_now() - t0);
         drv_write_record(PROG, ctx, CCR_OK, out, rec);
+        free(pu.train_ppl);
         ccr_optim_free(opt);
         lm_model_free(m);
     }

@@ -426,6 +426,68 @@ static void dropout(lm_model *m, gsl_rng *rng, float *mask, float *y)
     }
 }
 
+/* exp(x) for x <= 0 as plain arithmetic the compiler vectorises: x = n ln 2
+ * + r with |r| <= ln2/2 (two-part ln 2), e^r by Cephes expf's degree-6
+ * polynomial, 2^n put into the exponent bits.  Relative error about 2e-7
+ * (tested against exp in double); x below ln(2^-126) is clamped there, so no
+ * subnormal result can slow the loops that follow (see RESULTS, "Subnormal
+ * numbers slowed training").  NaN stays NaN. */
+static inline float exp_nonpos(float x)
+{
+    const float lo = -87.33654f, log2e = 1.44269504089f, shifter = 12582912.0f;  /* 1.5*2^23 */
+    x = x < lo ? lo : x;
+    float n = (x * log2e + shifter) - shifter;  /* round to nearest, |n| <= 126 */
+    float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    union { int32_t i; float f; } two_n = {.i = ((int32_t)n + 127) << 23};
+    return p * two_n.f;
+}
+
+double lm_softmax_row(float *z, size_t n)
+{
+    /* Fixed lanes and blocks: the same sums in the same order on every call,
+     * and loops simple enough for the compiler to vectorise. */
+    enum { L = 8, BLOCK = 512 };
+    size_t nv = n - n % L;
+    float mx8[L];
+    for (size_t l = 0; l < L; l++)
+        mx8[l] = z[0];
+    for (size_t j = 0; j < nv; j += L)
+        for (size_t l = 0; l < L; l++)
+            mx8[l] = z[j + l] > mx8[l] ? z[j + l] : mx8[l];
+    float mx = z[0];
+    for (size_t l = 0; l < L; l++)
+        mx = mx8[l] > mx ? mx8[l] : mx;
+    for (size_t j = nv; j < n; j++)
+        mx = z[j] > mx ? z[j] : mx;
+    for (size_t j = 0; j < n; j++)
+        z[j] = exp_nonpos(z[j] - mx);
+    double sum = 0.0;  /* float lanes within a block, double across blocks */
+    for (size_t j0 = 0; j0 < n; j0 += BLOCK) {
+        size_t j1 = n - j0 < BLOCK ? n : j0 + BLOCK, jv = j1 - (j1 - j0) % L;
+        float s8[L] = {0.0f};
+        for (size_t j = j0; j < jv; j += L)
+            for (size_t l = 0; l < L; l++)
+                s8[l] += z[j + l];
+        float bs = 0.0f;
+        for (size_t l = 0; l < L; l++)
+            bs += s8[l];
+        for (size_t j = jv; j < j1; j++)
+            bs += z[j];
+        sum += (double)bs;
+    }
+    float inv = (float)(1.0 / sum);
+    for (size_t j = 0; j < n; j++)
+        z[j] *= inv;
+    return log(sum) + (double)mx;
+}
+
 ccr_status lm_model_forward(lm_model *m, const int32_t *in, const int32_t *tgt, bool train,
                             gsl_rng *rng, lm_fwd_stats *st)
 {
@@ -478,19 +540,11 @@ ccr_status lm_model_forward(lm_model *m, const int32_t *in, const int32_t *tgt, 
     bias_rows(m->prob, ccr_arena_value(m->arena, m->p_ob), N, V);
     st->flops_counted += (double)N * (2.0 * d * V + V);
     for (size_t r = 0; r < N; r++) {
-        float *z = m->prob + r * V, mx = z[0];
-        for (size_t j = 1; j < V; j++)
-            mx = z[j] > mx ? z[j] : mx;
-        double sum = 0.0, zt = tgt[r] >= 0 ? (double)z[tgt[r]] : 0.0;
-        for (size_t j = 0; j < V; j++) {
-            z[j] = expf(z[j] - mx);
-            sum += z[j];
-        }
-        float inv = (float)(1.0 / sum);
-        for (size_t j = 0; j < V; j++)
-            z[j] *= inv;
+        float *z = m->prob + r * V;
+        double zt = tgt[r] >= 0 ? (double)z[tgt[r]] : 0.0;
+        double lse = lm_softmax_row(z, V);
         if (tgt[r] >= 0) {
-            st->nll_sum += log(sum) + (double)mx - zt;
+            st->nll_sum += lse - zt;
             st->n_scored++;
         }
     }

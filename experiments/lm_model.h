@@ -103,6 +103,10 @@ size_t lm_model_state_len(const lm_model *m);
 void lm_model_state_get(const lm_model *m, float *out);
 void lm_model_state_set(lm_model *m, const float *in);
 
+/* In-place softmax of one row of n >= 1 logits (vectorised exp, see
+ * lm_model.c); returns log(sum(exp(z))) of the input in double. */
+double lm_softmax_row(float *z, size_t n);
+
 /* One batch: in[t * batch + b] are input ids, tgt the targets (-1 = not
  * scored).  train draws dropout masks and gate noise from rng.  The final
  * LSTM state becomes the next batch's initial state.  Returns CCR_EINVAL
@@ -195,7 +199,9 @@ ccr_status lm_evaluate(lm_model *m, const int32_t *tok, size_t n, double *nll, s
 
 /* A training run: `epochs` passes over tok[0..n) with the schedule above;
  * the state is reset at the start of each pass.  progress (may be NULL) is
- * called after every step. */
+ * called after every step; epoch_end (may be NULL) after every pass with
+ * the pass's number (from 0) and its mean training NLL per token, and may
+ * evaluate the model (its error stops the run). */
 typedef struct lm_train_args {
     const int32_t *tok;
     size_t n, epochs;
@@ -203,6 +209,7 @@ typedef struct lm_train_args {
     size_t warmup;
     size_t avg_last;   /* average the diagnostics over the last avg_last steps */
     void (*progress)(void *ud, size_t step, size_t total, const lm_fwd_stats *st);
+    ccr_status (*epoch_end)(void *ud, lm_model *m, size_t epoch, double train_nll);
     void *ud;
 } lm_train_args;
 

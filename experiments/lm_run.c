@@ -181,7 +181,7 @@ ccr_status lm_train_run(lm_model *m, ccr_optim *opt, gsl_rng *rng, const lm_trai
     lm_stream_init(&s, a->tok, a->n, c->batch, c->unroll);
     size_t total = s.steps * a->epochs, from = total > a->avg_last ? total - a->avg_last : 0;
     lm_train_summary sum = {.steps = total};
-    double nll = 0.0, scored = 0.0;
+    double nll = 0.0, scored = 0.0, ep_nll = 0.0, ep_scored = 0.0;
     ccr_status st = CCR_OK;
     lm_model_reset_state(m);
     for (size_t k = 0; k < total && st == CCR_OK; k++) {
@@ -213,8 +213,14 @@ ccr_status lm_train_run(lm_model *m, ccr_optim *opt, gsl_rng *rng, const lm_trai
             sum.max_mean_count += g->max_mean_count;
             sum.averaged++;
         }
+        ep_nll += fs.nll_sum;
+        ep_scored += (double)fs.n_scored;
         if (a->progress != NULL)
             a->progress(a->ud, k + 1, total, &fs);
+        if ((k + 1) % s.steps == 0 && a->epoch_end != NULL) {
+            st = a->epoch_end(a->ud, m, k / s.steps, ep_scored > 0 ? ep_nll / ep_scored : 0.0);
+            ep_nll = ep_scored = 0.0;
+        }
     }
     free(buf);
     lm_model_reset_state(m);

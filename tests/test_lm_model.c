@@ -7,7 +7,8 @@
  * embedding gradient; gradient clipping; counted = analytic FLOPs; the
  * Shazeer Tables 7-8 accounting against the printed values (+-0.1 M);
  * determinism; argument errors; a model that learns a periodic text; and
- * the token streams (every token scored once) and the schedule.
+ * the token streams (every token scored once) and the schedule; the
+ * vectorised softmax row against one computed with exp in double.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -399,6 +400,51 @@ START_TEST(test_learns_periodic_text)
 END_TEST
 
 /* Every token is a target exactly once, its input is the token before it. */
+/* lm_softmax_row against softmax and log-sum-exp in double: row lengths
+ * around the 8 lanes and the LM's vocabulary, logits spread wide enough
+ * that most probabilities underflow float (the clamp must not leave them
+ * larger than float's smallest normal number times a few). */
+START_TEST(test_softmax_row)
+{
+    static const size_t lens[] = {1, 7, 8, 9, 17, 10000};
+    float *z = malloc(10000 * sizeof *z);
+    double *ref = malloc(10000 * sizeof *ref), *x = malloc(10000 * sizeof *x);
+    ck_assert(z != NULL && ref != NULL && x != NULL);
+    for (size_t t = 0; t < sizeof lens / sizeof lens[0]; t++)
+        for (int spread = 0; spread < 3; spread++) {
+            size_t n = lens[t];
+            double scale = spread == 0 ? 1.0 : spread == 1 ? 20.0 : 200.0, mx = -INFINITY;
+            for (size_t j = 0; j < n; j++) {
+                z[j] = (float)(scale * (2.0 * gsl_rng_uniform(rng) - 1.0));
+                x[j] = z[j];
+                mx = fmax(mx, x[j]);
+            }
+            double sum = 0.0;
+            for (size_t j = 0; j < n; j++)
+                sum += exp((double)z[j] - mx);
+            for (size_t j = 0; j < n; j++)
+                ref[j] = exp((double)z[j] - mx) / sum;
+            double lse = lm_softmax_row(z, n), total = 0.0;
+            ck_assert_msg(fabs(lse - (log(sum) + mx)) <= 1e-6 * fmax(1.0, fabs(lse)),
+                          "n %zu spread %g: lse %.9g want %.9g", n, scale, lse, log(sum) + mx);
+            /* float's z - max alone is off by up to |z - max| 2^-24 */
+            for (size_t j = 0; j < n; j++) {
+                double tol = (1e-6 + 6e-8 * (mx - x[j])) * ref[j] + 1e-37;
+                ck_assert_msg(fabs(z[j] - ref[j]) <= tol, "n %zu j %zu: %.9g want %.9g",
+                              n, j, (double)z[j], ref[j]);
+                total += z[j];
+            }
+            ck_assert_msg(fabs(total - 1.0) < 1e-5, "n %zu: probabilities sum to %.9g", n, total);
+        }
+    z[0] = NAN;
+    z[1] = 0.0f;
+    ck_assert(isnan(lm_softmax_row(z, 2)));
+    free(z);
+    free(ref);
+    free(x);
+}
+END_TEST
+
 START_TEST(test_stream)
 {
     int32_t tok[23], in[4 * 3], tgt[4 * 3];
@@ -441,6 +487,7 @@ static Suite *suite(void)
     tcase_add_test(tc, test_errors);
     tcase_add_test(tc, test_learns_periodic_text);
     tcase_add_test(tc, test_stream);
+    tcase_add_test(tc, test_softmax_row);
     suite_add_tcase(s, tc);
     return s;
 }
