@@ -11,17 +11,28 @@ Times forward + backward (train mode) of the layer written in PyTorch:
                 autograd.Function with a hand-written backward, one expert
                 per thread (T Python threads, torch and OpenBLAS at one
                 thread each, so the GEMMs are single-threaded).
-Only the `topk` gate (noisy top-k, docs/GATES.md) over an FFN bank
-(relu(x W1 + b1) W2 + b2) is implemented; any other gate prints a record with
-"supported": false and no times.  The FLOPs match ccr's: gate 4 d_in E
-(clean and noise products), k experts per example, d_in->hidden->d_out.
-Importance and smooth-load losses (CV^2) are computed and back-propagated as
-in ccr; their weights do not change the cost.
+Gates (docs/GATES.md), each over an FFN bank (relu(x W1 + b1) W2 + b2):
+  topk    noisy top-k, importance and smooth-load losses (CV^2)
+  dense   softmax over all E experts, every expert runs, importance loss
+  switch  top-1 of the softmax with capacity ceil(cf B / E) in batch order
+          (dropped examples output 0), the alpha E sum f_i P_i loss
+  hmoe    noisy top-k over groups, then in each selected group a noisy top-k2
+          over its experts (the secondary gate's logits per group over the
+          rows routed to it in the strong peers, per group in a Python loop
+          in the conventional one); the eq. 13/14 importance and load
+          products.
+The gate is written once (vectorised PyTorch) and shared; the peers differ
+in how the experts run.  signtree (a linear bank, path or leaf routes) is
+not implemented: it prints a record with "supported": false and no times.
+The FLOPs match ccr's (gate products, k experts per example,
+d_in->hidden->d_out).  Loss weights do not change the cost.
 
 Prints one JSON line on stdout:
   {"supported": true, "torch": ..., "threads": T,
    "seconds_fwdbwd": {"conventional": s, "strong_autograd": s, "strong": s}, ...}
-Exit 0 ok, 2 usage error (argparse), 3 torch missing.
+With --check, no timing: every peer once from the same seed, and
+  {"check": {peer: max relative difference of y and dL/dx to the conventional peer's}}
+Exit 0 ok, 1 a --check difference over 1e-5, 2 usage error (argparse), 3 torch missing.
 """
 import argparse
 import ctypes
@@ -37,6 +48,10 @@ def parse():
     p.add_argument("--gate", required=True)
     p.add_argument("--experts", type=int, default=64)
     p.add_argument("--k", type=int, default=4)
+    p.add_argument("--groups", type=int, default=2, help="hmoe: groups a")
+    p.add_argument("--k-groups", type=int, default=2, help="hmoe: groups per example")
+    p.add_argument("--k2", type=int, default=2, help="hmoe: experts per selected group")
+    p.add_argument("--capacity-factor", type=float, default=1.25, help="switch")
     p.add_argument("--batch", type=int, default=4096)
     p.add_argument("--d-in", type=int, default=512)
     p.add_argument("--hidden", type=int, default=1024)
@@ -44,14 +59,24 @@ def parse():
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads; 0: torch's own")
     p.add_argument("--repeat", type=int, default=1, help="timed rounds after one warm-up")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--check", action="store_true",
+                   help="no timing: run every peer once from the same seed and compare the "
+                        "output and dL/dx with the conventional peer's (exit 1 if they differ)")
     a = p.parse_args()
-    for n in ("experts", "k", "batch", "d_in", "hidden", "d_out", "repeat"):
+    for n in ("experts", "k", "groups", "k_groups", "k2", "batch", "d_in", "hidden", "d_out",
+              "repeat"):
         if getattr(a, n) < 1:
             p.error("--%s must be positive" % n.replace("_", "-"))
     if a.threads < 0:
         p.error("--threads must be >= 0")
     if a.gate == "topk" and a.k > a.experts:
         p.error("--k must be at most --experts")
+    if a.gate == "hmoe" and (a.experts % a.groups or a.k_groups > a.groups
+                             or a.k2 > a.experts // a.groups):
+        p.error("hmoe needs --groups dividing --experts, --k-groups <= --groups and "
+                "--k2 <= experts per group")
+    if a.gate == "switch" and not a.capacity_factor > 0:
+        p.error("--capacity-factor must be positive")
     return a
 
 
@@ -71,9 +96,24 @@ class Layer:
             return (torch.randn(*shape, generator=g) * scale).requires_grad_()
 
         self.torch = torch
+        self.gate_name, self.a = a.gate, a
         self.k, self.E = a.k, E
-        self.wg = par(d, E, scale=1 / math.sqrt(d))
-        self.wn = par(d, E, scale=1 / math.sqrt(d))
+        gate_params = []
+        if a.gate == "topk":
+            self.wg, self.wn = par(d, E, scale=1 / math.sqrt(d)), par(d, E, scale=1 / math.sqrt(d))
+            gate_params = [self.wg, self.wn]
+        elif a.gate in ("dense", "switch"):
+            self.wg = par(d, E, scale=1 / math.sqrt(d))
+            gate_params = [self.wg]
+            self.k = E if a.gate == "dense" else 1
+        elif a.gate == "hmoe":
+            ga, gb = a.groups, E // a.groups
+            self.wg1 = par(d, ga, scale=1 / math.sqrt(d))
+            self.wn1 = par(d, ga, scale=1 / math.sqrt(d))
+            # secondary w_g and w_noise of each group packed side by side, as ccr does
+            self.w2g = [par(d, 2 * gb, scale=1 / math.sqrt(d)) for _ in range(ga)]
+            gate_params = [self.wg1, self.wn1] + self.w2g
+            self.k = a.k_groups * a.k2
         # One tensor per expert (as nn.ModuleList of nn.Linear would hold
         # them): slicing one [E, d, h] tensor would make autograd build a
         # dense [E, d, h] gradient per used expert.
@@ -84,40 +124,90 @@ class Layer:
         self.x = torch.randn(a.batch, d, generator=g).requires_grad_()
         self.dy = torch.randn(a.batch, o, generator=g)
         self.d_out = o
-        self.params = [self.wg, self.wn, self.x] + self.w1 + self.b1 + self.w2 + self.b2
+        self.params = gate_params + [self.x] + self.w1 + self.b1 + self.w2 + self.b2
+        self.loop_secondary = False  # hmoe: the conventional peer loops over groups (run())
 
-    def gate(self):
-        """Noisy top-k in train mode: (indices [B,k], gates [B,k], aux loss)."""
-        torch, k, E = self.torch, self.k, self.E
-        x = self.x
-        clean = x @ self.wg
-        raw = x @ self.wn
+    def noisy_topk(self, clean, raw, k):
+        """Noisy top-k rows (eqs. 3-5, 8-10): (indices, gates, smooth load [n, E] or None)."""
+        torch = self.torch
         std = torch.nn.functional.softplus(raw) + 1e-2
-        noise = torch.randn_like(clean)
-        H = clean + noise * std
-        kk = min(k + 1, E)
-        topv, topi = H.topk(kk, dim=1)
+        H = clean + torch.randn_like(clean) * std
+        n, E = clean.shape
+        topv, topi = H.topk(min(k + 1, E), dim=1)
         gates = torch.softmax(topv[:, :k], dim=1)
         idx = topi[:, :k]
-        imp = torch.zeros(x.shape[0], E).scatter(1, idx, gates).sum(0)
-        aux = 0.01 * cv2(imp)
+        load = None
         if k < E:  # smooth load, thresholds through H (no stop-gradient)
-            thr_in = topv[:, k:k + 1]
-            thr_out = topv[:, k - 1:k]
-            in_top = torch.zeros(x.shape[0], E, dtype=torch.bool).scatter(1, idx, True)
-            thr = torch.where(in_top, thr_in, thr_out)
-            u = (clean - thr) / std
-            load = (0.5 * (1 + torch.erf(u / math.sqrt(2)))).sum(0)
-            aux = aux + 0.01 * cv2(load)
-        return idx, gates, aux
+            in_top = torch.zeros(n, E, dtype=torch.bool).scatter(1, idx, True)
+            thr = torch.where(in_top, topv[:, k:k + 1], topv[:, k - 1:k])
+            load = 0.5 * (1 + torch.erf((clean - thr) / std / math.sqrt(2)))
+        return idx, gates, load
 
-    def run(self, combine):
+    def gate(self):
+        """Train mode: (indices [B,k] with -1 = dropped, gates [B,k], aux loss)."""
+        torch, x, E, B = self.torch, self.x, self.E, self.x.shape[0]
+        if self.gate_name == "topk":
+            idx, gates, load = self.noisy_topk(x @ self.wg, x @ self.wn, self.k)
+            imp = torch.zeros(B, E).scatter(1, idx, gates).sum(0)
+            aux = 0.01 * cv2(imp)
+            if load is not None:
+                aux = aux + 0.01 * cv2(load.sum(0))
+            return idx, gates, aux
+        if self.gate_name == "dense":
+            p = torch.softmax(x @ self.wg, dim=1)
+            return torch.arange(E).expand(B, E), p, 0.01 * cv2(p.sum(0))
+        if self.gate_name == "switch":
+            p = torch.softmax(x @ self.wg, dim=1)
+            top = p.argmax(dim=1)
+            onehot = torch.nn.functional.one_hot(top, E)
+            cap = max(1, min(B, math.ceil(self.a.capacity_factor * B / E)))
+            pos = (onehot.cumsum(0) * onehot).sum(1) - 1     # place in its expert, batch order
+            keep = pos < cap
+            idx = torch.where(keep, top, torch.full_like(top, -1)).unsqueeze(1)
+            gates = (p.gather(1, top.unsqueeze(1)).squeeze(1) * keep).unsqueeze(1)
+            aux = 0.01 * E * (onehot.float().mean(0) * p.mean(0)).sum()
+            return idx, gates, aux
+        # hmoe
+        a = self.a
+        ga, gb, k1, k2 = a.groups, E // a.groups, a.k_groups, a.k2
+        i1, g1, load1 = self.noisy_topk(x @ self.wg1, x @ self.wn1, k1)
+        grp = i1.reshape(-1)                                # pair (example, p) -> group
+        rows = torch.arange(B).repeat_interleave(k1)
+        if self.loop_secondary:
+            logits = x.new_zeros(B * k1, 2 * gb)
+            for gi in range(ga):
+                sel = (grp == gi).nonzero(as_tuple=True)[0]
+                if sel.numel():
+                    logits = logits.index_copy(0, sel, x.index_select(0, rows[sel]) @ self.w2g[gi])
+        else:  # sort the pairs by group once, one GEMM per group, gather back
+            order = torch.argsort(grp, stable=True)
+            counts = torch.bincount(grp, minlength=ga).tolist()
+            xs = x.index_select(0, rows[order])
+            parts = [xp @ self.w2g[gi] for gi, xp in enumerate(torch.split(xs, counts))
+                     if counts[gi]]
+            inv = torch.empty_like(order)
+            inv[order] = torch.arange(order.numel())
+            logits = torch.cat(parts, 0).index_select(0, inv)
+        i2, g2, load2 = self.noisy_topk(logits[:, :gb], logits[:, gb:], k2)
+        idx = (grp.unsqueeze(1) * gb + i2).view(B, k1 * k2)
+        gates = (g1.reshape(-1, 1) * g2).view(B, k1 * k2)
+        imp = torch.zeros(B, E).scatter(1, idx, gates).sum(0)
+        lp = load1.sum(0) if load1 is not None else torch.bincount(grp, minlength=ga).float()
+        l2 = load2 if load2 is not None else torch.zeros(B * k1, gb).scatter(1, i2, 1.0)
+        l2g = torch.zeros(ga, gb).index_add(0, grp, l2)
+        cnt = torch.bincount(grp, minlength=ga).float()
+        loadh = lp.unsqueeze(1) * l2g / (cnt.unsqueeze(1) + 1e-10)
+        return idx, gates, 0.1 * cv2(imp) + 0.1 * cv2(loadh.reshape(-1))
+
+    def run(self, combine, loop_secondary=False):
         for p in self.params:
             p.grad = None
+        self.loop_secondary = loop_secondary
         idx, gates, aux = self.gate()
         y = combine(idx, gates)
         loss = (y * self.dy).sum() + aux
         loss.backward()
+        return y.detach(), self.x.grad.clone()
 
 
 def conventional(L):
@@ -143,22 +233,39 @@ def strong_autograd(L):
 
     def combine(idx, gates):
         B, k = idx.shape
-        flat = idx.reshape(-1)
-        order = torch.argsort(flat, stable=True)         # sort once
-        counts = torch.bincount(flat, minlength=L.E).tolist()
-        xs = L.x.index_select(0, order // k)              # contiguous rows per expert
+        order, counts, xs = sort_pairs(L, idx)           # sort once, rows per expert
         outs = []
-        for e, part in enumerate(torch.split(xs, counts)):
+        for e, part in enumerate(torch.split(xs, counts[:L.E])):
             if counts[e] == 0:
                 continue
             he = torch.relu(torch.addmm(L.b1[e], part, L.w1[e]))
             outs.append(torch.addmm(L.b2[e], he, L.w2[e]))
-        ys = torch.cat(outs, 0)
-        inv = torch.empty_like(order)
-        inv[order] = torch.arange(order.numel())
-        yk = ys.index_select(0, inv).view(B, k, -1)        # gather, no scatter
-        return torch.bmm(gates.unsqueeze(1), yk).squeeze(1)
+        return gather_combine(L, order, counts, torch.cat(outs, 0), gates)
     return combine
+
+
+def sort_pairs(L, idx):
+    """The (example, slot) pairs sorted by expert, stably; dropped pairs
+    (-1) last, in a bucket of their own that no expert computes."""
+    torch = L.torch
+    B, k = idx.shape
+    flat = torch.where(idx < 0, torch.full_like(idx, L.E), idx).reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=L.E + 1).tolist()
+    xs = L.x.index_select(0, order[:order.numel() - counts[L.E]] // k)
+    return order, counts, xs
+
+
+def gather_combine(L, order, counts, ys, gates):
+    """y_b = sum_s gates[b, s] y_(b, s): the inverse permutation as a gather
+    (dropped pairs read a zero row), then one batched product."""
+    torch = L.torch
+    B, k = gates.shape
+    ys = torch.cat([ys, ys.new_zeros(1, ys.shape[1])], 0)
+    inv = torch.empty_like(order)
+    inv[order] = torch.arange(order.numel()).clamp_max_(ys.shape[0] - 1)
+    yk = ys.index_select(0, inv).view(B, k, -1)            # gather, no scatter
+    return torch.bmm(gates.unsqueeze(1), yk).squeeze(1)
 
 
 def blas_threads(n):
@@ -229,16 +336,9 @@ def strong(L, threads):
             return (dxs, None, *g)
 
     def combine(idx, gates):
-        B, k = idx.shape
-        flat = idx.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=L.E).tolist()
-        xs = L.x.index_select(0, order // k)
-        ys = Experts.apply(xs, counts, *L.w1, *L.b1, *L.w2, *L.b2)
-        inv = torch.empty_like(order)
-        inv[order] = torch.arange(order.numel())
-        yk = ys.index_select(0, inv).view(B, k, -1)
-        return torch.bmm(gates.unsqueeze(1), yk).squeeze(1)
+        order, counts, xs = sort_pairs(L, idx)
+        ys = Experts.apply(xs, counts[:L.E], *L.w1, *L.b1, *L.w2, *L.b2)
+        return gather_combine(L, order, counts, ys, gates)
     return combine
 
 
@@ -250,8 +350,9 @@ def main():
         print("peer_torch.py: PyTorch is not available (%s)" % e, file=sys.stderr)
         return 3
     rec = {"gate": a.gate, "torch": torch.__version__}
-    if a.gate != "topk":
-        rec.update(supported=False, reason="peer implements only the topk gate with an FFN bank")
+    if a.gate not in ("topk", "dense", "switch", "hmoe"):
+        rec.update(supported=False, reason="peers implement topk, dense, switch and hmoe "
+                   "over an FFN bank")
         print(json.dumps(rec))
         return 0
     if a.threads > 0:
@@ -261,23 +362,38 @@ def main():
     T = torch.get_num_threads()
     # (combine, torch threads, OpenBLAS threads): strong runs T experts at
     # once, each with single-threaded GEMMs.
-    peers = {"conventional": (conventional(L), T, T),
-             "strong_autograd": (strong_autograd(L), T, T),
-             "strong": (strong(L, T), 1, 1)}
+    # The conventional peer also loops over hmoe's groups for the secondary gate.
+    peers = {"conventional": (conventional(L), T, T, True),
+             "strong_autograd": (strong_autograd(L), T, T, False),
+             "strong": (strong(L, T), 1, 1, False)}
+    if a.check:
+        ref, err = None, {}
+        for n, (comb, tt, bt, loop) in peers.items():
+            torch.manual_seed(a.seed)
+            y, dx = L.run(comb, loop)
+            if ref is None:
+                ref = (y, dx)
+            err[n] = max(float((u - v).abs().max() / (v.abs().max() + 1e-30))
+                         for u, v in zip((y, dx), ref))
+        rec.update(supported=True, check=err)
+        print(json.dumps(rec))
+        return 0 if max(err.values()) < 1e-5 else 1
     times = {n: [] for n in peers}
     for r in range(a.repeat + 1):  # round 0: warm-up
-        for n, (comb, tt, bt) in peers.items():
+        for n, (comb, tt, bt, loop) in peers.items():
             torch.set_num_threads(tt)
             blas_threads(bt)
             t0 = time.perf_counter()
-            L.run(comb)
+            L.run(comb, loop)
             dt = time.perf_counter() - t0
             if r > 0:
                 times[n].append(dt)
     med = {n: sorted(v)[len(v) // 2] if len(v) % 2 else
            0.5 * (sorted(v)[len(v) // 2 - 1] + sorted(v)[len(v) // 2]) for n, v in times.items()}
-    flops = 2.0 * a.batch * (2 * a.d_in * a.experts
-                             + a.k * (a.d_in * a.hidden + a.hidden * a.d_out)) * 3
+    gate = {"topk": 2 * a.d_in * a.experts, "dense": a.d_in * a.experts,
+            "switch": a.d_in * a.experts,
+            "hmoe": 2 * a.d_in * a.groups + a.k_groups * 2 * a.d_in * (a.experts // a.groups)}
+    flops = 2.0 * a.batch * (gate[a.gate] + L.k * (a.d_in * a.hidden + a.hidden * a.d_out)) * 3
     rec.update(supported=True, threads=T, repeat=a.repeat,
                seconds_fwdbwd=med, flops_fwdbwd_approx=flops)
     print(json.dumps(rec))

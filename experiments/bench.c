@@ -94,7 +94,8 @@ static void usage(void)
            "  --seed N     GSL seed (parameters, inputs, noise) [1]\n"
            "  --out FILE   JSONL output\n"
            "  --peer       also time PyTorch peers of the layer (needs /usr/bin/python3\n"
-           "               with torch; topk gate with an FFN bank only): ratio_to_peer_*\n"
+           "               with torch; topk, dense, switch, hmoe over an FFN bank):\n"
+           "               ratio_to_peer_*\n"
            "  --peer-script FILE  the peers' script [" CCR_PEER_SCRIPT "]\n"
            "  --quick      tiny sizes, a smoke run\n"
            "Gate options (gates: %s; defaults here: topk, E = 64, k = 4, --randomize):\n%s",
@@ -281,7 +282,13 @@ static const char *const peer_ratio_key[PEER_N] = {
 /* Whether the peers implement this layer. */
 static bool peer_supported(const opts *o)
 {
-    return strcmp(o->cc.gate->name, "topk") == 0 && o->cc.bank == CCR_BANK_FFN;
+    static const char *const gates[] = {"topk", "dense", "switch", "hmoe"};
+    if (o->cc.bank != CCR_BANK_FFN)
+        return false;
+    for (size_t i = 0; i < sizeof gates / sizeof gates[0]; i++)
+        if (strcmp(o->cc.gate->name, gates[i]) == 0)
+            return true;
+    return false;
 }
 
 /* Before any output: python3 with torch present, the script readable. */
@@ -302,11 +309,13 @@ static bool peer_run(const opts *o, size_t threads, double sec[PEER_N])
 {
     char cmd[4096], line[4096];
     int n = snprintf(cmd, sizeof cmd,
-                     PEER_PY " '%s' --gate %s --experts %zu --k %zu --batch %zu --d-in %zu"
+                     PEER_PY " '%s' --gate %s --experts %zu --k %zu --groups %zu"
+                     " --k-groups %zu --k2 %zu --capacity-factor %.17g --batch %zu --d-in %zu"
                      " --hidden %zu --d-out %zu --threads %zu --repeat 1 --seed %lu",
                      o->peer_script, o->cc.gate->name, o->cc.gate_cfg.n_experts,
-                     o->cc.gate_cfg.k, o->batch, o->cc.d_in, o->cc.hidden, o->cc.d_out, threads,
-                     o->seed);
+                     o->cc.gate_cfg.k, o->cc.gate_cfg.n_groups, o->cc.gate_cfg.k_groups,
+                     o->cc.gate_cfg.k2, o->cc.gate_cfg.capacity_factor, o->batch, o->cc.d_in,
+                     o->cc.hidden, o->cc.d_out, threads, o->seed);
     if (n < 0 || (size_t)n >= sizeof cmd)
         return false;
     fflush(NULL);
@@ -587,7 +596,8 @@ int main(int argc, char **argv)
         }
     } else if (o.peer && s == CCR_OK) {
         s = ccr_record_add_str(rec, "peer_unsupported",
-                               "the PyTorch peers implement only the topk gate with an FFN bank");
+                               "the PyTorch peers implement topk, dense, switch and hmoe "
+                               "over an FFN bank");
     }
 #undef ADD_I
 #undef ADD_D
