@@ -52,6 +52,9 @@ def parse():
     p.add_argument("--k-groups", type=int, default=2, help="hmoe: groups per example")
     p.add_argument("--k2", type=int, default=2, help="hmoe: experts per selected group")
     p.add_argument("--capacity-factor", type=float, default=1.25, help="switch")
+    p.add_argument("--depth", type=int, default=4, help="signtree: sign bits d")
+    p.add_argument("--combine", choices=("path", "leaf"), default="path", help="signtree")
+    p.add_argument("--grad-mode", choices=("none", "ste"), default="ste", help="signtree")
     p.add_argument("--batch", type=int, default=4096)
     p.add_argument("--d-in", type=int, default=512)
     p.add_argument("--hidden", type=int, default=1024)
@@ -75,6 +78,8 @@ def parse():
                              or a.k2 > a.experts // a.groups):
         p.error("hmoe needs --groups dividing --experts, --k-groups <= --groups and "
                 "--k2 <= experts per group")
+    if a.gate == "signtree" and not 0 <= a.depth <= 20:
+        p.error("--depth must be in 0..20")
     if a.gate == "switch" and not a.capacity_factor > 0:
         p.error("--capacity-factor must be positive")
     return a
@@ -114,18 +119,76 @@ class Layer:
             self.w2g = [par(d, 2 * gb, scale=1 / math.sqrt(d)) for _ in range(ga)]
             gate_params = [self.wg1, self.wn1] + self.w2g
             self.k = a.k_groups * a.k2
+        elif a.gate == "signtree":
+            D = a.depth
+            self.E = E = 2 ** (D + 1) - 1 if a.combine == "path" else 2 ** D
+            self.k = D + 1 if a.combine == "path" else 1
+            self.wbits = par(d, D, scale=1 / math.sqrt(d))
+            self.cbits = par(D, scale=0.0)
+            gate_params = [self.wbits, self.cbits]
+        self.linear = a.gate == "signtree"  # signtree: a linear bank x W + b
         # One tensor per expert (as nn.ModuleList of nn.Linear would hold
         # them): slicing one [E, d, h] tensor would make autograd build a
         # dense [E, d, h] gradient per used expert.
-        self.w1 = [par(d, h, scale=math.sqrt(2 / d)) for _ in range(E)]
-        self.b1 = [par(h, scale=0.0) for _ in range(E)]
-        self.w2 = [par(h, o, scale=1 / math.sqrt(h)) for _ in range(E)]
-        self.b2 = [par(o, scale=0.0) for _ in range(E)]
+        if self.linear:
+            self.w1 = [par(d, o, scale=1 / math.sqrt(d)) for _ in range(E)]
+            self.b1 = [par(o, scale=0.0) for _ in range(E)]
+            self.w2, self.b2 = [], []
+        else:
+            self.w1 = [par(d, h, scale=math.sqrt(2 / d)) for _ in range(E)]
+            self.b1 = [par(h, scale=0.0) for _ in range(E)]
+            self.w2 = [par(h, o, scale=1 / math.sqrt(h)) for _ in range(E)]
+            self.b2 = [par(o, scale=0.0) for _ in range(E)]
         self.x = torch.randn(a.batch, d, generator=g).requires_grad_()
         self.dy = torch.randn(a.batch, o, generator=g)
         self.d_out = o
         self.params = gate_params + [self.x] + self.w1 + self.b1 + self.w2 + self.b2
         self.loop_secondary = False  # hmoe: the conventional peer loops over groups (run())
+        self.hand = False            # the strong peer: hand-written backward (run())
+        self.ste = None                 # signtree: what the straight-through gradient needs
+
+    def expert(self, e, xe):
+        """Expert e on rows xe (autograd)."""
+        torch = self.torch
+        if self.linear:
+            return torch.addmm(self.b1[e], xe, self.w1[e])
+        return torch.addmm(self.b2[e], torch.relu(torch.addmm(self.b1[e], xe, self.w1[e])),
+                           self.w2[e])
+
+    def signtree(self, with_siblings):
+        """Sign bits -> matrix ids (docs/GATES.md): path slots n_0..n_d or the
+        leaf.  grad-mode ste: with_siblings (the autograd peers) adds each
+        level's other child as a slot; the chosen child's weight is 1 + c_l,
+        the sibling's -c_l, c_l = (2 b_l - 1)(a_l - a_l.detach()), so the
+        values are unchanged and dL/da_l = dy . (M_right(x) - M_left(x))."""
+        torch, a, B = self.torch, self.a, self.x.shape[0]
+        D = a.depth
+        pre = self.x @ self.wbits + self.cbits
+        bits = (pre > 0).long()
+        if a.combine == "path":
+            nodes = [torch.zeros(B, dtype=torch.long)]
+            for l in range(D):
+                nodes.append(2 * nodes[-1] + 1 + bits[:, l])
+            idx = torch.stack(nodes, 1)
+            chosen = idx[:, 1:]
+            sib = torch.where(chosen % 2 == 1, chosen + 1, chosen - 1)
+        else:
+            w = 2 ** torch.arange(D - 1, -1, -1)
+            idx = (bits * w).sum(1, keepdim=True)
+            sib = idx ^ w
+        gates = torch.ones(B, idx.shape[1])
+        if a.grad_mode == "none" or D == 0:
+            return idx, gates, 0.0
+        sign = (2 * bits - 1).float()
+        if not with_siblings:
+            self.ste = (pre, sign, sib)
+            return idx, gates, 0.0
+        c = sign * (pre - pre.detach())
+        if a.combine == "path":
+            gates = torch.cat([gates[:, :1], 1 + c], 1)
+        else:
+            gates = 1 + c.sum(1, keepdim=True)
+        return torch.cat([idx, sib], 1), torch.cat([gates, -c], 1), 0.0
 
     def noisy_topk(self, clean, raw, k):
         """Noisy top-k rows (eqs. 3-5, 8-10): (indices, gates, smooth load [n, E] or None)."""
@@ -167,6 +230,8 @@ class Layer:
             gates = (p.gather(1, top.unsqueeze(1)).squeeze(1) * keep).unsqueeze(1)
             aux = 0.01 * E * (onehot.float().mean(0) * p.mean(0)).sum()
             return idx, gates, aux
+        if self.gate_name == "signtree":
+            return self.signtree(not self.hand)
         # hmoe
         a = self.a
         ga, gb, k1, k2 = a.groups, E // a.groups, a.k_groups, a.k2
@@ -199,10 +264,10 @@ class Layer:
         loadh = lp.unsqueeze(1) * l2g / (cnt.unsqueeze(1) + 1e-10)
         return idx, gates, 0.1 * cv2(imp) + 0.1 * cv2(loadh.reshape(-1))
 
-    def run(self, combine, loop_secondary=False):
+    def run(self, combine, loop_secondary=False, hand=False):
         for p in self.params:
             p.grad = None
-        self.loop_secondary = loop_secondary
+        self.loop_secondary, self.hand = loop_secondary, hand
         idx, gates, aux = self.gate()
         y = combine(idx, gates)
         loss = (y * self.dy).sum() + aux
@@ -220,9 +285,7 @@ def conventional(L):
             rows, slot = (idx == e).nonzero(as_tuple=True)
             if rows.numel() == 0:
                 continue
-            xe = L.x.index_select(0, rows)
-            he = torch.relu(torch.addmm(L.b1[e], xe, L.w1[e]))
-            ye = torch.addmm(L.b2[e], he, L.w2[e])
+            ye = L.expert(e, L.x.index_select(0, rows))
             y.index_add_(0, rows, ye * gates[rows, slot].unsqueeze(1))
         return y
     return combine
@@ -238,8 +301,7 @@ def strong_autograd(L):
         for e, part in enumerate(torch.split(xs, counts[:L.E])):
             if counts[e] == 0:
                 continue
-            he = torch.relu(torch.addmm(L.b1[e], part, L.w1[e]))
-            outs.append(torch.addmm(L.b2[e], he, L.w2[e]))
+            outs.append(L.expert(e, part))
         return gather_combine(L, order, counts, torch.cat(outs, 0), gates)
     return combine
 
@@ -265,6 +327,7 @@ def gather_combine(L, order, counts, ys, gates):
     inv = torch.empty_like(order)
     inv[order] = torch.arange(order.numel()).clamp_max_(ys.shape[0] - 1)
     yk = ys.index_select(0, inv).view(B, k, -1)            # gather, no scatter
+    L.last_yk = yk
     return torch.bmm(gates.unsqueeze(1), yk).squeeze(1)
 
 
@@ -303,6 +366,9 @@ def strong(L, threads):
                 if counts[e] == 0:
                     return
                 a, b = offs[e], offs[e + 1]
+                if L.linear:
+                    torch.addmm(ws[E + e], xs[a:b], ws[e], out=ys[a:b])
+                    return
                 h = torch.addmm(ws[E + e], xs[a:b], ws[e]).clamp_min_(0)
                 hs[e] = h
                 torch.addmm(ws[3 * E + e], h, ws[2 * E + e], out=ys[a:b])
@@ -316,15 +382,20 @@ def strong(L, threads):
             xs, *ws = ctx.saved_tensors
             E, offs, counts, hs = L.E, ctx.offs, ctx.counts, ctx.hs
             dxs = torch.zeros_like(xs)
-            g = [None] * (4 * E)
+            g = [None] * len(ws)
 
             @torch.no_grad()
             def bwd(e):
                 if counts[e] == 0:
-                    for j in range(4):
+                    for j in range(len(ws) // E):
                         g[j * E + e] = torch.zeros_like(ws[j * E + e])
                     return
                 a, b = offs[e], offs[e + 1]
+                if L.linear:
+                    g[e] = xs[a:b].t().mm(dys[a:b])
+                    g[E + e] = dys[a:b].sum(0)
+                    torch.mm(dys[a:b], ws[e].t(), out=dxs[a:b])
+                    return
                 dy, h = dys[a:b], hs[e]
                 g[2 * E + e] = h.t().mm(dy)
                 g[3 * E + e] = dy.sum(0)
@@ -335,10 +406,52 @@ def strong(L, threads):
             list(pool.map(bwd, range(E)))
             return (dxs, None, *g)
 
+    class SteBits(torch.autograd.Function):
+        """signtree, grad-mode ste: adds nothing forward; backward gives
+        dL/da_l = (2 b_l - 1) dy . (M_chosen(x) - M_sibling(x)), the chosen
+        children's outputs from the forward, the siblings evaluated here
+        (sorted by matrix, one single-threaded GEMM per matrix per thread)."""
+        @staticmethod
+        def forward(ctx, pre, sign, sib, yk):
+            ctx.sign, ctx.sib, ctx.yk = sign, sib, yk
+            return pre.new_zeros(pre.shape[0], L.d_out)
+
+        @staticmethod
+        def backward(ctx, dy):
+            sign, sib, yk = ctx.sign, ctx.sib, ctx.yk
+            B, D = sib.shape
+            with torch.no_grad():
+                chosen = yk[:, 1:] if L.a.combine == "path" else yk.expand(B, D, L.d_out)
+                dot_c = torch.bmm(chosen, dy.unsqueeze(2)).squeeze(2)
+                flat = sib.reshape(-1)
+                order = torch.argsort(flat, stable=True)
+                counts = torch.bincount(flat, minlength=L.E).tolist()
+                offs = [0]
+                for c in counts:
+                    offs.append(offs[-1] + c)
+                rows = order // D
+                xs, dys = L.x.detach().index_select(0, rows), dy.index_select(0, rows)
+                dots = xs.new_empty(flat.numel())
+
+                def ev(e):
+                    a, b = offs[e], offs[e + 1]
+                    if a < b:
+                        m = torch.addmm(L.b1[e].detach(), xs[a:b], L.w1[e].detach())
+                        dots[a:b] = (m * dys[a:b]).sum(1)
+                list(pool.map(ev, range(L.E)))
+                dot_s = torch.empty_like(dots)
+                dot_s[order] = dots
+                return sign * (dot_c - dot_s.view(B, D)), None, None, None
+
     def combine(idx, gates):
         order, counts, xs = sort_pairs(L, idx)
         ys = Experts.apply(xs, counts[:L.E], *L.w1, *L.b1, *L.w2, *L.b2)
-        return gather_combine(L, order, counts, ys, gates)
+        y = gather_combine(L, order, counts, ys, gates)
+        if L.ste is not None:
+            pre, sign, sib = L.ste
+            y = y + SteBits.apply(pre, sign, sib, L.last_yk.detach())
+            L.ste = None
+        return y
     return combine
 
 
@@ -350,9 +463,8 @@ def main():
         print("peer_torch.py: PyTorch is not available (%s)" % e, file=sys.stderr)
         return 3
     rec = {"gate": a.gate, "torch": torch.__version__}
-    if a.gate not in ("topk", "dense", "switch", "hmoe"):
-        rec.update(supported=False, reason="peers implement topk, dense, switch and hmoe "
-                   "over an FFN bank")
+    if a.gate not in ("topk", "dense", "switch", "hmoe", "signtree"):
+        rec.update(supported=False, reason="no peer for this gate")
         print(json.dumps(rec))
         return 0
     if a.threads > 0:
@@ -363,14 +475,14 @@ def main():
     # (combine, torch threads, OpenBLAS threads): strong runs T experts at
     # once, each with single-threaded GEMMs.
     # The conventional peer also loops over hmoe's groups for the secondary gate.
-    peers = {"conventional": (conventional(L), T, T, True),
-             "strong_autograd": (strong_autograd(L), T, T, False),
-             "strong": (strong(L, T), 1, 1, False)}
+    peers = {"conventional": (conventional(L), T, T, True, False),
+             "strong_autograd": (strong_autograd(L), T, T, False, False),
+             "strong": (strong(L, T), 1, 1, False, True)}
     if a.check:
         ref, err = None, {}
-        for n, (comb, tt, bt, loop) in peers.items():
+        for n, (comb, tt, bt, loop, hand) in peers.items():
             torch.manual_seed(a.seed)
-            y, dx = L.run(comb, loop)
+            y, dx = L.run(comb, loop, hand)
             if ref is None:
                 ref = (y, dx)
             err[n] = max(float((u - v).abs().max() / (v.abs().max() + 1e-30))
@@ -380,11 +492,11 @@ def main():
         return 0 if max(err.values()) < 1e-5 else 1
     times = {n: [] for n in peers}
     for r in range(a.repeat + 1):  # round 0: warm-up
-        for n, (comb, tt, bt, loop) in peers.items():
+        for n, (comb, tt, bt, loop, hand) in peers.items():
             torch.set_num_threads(tt)
             blas_threads(bt)
             t0 = time.perf_counter()
-            L.run(comb, loop)
+            L.run(comb, loop, hand)
             dt = time.perf_counter() - t0
             if r > 0:
                 times[n].append(dt)
@@ -392,8 +504,10 @@ def main():
            0.5 * (sorted(v)[len(v) // 2 - 1] + sorted(v)[len(v) // 2]) for n, v in times.items()}
     gate = {"topk": 2 * a.d_in * a.experts, "dense": a.d_in * a.experts,
             "switch": a.d_in * a.experts,
-            "hmoe": 2 * a.d_in * a.groups + a.k_groups * 2 * a.d_in * (a.experts // a.groups)}
-    flops = 2.0 * a.batch * (gate[a.gate] + L.k * (a.d_in * a.hidden + a.hidden * a.d_out)) * 3
+            "hmoe": 2 * a.d_in * a.groups + a.k_groups * 2 * a.d_in * (a.experts // a.groups),
+            "signtree": a.d_in * a.depth}
+    per = a.d_in * a.d_out if L.linear else a.d_in * a.hidden + a.hidden * a.d_out
+    flops = 2.0 * a.batch * (gate[a.gate] + L.k * per) * 3
     rec.update(supported=True, threads=T, repeat=a.repeat,
                seconds_fwdbwd=med, flops_fwdbwd_approx=flops)
     print(json.dumps(rec))

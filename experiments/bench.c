@@ -94,8 +94,8 @@ static void usage(void)
            "  --seed N     GSL seed (parameters, inputs, noise) [1]\n"
            "  --out FILE   JSONL output\n"
            "  --peer       also time PyTorch peers of the layer (needs /usr/bin/python3\n"
-           "               with torch; topk, dense, switch, hmoe over an FFN bank):\n"
-           "               ratio_to_peer_*\n"
+           "               with torch; topk, dense, switch, hmoe over an FFN bank,\n"
+           "               signtree (projection bits) over a linear bank): ratio_to_peer_*\n"
            "  --peer-script FILE  the peers' script [" CCR_PEER_SCRIPT "]\n"
            "  --quick      tiny sizes, a smoke run\n"
            "Gate options (gates: %s; defaults here: topk, E = 64, k = 4, --randomize):\n%s",
@@ -283,6 +283,8 @@ static const char *const peer_ratio_key[PEER_N] = {
 static bool peer_supported(const opts *o)
 {
     static const char *const gates[] = {"topk", "dense", "switch", "hmoe"};
+    if (strcmp(o->cc.gate->name, "signtree") == 0)
+        return o->cc.bank == CCR_BANK_LINEAR && o->cc.gate_cfg.bits_from == CCR_BITS_PROJECTION;
     if (o->cc.bank != CCR_BANK_FFN)
         return false;
     for (size_t i = 0; i < sizeof gates / sizeof gates[0]; i++)
@@ -310,12 +312,15 @@ static bool peer_run(const opts *o, size_t threads, double sec[PEER_N])
     char cmd[4096], line[4096];
     int n = snprintf(cmd, sizeof cmd,
                      PEER_PY " '%s' --gate %s --experts %zu --k %zu --groups %zu"
-                     " --k-groups %zu --k2 %zu --capacity-factor %.17g --batch %zu --d-in %zu"
-                     " --hidden %zu --d-out %zu --threads %zu --repeat 1 --seed %lu",
+                     " --k-groups %zu --k2 %zu --capacity-factor %.17g --depth %zu --combine %s"
+                     " --grad-mode %s --batch %zu --d-in %zu --hidden %zu --d-out %zu"
+                     " --threads %zu --repeat 1 --seed %lu",
                      o->peer_script, o->cc.gate->name, o->cc.gate_cfg.n_experts,
                      o->cc.gate_cfg.k, o->cc.gate_cfg.n_groups, o->cc.gate_cfg.k_groups,
-                     o->cc.gate_cfg.k2, o->cc.gate_cfg.capacity_factor, o->batch, o->cc.d_in,
-                     o->cc.hidden, o->cc.d_out, threads, o->seed);
+                     o->cc.gate_cfg.k2, o->cc.gate_cfg.capacity_factor, o->cc.gate_cfg.depth,
+                     o->cc.gate_cfg.combine == CCR_COMBINE_LEAF ? "leaf" : "path",
+                     o->cc.gate_cfg.grad_mode == CCR_GRAD_STE ? "ste" : "none", o->batch,
+                     o->cc.d_in, o->cc.hidden, o->cc.d_out, threads, o->seed);
     if (n < 0 || (size_t)n >= sizeof cmd)
         return false;
     fflush(NULL);
@@ -597,7 +602,8 @@ int main(int argc, char **argv)
     } else if (o.peer && s == CCR_OK) {
         s = ccr_record_add_str(rec, "peer_unsupported",
                                "the PyTorch peers implement topk, dense, switch and hmoe "
-                               "over an FFN bank");
+                               "over an FFN bank, signtree (projection bits) over a "
+                               "linear bank");
     }
 #undef ADD_I
 #undef ADD_D

@@ -7,8 +7,8 @@
 # of the routing (forward + backward = 3 x forward for the same shapes is not
 # assumed: eval and train routes may differ) and that the phase shares add up
 # to 1.  --peer (when /usr/bin/python3 has torch; else printed as skipped)
-# records finite positive ratio_to_peer_* for topk and hmoe and "unsupported"
-# for signtree; a missing --peer-script exits 2.  Bad arguments exit 2 with one line on stderr and leave no output
+# records finite positive ratio_to_peer_* for topk, hmoe and signtree and
+# "unsupported" for signtree over an FFN bank; a missing --peer-script exits 2.  Bad arguments exit 2 with one line on stderr and leave no output
 # file.  analysis/plots.py constwork turns the records into a PNG.  Nothing here depends on how long anything took.
 # Usage: driver_bench.sh CCR_BENCH SOURCE_ROOT
 set -eu
@@ -69,27 +69,29 @@ if $py -c 'import matplotlib' 2>/dev/null; then
   [ "$(head -c 4 "$tmp/cw.png" | od -An -c | tr -d ' ')" = '211PNG' ] || { echo "plots.py constwork: not a PNG"; exit 1; }
 fi
 
-# --peer (PyTorch peers, analysis/peer_torch.py): topk and hmoe get finite
-# positive ratio_to_peer_* per peer; a gate the peers lack (signtree) is
-# recorded as unsupported,
+# --peer (PyTorch peers, analysis/peer_torch.py): topk, hmoe and signtree get
+# finite positive ratio_to_peer_* per peer; a layer the peers lack (signtree
+# over an FFN bank) is recorded as unsupported,
 # without ratios.  Skipped (the rest still checked) without python3-torch.
 if "$py" -c 'import torch' 2>/dev/null; then
-  for g in topk hmoe signtree; do
+  for g in topk hmoe signtree "signtree --bank ffn"; do
+    # shellcheck disable=SC2086
     "$prog" --quick --gate $g --peer --peer-script "$src/analysis/peer_torch.py" --repeat 2 \
-      --threads 1 --out "$tmp/peer-$g.jsonl" >"$tmp/sum" 2>"$tmp/err" ||
+      --threads 1 --out "$tmp/peer-$(echo $g | tr -d ' -').jsonl" >"$tmp/sum" 2>"$tmp/err" ||
       { echo "ccr-bench --peer --gate $g failed"; cat "$tmp/err"; exit 1; }
     grep -q 'PyTorch peers' "$tmp/sum" || { echo "--peer --gate $g: no peer summary"; exit 1; }
   done
-  $py - "$tmp/peer-topk.jsonl" "$tmp/peer-hmoe.jsonl" "$tmp/peer-signtree.jsonl" <<'PY'
+  $py - "$tmp/peer-topk.jsonl" "$tmp/peer-hmoe.jsonl" "$tmp/peer-signtree.jsonl" \
+      "$tmp/peer-signtreebankffn.jsonl" <<'PY'
 import json, math, sys
-for path in sys.argv[1:3]:
+for path in sys.argv[1:4]:
     r = json.loads(open(path).read())
     assert r["peer"] is True and r["peer_supported"] is True and r["peer_threads"] == 1, r
     for n in ("conventional", "strong_autograd", "strong"):
         for f in ("seconds_peer_" + n, "ratio_to_peer_" + n):
             assert math.isfinite(r[f]) and r[f] > 0, (f, r[f])
         assert abs(r["ratio_to_peer_" + n] - r["seconds_peer_" + n] / r["seconds_fwdbwd"]) < 1e-9 * r["ratio_to_peer_" + n]
-h = json.loads(open(sys.argv[3]).read())
+h = json.loads(open(sys.argv[4]).read())
 assert h["peer"] is True and h["peer_supported"] is False and h["peer_unsupported"], h
 assert not any(k.startswith("ratio_to_peer") for k in h), h
 print("driver_bench: --peer ok")
