@@ -8,7 +8,9 @@
 # turned into FILE.table.md (analysis/tables.py) and, where the driver has a
 # plot, FILE.png (analysis/plots.py): ccr-capacity -> table + params vs
 # time/example plot; ccr-train -> per-epoch table; ccr-bench -> params vs
-# time/example per batch (plots.py constwork); ccr-bench-mlp -> step
+# time/example per batch (plots.py constwork); ccr-lm -> test perplexity
+# vs params and, with several epochs, learning curves (plots.py lmcurve);
+# ccr-bench-mlp -> step
 # table, with the PyTorch peer bench_mlp_torch_X.jsonl next to bench_mlp_X.
 # Files of other drivers are listed and skipped (add a case below).  Then
 # every generated block inside the hand-written fragments (*.md, see
@@ -63,6 +65,9 @@ print(json.loads(line).get("driver", "") if line.strip() else "")' "$f")
     ccr-lm)
       $py "$an/plots.py" xy "$f" --x params --y test_ppl --group model --logx \
         --title "ccr-lm: test perplexity vs parameters" --out "${stem}_ppl_params.png"
+      if grep -q '"valid_ppl_epochs":\[[^]]*,' "$f"; then  # several epochs: learning curves
+        $py "$an/plots.py" lmcurve "$f" --out "$stem.tmp.png" && mv "$stem.tmp.png" "$stem.png"
+      fi
       ;;
     ccr-hier)
       for y in train_cv_load train_max_mean_count; do

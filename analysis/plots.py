@@ -3,6 +3,7 @@
 
     /usr/bin/python3 analysis/plots.py capacity FILE.jsonl [--out capacity.png]
     /usr/bin/python3 analysis/plots.py constwork FILE.jsonl [FILE.jsonl ...] [--out F.png]
+    /usr/bin/python3 analysis/plots.py lmcurve FILE.jsonl [FILE.jsonl ...] [--out F.png]
     /usr/bin/python3 analysis/plots.py xy FILE.jsonl [FILE.jsonl ...] --x FIELD --y FIELD
             [--group FIELD[,FIELD]] [--where FIELD=VALUE ...] [--logx] [--logy]
             [--xlabel TEXT] [--ylabel TEXT] [--title TEXT] [--out plot.png]
@@ -16,6 +17,11 @@ width swept) dashed; each line's end points are labelled with their knob.
 growing capacity): parameters against µs per example, one panel per batch
 size, forward + backward solid and the full training step dashed, one colour
 per layer (hmoe, the leaf tree, ...); each point's knob (E or depth) labelled.
+
+`lmcurve` draws ccr-lm records with per-epoch perplexities (several
+epochs): validation perplexity after each pass, one line per model (left),
+and the final test perplexity against parameters excluding embedding and
+softmax, log x (right), each point labelled with its model.
 
 `xy` is the generic form for the other drivers: one line per distinct value
 of the --group field(s) (records in file order, sorted by x), optional
@@ -33,6 +39,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 
 STYLE = {  # series -> (label, colour, marker, line style)
     "none": ("dense baseline (none, hidden swept)", "black", "s", "--"),
@@ -146,6 +153,41 @@ def constwork(a):
     return 0
 
 
+def lmcurve(a):
+    recs = [r for r in load(a.files) if r.get("valid_ppl_epochs")]
+    if not recs:
+        print("plots.py: no ccr-lm record with valid_ppl_epochs", file=sys.stderr)
+        return 1
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for r in recs:
+        v = r["valid_ppl_epochs"]
+        ax.plot(range(1, len(v) + 1), v, "-o", ms=4,
+                label=f"{r['model']} ({r['params'] / 1e6:.2f} M)")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.set_xlabel("epoch (passes over the training split)")
+    ax.set_ylabel("validation perplexity")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    recs.sort(key=lambda r: r["params"])
+    bx.plot([r["params"] for r in recs], [r["test_ppl"] for r in recs], "-o", ms=5)
+    for r in recs:
+        bx.annotate(r["model"], (r["params"], r["test_ppl"]), fontsize=7,
+                    textcoords="offset points", xytext=(4, 4))
+    bx.set_xscale("log")
+    bx.set_xlabel("parameters excl. embedding and softmax")
+    bx.set_ylabel("test perplexity after the last epoch")
+    bx.grid(True, which="both", alpha=0.3)
+    r0 = recs[0]
+    fig.suptitle(f"ccr-lm, {r0.get('n_train', '?')} training tokens, vocab {r0.get('vocab', '?')}, "
+                 f"d {r0.get('d', '?')}, {r0.get('epochs', '?')} epochs; {r0.get('machine', '')}",
+                 fontsize=9)
+    fig.tight_layout()
+    out = a.out or default_out(a.files[0])
+    fig.savefig(out, dpi=110)
+    print(f"plots.py: wrote {out}", file=sys.stderr)
+    return 0
+
+
 def xy(a):
     recs = load(a.files)
     for w in a.where:
@@ -194,6 +236,9 @@ def main(argv):
     w = sub.add_parser("constwork", help="ccr-bench: params vs time/example per batch")
     w.add_argument("files", nargs="+")
     w.add_argument("--out")
+    m = sub.add_parser("lmcurve", help="ccr-lm: validation perplexity per epoch, test vs params")
+    m.add_argument("files", nargs="+")
+    m.add_argument("--out")
     x = sub.add_parser("xy", help="any field against any field")
     x.add_argument("files", nargs="+")
     x.add_argument("--x", required=True)
@@ -207,7 +252,8 @@ def main(argv):
     x.add_argument("--title")
     x.add_argument("--out")
     a = p.parse_args(argv[1:])
-    return {"capacity": capacity, "constwork": constwork, "xy": xy}[a.cmd](a) or 0
+    return {"capacity": capacity, "constwork": constwork, "lmcurve": lmcurve,
+            "xy": xy}[a.cmd](a) or 0
 
 
 if __name__ == "__main__":

@@ -37,15 +37,27 @@ print("driver_lm: quick ok", [(r["model"], round(r["test_ppl"], 1)) for r in rec
 PY
 
 # --quick changes defaults only: options given before or after it still apply.
-"$lm" --models moe-4 --max-tokens 4000 --vocab 300 --quick --d 16 --out "$tmp/q.jsonl" 2>/dev/null
+# With --epochs 2 the record holds both passes' perplexities, the second
+# validation figure being the final one (the same model evaluated again).
+"$lm" --models moe-4 --max-tokens 4000 --vocab 300 --quick --d 16 --epochs 2 \
+  --out "$tmp/q.jsonl" 2>"$tmp/err"
+[ "$(grep -c 'epoch [12]/2: train ppl' "$tmp/err")" -eq 2 ] || { echo "no per-epoch lines"; cat "$tmp/err"; exit 1; }
 $py - "$tmp/q.jsonl" <<'PY'
-import json, sys
+import json, math, sys
 recs = [json.loads(l) for l in open(sys.argv[1])]
 assert [r["model"] for r in recs] == ["moe-4"], recs
 r = recs[0]
-assert (r["vocab"], r["d"], r["batch"], r["unroll"]) == (300, 16, 16, 10), r
+assert (r["vocab"], r["d"], r["batch"], r["unroll"], r["epochs"]) == (300, 16, 16, 10, 2), r
 assert r["n_train"] + r["n_valid"] + r["n_test"] <= 4000, r
+t, v = r["train_ppl_epochs"], r["valid_ppl_epochs"]
+assert len(t) == len(v) == 2 and all(math.isfinite(x) and x > 1 for x in t + v), r
+assert v[1] == r["valid_ppl"] and t[1] == r["train_ppl"], r   # last pass = the averaged one
+assert t[1] < t[0], t
 PY
+if $py -c 'import matplotlib' 2>/dev/null; then
+  $py "$src/analysis/plots.py" lmcurve "$tmp/q.jsonl" --out "$tmp/curve.png" 2>/dev/null
+  [ "$(head -c 4 "$tmp/curve.png" | od -An -c | tr -d ' ')" = '211PNG' ] || { echo "plots.py lmcurve: not a PNG"; exit 1; }
+fi
 
 # Accounting at paper scale against the printed table values.
 $py - "$lm" <<'PY'
