@@ -345,6 +345,7 @@ static void record(ccr_record *r, const options *o, const ccr_backend *be, const
     if (s == CCR_OK) s = ccr_record_add_int(r, "n_train", (int64_t)cp->n_train);
     if (s == CCR_OK) s = ccr_record_add_int(r, "n_valid", (int64_t)cp->n_valid);
     if (s == CCR_OK) s = ccr_record_add_int(r, "n_test", (int64_t)cp->n_test);
+    if (s == CCR_OK) s = ccr_record_add_int(r, "n_unk", (int64_t)cp->n_unk);
     if (s == CCR_OK) s = ccr_record_add_int(r, "d", (int64_t)c->d);
     if (s == CCR_OK) s = ccr_record_add_int(r, "hidden", (int64_t)o->hidden);
     if (s == CCR_OK) s = ccr_record_add_int(r, "batch", (int64_t)c->batch);
@@ -422,9 +423,11 @@ int main(int argc, char **argv)
         c.vocab = cp->vocab_size;
         lm_model_free(alloc_model(be, &c, o.gate_set ? o.cond.gate->name : o.models[i]));
     }
-    fprintf(stderr, "%s: %s: %zu tokens (train %zu, valid %zu, test %zu), vocab %zu, %.1fs; "
-            "%s; %s\n", PROG, o.corpus, cp->n_tokens, cp->n_train, cp->n_valid, cp->n_test,
-            cp->vocab_size, drv_now() - t_load, ccr_backend_describe(be), drv_machine());
+    fprintf(stderr, "%s: %s: %zu tokens (train %zu, valid %zu, test %zu), vocab %zu, "
+            "<unk> %.2f%%, %.1fs; %s; %s\n", PROG, o.corpus, cp->n_tokens, cp->n_train,
+            cp->n_valid, cp->n_test, cp->vocab_size,
+            cp->n_tokens ? 100.0 * (double)cp->n_unk / (double)cp->n_tokens : 0.0,
+            drv_now() - t_load, ccr_backend_describe(be), drv_machine());
     ccr_jsonl *out;
     ccr_record *rec;
     drv_open_out(PROG, ctx, o.out, &rec, &out);
