@@ -437,7 +437,8 @@ static inline float exp_nonpos(float x)
     const float lo = -87.33654f, log2e = 1.44269504089f, shifter = 12582912.0f;  /* 1.5*2^23 */
     x = x < lo ? lo : x;
     float n = (x * log2e + shifter) - shifter;  /* round to nearest, |n| <= 126 */
-    float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
+    float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;  /* NaN stays in r */
+    n = n == n ? n : 0.0f;  /* no float-to-int conversion of a NaN */
     float p = 1.9875691500e-4f;
     p = p * r + 1.3981999507e-3f;
     p = p * r + 8.3334519073e-3f;
