@@ -447,7 +447,7 @@ int main(int argc, char **argv)
             (s = ccr_optim_init(lm_model_arena(m), &oc, &opt)) != CCR_OK)
             drv_fail(PROG, ctx, s, "init");
         progress_ud pu = {.name = name, .t0 = drv_now(), .cp = cp, .epochs = o.epochs,
-                          .train_ppl = calloc(o.epochs, 2 * sizeof(double))};
+                          .train_ppl = calloc(o.epochs, sizeof(double[2]))};
         if (pu.train_ppl == NULL)
             drv_fail(PROG, ctx, CCR_ENOMEM, "per-epoch perplexities");
         pu.valid_ppl = pu.train_ppl + o.epochs;
