@@ -162,25 +162,25 @@ def lmcurve(a):
     for r in recs:
         v = r["valid_ppl_epochs"]
         ax.plot(range(1, len(v) + 1), v, "-o", ms=4,
-                label=f"{r['model']} ({r['params'] / 1e6:.2f} M)")
+                label=f"{r['model']} ({r['params'] / 1e6:.2f} M, {len(v)} ep)")
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("epoch (passes over the training split)")
     ax.set_ylabel("validation perplexity")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     recs.sort(key=lambda r: r["params"])
-    bx.plot([r["params"] for r in recs], [r["test_ppl"] for r in recs], "-o", ms=5)
+    # points, not a line: the records may differ in epochs (labelled)
+    bx.plot([r["params"] for r in recs], [r["test_ppl"] for r in recs], "o", ms=5)
     for r in recs:
-        bx.annotate(r["model"], (r["params"], r["test_ppl"]), fontsize=7,
-                    textcoords="offset points", xytext=(4, 4))
+        bx.annotate(f"{r['model']} ({r['epochs']} ep)", (r["params"], r["test_ppl"]),
+                    fontsize=7, textcoords="offset points", xytext=(4, 4))
     bx.set_xscale("log")
     bx.set_xlabel("parameters excl. embedding and softmax")
     bx.set_ylabel("test perplexity after the last epoch")
     bx.grid(True, which="both", alpha=0.3)
     r0 = recs[0]
     fig.suptitle(f"ccr-lm, {r0.get('n_train', '?')} training tokens, vocab {r0.get('vocab', '?')}, "
-                 f"d {r0.get('d', '?')}, {r0.get('epochs', '?')} epochs; {r0.get('machine', '')}",
-                 fontsize=9)
+                 f"d {r0.get('d', '?')}; {r0.get('machine', '')}", fontsize=9)
     fig.tight_layout()
     out = a.out or default_out(a.files[0])
     fig.savefig(out, dpi=110)
