@@ -69,6 +69,15 @@ def default_out(path):
     return stem + ".png"
 
 
+def save(fig, a):
+    """Writes the figure to --out (default: the first file with .png)."""
+    fig.tight_layout()
+    out = a.out or default_out(a.files[0])
+    fig.savefig(out, dpi=110)
+    print(f"plots.py: wrote {out}", file=sys.stderr)
+    return 0
+
+
 def capacity(a):
     recs = load(a.files)
     if not recs or "series" not in recs[0]:
@@ -100,10 +109,7 @@ def capacity(a):
                  f"{next((r['expert_hidden'] for r in recs if r['series'] == 'topk'), '?')}, "
                  f"{r0.get('machine', '')}, OpenBLAS {r0.get('blas_core', '')} "
                  f"{r0.get('blas_threads', '')} thr, git {r0.get('git', '')}", fontsize=9)
-    fig.tight_layout()
-    out = a.out or default_out(a.files[0])
-    fig.savefig(out, dpi=110)
-    print(f"plots.py: wrote {out}", file=sys.stderr)
+    return save(fig, a)
 
 
 def bench_series(r):
@@ -146,11 +152,7 @@ def constwork(a):
     fig.suptitle(f"ccr-bench, constant work per example: {r0.get('machine', '')}, OpenBLAS "
                  f"{r0.get('blas_core', '')} {r0.get('blas_threads', '')} thr, git "
                  f"{r0.get('git', '')}", fontsize=9)
-    fig.tight_layout()
-    out = a.out or default_out(a.files[0])
-    fig.savefig(out, dpi=110)
-    print(f"plots.py: wrote {out}", file=sys.stderr)
-    return 0
+    return save(fig, a)
 
 
 def lmcurve(a):
@@ -181,11 +183,7 @@ def lmcurve(a):
     r0 = recs[0]
     fig.suptitle(f"ccr-lm, {r0.get('n_train', '?')} training tokens, vocab {r0.get('vocab', '?')}, "
                  f"d {r0.get('d', '?')}; {r0.get('machine', '')}", fontsize=9)
-    fig.tight_layout()
-    out = a.out or default_out(a.files[0])
-    fig.savefig(out, dpi=110)
-    print(f"plots.py: wrote {out}", file=sys.stderr)
-    return 0
+    return save(fig, a)
 
 
 def xy(a):
@@ -220,11 +218,7 @@ def xy(a):
     ax.grid(True, which="both", alpha=0.3)
     if keys:
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    out = a.out or default_out(a.files[0])
-    fig.savefig(out, dpi=110)
-    print(f"plots.py: wrote {out}", file=sys.stderr)
-    return 0
+    return save(fig, a)
 
 
 def main(argv):
