@@ -287,6 +287,7 @@ static int accounting(const options *o, ccr_backend *be)
 typedef struct progress_ud {
     const char *name;
     double t0, nll, n, eval_s;  /* eval_s: time in epoch_end, not training */
+    double valid_nll;           /* mean validation NLL after the last pass (NaN: none) */
     const ccr_corpus *cp;
     size_t epochs;
     double *train_ppl, *valid_ppl;  /* [epochs], filled by epoch_end */
@@ -305,7 +306,8 @@ static ccr_status epoch_end(void *ud, lm_model *m, size_t epoch, double train_nl
             return s;
     }
     p->train_ppl[epoch] = exp(train_nll);
-    p->valid_ppl[epoch] = vc ? exp(vn / (double)vc) : NAN;
+    p->valid_nll = vc ? vn / (double)vc : NAN;
+    p->valid_ppl[epoch] = exp(p->valid_nll);
     p->eval_s += drv_now() - t;
     drv_progress_end();
     fprintf(stderr, "%s: %s epoch %zu/%zu: train ppl %.2f valid ppl %.2f (%.0fs)\n", PROG, p->name,
@@ -462,13 +464,11 @@ int main(int argc, char **argv)
             drv_fail(PROG, ctx, s, "training");
         double train_s = drv_now() - pu.t0 - pu.eval_s;
         drv_progress_end();
-        double vn = 0, tn = 0;
-        size_t vc = 0, tc = 0;
-        if (cp->n_valid > 0 && (s = lm_evaluate(m, cp->valid, cp->n_valid, &vn, &vc)) != CCR_OK)
-            drv_fail(PROG, ctx, s, "validation");
+        double tn = 0;
+        size_t tc = 0;
         if ((s = lm_evaluate(m, cp->test, cp->n_test, &tn, &tc)) != CCR_OK)
             drv_fail(PROG, ctx, s, "test");
-        double vnll = vc ? vn / (double)vc : NAN, tnll = tn / (double)tc;
+        double vnll = pu.valid_nll, tnll = tn / (double)tc;  /* validation: the last epoch_end */
         lm_arch arch = lm_config_arch(&c);
         double pp, ops;
         lm_accounting(&arch, &pp, &ops);

@@ -399,7 +399,6 @@ START_TEST(test_learns_periodic_text)
 }
 END_TEST
 
-/* Every token is a target exactly once, its input is the token before it. */
 /* lm_softmax_row against softmax and log-sum-exp in double: row lengths
  * around the 8 lanes and the LM's vocabulary, logits spread wide enough
  * that most probabilities underflow float (the clamp must not leave them
@@ -445,6 +444,7 @@ START_TEST(test_softmax_row)
 }
 END_TEST
 
+/* Every token is a target exactly once, its input is the token before it. */
 START_TEST(test_stream)
 {
     int32_t tok[23], in[4 * 3], tgt[4 * 3];
