@@ -17,6 +17,12 @@ the sum over levels.  Printed: measured and roofline µs per example, the
 compute-only and bandwidth-only sums, and roofline / measured.  A model,
 stated here in full: no overlap between levels, no cache reuse across
 passes, the combine and the gate's own work not counted.
+
+Per level (second table, when the file holds consecutive depths at one
+batch and width): level l's measured cost is the difference of the trees
+of depth l and l - 1 (the same layer with one level more: one more matrix
+pass per example in each direction, one more sign bit), against that
+level's roofline, with its bound (compute or bandwidth) named.
 """
 import json
 import sys
@@ -53,6 +59,34 @@ def main(path):
         meas = r["seconds_fwdbwd"]
         print(f"| {d} | {r['params']:.3g} | {meas / b * 1e6:.1f} | {t / b * 1e6:.1f} "
               f"| {tc / b * 1e6:.1f} | {tb / b * 1e6:.1f} | {t / meas:.2f} |")
+    per_level(recs)
+
+
+def per_level(recs):
+    """Level l's measured cost as depth l minus depth l - 1."""
+    by = {(r["batch"], r["d_in"], r["depth"]): r for r in recs}
+    rows = []
+    for (b, dim, d), r in sorted(by.items()):
+        prev = by.get((b, dim, d - 1))
+        if d == 0 or prev is None:
+            continue
+        delta = (r["seconds_fwdbwd"] - prev["seconds_fwdbwd"]) / b * 1e6
+        peak = 0.5 * (r["gflops_sgemm_square"] + prev["gflops_sgemm_square"]) * 1e9
+        bw = 0.5 * (r["copy_gbs"] + prev["copy_gbs"]) * 1e9
+        f, byts = level_cost(d, b, dim)
+        tc, tb = f / peak / b * 1e6, byts / bw / b * 1e6
+        rows.append((b, dim, d, 2 ** d, b / 2 ** d, delta, max(tc, tb),
+                     "compute" if tc >= tb else "bandwidth"))
+    if not rows:
+        return
+    print()
+    print("| batch | width | level | matrices | examples per matrix | measured µs/ex "
+          "(depth l - depth l-1) | roofline µs/ex | bound | roofline / measured |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---|---:|")
+    for b, dim, d, n, epm, delta, roof, bound in rows:
+        ratio = f"{roof / delta:.2f}" if delta > 0 else "n/a"
+        print(f"| {b} | {dim} | {d} | {n} | {epm:.3g} | {delta:.2f} | {roof:.2f} | {bound} "
+              f"| {ratio} |")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@
  * it (and so are its weight gradients and dx in backward).  The exports
  * noise.secondary, importance and load are built on request.
  */
-#include <gsl/gsl_randist.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -248,11 +247,8 @@ static ccr_status hmoe_forward(void *state, const float *x, size_t batch, bool t
         const int32_t *topp = pc->top + b * pc->ntop;
         for (size_t p = 0; p < k; p++) {
             s->off[(size_t)topp[p] + 1]++;
-            if (train) {
-                float *nz = sc->noise + (b * k + p) * bs;
-                for (size_t j = 0; j < bs; j++)
-                    nz[j] = (float)gsl_ran_gaussian(rng, 1.0);
-            }
+            if (train)
+                gate_noise_fill(sc->noise + (b * k + p) * bs, bs, rng);
         }
     }
     /* Counting sort of the rows b k + p by group, example order kept. */

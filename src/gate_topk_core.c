@@ -10,7 +10,6 @@
  * P reach the clean logit, the noise scale, and the entry of H that sets the
  * threshold (no stop-gradient, PAPERS.md section 2.7 item 6).
  */
-#include <gsl/gsl_randist.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -111,11 +110,8 @@ static size_t tk_thr_index(const tk_core *c, const int32_t *top, size_t i)
 
 void tk_core_row_forward(tk_core *c, size_t r, bool train, gsl_rng *rng)
 {
-    if (train) {
-        float *noise = c->noise + r * c->n;
-        for (size_t i = 0; i < c->n; i++)
-            noise[i] = (float)gsl_ran_gaussian(rng, 1.0);
-    }
+    if (train)
+        gate_noise_fill(c->noise + r * c->n, c->n, rng);
     tk_core_row_forward_drawn(c, r, train);
 }
 

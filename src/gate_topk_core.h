@@ -60,7 +60,7 @@ void tk_core_free(tk_core *c);
 bool tk_core_smooth(const tk_core *c, bool train);
 
 /* Forward of row r from its clean (and, if train, raw) logits: std, n draws
- * from rng (train; gsl_ran_gaussian(rng, 1.0) in index order), H, top,
+ * from rng (train; gate_noise_fill: gsl_ran_gaussian_ziggurat(rng, 1.0) in index order), H, top,
  * gates, lse (if want_lse, else 0) and, when smooth, P. */
 void tk_core_row_forward(tk_core *c, size_t r, bool train, gsl_rng *rng);
 

@@ -105,6 +105,12 @@ void gate_init_normal(float *w, size_t n, double sd, gsl_rng *rng)
         w[i] = (float)gsl_ran_gaussian(rng, sd);
 }
 
+void gate_noise_fill(float *z, size_t n, gsl_rng *rng)
+{
+    for (size_t i = 0; i < n; i++)
+        z[i] = (float)gsl_ran_gaussian_ziggurat(rng, 1.0);
+}
+
 ccr_status gate_declare(ccr_arena *a, const char *prefix, const char *name, size_t rank,
                         const size_t *shape, size_t *idx)
 {

@@ -51,6 +51,12 @@ void gate_init_weights(float *w, size_t n, size_t d_in, bool randomize, gsl_rng 
 /* Fills n floats with N(0, sd^2) draws. */
 void gate_init_normal(float *w, size_t n, double sd, gsl_rng *rng);
 
+/* Fills n floats with the noisy gates' N(0, 1) draws, one per entry in
+ * index order: gsl_ran_gaussian_ziggurat(rng, 1.0), GSL's fastest exact
+ * Gaussian (about 3x its Box-Muller gsl_ran_gaussian on one mt19937 draw
+ * or so per number; the training step draws one per gate entry). */
+void gate_noise_fill(float *z, size_t n, gsl_rng *rng);
+
 /* Declares a tensor named prefix+name; returns its arena index in *idx. */
 ccr_status gate_declare(ccr_arena *a, const char *prefix, const char *name, size_t rank,
                         const size_t *shape, size_t *idx);

@@ -98,12 +98,12 @@ static void hmoe_check_case(ccr_gate_config c, size_t B, bool train, unsigned lo
         gsl_rng *r2 = ccr_test_rng(seed + 5);
         for (size_t b = 0; b < B; b++) {
             for (size_t i = 0; i < a; i++)
-                ck_assert_float_eq(np[b * a + i], (float)gsl_ran_gaussian(r2, 1.0));
+                ck_assert_float_eq(np[b * a + i], (float)gsl_ran_gaussian_ziggurat(r2, 1.0));
             for (size_t p = 0; p < c.k_groups; p++) {
                 size_t grp = (size_t)r.ids[b * slots + p * c.k2] / bs;
                 for (size_t j = 0; j < bs; j++)
                     ck_assert_float_eq(ns[(b * a + grp) * bs + j],
-                                       (float)gsl_ran_gaussian(r2, 1.0));
+                                       (float)gsl_ran_gaussian_ziggurat(r2, 1.0));
             }
         }
         gsl_rng_free(r2);
@@ -331,11 +331,11 @@ START_TEST(hmoe_exports_on_request)
         memset(want, 0, sizeof want);
         for (size_t b = 0; b < nb && trains[t]; b++) {
             for (size_t i = 0; i < A; i++)
-                (void)gsl_ran_gaussian(r2, 1.0); /* the primary's */
+                (void)gsl_ran_gaussian_ziggurat(r2, 1.0); /* the primary's */
             for (size_t p = 0; p < K; p++) {
                 size_t grp = (size_t)r.ids[b * slots + p * K2] / BS;
                 for (size_t j = 0; j < BS; j++)
-                    want[(b * A + grp) * BS + j] = (float)gsl_ran_gaussian(r2, 1.0);
+                    want[(b * A + grp) * BS + j] = (float)gsl_ran_gaussian_ziggurat(r2, 1.0);
             }
         }
         gsl_rng_free(r2);

@@ -67,7 +67,7 @@ START_TEST(topk_eval_known)
 }
 END_TEST
 
-/* Train mode: the draws are gsl_ran_gaussian(rng, 1) in row-major order,
+/* Train mode: the draws are gsl_ran_gaussian_ziggurat(rng, 1) in row-major order,
  * H = clean + n (softplus(raw) + eps), gates = softmax over the top k of H,
  * and Load = sum of Phi((clean - thr) / std). */
 START_TEST(topk_train_known)
@@ -88,7 +88,7 @@ START_TEST(topk_train_known)
     gsl_rng *r2 = ccr_test_rng(77);
     const float *noise = env_export(&v, "noise", NULL);
     for (size_t i = 0; i < B * e; i++)
-        ck_assert_float_eq(noise[i], (float)gsl_ran_gaussian(r2, 1.0));
+        ck_assert_float_eq(noise[i], (float)gsl_ran_gaussian_ziggurat(r2, 1.0));
     gsl_rng_free(r2);
     const float *wg = env_param(&v, "gate.w_g"), *wn = env_param(&v, "gate.w_noise");
     double imp[5] = {0}, load[5] = {0}, z = 0.0;
