@@ -18,11 +18,13 @@ compute-only and bandwidth-only sums, and roofline / measured.  A model,
 stated here in full: no overlap between levels, no cache reuse across
 passes, the combine and the gate's own work not counted.
 
-Per level (second table, when the file holds consecutive depths at one
-batch and width): level l's measured cost is the difference of the trees
-of depth l and l - 1 (the same layer with one level more: one more matrix
-pass per example in each direction, one more sign bit), against that
-level's roofline, with its bound (compute or bandwidth) named.
+Per level (second table, for records with ccr-bench's level_seconds_*):
+level l's time is its node matrices' forward and backward seconds from
+the layer's own timing, divided by the threads that ran the groups side by
+side (group_threads), plus its straight-through sibling evaluations
+(serial); against that level's roofline, its bound (compute or bandwidth)
+named.  "rest" is the forward + backward time outside the node matrices:
+the gate, the sort, the combine and the dx gather.
 """
 import json
 import sys
@@ -63,30 +65,33 @@ def main(path):
 
 
 def per_level(recs):
-    """Level l's measured cost as depth l minus depth l - 1."""
-    by = {(r["batch"], r["d_in"], r["depth"]): r for r in recs}
-    rows = []
-    for (b, dim, d), r in sorted(by.items()):
-        prev = by.get((b, dim, d - 1))
-        if d == 0 or prev is None:
-            continue
-        delta = (r["seconds_fwdbwd"] - prev["seconds_fwdbwd"]) / b * 1e6
-        peak = 0.5 * (r["gflops_sgemm_square"] + prev["gflops_sgemm_square"]) * 1e9
-        bw = 0.5 * (r["copy_gbs"] + prev["copy_gbs"]) * 1e9
-        f, byts = level_cost(d, b, dim)
-        tc, tb = f / peak / b * 1e6, byts / bw / b * 1e6
-        rows.append((b, dim, d, 2 ** d, b / 2 ** d, delta, max(tc, tb),
-                     "compute" if tc >= tb else "bandwidth"))
-    if not rows:
+    """Each level's own time (the layer's per-matrix timing, ccr-bench's
+    level_seconds_*) against the level's roofline."""
+    recs = [r for r in recs if "level_seconds_fwd" in r]
+    if not recs:
         return
     print()
-    print("| batch | width | level | matrices | examples per matrix | measured µs/ex "
-          "(depth l - depth l-1) | roofline µs/ex | bound | roofline / measured |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---|---:|")
-    for b, dim, d, n, epm, delta, roof, bound in rows:
-        ratio = f"{roof / delta:.2f}" if delta > 0 else "n/a"
-        print(f"| {b} | {dim} | {d} | {n} | {epm:.3g} | {delta:.2f} | {roof:.2f} | {bound} "
-              f"| {ratio} |")
+    print("| depth | level | matrices | examples per matrix | measured µs/ex | roofline µs/ex "
+          "| bound | roofline / measured |")
+    print("|---:|---:|---:|---:|---:|---:|---|---:|")
+    for r in sorted(recs, key=lambda r: r["depth"]):
+        b, dim, gt = r["batch"], r["d_in"], max(r["group_threads"], 1)
+        peak, bw = r["gflops_sgemm_square"] * 1e9, r["copy_gbs"] * 1e9
+        inside = 0.0
+        for lev, (f_s, b_s, d_s) in enumerate(zip(r["level_seconds_fwd"],
+                                                   r["level_seconds_bwd"],
+                                                   r["level_seconds_dots"])):
+            meas = (f_s + b_s) / gt + d_s
+            inside += meas
+            f, byts = level_cost(lev, b, dim)
+            tc, tb = f / peak, byts / bw
+            roof = max(tc, tb)
+            print(f"| {r['depth']} | {lev} | {2 ** lev} | {b / 2 ** lev:.3g} "
+                  f"| {meas / b * 1e6:.2f} | {roof / b * 1e6:.2f} "
+                  f"| {'compute' if tc >= tb else 'bandwidth'} | {roof / meas:.2f} |")
+        rest = r["seconds_fwdbwd"] - inside
+        print(f"| {r['depth']} | rest | | | {rest / b * 1e6:.2f} | | gate, sort, combine, "
+              f"dx | |")
 
 
 if __name__ == "__main__":

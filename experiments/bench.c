@@ -30,7 +30,15 @@
  * optimiser (zero_grad + Adam) are measured alone on the same inputs; the
  * expert GEMMs are (a), measured alone; dispatch/sort + combine (and the
  * activation and the gate's backward) are the remainder, derived, not
- * measured.  The library has no phase timers.
+ * measured.
+ *
+ * Sign-bit tree: per level l (heap numbering, matrices 2^l - 1 ..
+ * 2^(l+1) - 2) the seconds the layer's own timing (ccr_cond_set_timing)
+ * gives during the timed forward+backward rounds, means over the rounds:
+ * level_seconds_fwd and level_seconds_bwd (thread-seconds of the groups,
+ * group_threads of them running at once) and level_seconds_dots (the
+ * straight-through sibling evaluations, on the caller).  Two clock reads
+ * per node matrix and pass.
  *
  * --peer: PyTorch peers of the same layer (analysis/peer_torch.py, run by
  * /usr/bin/python3; --peer-script names the script, default the source
@@ -478,6 +486,15 @@ int main(int argc, char **argv)
     fprintf(stderr, "%s: %s | %s | gate=%s B=%zu d_in=%zu h=%zu d_out=%zu repeat=%zu\n", PROG,
             ccr_backend_describe(be), drv_machine(), o.cc.gate->name, B, di, h, dout, o.repeat);
     const size_t R = o.repeat, isq = sq;
+    /* Per-level timing of the sign-bit tree (see the header). */
+    const bool tree = strcmp(o.cc.gate->name, "signtree") == 0;
+    const size_t levels = tree ? o.cc.gate_cfg.depth + 1 : 0;
+    double *tsec = tree ? ccr_malloc3(n_mat, 3, sizeof *tsec) : NULL;
+    if (tree && tsec == NULL)
+        drv_fail(PROG, ctx, CCR_ENOMEM, "buffers");
+    if (tree)
+        memset(tsec, 0, 3 * n_mat * sizeof *tsec);
+    size_t group_threads = 0;
     const bool peer_on = o.peer && peer_supported(&o);
     const size_t peer_threads = o.threads > 0 ? o.threads : (size_t)ccr_blas_num_threads();
     double t_start = drv_now();
@@ -485,10 +502,16 @@ int main(int argc, char **argv)
         const size_t r = round == 0 ? 0 : round - 1;  /* round 0: warm-up, overwritten */
         drv_progress("rounds", round, R + 1, t_start, o.cc.gate->name);
         TIMED(T_FWD, s = ccr_cond_forward(L.c, x, B, false, rng, y, &st));
+        if (s == CCR_OK && tree && round > 0)
+            s = ccr_cond_set_timing(L.c, tsec);
         if (s == CCR_OK) TIMED(T_FWDBWD, {
             s = ccr_cond_forward(L.c, x, B, true, rng, y, &st);
             if (s == CCR_OK) s = ccr_cond_backward(L.c, dy, dx);
         });
+        if (s == CCR_OK && tree) {
+            group_threads = ccr_cond_group_threads(L.c);
+            s = ccr_cond_set_timing(L.c, NULL);
+        }
         if (s == CCR_OK) TIMED(T_STEP, {
             s = ccr_arena_zero_grad(L.a);
             if (s == CCR_OK) s = ccr_cond_forward(L.c, x, B, true, rng, y, &st);
@@ -591,6 +614,25 @@ int main(int argc, char **argv)
                                "gate (forward, train mode), expert GEMMs (sgemm on the executed "
                                "shapes) and optimiser (zero_grad + Adam) timed alone; "
                                "dispatch/sort + combine = step minus those (derived)");
+    if (tree && s == CCR_OK) {
+        double *lv = ccr_malloc3(levels, 3, sizeof *lv);
+        if (lv == NULL)
+            s = CCR_ENOMEM;
+        for (size_t l = 0; s == CCR_OK && l < levels; l++) {
+            double f = 0.0, b = 0.0, d = 0.0;
+            for (size_t m = ((size_t)1 << l) - 1; m < ((size_t)2 << l) - 1 && m < n_mat; m++)
+                f += tsec[m], b += tsec[n_mat + m], d += tsec[2 * n_mat + m];
+            lv[l] = f / (double)R, lv[levels + l] = b / (double)R;
+            lv[2 * levels + l] = d / (double)R;
+        }
+        if (s == CCR_OK) s = ccr_record_add_doubles(rec, "level_seconds_fwd", lv, levels);
+        if (s == CCR_OK)
+            s = ccr_record_add_doubles(rec, "level_seconds_bwd", lv + levels, levels);
+        if (s == CCR_OK)
+            s = ccr_record_add_doubles(rec, "level_seconds_dots", lv + 2 * levels, levels);
+        ADD_I("group_threads", group_threads);
+        free(lv);
+    }
     if (s == CCR_OK) s = ccr_record_add_bool(rec, "peer", o.peer);
     if (o.peer && s == CCR_OK) s = ccr_record_add_bool(rec, "peer_supported", peer_on);
     if (peer_on) {
@@ -632,7 +674,7 @@ int main(int argc, char **argv)
     } else if (o.peer)
         printf("  PyTorch peers: none written for gate %s (no ratio)\n", o.cc.gate->name);
 
-    free(x), free(dy), free(pk), free(counts), free(tv), free(pv), free(sa), free(cp);
+    free(x), free(dy), free(pk), free(counts), free(tv), free(pv), free(sa), free(cp), free(tsec);
     layer_free(&L);
     layer_free(&D);
     drv_teardown(PROG, ctx, be, rng, out, rec);

@@ -22,6 +22,7 @@
  * gradients.  All buffers are sized for max_batch at allocation; forward
  * and backward allocate nothing.
  */
+#define _POSIX_C_SOURCE 200809L  // clock_gettime for the optional timing
 #include <cblas.h>   // provides: openblas_set_num_threads, openblas_get_num_threads
 #include <math.h>
 #include <stdatomic.h>
@@ -29,6 +30,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "arena_impl.h"    // provides: ccr_arena_set_row_sparse, ccr_arena_touch_row
 #include "backend_impl.h"  // provides: struct ccr_backend (kernel table)
@@ -72,6 +74,8 @@ struct ccr_cond {
     size_t batch, n_pairs;     /* examples, used pairs */
     size_t n_groups;           /* non-empty groups */
     bool experts;              /* groups ran on the pool (CCR_COND_PAR_EXPERTS) */
+    /* optional per-matrix timing (ccr_cond_set_timing): [3 n_mat] or NULL */
+    double *tsec;
     /* threads */
     ccr_pool *pool;
     size_t T;                  /* pool workers, the caller included */
@@ -543,15 +547,28 @@ static void cond_job_fail(ccr_cond *c, ccr_status s)
         atomic_compare_exchange_strong(&c->job_err, &expected, (int)s);
 }
 
+/* Seconds on a monotonic clock (the optional timing only). */
+static double cond_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
 /* Forward of group g: gather its inputs, apply its matrix. */
 static ccr_status cond_group_fwd(ccr_cond *c, size_t g)
 {
     size_t d_in = c->cfg.d_in, S = c->slots, q0 = c->goff[g], q1 = c->goff[g + 1];
+    size_t m = (size_t)c->gid[g];
+    double t0 = c->tsec ? cond_now() : 0.0;
     for (size_t q = q0; q < q1; q++)
         memcpy(c->xg + q * d_in, c->job_x + ((size_t)c->src[q] / S) * d_in,
                d_in * sizeof *c->xg);
-    return cond_apply(c, (size_t)c->gid[g], c->xg + q0 * d_in, c->hid + q0 * c->h,
-                      c->out + q0 * c->cfg.d_out, q1 - q0);
+    ccr_status s = cond_apply(c, m, c->xg + q0 * d_in, c->hid + q0 * c->h,
+                              c->out + q0 * c->cfg.d_out, q1 - q0);
+    if (c->tsec)  /* each matrix is one group, run by one thread: no race */
+        c->tsec[m] += cond_now() - t0;
+    return s;
 }
 
 static void cond_fwd_job(void *arg, size_t w)
@@ -838,6 +855,7 @@ static ccr_status cond_eval_dots(void *bank, size_t n, const size_t *mat, const 
         for (size_t q0 = 0; q0 < k;) {
             size_t m = mk[ord[q0]], end = cnt[m];
             size_t q1 = end - q0 < c->dots_blk ? end : q0 + c->dots_blk;
+            double t0 = c->tsec ? cond_now() : 0.0;
             for (size_t q = q0; q < q1; q++) {
                 size_t r = srow[q];
 #if defined(__GNUC__)  /* the rows are scattered: ask for a later pair's now */
@@ -856,13 +874,26 @@ static ccr_status cond_eval_dots(void *bank, size_t n, const size_t *mat, const 
             for (size_t q = q0; q < q1; q++)
                 out[p0 + ord[q]] = cond_dot(c->dots_dy + (q - q0) * d_out,
                                              c->dots_y + (q - q0) * d_out, d_out);
+            if (c->tsec)
+                c->tsec[2 * n_mat + m] += cond_now() - t0;
             q0 = q1;
         }
     }
     return CCR_OK;
 }
 
-static ccr_status cond_group_bwd0(ccr_cond *c, size_t g) { return cond_group_bwd(c, g, 0); }
+/* cond_group_bwd, timed into tsec[n_mat + m] when timing is on. */
+static ccr_status cond_group_bwd_timed(ccr_cond *c, size_t g, size_t w)
+{
+    if (c->tsec == NULL)
+        return cond_group_bwd(c, g, w);
+    double t0 = cond_now();
+    ccr_status s = cond_group_bwd(c, g, w);
+    c->tsec[c->n_mat + (size_t)c->gid[g]] += cond_now() - t0;
+    return s;
+}
+
+static ccr_status cond_group_bwd0(ccr_cond *c, size_t g) { return cond_group_bwd_timed(c, g, 0); }
 
 static void cond_bwd_job(void *arg, size_t w)
 {
@@ -871,7 +902,7 @@ static void cond_bwd_job(void *arg, size_t w)
         size_t i = atomic_fetch_add(&c->job_next, 1);
         if (i >= c->n_groups)
             break;
-        cond_job_fail(c, cond_group_bwd(c, (size_t)(c->gsched[i] & 0xffffffffu), w));
+        cond_job_fail(c, cond_group_bwd_timed(c, (size_t)(c->gsched[i] & 0xffffffffu), w));
     }
 }
 
@@ -926,6 +957,21 @@ const ccr_route *ccr_cond_route(const ccr_cond *c) { return c ? &c->route : NULL
 ccr_gate *ccr_cond_gate(const ccr_cond *c) { return c ? c->gate : NULL; }
 size_t ccr_cond_d_in(const ccr_cond *c) { return c ? c->cfg.d_in : 0; }
 size_t ccr_cond_d_out(const ccr_cond *c) { return c ? c->cfg.d_out : 0; }
+
+ccr_status ccr_cond_set_timing(ccr_cond *c, double *sec)
+{
+    if (c == NULL)
+        return CCR_EINVAL;
+    c->tsec = sec;
+    return CCR_OK;
+}
+
+size_t ccr_cond_group_threads(const ccr_cond *c)
+{
+    if (c == NULL || c->n_groups == 0)
+        return 0;
+    return c->experts ? c->T : 1;
+}
 
 size_t ccr_cond_n_params(const ccr_cond *c)
 {

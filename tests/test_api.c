@@ -435,6 +435,8 @@ START_TEST(test_gates_cond)
     ck_assert_uint_eq(ccr_cond_d_out(NULL), 0);
     ck_assert_uint_eq(ccr_cond_n_params(NULL), 0);
     ck_assert_uint_eq(ccr_cond_memory_bytes(NULL), 0);
+    EINVAL_(ccr_cond_set_timing(NULL, NULL));
+    ck_assert_uint_eq(ccr_cond_group_threads(NULL), 0);
     ck_assert(ccr_cond_matrix_flops(NULL) == 0.0);
     ck_assert(ccr_cond_flops(NULL, false) == 0.0);
     ck_assert(ccr_cond_flops_bwd(NULL, true) == 0.0);

@@ -7,7 +7,9 @@
  * reference of the bank (forward for FFN and linear banks, the bank's
  * gradients for linear ones).  Run at OpenBLAS thread counts 1 and 3, with
  * the counting sort's two ways of ordering groups (a bank larger than the
- * batch's pairs, and smaller).
+ * batch's pairs, and smaller).  The optional per-matrix timing
+ * (ccr_cond_set_timing) changes no result and times exactly the matrices
+ * the batch used.
  */
 #include <cblas.h>
 #include <math.h>
@@ -29,6 +31,7 @@ typedef struct run_out {
     ccr_route route; /* ids and weights copied below */
     int32_t ids[B * 64];
     float w[B * 64];
+    size_t group_threads; /* ccr_cond_group_threads after the forward */
 } run_out;
 
 static ccr_ctx *ctx;
@@ -51,8 +54,9 @@ static ccr_cond_config config(const char *gate, ccr_bank_kind bank, ccr_cond_par
     return c;
 }
 
-/* One forward (training) and backward of a fresh layer; everything copied out. */
-static void run_layer(const ccr_cond_config *cfg, size_t batch, run_out *o)
+/* One forward (training) and backward of a fresh layer; everything copied
+ * out.  tsec: per-matrix timing into it (ccr_cond_set_timing), or NULL. */
+static void run_layer(const ccr_cond_config *cfg, size_t batch, run_out *o, double *tsec)
 {
     ccr_cond *c;
     ccr_arena *a;
@@ -62,6 +66,8 @@ static void run_layer(const ccr_cond_config *cfg, size_t batch, run_out *o)
     CCR_CK_OK(ctx, ccr_cond_declare(c, a, ""));
     CCR_CK_OK(ctx, ccr_arena_finalize(a));
     CCR_CK_OK(ctx, ccr_cond_init_params(c, rng));
+    CCR_CK_OK(ctx, ccr_cond_set_timing(c, tsec));
+    ck_assert_uint_eq(ccr_cond_group_threads(c), 0); /* no forward yet */
     float x[B * D_IN], dy[B * D_OUT];
     gsl_rng *data = ccr_test_rng(77);
     ccr_test_fill_uniform(data, x, B * D_IN, -1, 1);
@@ -70,6 +76,7 @@ static void run_layer(const ccr_cond_config *cfg, size_t batch, run_out *o)
     memset(o->y, 0, sizeof o->y);
     memset(o->dx, 0, sizeof o->dx);
     CCR_CK_OK(ctx, ccr_cond_forward(c, x, batch, true, rng, o->y, &st));
+    o->group_threads = ccr_cond_group_threads(c);
     CCR_CK_OK(ctx, ccr_arena_zero_grad(a));
     CCR_CK_OK(ctx, ccr_cond_backward(c, dy, o->dx));
     o->n = ccr_arena_n_params(a);
@@ -180,7 +187,7 @@ static void check(const char *gate, ccr_bank_kind bank, size_t batch, int thread
         o[i] = calloc(1, sizeof *o[i]);
         ck_assert_ptr_nonnull(o[i]);
         ccr_cond_config cfg = config(gate, bank, par[i]);
-        run_layer(&cfg, batch, o[i]);
+        run_layer(&cfg, batch, o[i], NULL);
     }
     char label[96];
     snprintf(label, sizeof label, "%s bank %d batch %zu threads %d", gate, (int)bank, batch,
@@ -231,6 +238,53 @@ START_TEST(test_modes_agree)
 }
 END_TEST
 
+/* Per-matrix timing on a straight-through path tree (and, _i odd, without
+ * the straight-through gradient), both modes at 3 threads: the same
+ * results as untimed, forward and backward seconds > 0 exactly for the
+ * matrices the batch used, the sibling evaluations only with ste and
+ * never for the root, and the group threads the mode implies. */
+START_TEST(test_timing)
+{
+    int prev = openblas_get_num_threads();
+    openblas_set_num_threads(3);
+    const ccr_cond_parallel par[2] = {CCR_COND_PAR_BLAS, CCR_COND_PAR_EXPERTS};
+    for (int p = 0; p < 2; p++) {
+        ccr_cond_config cfg = config("signtree", CCR_BANK_LINEAR, par[p]);
+        cfg.gate_cfg.grad_mode = _i ? CCR_GRAD_NONE : CCR_GRAD_STE;
+        run_out *o = calloc(2, sizeof *o);
+        ck_assert_ptr_nonnull(o);
+        const size_t n = 127; /* 2^(depth + 1) - 1 node matrices */
+        double *t = calloc(3 * n, sizeof *t);
+        ck_assert_ptr_nonnull(t);
+        run_layer(&cfg, B, &o[0], NULL);
+        run_layer(&cfg, B, &o[1], t);
+        ck_assert_uint_eq(o[1].route.n_matrices, n);
+        ck_assert(memcmp(o[0].y, o[1].y, sizeof o[0].y) == 0);
+        ck_assert(memcmp(o[0].dx, o[1].dx, sizeof o[0].dx) == 0);
+        ck_assert(memcmp(o[0].grads, o[1].grads, o[0].n * sizeof(float)) == 0);
+        ck_assert_uint_eq(o[1].group_threads, par[p] == CCR_COND_PAR_EXPERTS ? 3 : 1);
+        bool used[127] = {false};
+        for (size_t i = 0; i < B * o[1].route.slots; i++)
+            if (o[1].ids[i] >= 0)
+                used[o[1].ids[i]] = true;
+        double dots = 0.0;
+        for (size_t m = 0; m < n; m++) {
+            ck_assert_msg(used[m] ? t[m] > 0.0 : t[m] == 0.0, "fwd time of %zu: %g", m, t[m]);
+            ck_assert_msg(used[m] ? t[n + m] > 0.0 : t[n + m] == 0.0, "bwd time of %zu", m);
+            ck_assert(t[2 * n + m] >= 0.0);
+            dots += t[2 * n + m];
+        }
+        ck_assert(t[2 * n] == 0.0); /* the root has no sibling */
+        ck_assert(_i ? dots == 0.0 : dots > 0.0);
+        free(t);
+        free_out(&o[0]);
+        free_out(&o[1]);
+        free(o);
+    }
+    openblas_set_num_threads(prev);
+}
+END_TEST
+
 /* An unknown mode is refused at allocation. */
 START_TEST(test_bad_mode)
 {
@@ -262,6 +316,7 @@ int main(void)
     tcase_set_timeout(tc, 120);
     tcase_add_loop_test(tc, test_modes_agree, 0, 16);
     tcase_add_test(tc, test_bad_mode);
+    tcase_add_loop_test(tc, test_timing, 0, 2);
     suite_add_tcase(s, tc);
     return ccr_test_run(s);
 }

@@ -151,6 +151,26 @@ size_t ccr_cond_memory_bytes(const ccr_cond *c);
 /* Parameters of the bank and gate (exact). */
 size_t ccr_cond_n_params(const ccr_cond *c);
 
+/* Per-matrix timing, a diagnostic for benchmarks (ccr-bench's per-level
+ * figures).  While sec is set, with n = the bank's matrices:
+ *   sec[m]          += each forward's time on matrix m: the gather of its
+ *                      rows, its GEMMs, bias and activation;
+ *   sec[n + m]      += each backward's: its gradient GEMMs, bias gradients
+ *                      and input-gradient GEMM;
+ *   sec[2 n + m]    += a straight-through gate's evaluations of m in its
+ *                      backward (eval_dots).
+ * Seconds on the thread that ran the matrix's group: when the groups ran
+ * side by side (ccr_cond_group_threads > 1) the first two are thread-seconds
+ * of that many threads at once; the third always runs on the caller.  The
+ * caller owns and zeroes sec (3 n doubles); NULL turns timing off (the
+ * default).  Two clock reads per group when on, none when off. */
+ccr_status ccr_cond_set_timing(ccr_cond *c, double *sec);
+
+/* Threads that ran the last forward's groups side by side: the layer's
+ * pool size in CCR_COND_PAR_EXPERTS mode, else 1; 0 before a forward and
+ * for NULL. */
+size_t ccr_cond_group_threads(const ccr_cond *c);
+
 /* FLOPs of one use of one bank matrix on one example: FFN 2 d_in h + h +
  * 2 h d_out + d_out, linear 2 d_in d_out + d_out, plus 2 d_out for the
  * weighted combine. */
