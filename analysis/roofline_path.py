@@ -23,7 +23,8 @@ level l's time is its node matrices' forward and backward seconds from
 the layer's own timing, divided by the threads that ran the groups side by
 side (group_threads), plus its straight-through sibling evaluations
 (serial); against that level's roofline, its bound (compute or bandwidth)
-named.  "rest" is the forward + backward time outside the node matrices:
+named.  "rest" is the forward + backward time outside the node matrices
+(the rounds' mean time, as the levels' are means, minus the levels):
 the gate, the sort, the combine and the dx gather.
 """
 import json
@@ -89,7 +90,7 @@ def per_level(recs):
             print(f"| {r['depth']} | {lev} | {2 ** lev} | {b / 2 ** lev:.3g} "
                   f"| {meas / b * 1e6:.2f} | {roof / b * 1e6:.2f} "
                   f"| {'compute' if tc >= tb else 'bandwidth'} | {roof / meas:.2f} |")
-        rest = r["seconds_fwdbwd"] - inside
+        rest = r.get("seconds_fwdbwd_mean", r["seconds_fwdbwd"]) - inside
         print(f"| {r['depth']} | rest | | | {rest / b * 1e6:.2f} | | gate, sort, combine, "
               f"dx | |")
 

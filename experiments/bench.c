@@ -21,7 +21,12 @@
  *   (b) one square sgemm n^3 with the FLOPs of (a), forward + backward;
  *   (c) a dense FFN (gate none) whose hidden width gives the FLOPs of the
  *       expert GEMMs of the forward;
- *   (d) memcpy of a large buffer: the machine's copy bandwidth.
+ *   (d) memcpy of a large buffer: the machine's copy bandwidth;
+ *   (e) seconds_noise_draws: the N(0, 1) draws a noisy gate's training
+ *       forward makes (noise_draws_per_example x batch,
+ *       gsl_ran_gaussian_ziggurat on the run's RNG, as the gates draw
+ *       them): serial under one caller-owned RNG, a floor under the
+ *       gate's own time (0 draws for gates without noise).
  * Ratios are speeds relative to the layer: ratio_to_sgemm = time of (a) /
  * seconds_fwdbwd (1 = the layer runs as fast as its own GEMMs alone),
  * ratio_to_dense = time of (c) / seconds_fwdbwd.
@@ -38,7 +43,8 @@
  * level_seconds_fwd and level_seconds_bwd (thread-seconds of the groups,
  * group_threads of them running at once) and level_seconds_dots (the
  * straight-through sibling evaluations, on the caller).  Two clock reads
- * per node matrix and pass.
+ * per node matrix and pass.  seconds_fwdbwd_mean is the mean of the same
+ * rounds (the levels' means add up to less).
  *
  * --peer: PyTorch peers of the same layer (analysis/peer_torch.py, run by
  * /usr/bin/python3; --peer-script names the script, default the source
@@ -359,13 +365,26 @@ static bool peer_run(const opts *o, size_t threads, double sec[PEER_N])
 /* Measurements, one slot per round each. */
 enum {
     T_FWD, T_FWDBWD, T_STEP, T_GATE, T_GATE_TRAIN, T_ZERO, T_ADAM, T_SG_FWD, T_SG_FWDBWD,
-    T_SQUARE, T_DENSE_FWD, T_DENSE_FWDBWD, T_COPY, T_COUNT
+    T_SQUARE, T_DENSE_FWD, T_DENSE_FWDBWD, T_COPY, T_DRAWS, T_COUNT
 };
 static const char *const t_name[T_COUNT] = {
     "seconds_fwd", "seconds_fwdbwd", "seconds_step", "seconds_gate", "seconds_gate_train",
     "seconds_zero_grad", "seconds_adam", "seconds_sgemm_shapes_fwd",
     "seconds_sgemm_shapes_fwdbwd", "seconds_sgemm_square", "seconds_dense_fwd",
-    "seconds_dense_fwdbwd", "seconds_copy"};
+    "seconds_dense_fwdbwd", "seconds_copy", "seconds_noise_draws"};
+
+/* N(0, 1) draws per example of a noisy gate's training forward (topk: one
+ * per expert; hmoe: the primary's a and the bs of each of its k selected
+ * groups), 0 for the gates that draw nothing. */
+static size_t noise_draws_per_example(const ccr_cond_config *cc)
+{
+    const ccr_gate_config *g = &cc->gate_cfg;
+    if (strcmp(cc->gate->name, "topk") == 0)
+        return g->n_experts;
+    if (strcmp(cc->gate->name, "hmoe") == 0 && g->n_groups > 0)
+        return g->n_groups + g->k_groups * (g->n_experts / g->n_groups);
+    return 0;
+}
 
 #define TIMED(slot, stmt)                        \
     do {                                         \
@@ -474,6 +493,15 @@ int main(int argc, char **argv)
     layer D;
     if ((s = layer_make(be, &dc, B, rng, false, &D)) != CCR_OK)
         drv_fail(PROG, ctx, s, "dense layer");
+    /* (e) the noisy gate's Gaussian draws alone (gsl_ran_gaussian_ziggurat,
+     * as the gates draw them): B x draws per example, one RNG, in order. */
+    const size_t dpe = noise_draws_per_example(&o.cc);
+    size_t n_draws = 0;
+    if (!ccr_mul_ok(B, dpe, &n_draws))
+        drv_fail(PROG, ctx, ccr_mem_check(ctx, SIZE_MAX, "draws"), "buffers");
+    float *draws = ccr_mallocn(n_draws > 0 ? n_draws : 1, sizeof *draws);
+    if (draws == NULL)
+        drv_fail(PROG, ctx, CCR_ENOMEM, "buffers");
     /* (d) a copy buffer. */
     const size_t copy_bytes = o.copy_mib << 20;
     char *cp = ccr_mallocn(2, copy_bytes);
@@ -536,6 +564,7 @@ int main(int argc, char **argv)
             s = ccr_cond_forward(D.c, x, B, true, rng, y, &st);
             if (s == CCR_OK) s = ccr_cond_backward(D.c, dy, dx);
         });
+        TIMED(T_DRAWS, drv_noise_draws(rng, draws, n_draws));
         TIMED(T_COPY, memcpy(cp + (round % 2) * copy_bytes, cp + (1 - round % 2) * copy_bytes,
                              copy_bytes));
         double ps[PEER_N];
@@ -605,6 +634,7 @@ int main(int argc, char **argv)
     ADD_D("ratio_to_dense_fwd", t[T_DENSE_FWD] / t[T_FWD]);
     ADD_D("copy_bytes", (double)copy_bytes);
     ADD_D("copy_gbs", 2.0 * (double)copy_bytes / t[T_COPY] * 1e-9);
+    ADD_I("noise_draws_per_example", dpe);
     ADD_D("phase_gate", t[T_GATE_TRAIN] / t[T_STEP]);
     ADD_D("phase_expert_gemm", t[T_SG_FWDBWD] / t[T_STEP]);
     ADD_D("phase_dispatch_combine", t_disp / t[T_STEP]);
@@ -625,6 +655,10 @@ int main(int argc, char **argv)
             lv[l] = f / (double)R, lv[levels + l] = b / (double)R;
             lv[2 * levels + l] = d / (double)R;
         }
+        double mean = 0.0; /* the rounds' mean, beside the levels' means */
+        for (size_t i = 0; i < R; i++)
+            mean += tv[(size_t)T_FWDBWD * R + i] / (double)R;
+        ADD_D("seconds_fwdbwd_mean", mean);
         if (s == CCR_OK) s = ccr_record_add_doubles(rec, "level_seconds_fwd", lv, levels);
         if (s == CCR_OK)
             s = ccr_record_add_doubles(rec, "level_seconds_bwd", lv + levels, levels);
@@ -675,6 +709,7 @@ int main(int argc, char **argv)
         printf("  PyTorch peers: none written for gate %s (no ratio)\n", o.cc.gate->name);
 
     free(x), free(dy), free(pk), free(counts), free(tv), free(pv), free(sa), free(cp), free(tsec);
+    free(draws);
     layer_free(&L);
     layer_free(&D);
     drv_teardown(PROG, ctx, be, rng, out, rec);

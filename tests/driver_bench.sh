@@ -6,7 +6,8 @@
 # checks that every time is positive, the FLOPs of the sgemm shapes are those
 # of the routing (forward + backward = 3 x forward for the same shapes is not
 # assumed: eval and train routes may differ) and that the phase shares add up
-# to 1.  --peer (when /usr/bin/python3 has torch; else printed as skipped)
+# to 1, that the noisy gates' draw counts are right and the sign-bit tree's
+# per-level seconds are there.  --peer (when /usr/bin/python3 has torch; else printed as skipped)
 # records finite positive ratio_to_peer_* for topk, hmoe and signtree and
 # "unsupported" for signtree over an FFN bank; a missing --peer-script exits 2.  Bad arguments exit 2 with one line on stderr and leave no output
 # file.  analysis/plots.py constwork turns the records into a PNG.  Nothing here depends on how long anything took.
@@ -34,7 +35,7 @@ if [ ! -x "$py" ]; then echo "skip: no $py"; exit 77; fi
 times=seconds_fwd,seconds_fwdbwd,seconds_step,seconds_gate,seconds_gate_train,seconds_zero_grad,seconds_adam,seconds_sgemm_shapes_fwd,seconds_sgemm_shapes_fwdbwd,seconds_sgemm_square,seconds_dense_fwd,seconds_dense_fwdbwd,seconds_copy
 $py "$src/analysis/check_results.py" "$tmp/all.jsonl" --min-records 7 \
   --require gate,experts,k,groups,k2,depth,combine,bank,blas_core_source,quick,phase_method \
-  --finite d_in,hidden,d_out,batch,threads,repeat,params,$times,gflops,gflops_sgemm_shapes,gflops_sgemm_square,gflops_dense,ratio_to_sgemm,ratio_to_sgemm_fwd,ratio_to_sgemm_square,ratio_to_dense,ratio_to_dense_fwd,copy_gbs,phase_gate,phase_expert_gemm,phase_dispatch_combine,phase_optimiser,flops_fwd,flops_fwdbwd,flops_sgemm_shapes_fwd,flops_sgemm_shapes_fwdbwd,dense_hidden,sgemm_square_n
+  --finite d_in,hidden,d_out,batch,threads,repeat,params,$times,gflops,gflops_sgemm_shapes,gflops_sgemm_square,gflops_dense,ratio_to_sgemm,ratio_to_sgemm_fwd,ratio_to_sgemm_square,ratio_to_dense,ratio_to_dense_fwd,copy_gbs,phase_gate,phase_expert_gemm,phase_dispatch_combine,phase_optimiser,flops_fwd,flops_fwdbwd,flops_sgemm_shapes_fwd,flops_sgemm_shapes_fwdbwd,dense_hidden,sgemm_square_n,seconds_noise_draws,noise_draws_per_example
 
 $py - "$tmp/all.jsonl" "$times" <<'PY'
 import json, sys
@@ -60,6 +61,24 @@ for r, tag in zip(recs, gates):
     assert r["flops_sgemm_shapes_fwd"] % per == 0 and r["flops_sgemm_shapes_fwdbwd"] % (3 * per) == 0, tag
     assert 0 < r["flops_sgemm_shapes_fwd"] <= r["flops_fwd"], tag
     assert 0 < r["flops_sgemm_shapes_fwdbwd"] <= r["flops_fwdbwd"], tag
+    # The noisy gates' draws reference: topk one per expert, hmoe the
+    # primary's a plus bs per selected group, none for the rest.
+    want = {"topk": r["experts"],
+            "hmoe": r["groups"] + r["k_groups"] * (r["experts"] // r["groups"])}.get(r["gate"], 0)
+    assert r["noise_draws_per_example"] == want, (tag, r["noise_draws_per_example"], want)
+    assert r["seconds_noise_draws"] >= 0 and (want == 0 or r["seconds_noise_draws"] > 0), tag
+    # The tree's per-level seconds: one entry per level, the forward and
+    # backward positive on every level a path tree uses (only the leaves
+    # for leaf), inside the layer's own forward + backward time.
+    if r["gate"] == "signtree":
+        lv = [r["level_seconds_" + k] for k in ("fwd", "bwd", "dots")]
+        assert all(len(v) == r["depth"] + 1 for v in lv), tag
+        used = range(r["depth"] + 1) if r["combine"] == "path" else [r["depth"]]
+        assert all(lv[0][l] > 0 and lv[1][l] > 0 for l in used), (tag, lv)
+        assert r["group_threads"] == 1, tag
+        assert sum(map(sum, lv)) < r["seconds_fwdbwd_mean"], (tag, lv)
+    else:
+        assert "level_seconds_fwd" not in r, tag
 print("driver_bench: records ok")
 PY
 
