@@ -20,9 +20,9 @@ passes, the combine and the gate's own work not counted.
 
 Per level (second table, for records with ccr-bench's level_seconds_*):
 level l's time is its node matrices' forward and backward seconds from
-the layer's own timing, divided by the threads that ran the groups side by
-side (group_threads), plus its straight-through sibling evaluations
-(serial); against that level's roofline, its bound (compute or bandwidth)
+the layer's own timing and its straight-through sibling evaluations,
+divided by the threads that ran the groups side by side (group_threads);
+against that level's roofline, its bound (compute or bandwidth)
 named.  "rest" is the forward + backward time outside the node matrices
 (the rounds' mean time, as the levels' are means, minus the levels):
 the gate, the sort, the combine and the dx gather.
@@ -82,7 +82,7 @@ def per_level(recs):
         for lev, (f_s, b_s, d_s) in enumerate(zip(r["level_seconds_fwd"],
                                                    r["level_seconds_bwd"],
                                                    r["level_seconds_dots"])):
-            meas = (f_s + b_s) / gt + d_s
+            meas = (f_s + b_s + d_s) / gt
             inside += meas
             f, byts = level_cost(lev, b, dim)
             tc, tb = f / peak, byts / bw

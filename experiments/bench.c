@@ -40,9 +40,9 @@
  * Sign-bit tree: per level l (heap numbering, matrices 2^l - 1 ..
  * 2^(l+1) - 2) the seconds the layer's own timing (ccr_cond_set_timing)
  * gives during the timed forward+backward rounds, means over the rounds:
- * level_seconds_fwd and level_seconds_bwd (thread-seconds of the groups,
- * group_threads of them running at once) and level_seconds_dots (the
- * straight-through sibling evaluations, on the caller).  Two clock reads
+ * level_seconds_fwd, level_seconds_bwd and level_seconds_dots (the
+ * straight-through sibling evaluations): thread-seconds, group_threads
+ * threads running at once.  Two clock reads
  * per node matrix and pass.  seconds_fwdbwd_mean is the mean of the same
  * rounds (the levels' means add up to less).
  *

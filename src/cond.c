@@ -91,8 +91,13 @@ struct ccr_cond {
     size_t *dots_cnt;          /* [n_mat + 1] counting sort by matrix */
     size_t *dots_ord;          /* [cap] chunk pairs in (matrix, pair) order */
     size_t *dots_row;          /* [cap] their rows, in the same order */
-    float *dots_x, *dots_h, *dots_y, *dots_dy; /* one block: [blk, d_in], [blk, h],
-                                                  [blk, d_out], [blk, d_out] */
+    size_t *dots_mats;         /* [min(n_mat, cap)] the chunk's non-empty matrices */
+    float *dots_blocks;        /* T blocks, worker w's at w x blk x row floats: [blk,
+                                  d_in], [blk, h], [blk, d_out], [blk, d_out] */
+    /* the running eval_dots chunk (the pool's job arguments) */
+    size_t dots_n_mats, dots_p0;
+    const float *dots_xin, *dots_dyin;
+    double *dots_out;
 };
 
 static ccr_status cond_dots_alloc(ccr_cond *c);
@@ -778,8 +783,13 @@ static ccr_status cond_group_bwd(ccr_cond *c, size_t g, size_t w)
  * rows that stay in cache: gather the rows of x and dy (their indices
  * sorted alongside, the rows prefetched a few pairs ahead), cond_apply (GEMMs,
  * bias, ReLU as in the forward), and each dot in double (cond_dot: four partial
- * sums added in a fixed order).  The workspace (order, counts, one block) is
- * allocated here once; a call allocates nothing. */
+ * sums added in a fixed order).  The matrices run one after another with
+ * OpenBLAS's threads, or side by side on the layer's pool, one matrix per
+ * worker with single-threaded GEMMs, by the forward's rule applied to the
+ * chunk's groups (at least T, none above 1/T of the pairs); each dot is
+ * computed by one worker from fixed blocks, so the result does not depend
+ * on which worker ran it.  The workspace (order, counts, the matrix list,
+ * one block per worker) is allocated here once; a call allocates nothing. */
 
 /* Floats of one block (d_in + h + 2 d_out per row), and its least rows. */
 #define COND_DOTS_BLOCK_FLOATS ((size_t)1 << 16)
@@ -794,15 +804,17 @@ static ccr_status cond_dots_alloc(ccr_cond *c)
     unsigned need = CCR_GATE_OPT_DEPTH | CCR_GATE_OPT_GRAD_MODE;
     if ((c->cfg.gate->options & need) != need || g->grad_mode != CCR_GRAD_STE || g->depth == 0)
         return CCR_OK;
-    size_t cap, row, blk, t, bytes, n_cnt;
+    size_t cap, row, blk, t, bytes, n_cnt, n_mats;
     bool ok = ccr_mul_ok(c->max_batch, g->depth, &cap) &&
               ccr_add_ok(c->cfg.d_in, c->h, &row) && ccr_add_ok(row, c->cfg.d_out, &row) &&
               ccr_add_ok(row, c->cfg.d_out, &row);
     blk = ok ? COND_DOTS_BLOCK_FLOATS / row : 0;
     blk = blk < COND_DOTS_MIN_ROWS ? COND_DOTS_MIN_ROWS : blk;
+    n_mats = c->n_mat < cap ? c->n_mat : cap;
     ok = ok && ccr_add_ok(c->n_mat, 1, &n_cnt) && ccr_add_ok(n_cnt, cap, &t) &&
-         ccr_add_ok(t, cap, &t) && ccr_mul_ok(t, sizeof(size_t), &bytes) &&
-         ccr_mul_ok(blk, row, &t) && ccr_mul_ok(t, sizeof(float), &t) &&
+         ccr_add_ok(t, cap, &t) && ccr_add_ok(t, n_mats, &t) &&
+         ccr_mul_ok(t, sizeof(size_t), &bytes) &&
+         ccr_mul3_ok(c->T, blk, row, &t) && ccr_mul_ok(t, sizeof(float), &t) &&
          ccr_add_ok(bytes, t, &bytes) &&
          c->work_bytes <= SIZE_MAX - bytes;
     if (!ok)
@@ -819,11 +831,58 @@ static ccr_status cond_dots_alloc(ccr_cond *c)
     c->dots_cnt = c->dots_work;
     c->dots_ord = c->dots_cnt + n_cnt;
     c->dots_row = c->dots_ord + cap;
-    c->dots_x = (float *)(c->dots_row + cap);
-    c->dots_h = c->dots_x + blk * c->cfg.d_in;
-    c->dots_y = c->dots_h + blk * c->h;
-    c->dots_dy = c->dots_y + blk * c->cfg.d_out;
+    c->dots_mats = c->dots_row + cap;
+    c->dots_blocks = (float *)(c->dots_mats + n_mats);
     return CCR_OK;
+}
+
+/* Matrix m's pairs of the running chunk (sorted positions [q_start, cnt[m])),
+ * in blocks of dots_blk rows, on worker w's block buffers. */
+static ccr_status cond_dots_matrix(ccr_cond *c, size_t m, size_t w)
+{
+    const size_t d_in = c->cfg.d_in, d_out = c->cfg.d_out, blk = c->dots_blk;
+    const size_t *cnt = c->dots_cnt, *ord = c->dots_ord, *srow = c->dots_row;
+    const float *x = c->dots_xin, *dy = c->dots_dyin;
+    float *bx = c->dots_blocks + w * blk * (d_in + c->h + 2 * d_out);
+    float *bh = bx + blk * d_in, *by = bh + blk * c->h, *bdy = by + blk * d_out;
+    const size_t end = cnt[m];
+    double t0 = c->tsec ? cond_now() : 0.0;
+    for (size_t q0 = m > 0 ? cnt[m - 1] : 0; q0 < end;) {
+        size_t q1 = end - q0 < blk ? end : q0 + blk;
+        for (size_t q = q0; q < q1; q++) {
+            size_t r = srow[q];
+#if defined(__GNUC__)  /* the rows are scattered: ask for a later pair's now */
+            if (q + COND_DOTS_PREFETCH < end) {
+                size_t rp = srow[q + COND_DOTS_PREFETCH];
+                for (size_t o = 0; o < d_in; o += 16)
+                    __builtin_prefetch(x + rp * d_in + o);
+                for (size_t o = 0; o < d_out; o += 16)
+                    __builtin_prefetch(dy + rp * d_out + o);
+            }
+#endif
+            memcpy(bx + (q - q0) * d_in, x + r * d_in, d_in * sizeof *x);
+            memcpy(bdy + (q - q0) * d_out, dy + r * d_out, d_out * sizeof *dy);
+        }
+        CCR_TRY(cond_apply(c, m, bx, bh, by, q1 - q0));
+        for (size_t q = q0; q < q1; q++)
+            c->dots_out[c->dots_p0 + ord[q]] =
+                cond_dot(bdy + (q - q0) * d_out, by + (q - q0) * d_out, d_out);
+        q0 = q1;
+    }
+    if (c->tsec)  /* one worker per matrix: no race */
+        c->tsec[2 * c->n_mat + m] += cond_now() - t0;
+    return CCR_OK;
+}
+
+static void cond_dots_job(void *arg, size_t w)
+{
+    ccr_cond *c = arg;
+    for (;;) {
+        size_t i = atomic_fetch_add(&c->job_next, 1);
+        if (i >= c->dots_n_mats)
+            break;
+        cond_job_fail(c, cond_dots_matrix(c, c->dots_mats[i], w));
+    }
 }
 
 /* out[i] = dy[row[i]] . M_mat[i](x[row[i]]): the gate's eval_dots callback. */
@@ -831,13 +890,14 @@ static ccr_status cond_eval_dots(void *bank, size_t n, const size_t *mat, const 
                                  const float *x, const float *dy, double *out)
 {
     ccr_cond *c = bank;
-    size_t d_in = c->cfg.d_in, d_out = c->cfg.d_out, n_mat = c->n_mat;
+    size_t n_mat = c->n_mat;
     if (c->dots_cap == 0)
         CCR_FAIL(c->ctx, CCR_EINVAL, "eval_dots: no workspace (not a straight-through gate)");
     for (size_t i = 0; i < n; i++)
         if (mat[i] >= n_mat)
             CCR_FAIL(c->ctx, CCR_EINVAL, "eval_dots: matrix %zu >= %zu", mat[i], n_mat);
     size_t *cnt = c->dots_cnt, *ord = c->dots_ord, *srow = c->dots_row;
+    c->dots_xin = x, c->dots_dyin = dy, c->dots_out = out;
     for (size_t p0 = 0; p0 < n; p0 += c->dots_cap) {
         size_t k = n - p0 < c->dots_cap ? n - p0 : c->dots_cap;
         const size_t *mk = mat + p0, *rk = row + p0;
@@ -845,44 +905,44 @@ static ccr_status cond_eval_dots(void *bank, size_t n, const size_t *mat, const 
         memset(cnt, 0, (n_mat + 1) * sizeof *cnt);
         for (size_t i = 0; i < k; i++)
             cnt[mk[i] + 1]++;
-        for (size_t m = 0; m < n_mat; m++)
+        size_t nm = 0, big = 0;
+        for (size_t m = 0; m < n_mat; m++) {
+            if (cnt[m + 1] > 0)
+                c->dots_mats[nm++] = m;  /* ascending id: the tree's shallow, large first */
+            big = cnt[m + 1] > big ? cnt[m + 1] : big;
             cnt[m + 1] += cnt[m];
+        }
         for (size_t i = 0; i < k; i++) {
             size_t q = cnt[mk[i]]++;
             ord[q] = i;
             srow[q] = rk[i];
         }
-        for (size_t q0 = 0; q0 < k;) {
-            size_t m = mk[ord[q0]], end = cnt[m];
-            size_t q1 = end - q0 < c->dots_blk ? end : q0 + c->dots_blk;
-            double t0 = c->tsec ? cond_now() : 0.0;
-            for (size_t q = q0; q < q1; q++) {
-                size_t r = srow[q];
-#if defined(__GNUC__)  /* the rows are scattered: ask for a later pair's now */
-                if (q + COND_DOTS_PREFETCH < k) {
-                    size_t rp = srow[q + COND_DOTS_PREFETCH];
-                    for (size_t o = 0; o < d_in; o += 16)
-                        __builtin_prefetch(x + rp * d_in + o);
-                    for (size_t o = 0; o < d_out; o += 16)
-                        __builtin_prefetch(dy + rp * d_out + o);
-                }
-#endif
-                memcpy(c->dots_x + (q - q0) * d_in, x + r * d_in, d_in * sizeof *x);
-                memcpy(c->dots_dy + (q - q0) * d_out, dy + r * d_out, d_out * sizeof *dy);
-            }
-            CCR_TRY(cond_apply(c, m, c->dots_x, c->dots_h, c->dots_y, q1 - q0));
-            for (size_t q = q0; q < q1; q++)
-                out[p0 + ord[q]] = cond_dot(c->dots_dy + (q - q0) * d_out,
-                                             c->dots_y + (q - q0) * d_out, d_out);
-            if (c->tsec)
-                c->tsec[2 * n_mat + m] += cond_now() - t0;
-            q0 = q1;
+        /* now cnt[m] = end of m's group, cnt[m - 1] its start */
+        c->dots_n_mats = nm, c->dots_p0 = p0;
+        /* Side by side, one matrix per worker with single-threaded GEMMs,
+         * by the forward's rule (cond_use_experts) on these groups: at
+         * least T of them, none above 1/T of the pairs. */
+        bool side = c->cfg.parallel == CCR_COND_PAR_EXPERTS ||
+                    (c->cfg.parallel == CCR_COND_PAR_AUTO && c->T > 1 && nm >= c->T &&
+                     big * c->T <= k);
+        if (!side) {
+            for (size_t i = 0; i < nm; i++)
+                CCR_TRY(cond_dots_matrix(c, c->dots_mats[i], 0));
+            continue;
         }
+        atomic_store(&c->job_err, CCR_OK);
+        atomic_store(&c->job_next, 0);
+        int prev = openblas_get_num_threads();
+        if (prev != 1)
+            openblas_set_num_threads(1);
+        ccr_pool_run(c->pool, cond_dots_job, c);
+        if (prev != 1)
+            openblas_set_num_threads(prev);
+        CCR_TRY((ccr_status)atomic_load(&c->job_err));
     }
     return CCR_OK;
 }
 
-/* cond_group_bwd, timed into tsec[n_mat + m] when timing is on. */
 static ccr_status cond_group_bwd_timed(ccr_cond *c, size_t g, size_t w)
 {
     if (c->tsec == NULL)

@@ -160,8 +160,10 @@ size_t ccr_cond_n_params(const ccr_cond *c);
  *   sec[2 n + m]    += a straight-through gate's evaluations of m in its
  *                      backward (eval_dots).
  * Seconds on the thread that ran the matrix's group: when the groups ran
- * side by side (ccr_cond_group_threads > 1) the first two are thread-seconds
- * of that many threads at once; the third always runs on the caller.  The
+ * side by side (ccr_cond_group_threads > 1) they are thread-seconds of that
+ * many threads at once (the straight-through evaluations choose their mode
+ * by the same rule on their own groups, which for the sign-bit tree gives
+ * the forward's).  The
  * caller owns and zeroes sec (3 n doubles); NULL turns timing off (the
  * default).  Two clock reads per group when on, none when off. */
 ccr_status ccr_cond_set_timing(ccr_cond *c, double *sec);
