@@ -37,8 +37,8 @@
  * activation and the gate's backward) are the remainder, derived, not
  * measured.
  *
- * Sign-bit tree: per level l (heap numbering, matrices 2^l - 1 ..
- * 2^(l+1) - 2) the seconds the layer's own timing (ccr_cond_set_timing)
+ * Sign-bit tree: per level l of a path tree (heap numbering, matrices
+ * 2^l - 1 .. 2^(l+1) - 2; a leaf tree has one entry, its leaves) the seconds the layer's own timing (ccr_cond_set_timing)
  * gives during the timed forward+backward rounds, means over the rounds:
  * level_seconds_fwd, level_seconds_bwd and level_seconds_dots (the
  * straight-through sibling evaluations): thread-seconds, group_threads
@@ -516,7 +516,8 @@ int main(int argc, char **argv)
     const size_t R = o.repeat, isq = sq;
     /* Per-level timing of the sign-bit tree (see the header). */
     const bool tree = strcmp(o.cc.gate->name, "signtree") == 0;
-    const size_t levels = tree ? o.cc.gate_cfg.depth + 1 : 0;
+    const bool path = tree && o.cc.gate_cfg.combine == CCR_COMBINE_PATH;
+    const size_t levels = path ? o.cc.gate_cfg.depth + 1 : 1; /* leaf: one, the leaves */
     double *tsec = tree ? ccr_malloc3(n_mat, 3, sizeof *tsec) : NULL;
     if (tree && tsec == NULL)
         drv_fail(PROG, ctx, CCR_ENOMEM, "buffers");
@@ -650,7 +651,8 @@ int main(int argc, char **argv)
             s = CCR_ENOMEM;
         for (size_t l = 0; s == CCR_OK && l < levels; l++) {
             double f = 0.0, b = 0.0, d = 0.0;
-            for (size_t m = ((size_t)1 << l) - 1; m < ((size_t)2 << l) - 1 && m < n_mat; m++)
+            size_t m0 = path ? ((size_t)1 << l) - 1 : 0, m1 = path ? ((size_t)2 << l) - 1 : n_mat;
+            for (size_t m = m0; m < m1 && m < n_mat; m++)
                 f += tsec[m], b += tsec[n_mat + m], d += tsec[2 * n_mat + m];
             lv[l] = f / (double)R, lv[levels + l] = b / (double)R;
             lv[2 * levels + l] = d / (double)R;

@@ -67,14 +67,13 @@ for r, tag in zip(recs, gates):
             "hmoe": r["groups"] + r["k_groups"] * (r["experts"] // r["groups"])}.get(r["gate"], 0)
     assert r["noise_draws_per_example"] == want, (tag, r["noise_draws_per_example"], want)
     assert r["seconds_noise_draws"] >= 0 and (want == 0 or r["seconds_noise_draws"] > 0), tag
-    # The tree's per-level seconds: one entry per level, the forward and
-    # backward positive on every level a path tree uses (only the leaves
-    # for leaf), inside the layer's own forward + backward time.
+    # The tree's per-level seconds: one entry per level of a path tree (one
+    # for a leaf tree's leaves), the forward and backward positive, inside the layer's own forward + backward time.
     if r["gate"] == "signtree":
         lv = [r["level_seconds_" + k] for k in ("fwd", "bwd", "dots")]
-        assert all(len(v) == r["depth"] + 1 for v in lv), tag
-        used = range(r["depth"] + 1) if r["combine"] == "path" else [r["depth"]]
-        assert all(lv[0][l] > 0 and lv[1][l] > 0 for l in used), (tag, lv)
+        n = r["depth"] + 1 if r["combine"] == "path" else 1
+        assert all(len(v) == n for v in lv), tag
+        assert all(lv[0][l] > 0 and lv[1][l] > 0 for l in range(n)), (tag, lv)
         assert r["group_threads"] == 1, tag
         assert sum(map(sum, lv)) < r["seconds_fwdbwd_mean"], (tag, lv)
     else:
