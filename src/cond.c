@@ -637,17 +637,11 @@ static void cond_combine_job(void *arg, size_t w)
                 c->cfg.residual ? c->job_x : NULL, c->job_y);
 }
 
-/* Runs fn on the pool with OpenBLAS single-threaded for the duration (the
- * EXPERTS mode), or on the caller alone. */
-static ccr_status cond_run_groups(ccr_cond *c, ccr_pool_fn fn, ccr_status (*one)(ccr_cond *,
-                                                                                 size_t))
+/* Runs the job fn on the pool, its workers taking entries by job_next,
+ * with OpenBLAS single-threaded for the duration; the first failing status. */
+static ccr_status cond_pool_jobs(ccr_cond *c, ccr_pool_fn fn)
 {
     atomic_store(&c->job_err, CCR_OK);
-    if (!c->experts) {
-        for (size_t g = 0; g < c->n_groups; g++)
-            CCR_TRY(one(c, g));
-        return CCR_OK;
-    }
     atomic_store(&c->job_next, 0);
     int prev = openblas_get_num_threads();
     if (prev != 1)
@@ -656,6 +650,19 @@ static ccr_status cond_run_groups(ccr_cond *c, ccr_pool_fn fn, ccr_status (*one)
     if (prev != 1)
         openblas_set_num_threads(prev);
     return (ccr_status)atomic_load(&c->job_err);
+}
+
+/* Runs fn on the pool with OpenBLAS single-threaded for the duration (the
+ * EXPERTS mode), or on the caller alone. */
+static ccr_status cond_run_groups(ccr_cond *c, ccr_pool_fn fn, ccr_status (*one)(ccr_cond *,
+                                                                                 size_t))
+{
+    if (!c->experts) {
+        for (size_t g = 0; g < c->n_groups; g++)
+            CCR_TRY(one(c, g));
+        return CCR_OK;
+    }
+    return cond_pool_jobs(c, fn);
 }
 
 ccr_status ccr_cond_forward(ccr_cond *c, const float *x, size_t batch, bool train,
@@ -930,15 +937,7 @@ static ccr_status cond_eval_dots(void *bank, size_t n, const size_t *mat, const 
                 CCR_TRY(cond_dots_matrix(c, c->dots_mats[i], 0));
             continue;
         }
-        atomic_store(&c->job_err, CCR_OK);
-        atomic_store(&c->job_next, 0);
-        int prev = openblas_get_num_threads();
-        if (prev != 1)
-            openblas_set_num_threads(1);
-        ccr_pool_run(c->pool, cond_dots_job, c);
-        if (prev != 1)
-            openblas_set_num_threads(prev);
-        CCR_TRY((ccr_status)atomic_load(&c->job_err));
+        CCR_TRY(cond_pool_jobs(c, cond_dots_job));
     }
     return CCR_OK;
 }
