@@ -53,8 +53,8 @@ void gate_init_normal(float *w, size_t n, double sd, gsl_rng *rng);
 
 /* Fills n floats with the noisy gates' N(0, 1) draws, one per entry in
  * index order: gsl_ran_gaussian_ziggurat(rng, 1.0), GSL's fastest exact
- * Gaussian (about 3x its Box-Muller gsl_ran_gaussian on one mt19937 draw
- * or so per number; the training step draws one per gate entry). */
+ * Gaussian (the training step draws one per gate entry; the polar
+ * gsl_ran_gaussian cost hmoe's E = 4096 step more, docs/RESULTS.md). */
 void gate_noise_fill(float *z, size_t n, gsl_rng *rng);
 
 /* Declares a tensor named prefix+name; returns its arena index in *idx. */
