@@ -23,9 +23,8 @@
  *       expert GEMMs of the forward;
  *   (d) memcpy of a large buffer: the machine's copy bandwidth;
  *   (e) seconds_noise_draws: the N(0, 1) draws a noisy gate's training
- *       forward makes (noise_draws_per_example x batch,
- *       gsl_ran_gaussian_ziggurat on the run's RNG, as the gates draw
- *       them): serial under one caller-owned RNG, a floor under the
+ *       forward makes (noise_draws_per_example x batch, the gates' own
+ *       gate_noise_fill on the run's RNG): serial under one caller-owned RNG, a floor under the
  *       gate's own time (0 draws for gates without noise).
  * Ratios are speeds relative to the layer: ratio_to_sgemm = time of (a) /
  * seconds_fwdbwd (1 = the layer runs as fast as its own GEMMs alone),
@@ -38,13 +37,13 @@
  * measured.
  *
  * Sign-bit tree: per level l of a path tree (heap numbering, matrices
- * 2^l - 1 .. 2^(l+1) - 2; a leaf tree has one entry, its leaves) the seconds the layer's own timing (ccr_cond_set_timing)
- * gives during the timed forward+backward rounds, means over the rounds:
- * level_seconds_fwd, level_seconds_bwd and level_seconds_dots (the
- * straight-through sibling evaluations): thread-seconds, group_threads
- * threads running at once.  Two clock reads
- * per node matrix and pass.  seconds_fwdbwd_mean is the mean of the same
- * rounds (the levels' means add up to less).
+ * 2^l - 1 .. 2^(l+1) - 2; a leaf tree has one entry, its leaves) the
+ * seconds the layer's own timing (ccr_cond_set_timing) gives during the
+ * timed forward+backward rounds, means over the rounds: level_seconds_fwd,
+ * level_seconds_bwd and level_seconds_dots (the straight-through sibling
+ * evaluations), thread-seconds of group_threads threads running at once.
+ * Two clock reads per node matrix and pass.  seconds_fwdbwd_mean is the
+ * mean of the same rounds (the levels' means add up to less).
  *
  * --peer: PyTorch peers of the same layer (analysis/peer_torch.py, run by
  * /usr/bin/python3; --peer-script names the script, default the source
@@ -71,6 +70,7 @@
 #include <cblas.h>
 
 #include "common.h"
+#include "gate_util.h" // provides: gate_noise_fill (the noisy gates' draws)
 #include "internal.h"  // provides: ccr_malloc3, ccr_mallocn, ccr_mul_ok, ccr_mul3_ok
 #include "outputs.h"
 
@@ -565,7 +565,7 @@ int main(int argc, char **argv)
             s = ccr_cond_forward(D.c, x, B, true, rng, y, &st);
             if (s == CCR_OK) s = ccr_cond_backward(D.c, dy, dx);
         });
-        TIMED(T_DRAWS, drv_noise_draws(rng, draws, n_draws));
+        TIMED(T_DRAWS, gate_noise_fill(draws, n_draws, rng));
         TIMED(T_COPY, memcpy(cp + (round % 2) * copy_bytes, cp + (1 - round % 2) * copy_bytes,
                              copy_bytes));
         double ps[PEER_N];

@@ -8,7 +8,6 @@
 
 #include <errno.h>
 #include <gsl/gsl_errno.h>
-#include <gsl/gsl_randist.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdint.h>
@@ -360,12 +359,6 @@ static int drv_cmp_double(const void *a, const void *b)
 {
     const double x = *(const double *)a, y = *(const double *)b;
     return (x > y) - (x < y);
-}
-
-void drv_noise_draws(gsl_rng *rng, float *z, size_t n)
-{
-    for (size_t i = 0; i < n; i++)
-        z[i] = (float)gsl_ran_gaussian_ziggurat(rng, 1.0);
 }
 
 double drv_median(double *v, size_t n)

@@ -126,10 +126,6 @@ void drv_teardown(const char *prog, ccr_ctx *ctx, ccr_backend *be, gsl_rng *rng,
 /* Seconds from a monotonic clock. */
 double drv_now(void);
 
-/* n N(0, 1) draws into z as the noisy gates draw them
- * (gsl_ran_gaussian_ziggurat, src/gate_util.c): ccr-bench's reference. */
-void drv_noise_draws(gsl_rng *rng, float *z, size_t n);
-
 /* The median of v[0..n) (sorts v in place); NaN for n == 0. */
 double drv_median(double *v, size_t n);
 
