@@ -20,6 +20,8 @@ static void cuda_free(ccr_backend *be)
     if (st != NULL) {
         if (st->cublas)
             cublasDestroy(st->cublas);
+        if (st->partials)
+            cudaFree(st->partials);
         if (st->stream)
             cudaStreamDestroy(st->stream);
         free(st);
@@ -80,6 +82,14 @@ static ccr_status cuda_synchronize(ccr_backend *be)
     return CCR_OK;
 }
 
+static ccr_status cuda_set_math(ccr_backend *be, ccr_math math)
+{
+    CCR_CUBLAS_TRY(be, cublasSetMathMode(ccr_cuda(be)->cublas, math == CCR_MATH_TF32
+                                                                   ? CUBLAS_TF32_TENSOR_OP_MATH
+                                                                   : CUBLAS_DEFAULT_MATH));
+    return CCR_OK;
+}
+
 static const ccr_backend_i cuda_iface = {
     "cuda",           /* name */
     cuda_free,        /* free */
@@ -89,6 +99,7 @@ static const ccr_backend_i cuda_iface = {
     cuda_get,         /* get */
     cuda_memset,      /* memset */
     cuda_synchronize, /* synchronize */
+    cuda_set_math,    /* set_math */
 };
 
 extern "C" ccr_status ccr_backend_cuda_init(ccr_ctx *ctx, int device, ccr_backend **out)
@@ -120,7 +131,9 @@ extern "C" ccr_status ccr_backend_cuda_init(ccr_ctx *ctx, int device, ccr_backen
     cudaDeviceProp prop;
     if ((e = cudaSetDevice(device)) != cudaSuccess ||
         (e = cudaGetDeviceProperties(&prop, device)) != cudaSuccess ||
-        (e = cudaStreamCreateWithFlags(&st->stream, cudaStreamNonBlocking)) != cudaSuccess) {
+        (e = cudaStreamCreateWithFlags(&st->stream, cudaStreamNonBlocking)) != cudaSuccess ||
+        (e = cudaMalloc((void **)&st->partials,
+                        (CCR_CUDA_PARTIALS + 1) * sizeof(double))) != cudaSuccess) {
         s = ccr_fail(ctx, CCR_ECUDA, __func__, __FILE__, __LINE__, "device %d: %s", device,
                      cudaGetErrorString(e));
     } else {

@@ -42,7 +42,12 @@ typedef struct ccr_cuda_state {
     cudaStream_t stream;
     cublasHandle_t cublas;
     ccr_kernels kernels;   /* the table be->k points to */
+    double *partials;      /* [CCR_CUDA_PARTIALS + 1] device scratch of reductions */
 } ccr_cuda_state;
+
+/* Blocks of a two-stage reduction (sum_squares): fixed, so the order of the
+ * additions depends on n only. */
+#define CCR_CUDA_PARTIALS 1024
 
 static inline ccr_cuda_state *ccr_cuda(ccr_backend *be) { return (ccr_cuda_state *)be->impl; }
 

@@ -246,6 +246,59 @@ static ccr_status cu_adam_step(ccr_backend *be, float *w, const float *g, float 
     return CCR_OK;
 }
 
+/* Stage 1: block i's threads sum x^2 over i + j * blocks strided chunks in
+ * double, then a fixed tree in shared memory; stage 2 (one block) adds the
+ * partials the same way.  The grid is CCR_CUDA_PARTIALS blocks whatever n,
+ * so the result is the same every run. */
+#define SUMSQ_THREADS 256
+__device__ double sumsq_block(double v, double *sh)
+{
+    sh[threadIdx.x] = v;
+    __syncthreads();
+    for (unsigned s = SUMSQ_THREADS / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s)
+            sh[threadIdx.x] += sh[threadIdx.x + s];
+        __syncthreads();
+    }
+    return sh[0];
+}
+
+__global__ void sumsq_kernel(const float *x, size_t n, double *partials)
+{
+    __shared__ double sh[SUMSQ_THREADS];
+    double acc = 0.0;
+    for (size_t i = blockIdx.x * (size_t)SUMSQ_THREADS + threadIdx.x; i < n;
+         i += (size_t)CCR_CUDA_PARTIALS * SUMSQ_THREADS)
+        acc += (double)x[i] * (double)x[i];
+    double s = sumsq_block(acc, sh);
+    if (threadIdx.x == 0)
+        partials[blockIdx.x] = s;
+}
+
+__global__ void sumsq_final_kernel(double *partials)
+{
+    __shared__ double sh[SUMSQ_THREADS];
+    double acc = 0.0;
+    for (unsigned i = threadIdx.x; i < CCR_CUDA_PARTIALS; i += SUMSQ_THREADS)
+        acc += partials[i];
+    double s = sumsq_block(acc, sh);
+    if (threadIdx.x == 0)
+        partials[CCR_CUDA_PARTIALS] = s;
+}
+
+static ccr_status cu_sum_squares(ccr_backend *be, const float *x, size_t n, double *out)
+{
+    ccr_cuda_state *st = ccr_cuda(be);
+    sumsq_kernel<<<CCR_CUDA_PARTIALS, SUMSQ_THREADS, 0, st->stream>>>(x, n, st->partials);
+    CCR_CUDA_LAUNCHED(be);
+    sumsq_final_kernel<<<1, SUMSQ_THREADS, 0, st->stream>>>(st->partials);
+    CCR_CUDA_LAUNCHED(be);
+    CCR_CUDA_TRY(be, cudaMemcpyAsync(out, st->partials + CCR_CUDA_PARTIALS, sizeof *out,
+                                     cudaMemcpyDeviceToHost, st->stream));
+    CCR_CUDA_TRY(be, cudaStreamSynchronize(st->stream));
+    return CCR_OK;
+}
+
 void ccr_cuda_fill_kernels(ccr_kernels *k)
 {
     memset(k, 0, sizeof *k);
@@ -257,4 +310,5 @@ void ccr_cuda_fill_kernels(ccr_kernels *k)
     k->softmax_xent = cu_softmax_xent;
     k->sgd_step = cu_sgd_step;
     k->adam_step = cu_adam_step;
+    k->sum_squares = cu_sum_squares;
 }

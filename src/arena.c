@@ -38,6 +38,10 @@ struct ccr_arena {
     ccr_arena_sparse *sp;
     size_t n_sp, sp_rows;
     void *sp_work;
+    /* Host staging of tensors [stage_first, stage_end) (ccr_arena_stage):
+     * their values at stage + (offset - stage_off), NULL when none. */
+    float *stage;
+    size_t stage_first, stage_end, stage_off, stage_len;
 };
 
 #define ARENA_ALIGN 16
@@ -59,6 +63,7 @@ void ccr_arena_free(ccr_arena *a)
 {
     if (a == NULL)
         return;
+    free(a->stage);
     ccr_backend_free_buffer(a->be, a->values);
     ccr_backend_free_buffer(a->be, a->grads);
     free(a->sp);
@@ -225,7 +230,49 @@ size_t ccr_arena_size(const ccr_arena *a, size_t i) { return ARENA_HAS(a, i) ? a
 
 float *ccr_arena_value(const ccr_arena *a, size_t i)
 {
-    return ARENA_HAS(a, i) && a->values ? a->values + a->t[i].offset : NULL;
+    if (!ARENA_HAS(a, i) || a->values == NULL)
+        return NULL;
+    if (a->stage != NULL && i >= a->stage_first && i < a->stage_end)
+        return a->stage + (a->t[i].offset - a->stage_off);
+    return a->values + a->t[i].offset;
+}
+
+ccr_status ccr_arena_stage(ccr_arena *a, size_t first, size_t end)
+{
+    if (a == NULL)
+        return CCR_EINVAL;
+    ccr_ctx *ctx = a->be->ctx;
+    if (a->values == NULL)
+        CCR_FAIL(ctx, CCR_EINVAL, "arena not finalized");
+    if (a->stage != NULL)
+        CCR_FAIL(ctx, CCR_EINVAL, "arena tensors already staged");
+    if (first >= end || end > a->n)
+        CCR_FAIL(ctx, CCR_EINVAL, "staging range [%zu, %zu) of %zu tensors", first, end, a->n);
+    size_t off = a->t[first].offset, len = a->t[end - 1].offset + a->t[end - 1].size - off;
+    float *h = ccr_mallocn(len, sizeof *h);
+    if (h == NULL)
+        CCR_FAIL(ctx, CCR_ENOMEM, "cannot allocate %zu floats of staging", len);
+    ccr_status s = ccr_backend_get(a->be, h, a->values + off, len * sizeof *h); /* bounded: len <= block_len */
+    if (s != CCR_OK) {
+        free(h);
+        return s;
+    }
+    a->stage = h;
+    a->stage_first = first, a->stage_end = end, a->stage_off = off, a->stage_len = len;
+    return CCR_OK;
+}
+
+ccr_status ccr_arena_unstage(ccr_arena *a, bool upload)
+{
+    if (a == NULL || a->stage == NULL)
+        return CCR_OK;
+    ccr_status s = CCR_OK;
+    if (upload)
+        s = ccr_backend_set(a->be, a->values + a->stage_off, a->stage,
+                            a->stage_len * sizeof *a->stage); /* bounded: as staged */
+    free(a->stage);
+    a->stage = NULL;
+    return s;
 }
 
 float *ccr_arena_grad(const ccr_arena *a, size_t i)

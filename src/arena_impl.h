@@ -2,6 +2,8 @@
 #ifndef CCR_ARENA_IMPL_H
 #define CCR_ARENA_IMPL_H
 
+#include <stdbool.h>
+
 #include "ccr/ccr_arena.h"
 #include "ccr/ccr_safetensors.h"
 
@@ -12,6 +14,16 @@ ccr_backend *ccr_arena_backend(const ccr_arena *a);
 
 /* ccr_arena_load from a file already read (path is for messages only). */
 ccr_status ccr_arena_load_from(ccr_arena *a, const ccr_safetensors *f, const char *path);
+
+/* Host staging, for initialisers that write values through host pointers
+ * (the gates' and the layers' init_params) on a device arena: copies the
+ * values of tensors [first, end) (contiguous in the block) to a host buffer,
+ * and until ccr_arena_unstage ccr_arena_value of those tensors points into
+ * it.  ccr_arena_unstage uploads the buffer when upload is true and frees
+ * it.  Works on any backend (a copy on the CPU).  CCR_EINVAL for a bad range,
+ * an unfinalized arena or a staging already open. */
+ccr_status ccr_arena_stage(ccr_arena *a, size_t first, size_t end);
+ccr_status ccr_arena_unstage(ccr_arena *a, bool upload);
 
 /* ---- row-sparse gradients (issue 10) -------------------------------------
  * A tensor marked row-sparse (before finalize) has its gradient rows (along

@@ -81,6 +81,19 @@ ccr_status ccr_backend_synchronize(ccr_backend *be)
     return be->iface->synchronize(be);
 }
 
+ccr_status ccr_backend_set_math(ccr_backend *be, ccr_math math)
+{
+    if (be == NULL)
+        return CCR_EINVAL;
+    if (math != CCR_MATH_FP32 && math != CCR_MATH_TF32)
+        CCR_FAIL(be->ctx, CCR_EINVAL, "unknown math mode %d (fp32 0, tf32 1)", (int)math);
+    if (be->iface->set_math != NULL)
+        return be->iface->set_math(be, math);
+    if (math != CCR_MATH_FP32)
+        CCR_FAIL(be->ctx, CCR_EUNSUP, "backend %s computes in FP32 only", be->iface->name);
+    return CCR_OK;
+}
+
 ccr_status ccr_backend_gemm(ccr_backend *be, bool trans_a, bool trans_b, size_t m, size_t n,
                             size_t k, float alpha, const float *a, size_t lda, const float *b,
                             size_t ldb, float beta, float *c, size_t ldc)

@@ -108,6 +108,16 @@ static ccr_status cpu_adam_step(ccr_backend *be, float *w, const float *g, float
     return CCR_OK;
 }
 
+static ccr_status ref_sum_squares(ccr_backend *be, const float *x, size_t n, double *out)
+{
+    CCR_UNUSED(be);
+    double s = 0.0;
+    for (size_t i = 0; i < n; i++)
+        s += (double)x[i] * (double)x[i];
+    *out = s;
+    return CCR_OK;
+}
+
 const ccr_kernels ccr_cpu_ref_kernels = {
     .gemm = ref_gemm,
     .bias_add = ref_bias_add,
@@ -117,6 +127,7 @@ const ccr_kernels ccr_cpu_ref_kernels = {
     .softmax_xent = ref_softmax_xent,
     .sgd_step = ref_sgd_step,
     .adam_step = ref_adam_step,
+    .sum_squares = ref_sum_squares,
 };
 
 const ccr_kernels ccr_cpu_kernels = {
@@ -128,6 +139,7 @@ const ccr_kernels ccr_cpu_kernels = {
     .softmax_xent = ref_softmax_xent,
     .sgd_step = ref_sgd_step,
     .adam_step = cpu_adam_step,
+    .sum_squares = ref_sum_squares,
 };
 
 /* ---- buffers --------------------------------------------------------------- */

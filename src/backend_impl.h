@@ -37,6 +37,10 @@ typedef struct ccr_kernels {
     ccr_status (*adam_step)(ccr_backend *be, float *w, const float *g, float *m, float *v,
                             size_t n, float lr, float b1, float b2, float eps, float wd,
                             uint64_t t);
+    /* *out (host) = sum of x[i]^2 over n floats, in double: the reference
+     * adds in index order; the CUDA kernel in a fixed tree (the same result
+     * every run, equal to the reference to double rounding). */
+    ccr_status (*sum_squares)(ccr_backend *be, const float *x, size_t n, double *out);
 } ccr_kernels;
 
 typedef struct ccr_backend_i {
@@ -48,6 +52,8 @@ typedef struct ccr_backend_i {
     ccr_status (*get)(ccr_backend *be, void *dst, const void *src, size_t bytes);
     ccr_status (*memset)(ccr_backend *be, void *dst, int value, size_t bytes);
     ccr_status (*synchronize)(ccr_backend *be);
+    /* Selects ccr_math (validated); NULL: FP32 only. */
+    ccr_status (*set_math)(ccr_backend *be, ccr_math math);
 } ccr_backend_i;
 
 struct ccr_backend {

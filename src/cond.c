@@ -35,6 +35,8 @@
 #include "arena_impl.h"    // provides: ccr_arena_set_row_sparse, ccr_arena_touch_row
 #include "backend_impl.h"  // provides: struct ccr_backend (kernel table)
 #include "ccr/ccr_cond.h"
+#include "cond_dev.h"      // provides: ccr_cond_dev (the CUDA half)
+#include "gate_dev.h"      // provides: ccr_gate_dev_find
 #include "internal.h"      // provides: CCR_FAIL, CCR_TRY, ccr_mul_ok
 #include "pool.h"          // provides: ccr_pool (the layer's threads)
 #include "ref/ref.h"       // provides: ccr_ref_act_fwd (ReLU)
@@ -47,6 +49,8 @@ struct ccr_cond {
     ccr_ctx *ctx;
     ccr_cond_config cfg;
     ccr_gate *gate;
+    ccr_cond_dev *dev;         /* the device half on a non-CPU backend, else NULL */
+    char gate_prefix[CCR_ARENA_MAX_NAME]; /* where the gate declared (device bind) */
     size_t max_batch, slots, n_mat, h;
     bool tree;                 /* the bank is named "tree." */
     ccr_arena *arena;          /* where the bank lives (set by declare) */
@@ -147,7 +151,9 @@ static void *cond_align(void *p)
 
 size_t ccr_cond_memory_bytes(const ccr_cond *c)
 {
-    return c == NULL ? 0 : c->work_bytes;
+    if (c == NULL)
+        return 0;
+    return c->dev ? ccr_cond_dev_memory_bytes(c->dev) : c->work_bytes;
 }
 
 ccr_cond_config ccr_cond_config_default(void)
@@ -195,9 +201,9 @@ ccr_status ccr_cond_alloc(ccr_backend *be, const ccr_cond_config *cfg, size_t ma
     if (gate == NULL)
         CCR_TRY(ccr_gate_type_lookup(ctx, cfg->gate_name, &gate));
     const ccr_bank_kind bank_kind = ccr_cond_config_bank(cfg);
-    if (!be->is_cpu)
-        CCR_FAIL(ctx, CCR_EUNSUP, "conditional layers run on the CPU backend, not %s",
-                 be->iface->name);
+    if (!be->is_cpu && ccr_gate_dev_find(gate) == NULL)
+        CCR_FAIL(ctx, CCR_EUNSUP, "gate %s has no %s code: its layer runs on the CPU backend",
+                 gate->name, be->iface->name);
     if (cfg->d_in == 0 || cfg->d_out == 0 || max_batch == 0)
         CCR_FAIL(ctx, CCR_EINVAL, "d_in=%zu, d_out=%zu and max_batch=%zu must be > 0",
                  cfg->d_in, cfg->d_out, max_batch);
@@ -248,6 +254,18 @@ ccr_status ccr_cond_alloc(ccr_backend *be, const ccr_cond_config *cfg, size_t ma
         ccr_cond_free(c);
         CCR_FAIL(ctx, CCR_ENOMEM, "bank of %zu matrices of %zu floats is too large "
                  "(limit %zu floats)", n_mat, per, COND_MAX_BANK);
+    }
+    if (!be->is_cpu) {
+        ccr_cond_dev_shape sh = {.d_in = cfg->d_in, .d_out = cfg->d_out, .h = c->h,
+                                 .slots = c->slots, .n_mat = c->n_mat,
+                                 .max_batch = max_batch, .residual = cfg->residual};
+        ccr_status ds = ccr_cond_dev_alloc(be, c->gate, &sh, &c->dev);
+        if (ds != CCR_OK) {
+            ccr_cond_free(c);
+            return ds;
+        }
+        *out = c;
+        return CCR_OK;
     }
     int nt = ccr_blas_num_threads();
     c->T = nt > 1 ? (size_t)nt : 1;
@@ -308,6 +326,7 @@ void ccr_cond_free(ccr_cond *c)
 {
     if (c == NULL)
         return;
+    ccr_cond_dev_free(c->dev);
     ccr_pool_free(c->pool);
     ccr_gate_free(c->gate);
     free(c->work);
@@ -348,8 +367,8 @@ ccr_status ccr_cond_declare(ccr_cond *c, ccr_arena *a, const char *prefix)
         CCR_TRY(ccr_arena_set_row_sparse(a, c->p_w2));
         CCR_TRY(ccr_arena_set_row_sparse(a, c->p_b2));
     }
-    char gp[CCR_ARENA_MAX_NAME];
-    snprintf(gp, sizeof gp, "%s%s", prefix, c->cfg.gate->param_group);
+    char *gp = c->gate_prefix;
+    snprintf(gp, sizeof c->gate_prefix, "%s%s", prefix, c->cfg.gate->param_group);
     c->gate_first = ccr_arena_count(a);
     CCR_TRY(ccr_gate_declare(c->gate, a, gp));
     c->gate_end = ccr_arena_count(a);
@@ -366,13 +385,11 @@ static void cond_uniform(ccr_cond *c, size_t idx, double bound, gsl_rng *rng)
         v[i] = (float)((2.0 * gsl_rng_uniform(rng) - 1.0) * bound);
 }
 
-ccr_status ccr_cond_init_params(ccr_cond *c, gsl_rng *rng)
+/* The initial values, written through host pointers (cond_uniform, the
+ * gate's init_params): the arena's memory on the CPU, a host staging of the
+ * layer's tensors otherwise (uploaded by the caller). */
+static ccr_status cond_init_host(ccr_cond *c, gsl_rng *rng)
 {
-    if (c == NULL)
-        return CCR_EINVAL;
-    CCR_CHECK_NULL(c->ctx, rng);
-    if (c->arena == NULL || ccr_arena_values(c->arena) == NULL)
-        CCR_FAIL(c->ctx, CCR_EINVAL, "declare the layer and finalize its arena first");
     /* nn.Linear's default per bank layer.  The sign-bit tree sums the d+1
      * node matrices of a path with weight 1, so each node starts at
      * 1/sqrt(d+1) of that scale and the effective matrix has the usual one. */
@@ -386,6 +403,30 @@ ccr_status ccr_cond_init_params(ccr_cond *c, gsl_rng *rng)
         cond_uniform(c, c->p_b2, b_h, rng);
     }
     return ccr_gate_init_params(c->gate, rng);
+}
+
+ccr_status ccr_cond_init_params(ccr_cond *c, gsl_rng *rng)
+{
+    if (c == NULL)
+        return CCR_EINVAL;
+    CCR_CHECK_NULL(c->ctx, rng);
+    if (c->arena == NULL || ccr_arena_values(c->arena) == NULL)
+        CCR_FAIL(c->ctx, CCR_EINVAL, "declare the layer and finalize its arena first");
+    if (c->dev == NULL)
+        return cond_init_host(c, rng);
+    /* The same draws as on the CPU, into host copies, then uploaded: the
+     * layer's tensors were declared in one run, [p_w1, gate_end). */
+    CCR_TRY(ccr_arena_stage(c->arena, c->p_w1, c->gate_end));
+    ccr_status s = cond_init_host(c, rng);
+    ccr_status u = ccr_arena_unstage(c->arena, s == CCR_OK);
+    return s != CCR_OK ? s : u;
+}
+
+/* Binds the device half to the arena on first use after finalize. */
+static ccr_status cond_dev_ready(ccr_cond *c)
+{
+    size_t p[4] = {c->p_w1, c->p_b1, c->p_w2, c->p_b2};
+    return ccr_cond_dev_bind(c->dev, c->arena, p, c->gate_prefix);
 }
 
 static int cmp_i32(const void *a, const void *b)
@@ -676,6 +717,24 @@ ccr_status ccr_cond_forward(ccr_cond *c, const float *x, size_t batch, bool trai
         CCR_FAIL(c->ctx, CCR_EINVAL, "declare the layer and finalize its arena first");
     ccr_route r;
     ccr_gate_stats st;
+    if (c->dev != NULL) {
+        CCR_CHECK_NULL(c->ctx, x);
+        if (batch == 0 || batch > c->max_batch)
+            CCR_FAIL(c->ctx, CCR_EBADLEN, "batch %zu not in 1..%zu", batch, c->max_batch);
+        c->batch = 0;
+        CCR_TRY(cond_dev_ready(c));
+        size_t n;
+        CCR_TRY(ccr_cond_dev_forward(c->dev, x, batch, train, rng, y, &r, &st, &n));
+        c->route = r;
+        c->batch = batch;
+        c->n_pairs = n;
+        c->n_groups = st.distinct;
+        st.flops_counted = ccr_gate_flops(c->gate, train) +
+                           (double)n / (double)batch * ccr_cond_matrix_flops(c) +
+                           (c->cfg.residual ? (double)c->cfg.d_out : 0.0);
+        *stats = st;
+        return CCR_OK;
+    }
     CCR_TRY(ccr_gate_forward(c->gate, x, batch, train, rng, &r, &st));
     c->batch = 0;  /* the sort below overwrites the last forward's state */
     size_t d_in = c->cfg.d_in, d_out = c->cfg.d_out;
@@ -983,6 +1042,8 @@ ccr_status ccr_cond_backward(ccr_cond *c, const float *dy, float *dx)
     if (c->batch == 0)
         CCR_FAIL(c->ctx, CCR_EINVAL, "backward without a forward pass");
     size_t d_out = c->cfg.d_out, batch = c->batch;
+    if (c->dev != NULL)
+        return ccr_cond_dev_backward(c->dev, dy, dx);
 
     /* The touched bank rows, in ascending id (the arena's list is serial). */
     ccr_arena *aw = c->arena;
@@ -1029,7 +1090,7 @@ size_t ccr_cond_group_threads(const ccr_cond *c)
 {
     if (c == NULL || c->n_groups == 0)
         return 0;
-    return c->experts ? c->T : 1;
+    return c->experts && c->dev == NULL ? c->T : 1;
 }
 
 size_t ccr_cond_n_params(const ccr_cond *c)

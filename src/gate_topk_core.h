@@ -25,6 +25,8 @@
 #include "ccr/ccr_gate.h"
 #include "ccr/ccr_status.h"
 
+CCR_BEGIN_DECLS
+
 typedef struct tk_core {
     size_t rows, n, k;
     size_t ntop;        /* entries kept in top: k + 1 if k < n (the thresholds), else k */
@@ -87,5 +89,7 @@ ccr_status tk_check_common(ccr_ctx *ctx, const ccr_gate_config *cfg);
  * the z-loss already computed.  distinct is left to the caller. */
 void tk_fill_stats(ccr_gate_stats *st, const ccr_gate_config *cfg, const double *imp,
                    const double *load, const double *counts, size_t n, double loss_z);
+
+CCR_END_DECLS
 
 #endif /* CCR_GATE_TOPK_CORE_H */

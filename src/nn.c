@@ -53,7 +53,6 @@ void ccr_net_free(ccr_net *net)
     ccr_backend_free_buffer(net->be, net->block);
     free(net->layers);
     free(net->host);
-    free(net->grad_host);
     free(net);
 }
 
@@ -241,17 +240,12 @@ ccr_status ccr_net_finalize(ccr_net *net, gsl_rng *rng)
     /* Host staging of per-example loss and correctness. */
     if (s == CCR_OK && (net->host = ccr_malloc3(2, net->max_batch, sizeof(float))) == NULL)
         s = CCR_FAIL_EXPR(net->ctx, CCR_ENOMEM, "cannot allocate host staging");
-    if (s == CCR_OK && !net->be->is_cpu &&
-        (net->grad_host = ccr_mallocn(ccr_arena_block_len(a), sizeof(float))) == NULL)
-        s = CCR_FAIL_EXPR(net->ctx, CCR_ENOMEM, "cannot allocate the gradient mirror");
     free(scratch);
     if (s != CCR_OK) {
         ccr_arena_free(a);
         ccr_backend_free_buffer(net->be, block);
         free(net->host);
-        free(net->grad_host);
         net->host = NULL;
-        net->grad_host = NULL;
         return s;
     }
     net_carve(net, block);

@@ -18,8 +18,6 @@ struct ccr_net {
     float *loss_dev;          /* [max_batch] per-example loss */
     int32_t *correct_dev;     /* [max_batch] per-example correctness */
     float *host;              /* [2 max_batch] host staging of loss, correct */
-    float *grad_host;         /* host mirror of the gradient block (non-CPU
-                                 backends; the gradient-norm check) */
     size_t last_batch;        /* batch of the last forward, 0 if none */
 };
 

@@ -26,18 +26,17 @@ static ccr_status norm_range(void *u, size_t off, size_t len, size_t row)
 }
 
 /* Squared L2 norm of every gradient that may be non-zero (double
- * accumulation; the untouched rows of a bank are zero and skipped).  The
- * gradient block is read in place on the CPU, through the host mirror
- * otherwise. */
+ * accumulation).  On the CPU the ranges that may be non-zero are read in
+ * place (the untouched rows of a bank are zero and skipped); on a device
+ * the whole block is reduced there (the backend's sum_squares: one
+ * download of a double, no host copy of the gradients). */
 static ccr_status net_grad_norm2(ccr_net *net, double *out)
 {
     ccr_arena *a = net->params;
+    if (!net->be->is_cpu)
+        return net->be->k->sum_squares(net->be, ccr_arena_grads(a), ccr_arena_block_len(a),
+                                       out);
     norm_walk w = {.g = ccr_arena_grads(a), .s = 0.0};
-    if (!net->be->is_cpu) {
-        CCR_TRY(ccr_backend_get(net->be, net->grad_host, w.g,
-                                ccr_arena_block_len(a) * sizeof(float)));
-        w.g = net->grad_host;
-    }
     CCR_TRY(ccr_arena_for_written(a, norm_range, &w));
     *out = w.s;
     return CCR_OK;

@@ -57,9 +57,14 @@ START_TEST(test_backend)
     void *q = NULL;
     ck_assert_int_eq(ccr_backend_alloc(b, 0, &q), CCR_EINVAL);
     ck_assert_ptr_null(ccr_backend_ctx(b));
+    /* The CPU computes in FP32 only: TF32 is refused, a bogus mode too. */
+    ck_assert_int_eq(ccr_backend_set_math(b, CCR_MATH_FP32), CCR_OK);
+    ck_assert_int_eq(ccr_backend_set_math(b, CCR_MATH_TF32), CCR_EUNSUP);
+    ck_assert_int_eq(ccr_backend_set_math(b, (ccr_math)7), CCR_EINVAL);
     ccr_backend_free(b);
     b = NULL;
     EINVAL_(ccr_backend_cpu_set_use_ref(NULL, true));
+    EINVAL_(ccr_backend_set_math(NULL, CCR_MATH_FP32));
     ccr_status s = ccr_backend_cuda_init(ctx, 0, NULL);
     ck_assert(s == CCR_EINVAL || s == CCR_EUNSUP);
     s = ccr_backend_cuda_init(NULL, 0, &b);

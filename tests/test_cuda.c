@@ -222,6 +222,57 @@ START_TEST(test_optim_parity)
 }
 END_TEST
 
+/* TF32 (ccr_backend_set_math): a GEMM of random data moves away from the
+ * FP32 result by TF32's rounding (~1e-3 relative, more than FP32's ~1e-7),
+ * and FP32 restored gives the FP32 result again. */
+START_TEST(test_math_tf32)
+{
+    const size_t m = 96, n = 80, k = 512;
+    float *a = rnd(m * k, -1, 1), *b = rnd(k * n, -1, 1), *c32 = malloc(m * n * 4),
+          *c = malloc(m * n * 4);
+    float *da = up(a, m * k), *db = up(b, k * n), *dc;
+    CCR_CK_OK(ctx, ccr_backend_alloc(gpu, m * n * 4, (void **)&dc));
+    CCR_CK_OK(ctx, gpu->k->gemm(gpu, false, false, m, n, k, 1.0f, da, k, db, n, 0.0f, dc, n));
+    down(c32, dc, m * n);
+    CCR_CK_OK(ctx, ccr_backend_set_math(gpu, CCR_MATH_TF32));
+    CCR_CK_OK(ctx, gpu->k->gemm(gpu, false, false, m, n, k, 1.0f, da, k, db, n, 0.0f, dc, n));
+    down(c, dc, m * n);
+    double num = 0.0, den = 0.0;
+    for (size_t i = 0; i < m * n; i++)
+        num += ((double)c[i] - c32[i]) * ((double)c[i] - c32[i]), den += (double)c32[i] * c32[i];
+    ck_assert_msg(num / den > 1e-10 && num / den < 1e-4, "TF32 NMSE %g", num / den);
+    CCR_CK_OK(ctx, ccr_backend_set_math(gpu, CCR_MATH_FP32));
+    CCR_CK_OK(ctx, gpu->k->gemm(gpu, false, false, m, n, k, 1.0f, da, k, db, n, 0.0f, dc, n));
+    down(c, dc, m * n);
+    ck_assert_mem_eq(c, c32, m * n * 4);
+    free(a), free(b), free(c32), free(c);
+    ccr_backend_free_buffer(gpu, da);
+    ccr_backend_free_buffer(gpu, db);
+    ccr_backend_free_buffer(gpu, dc);
+}
+END_TEST
+
+/* sum_squares (the gradient-norm check of ccr_train_step): the device's
+ * fixed tree equals the CPU's in-order double sum to double rounding, and is
+ * the same on every call; sizes below, at and above one stage's reach. */
+START_TEST(test_sum_squares_parity)
+{
+    const size_t sizes[] = {1, 255, 257, 1024 * 256 + 3, 3000001};
+    for (size_t t = 0; t < sizeof sizes / sizeof *sizes; t++) {
+        size_t n = sizes[t];
+        float *x = rnd(n, -2, 2), *dx = up(x, n);
+        double want, got, again;
+        CCR_CK_OK(ctx, ccr_cpu_ref_kernels.sum_squares(NULL, x, n, &want));
+        CCR_CK_OK(ctx, gpu->k->sum_squares(gpu, dx, n, &got));
+        CCR_CK_OK(ctx, gpu->k->sum_squares(gpu, dx, n, &again));
+        ck_assert_msg(fabs(got - want) <= 1e-12 * want, "n %zu: %.17g vs %.17g", n, got, want);
+        ck_assert_msg(memcmp(&got, &again, sizeof got) == 0, "n %zu: not reproducible", n);
+        free(x);
+        ccr_backend_free_buffer(gpu, dx);
+    }
+}
+END_TEST
+
 /* The same MLP trained for 25 Adam steps on CPU and GPU from the same seed:
  * per-step losses agree to float rounding and the parameters stay close. */
 START_TEST(test_training_parity)
@@ -296,6 +347,8 @@ int main(void)
     tcase_add_test(tc, test_softmax_xent_parity);
     tcase_add_test(tc, test_softmax_xent_nonfinite);
     tcase_add_test(tc, test_optim_parity);
+    tcase_add_test(tc, test_sum_squares_parity);
+    tcase_add_test(tc, test_math_tf32);
     tcase_add_test(tc, test_training_parity);
     suite_add_tcase(su, tc);
     SRunner *sr = srunner_create(su);

@@ -11,6 +11,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "arena_impl.h"  // provides: ccr_arena_stage (host staging)
 #include "ccr_test.h"
 
 static ccr_ctx *ctx;
@@ -191,6 +192,46 @@ START_TEST(test_arena_layout)
 }
 END_TEST
 
+/* Host staging (how a device layer's initialisers write through host
+ * pointers): values of the staged range point into a copy that unstage
+ * uploads, or drops; the other tensors are untouched; bad ranges and a
+ * second staging are refused. */
+START_TEST(test_arena_stage)
+{
+    ccr_arena *a;
+    CCR_CK_OK(ctx, ccr_arena_init(be, &a));
+    size_t s1[1] = {5}, idx[3];
+    const char *names[3] = {"a", "b", "c"};
+    for (size_t i = 0; i < 3; i++)
+        CCR_CK_OK(ctx, ccr_arena_add(a, names[i], 1, s1, &idx[i]));
+    ck_assert_int_eq(ccr_arena_stage(a, 0, 1), CCR_EINVAL);  /* not finalized */
+    CCR_CK_OK(ctx, ccr_arena_finalize(a));
+    float *block0 = ccr_arena_value(a, idx[1]);
+    ck_assert_int_eq(ccr_arena_stage(a, 2, 1), CCR_EINVAL);
+    ck_assert_int_eq(ccr_arena_stage(a, 0, 4), CCR_EINVAL);
+    for (int upload = 0; upload < 2; upload++) {
+        CCR_CK_OK(ctx, ccr_arena_stage(a, 1, 3));
+        ck_assert_int_eq(ccr_arena_stage(a, 1, 3), CCR_EINVAL);  /* already staged */
+        ck_assert_ptr_eq(ccr_arena_value(a, idx[0]), ccr_arena_values(a));
+        float *st = ccr_arena_value(a, idx[1]);
+        ck_assert_ptr_ne(st, block0);
+        for (size_t i = 1; i < 3; i++)
+            for (size_t j = 0; j < 5; j++)
+                ccr_arena_value(a, idx[i])[j] = (float)(10 * upload + i + j);
+        CCR_CK_OK(ctx, ccr_arena_unstage(a, upload != 0));
+        ck_assert_ptr_eq(ccr_arena_value(a, idx[1]), block0);
+        for (size_t i = 1; i < 3; i++)
+            for (size_t j = 0; j < 5; j++)
+                ck_assert_float_eq(ccr_arena_value(a, idx[i])[j],
+                                   upload ? (float)(10 + i + j) : 0.0f);
+        ck_assert_float_eq(ccr_arena_value(a, idx[0])[0], 0.0f);
+    }
+    CCR_CK_OK(ctx, ccr_arena_unstage(a, true));  /* nothing staged: a no-op */
+    CCR_CK_OK(ctx, ccr_arena_stage(a, 0, 3));
+    ccr_arena_free(a);                            /* frees an open staging */
+}
+END_TEST
+
 START_TEST(test_arena_save_load)
 {
     ccr_arena *a, *b;
@@ -270,6 +311,7 @@ static Suite *unit_suite(void)
     tcase_add_test(tc, test_gemm_vs_ref);
     tcase_add_test(tc, test_gemm_known);
     tcase_add_test(tc, test_arena_layout);
+    tcase_add_test(tc, test_arena_stage);
     tcase_add_test(tc, test_arena_save_load);
     tcase_add_test(tc, test_cblas_is_openblas);
     suite_add_tcase(s, tc);

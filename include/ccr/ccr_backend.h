@@ -83,6 +83,19 @@ ccr_status ccr_backend_memset(ccr_backend *be, void *dst, int value, size_t byte
 /* Waits until all queued work on the backend has finished (no-op on CPU). */
 ccr_status ccr_backend_synchronize(ccr_backend *be);
 
+/* The arithmetic of a backend's GEMMs.  FP32 (the default) computes in
+ * float as the CPU does; TF32 lets a CUDA backend's cuBLAS use tensor cores
+ * with TF32 inputs (10-bit mantissa, float accumulation): faster, with
+ * errors ~1e-3 relative, so never in parity tests. */
+typedef enum ccr_math {
+    CCR_MATH_FP32 = 0,
+    CCR_MATH_TF32 = 1
+} ccr_math;
+
+/* Selects the GEMM arithmetic.  FP32 is accepted by every backend; TF32
+ * only by CUDA (CCR_EUNSUP elsewhere).  CCR_EINVAL for an unknown mode. */
+ccr_status ccr_backend_set_math(ccr_backend *be, ccr_math math);
+
 /* C = alpha * op(A) * op(B) + beta * C on backend memory, row-major.
  * op(A) is M x K, op(B) is K x N, C is M x N; lda/ldb/ldc are row strides of
  * the matrices as stored.  Returns CCR_EINVAL for zero sizes, NULL pointers

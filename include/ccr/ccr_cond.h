@@ -23,7 +23,10 @@
  * GEMM with OpenBLAS's own threads, or side by side on the layer's thread
  * pool, one single-threaded GEMM per group (ccr_cond_parallel).  Backward gives the bank's parameter gradients, dx,
  * and dL/d(route weight), which the gate turns into its own gradients.
- * Runs on the CPU backend (host memory); other backends get CCR_EUNSUP.
+ * Runs on the CPU backend (host memory) and on CUDA (device memory: x, y,
+ * dy and dx are device pointers; the routing table of ccr_cond_route is a
+ * host copy; docs/DESIGN.md, "On CUDA").  A gate type with no CUDA code (a
+ * user's own) gets CCR_EUNSUP on CUDA.
  *
  *     ccr_cond_config cc = ccr_cond_config_default();
  *     cc.gate_name = "topk";            // or cc.gate = &ccr_gate_topk
@@ -108,9 +111,11 @@ ccr_bank_kind ccr_cond_config_bank(const ccr_cond_config *cfg);
 typedef struct ccr_cond ccr_cond;
 
 /* Allocates the layer and its gate with every workspace for max_batch.
- * Starts the layer's thread pool (T - 1 threads, joined by ccr_cond_free).
+ * Starts the layer's thread pool (T - 1 threads, joined by ccr_cond_free;
+ * on CUDA no pool, device buffers instead).
  * Returns CCR_EINVAL (no gate, an unknown gate_name, zero sizes, bad gate
- * config, an unknown parallel mode), CCR_EUNSUP on a non-CPU backend,
+ * config, an unknown parallel mode), CCR_EUNSUP on CUDA for a gate type
+ * with no CUDA code (a user's own) or sizes above cuBLAS's int range,
  * CCR_ENOMEM (memory, more than 2^31 - 1 routing slots, or a thread that
  * cannot be started). */
 ccr_status ccr_cond_alloc(ccr_backend *be, const ccr_cond_config *cfg, size_t max_batch,
@@ -165,7 +170,8 @@ size_t ccr_cond_n_params(const ccr_cond *c);
  * by the same rule on their own groups, which for the sign-bit tree gives
  * the forward's).  The
  * caller owns and zeroes sec (3 n doubles); NULL turns timing off (the
- * default).  Two clock reads per group when on, none when off. */
+ * default).  Two clock reads per group when on, none when off.  CPU
+ * backend only: a layer on CUDA leaves sec untouched. */
 ccr_status ccr_cond_set_timing(ccr_cond *c, double *sec);
 
 /* Threads that ran the last forward's groups side by side: the layer's

@@ -80,7 +80,8 @@ ccr_status ccr_net_add_act(ccr_net *net, ccr_act act);
  * parameters are named "layers.<i>.experts.*" and "layers.<i>.gate.*" (or
  * "layers.<i>.tree.*" for the sign-bit tree); its auxiliary loss is added to
  * the training loss.  Returns the gate's configuration errors, CCR_EUNSUP
- * on a non-CPU backend, CCR_EINVAL after finalize. */
+ * as ccr_cond_alloc does (on CUDA, a gate type with no CUDA code), CCR_EINVAL
+ * after finalize. */
 ccr_status ccr_net_add_cond(ccr_net *net, const ccr_cond_config *cfg);
 
 /* The conditional layer at layer index i and its diagnostics from the last
