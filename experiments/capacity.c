@@ -29,6 +29,11 @@
  * allocating its layer without parameters) before the file is opened, so
  * bad arguments exit 2 with one line and leave no file.  Points whose
  * parameter block would exceed --max-gib are skipped and listed.
+ *
+ * --backend cuda: the layers run on CUDA device 0 (the input pool, y and dx
+ * in device memory; each timed run ends with a device synchronisation).  The
+ * gate alone is a CPU-only measurement (a gate's device half has no public
+ * entry point): on CUDA the gate_*_seconds_per_example fields are absent.
  */
 #define _POSIX_C_SOURCE 200809L
 #include <gsl/gsl_randist.h>
@@ -54,7 +59,7 @@ static const char *const series_name[S_COUNT] = {
 typedef struct opts {
     size_t d, hidden, batch, k, k2;
     size_t experts[MAXL], n_experts, depths[MAXL], n_depths, dense_h[MAXL], n_dense;
-    bool series[S_COUNT];
+    bool series[S_COUNT], cuda;
     double seconds, capacity_factor, eval_capacity_factor, max_gib;
     ccr_grad_mode grad_mode;   /* signtree */
     unsigned long seed;
@@ -82,7 +87,8 @@ static void usage(void)
         "                    [--dense-hidden LIST] [--d N] [--expert-hidden N] [--k N]\n"
         "                    [--k2 N] [--capacity-factor X] [--eval-capacity-factor X]\n"
         "                    [--grad-mode none|ste] [--batch N] [--seconds X]\n"
-        "                    [--max-gib X] [--seed N] [--out FILE] [--quick] [--help]\n"
+        "                    [--max-gib X] [--seed N] [--out FILE] [--backend cpu|cuda]\n"
+        "                    [--quick] [--help]\n"
         "Sweeps each gate's capacity knob at fixed work per example and measures params,\n"
         "FLOPs/example (analytic and counted), forward and forward+backward seconds per\n"
         "example, the per-matrix batch, and the capacity ratios.  Markdown table on\n"
@@ -105,6 +111,7 @@ static void usage(void)
         "  --max-gib X          skip points whose parameters exceed X GiB [2.5]\n"
         "  --seed N             GSL seed (parameters, inputs, noise) [1]\n"
         "  --out FILE           JSONL output, one record per point\n"
+        "  --backend NAME       cpu | cuda (device 0) [cpu]\n"
         "  --quick              tiny sizes, seconds-long smoke run\n");
 }
 
@@ -165,7 +172,9 @@ static void parse(int argc, char **argv, opts *o)
         if (v == NULL)
             drv_usage_error(PROG, "unknown option or missing value: '%s'", a);
         i++;
-        if (strcmp(a, "--gates") == 0) parse_gates(v, o->series);
+        if (drv_parse_backend(PROG, a, v, &o->cuda)) {
+            /* o->cuda set */
+        } else if (strcmp(a, "--gates") == 0) parse_gates(v, o->series);
         else if (strcmp(a, "--experts") == 0) o->n_experts = parse_list(a, v, o->experts, 1);
         else if (strcmp(a, "--depths") == 0) o->n_depths = parse_list(a, v, o->depths, 0);
         else if (strcmp(a, "--dense-hidden") == 0) {
@@ -311,7 +320,8 @@ static void route_add(const ccr_route *r, size_t *counts, route_stats *rs)
 /* Runs the statement(s) once to warm up, then in three windows of
  * seconds/3 each (at least one run each); stores in out the seconds per run
  * of the fastest window (the least disturbed by other processes on a shared
- * machine) and in reps the runs timed. */
+ * machine) and in reps the runs timed.  Each run ends with a backend
+ * synchronisation (a no-op on the CPU; its error lands in s). */
 #define TIME_LOOP(seconds, out, reps, ...)                            \
     do {                                                              \
         __VA_ARGS__;                                                  \
@@ -322,6 +332,9 @@ static void route_add(const ccr_route *r, size_t *counts, route_stats *rs)
             double t0_ = drv_now(), el_;                              \
             do {                                                      \
                 __VA_ARGS__;                                          \
+                ccr_status sy_ = ccr_backend_synchronize(be);         \
+                if (s == CCR_OK)                                      \
+                    s = sy_;                                          \
                 n_++;                                                 \
                 el_ = drv_now() - t0_;                                \
             } while (el_ < (seconds) / 3.0);                          \
@@ -401,17 +414,21 @@ static ccr_status measure(const opts *o, const point *p, ccr_backend *be, gsl_rn
         if (s == CCR_OK) s = ccr_cond_backward(c, dys + j * B * d, dx);
     });
     TIME_LOOP(o->seconds / 4, res->t_zero, reps, if (s == CCR_OK) s = ccr_arena_zero_grad(a));
-    /* The gate alone (its routing, noise, losses), in both modes. */
+    /* The gate alone (its routing, noise, losses), in both modes: the host
+     * gate on host memory, so on the CPU only. */
     ccr_gate *g = ccr_cond_gate(c);
     ccr_route r;
-    TIME_LOOP(o->seconds / 2, res->t_gate, reps, {
-        size_t j = turn++ % POOL;
-        if (s == CCR_OK) s = ccr_gate_forward(g, xs + j * B * d, B, false, rng, &r, &st);
-    });
-    TIME_LOOP(o->seconds / 2, res->t_gate_train, reps, {
-        size_t j = turn++ % POOL;
-        if (s == CCR_OK) s = ccr_gate_forward(g, xs + j * B * d, B, true, rng, &r, &st);
-    });
+    res->t_gate = res->t_gate_train = NAN;
+    if (!o->cuda) {
+        TIME_LOOP(o->seconds / 2, res->t_gate, reps, {
+            size_t j = turn++ % POOL;
+            if (s == CCR_OK) s = ccr_gate_forward(g, xs + j * B * d, B, false, rng, &r, &st);
+        });
+        TIME_LOOP(o->seconds / 2, res->t_gate_train, reps, {
+            size_t j = turn++ % POOL;
+            if (s == CCR_OK) s = ccr_gate_forward(g, xs + j * B * d, B, true, rng, &r, &st);
+        });
+    }
     res->t_gate /= (double)B;
     res->t_gate_train /= (double)B;
     res->t_fwd /= (double)B;
@@ -456,8 +473,10 @@ static ccr_status record(ccr_record *r, const opts *o, const point *p, const ccr
     ADD_D("fwd_seconds_per_example", x->t_fwd);
     ADD_D("fwdbwd_seconds_per_example", x->t_train);
     ADD_D("zero_grad_seconds_per_example", x->t_zero);
-    ADD_D("gate_fwd_seconds_per_example", x->t_gate);
-    ADD_D("gate_train_fwd_seconds_per_example", x->t_gate_train);
+    if (!o->cuda) {
+        ADD_D("gate_fwd_seconds_per_example", x->t_gate);
+        ADD_D("gate_train_fwd_seconds_per_example", x->t_gate_train);
+    }
     ADD_D("setup_seconds", x->t_setup);
     ADD_D("load_avg", drv_load_avg());
     ADD_I("reps_fwd", x->reps_fwd);
@@ -493,7 +512,7 @@ int main(int argc, char **argv)
     ccr_ctx *ctx;
     ccr_backend *be;
     gsl_rng *rng;
-    drv_setup(PROG, false, o.seed, &ctx, &be, &rng);
+    drv_setup(PROG, o.cuda, o.seed, &ctx, &be, &rng);
     ccr_status s;
     static point pts[MAXP];
     size_t np = build_points(&o, be, ctx, pts);
@@ -507,12 +526,23 @@ int main(int argc, char **argv)
     size_t nx;
     if (!ccr_mul3_ok(POOL, o.batch, o.d, &nx))
         drv_fail(PROG, ctx, ccr_mem_check(ctx, SIZE_MAX, "input pool"), "buffers");
-    float *xs = ccr_malloc3(2, nx, sizeof *xs),
-          *y = ccr_malloc3(2 * o.batch, o.d, sizeof *y); /* bounded: 2 * batch, batch <= INT_MAX */;
-    if (xs == NULL || y == NULL)
+    float *hxs = ccr_malloc3(2, nx, sizeof *hxs);
+    if (hxs == NULL)
         drv_fail(PROG, ctx, CCR_ENOMEM, "buffers");
     for (size_t i = 0; i < 2 * nx; i++)  /* inputs x ~ N(0,1), then dy */
-        xs[i] = (float)gsl_ran_gaussian(rng, 1.0);
+        hxs[i] = (float)gsl_ran_gaussian(rng, 1.0);
+    /* The pool, y and dx in backend memory (device memory on CUDA). */
+    float *xs = NULL, *y = NULL;
+    size_t xbytes, ybytes;
+    if (!ccr_mul3_ok(2, nx, sizeof *xs, &xbytes) ||
+        !ccr_mul3_ok(o.batch, o.d, 2 * sizeof *y, &ybytes))
+        drv_fail(PROG, ctx, ccr_mem_check(ctx, SIZE_MAX, "buffers"), "buffers");
+    s = ccr_backend_alloc(be, xbytes, (void **)&xs);
+    if (s == CCR_OK) s = ccr_backend_set(be, xs, hxs, xbytes);
+    if (s == CCR_OK) s = ccr_backend_alloc(be, ybytes, (void **)&y);
+    if (s != CCR_OK)
+        drv_fail(PROG, ctx, s, "buffers");
+    free(hxs);
 
     fprintf(stderr, "%s: %s | %s | d=%zu h=%zu k=%zu batch=%zu\n", PROG,
             ccr_backend_describe(be), drv_machine(), o.d, o.hidden, o.k, o.batch);
@@ -558,8 +588,8 @@ int main(int argc, char **argv)
     }
     if ((s = drv_io_close(out)) != CCR_OK)
         drv_fail(PROG, ctx, s, "close");
-    free(xs);
-    free(y);
+    ccr_backend_free_buffer(be, xs);
+    ccr_backend_free_buffer(be, y);
     drv_teardown(PROG, ctx, be, rng, NULL, rec);
     return 0;
 }

@@ -79,6 +79,19 @@ void drv_bad_option(const char *prog, const char *a, const char *v)
     drv_usage_error(prog, "unknown option '%s'", a);
 }
 
+bool drv_parse_backend(const char *prog, const char *a, const char *v, bool *cuda)
+{
+    if (strcmp(a, "--backend") != 0)
+        return false;
+    if (v != NULL && strcmp(v, "cpu") == 0)
+        *cuda = false;
+    else if (v != NULL && strcmp(v, "cuda") == 0)
+        *cuda = true;
+    else
+        drv_usage_error(prog, "--backend must be cpu or cuda");
+    return true;
+}
+
 void drv_setup(const char *prog, bool cuda, unsigned long seed, ccr_ctx **ctx,
                ccr_backend **be, gsl_rng **rng)
 {

@@ -96,6 +96,10 @@ bool drv_quick_requested(int argc, char **argv);
 void drv_bad_option(const char *prog, const char *a, const char *v)
     __attribute__((noreturn));
 
+/* --backend cpu|cuda: when a is "--backend", sets *cuda from v (anything
+ * else exits 2) and returns true (the caller skips v); false otherwise. */
+bool drv_parse_backend(const char *prog, const char *a, const char *v, bool *cuda);
+
 /* Startup: GSL's abort-on-error handler off, a context (exit 1 without one),
  * CUDA device 0 when cuda, else the CPU backend (exit 1 naming "backend"),
  * and, when rng is not NULL, an MT19937 generator seeded with seed (exit 1

@@ -126,10 +126,8 @@ static void parse(int argc, char **argv, options *o)
             o->lr_set = true;
         } else if (strcmp(a, "--momentum") == 0) momentum = (float)drv_parse_double(PROG, a, v, 0, 0.999999);
         else if (strcmp(a, "--weight-decay") == 0) wd = (float)drv_parse_double(PROG, a, v, 0, 1);
-        else if (strcmp(a, "--backend") == 0) {
-            if (v && strcmp(v, "cpu") == 0) o->cuda = false;
-            else if (v && strcmp(v, "cuda") == 0) o->cuda = true;
-            else drv_usage_error(PROG, "--backend must be cpu or cuda");
+        else if (drv_parse_backend(PROG, a, v, &o->cuda)) {
+            /* o->cuda set */
         } else if (strcmp(a, "--schedule") == 0) {
             if (v && strcmp(v, "cosine") == 0) o->cosine = true;
             else if (v && strcmp(v, "constant") == 0) o->cosine = false;

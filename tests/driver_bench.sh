@@ -123,10 +123,29 @@ if [ "$rc" -ne 2 ] || [ -e "$tmp/bad.jsonl" ]; then
   echo "--peer with a missing script: exit $rc, want 2, no output"; exit 1
 fi
 
+# --backend cuda: with a GPU, one record of the device run (the gate is not
+# timed alone there: phase_gate_dispatch_combine instead of phase_gate);
+# without one (or without CUDA in the build), exit 1 naming the backend and
+# no output file.
+rc=0
+"$prog" --quick --backend cuda --repeat 2 --out "$tmp/cuda.jsonl" >"$tmp/sum" 2>"$tmp/err" || rc=$?
+if [ "$rc" -eq 0 ]; then
+  [ "$(wc -l < "$tmp/cuda.jsonl")" -eq 1 ] || { echo "--backend cuda: not one record"; exit 1; }
+  grep -q '"phase_gate_dispatch_combine": [0-9-]' "$tmp/cuda.jsonl" &&
+    ! grep -q '"seconds_gate"' "$tmp/cuda.jsonl" &&
+    grep -q '"math": "fp32"' "$tmp/cuda.jsonl" || { echo "--backend cuda: record fields"; exit 1; }
+  echo "driver_bench: --backend cuda ran on the GPU"
+else
+  [ "$rc" -eq 1 ] && grep -q "backend" "$tmp/err" && [ ! -e "$tmp/cuda.jsonl" ] ||
+    { echo "--backend cuda without a GPU: exit $rc, want 1 and no output"; cat "$tmp/err"; exit 1; }
+  echo "driver_bench: --backend cuda refused cleanly (no GPU here)"
+fi
+
 # Bad arguments: exit 2, one line on stderr, no output file.
 for args in "--gate bogus" "--batch -4" "--batch 0" "--d-in 0" "--hidden x" "--d-out 1e3" \
             "--threads 0" "--repeat 0" "--gate none --experts 4" "--gate hmoe --groups 3" \
-            "--bogus 1" "--gate" "--out" "--peer-script"; do
+            "--bogus 1" "--gate" "--out" "--peer-script" "--backend gpu" "--backend" "--tf32" \
+            "--backend cuda --peer"; do
   rc=0
   # shellcheck disable=SC2086
   "$prog" --quick $args --out "$tmp/bad.jsonl" >/dev/null 2>"$tmp/err" || rc=$?

@@ -91,7 +91,8 @@ echo "driver_capacity: tables and plots ok"
 
 # Bad arguments: exit 2, one line on stderr, no output file.
 for args in "--gates topk,bogus" "--batch -4" "--experts 4,0" "--depths -1" "--d 0" \
-            "--k 5 --experts 4" "--k2 3" "--seconds x" "--bogus 1" "--gates" "--max-gib -1"; do
+            "--k 5 --experts 4" "--k2 3" "--seconds x" "--bogus 1" "--gates" "--max-gib -1" \
+            "--backend gpu" "--backend"; do
   rc=0
   # shellcheck disable=SC2086
   "$cap" --quick $args --out "$tmp/bad.jsonl" >/dev/null 2>"$tmp/err" || rc=$?
@@ -100,3 +101,18 @@ for args in "--gates topk,bogus" "--batch -4" "--experts 4,0" "--depths -1" "--d
   [ "$(wc -l < "$tmp/err")" -eq 1 ] || { echo "ccr-capacity $args: not one line:"; cat "$tmp/err"; exit 1; }
 done
 echo "driver_capacity: bad arguments ok"
+
+# --backend cuda: with a GPU, records without the CPU-only gate timings;
+# without one, exit 1 naming the backend and no output file.
+rc=0
+"$cap" --quick --gates topk,signtree-path --backend cuda --out "$tmp/cuda.jsonl" >/dev/null 2>"$tmp/err" || rc=$?
+if [ "$rc" -eq 0 ]; then
+  [ "$(wc -l < "$tmp/cuda.jsonl")" -eq 6 ] || { echo "--backend cuda: not 6 records"; exit 1; }
+  ! grep -q '"gate_fwd_seconds_per_example"' "$tmp/cuda.jsonl" ||
+    { echo "--backend cuda: a CPU-only gate timing in the records"; exit 1; }
+  echo "driver_capacity: --backend cuda ran on the GPU"
+else
+  [ "$rc" -eq 1 ] && grep -q "backend" "$tmp/err" && [ ! -e "$tmp/cuda.jsonl" ] ||
+    { echo "--backend cuda without a GPU: exit $rc, want 1 and no output"; cat "$tmp/err"; exit 1; }
+  echo "driver_capacity: --backend cuda refused cleanly (no GPU here)"
+fi
