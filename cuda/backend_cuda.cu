@@ -82,11 +82,13 @@ static ccr_status cuda_synchronize(ccr_backend *be)
     return CCR_OK;
 }
 
+/* The compute type every GEMM passes to cuBLAS (cu_gemm, cond.cu's grouped
+ * GEMMs); the handle's math mode stays the default. */
 static ccr_status cuda_set_math(ccr_backend *be, ccr_math math)
 {
-    CCR_CUBLAS_TRY(be, cublasSetMathMode(ccr_cuda(be)->cublas, math == CCR_MATH_TF32
-                                                                   ? CUBLAS_TF32_TENSOR_OP_MATH
-                                                                   : CUBLAS_DEFAULT_MATH));
+    ccr_cuda(be)->compute = math == CCR_MATH_TF32   ? CUBLAS_COMPUTE_32F_FAST_TF32
+                            : math == CCR_MATH_BF16 ? CUBLAS_COMPUTE_32F_FAST_16BF
+                                                    : CUBLAS_COMPUTE_32F;
     return CCR_OK;
 }
 
@@ -140,9 +142,11 @@ extern "C" ccr_status ccr_backend_cuda_init(ccr_ctx *ctx, int device, ccr_backen
         cublasStatus_t b = cublasCreate(&st->cublas);
         if (b == CUBLAS_STATUS_SUCCESS)
             b = cublasSetStream(st->cublas, st->stream);
-        /* Plain FP32 (no TF32): results comparable with the CPU reference. */
+        /* Plain FP32 (no TF32): results comparable with the CPU reference;
+         * ccr_backend_set_math changes the compute type of later GEMMs. */
         if (b == CUBLAS_STATUS_SUCCESS)
             b = cublasSetMathMode(st->cublas, CUBLAS_DEFAULT_MATH);
+        st->compute = CUBLAS_COMPUTE_32F;
         if (b != CUBLAS_STATUS_SUCCESS)
             s = ccr_fail(ctx, CCR_ECUBLAS, __func__, __FILE__, __LINE__, "cuBLAS init: %s",
                          cublasGetStatusString(b));

@@ -7,7 +7,7 @@
  *                                are downloaded, batch x slots int32)
  *   gather    cd_gather_kernel = cond_group_fwd's memcpy
  *   GEMMs     cd_gemm_groups   = cond_apply's gemm per group: one
- *                                cublasSgemmGroupedBatched call for all groups
+ *                                cublasGemmGroupedBatchedEx call for all groups
  *                                of at least CD_TINY_ROWS rows, and
  *                                cd_tiny_kernel (one block per group, one
  *                                thread per output column, the matrix read once)
@@ -493,7 +493,7 @@ static const float *cd_at(const cd_opnd *o, size_t q0, int32_t id)
  * C_g = op(A_g) op(B_g) + beta C_g, row-major, where the group's row count is
  * m (count_dim 0) or k (count_dim 2) and the other two sizes are fixed.
  * Groups of at least CD_TINY_ROWS rows (all of them when tiny_ok is false) go
- * to one cublasSgemmGroupedBatched call; the others, when tiny_ok (m counts,
+ * to one cublasGemmGroupedBatchedEx call; the others, when tiny_ok (m counts,
  * no transposes, B a bank matrix), to cd_tiny_kernel. */
 static ccr_status cd_gemm_groups(ccr_cond_dev *d, size_t G, bool ta, bool tb, int count_dim,
                                  size_t m, size_t n, size_t k, cd_opnd a, cd_opnd b, cd_opnd c,
@@ -533,11 +533,12 @@ static ccr_status cd_gemm_groups(ccr_cond_dev *d, size_t G, bool ta, bool tb, in
     if (nb > 0) {
         /* The pointer arrays: three runs of G entries (the first nb used). */
         CCR_TRY(ccr_backend_set(be, (void *)d->ptrs, d->h_ptrs, 3 * G * sizeof(float *)));
-        CCR_CUBLAS_TRY(be, cublasSgemmGroupedBatched(
+        CCR_CUBLAS_TRY(be, cublasGemmGroupedBatchedEx(
                                ccr_cuda(be)->cublas, d->h_ta, d->h_tb, d->h_m, d->h_n, d->h_k,
-                               d->h_alpha, d->ptrs, d->h_lda, d->ptrs + G, d->h_ldb,
-                               d->h_beta, (float *const *)(d->ptrs + 2 * G), d->h_ldc,
-                               (int)nb, d->h_one));
+                               d->h_alpha, (const void *const *)d->ptrs, CUDA_R_32F, d->h_lda,
+                               (const void *const *)(d->ptrs + G), CUDA_R_32F, d->h_ldb,
+                               d->h_beta, (void *const *)(d->ptrs + 2 * G), CUDA_R_32F,
+                               d->h_ldc, (int)nb, d->h_one, ccr_cuda(be)->compute));
     }
     if (nt > 0) {
         /* The tiny list overwrites the groups' (start, rows) list on the device;

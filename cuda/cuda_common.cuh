@@ -41,6 +41,7 @@ typedef struct ccr_cuda_state {
     int device;
     cudaStream_t stream;
     cublasHandle_t cublas;
+    cublasComputeType_t compute; /* of every GEMM: ccr_backend_set_math */
     ccr_kernels kernels;   /* the table be->k points to */
     double *partials;      /* [CCR_CUDA_PARTIALS + 1] device scratch of reductions */
 } ccr_cuda_state;

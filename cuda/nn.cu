@@ -177,9 +177,11 @@ static ccr_status cu_gemm(ccr_backend *be, bool ta, bool tb, size_t m, size_t n,
     const size_t lim = 2147483647;
     if (m > lim || n > lim || k > lim || lda > lim || ldb > lim || ldc > lim)
         CCR_FAIL(be->ctx, CCR_EUNSUP, "cuBLAS sizes are int: m=%zu n=%zu k=%zu", m, n, k);
-    CCR_CUBLAS_TRY(be, cublasSgemm(ccr_cuda(be)->cublas, tb ? CUBLAS_OP_T : CUBLAS_OP_N,
-                                   ta ? CUBLAS_OP_T : CUBLAS_OP_N, (int)n, (int)m, (int)k,
-                                   &alpha, b, (int)ldb, a, (int)lda, &beta, c, (int)ldc));
+    CCR_CUBLAS_TRY(be, cublasGemmEx(ccr_cuda(be)->cublas, tb ? CUBLAS_OP_T : CUBLAS_OP_N,
+                                    ta ? CUBLAS_OP_T : CUBLAS_OP_N, (int)n, (int)m, (int)k,
+                                    &alpha, b, CUDA_R_32F, (int)ldb, a, CUDA_R_32F, (int)lda,
+                                    &beta, c, CUDA_R_32F, (int)ldc, ccr_cuda(be)->compute,
+                                    CUBLAS_GEMM_DEFAULT));
     return CCR_OK;
 }
 

@@ -65,7 +65,8 @@
  * the per-level tree timing are CPU-only measurements (a gate's device half
  * has no public entry point): on CUDA the record has
  * phase_gate_dispatch_combine, the step minus expert GEMMs and optimiser.
- * --tf32 lets cuBLAS use TF32 tensor cores (layer and references alike).
+ * --math tf32|bf16 lets cuBLAS use tensor cores (layer and references alike;
+ * ccr_backend_set_math).
  * --peer times PyTorch on the CPU and is refused with --backend cuda.
  *
  * A summary goes to stdout, one JSONL record per run to --out.
@@ -97,7 +98,8 @@ typedef struct opts {
     ccr_cond_config cc;
     size_t batch, threads, repeat, copy_mib;
     unsigned long seed;
-    bool quick, peer, cuda, tf32;
+    bool quick, peer, cuda;
+    ccr_math math;
     const char *out, *peer_script;
 } opts;
 
@@ -106,7 +108,8 @@ static void usage(void)
     printf("usage: ccr-bench [--gate NAME] [gate options] [--batch N] [--d-in N]\n"
            "                 [--hidden N] [--d-out N] [--threads N] [--repeat N]\n"
            "                 [--seed N] [--out FILE] [--peer] [--peer-script FILE]\n"
-           "                 [--backend cpu|cuda] [--tf32] [--quick] [--help]\n"
+           "                 [--backend cpu|cuda] [--math fp32|tf32|bf16]\n"
+           "                 [--quick] [--help]\n"
            "Times one conditional layer (forward, forward+backward, training step with\n"
            "Adam; medians over --repeat) against cblas_sgemm on the expert GEMM shapes it\n"
            "executed, a square sgemm of the same FLOPs, a dense FFN of equal FLOPs and a\n"
@@ -124,7 +127,8 @@ static void usage(void)
            "               signtree (projection bits) over a linear bank): ratio_to_peer_*\n"
            "  --peer-script FILE  the peers' script [" CCR_PEER_SCRIPT "]\n"
            "  --backend NAME  cpu | cuda (device 0) [cpu]\n"
-           "  --tf32       CUDA only: cuBLAS may use TF32 tensor cores\n"
+           "  --math NAME  GEMM arithmetic: fp32, or on CUDA tf32 | bf16 (tensor cores,\n"
+           "               float storage) [fp32]\n"
            "  --quick      tiny sizes, a smoke run\n"
            "Gate options (gates: %s; defaults here: topk, E = 64, k = 4, --randomize):\n%s",
            ccr_gate_type_names(), drv_gate_usage);
@@ -162,10 +166,6 @@ static void parse(int argc, char **argv, opts *o)
             o->peer = true;
             continue;
         }
-        if (strcmp(a, "--tf32") == 0) {
-            o->tf32 = true;
-            continue;
-        }
         if (drv_parse_backend(PROG, a, v, &o->cuda)) {
             i++;
             continue;
@@ -181,6 +181,11 @@ static void parse(int argc, char **argv, opts *o)
             if (v[0] == '\0')
                 drv_usage_error(PROG, "--peer-script needs a file name");
             o->peer_script = v;
+        } else if (strcmp(a, "--math") == 0) {
+            if (strcmp(v, "fp32") == 0) o->math = CCR_MATH_FP32;
+            else if (strcmp(v, "tf32") == 0) o->math = CCR_MATH_TF32;
+            else if (strcmp(v, "bf16") == 0) o->math = CCR_MATH_BF16;
+            else drv_usage_error(PROG, "--math must be fp32, tf32 or bf16");
         } else if (strcmp(a, "--batch") == 0) o->batch = drv_parse_size(PROG, a, v, 1);
         else if (strcmp(a, "--d-in") == 0) o->cc.d_in = drv_parse_size(PROG, a, v, 1);
         else if (strcmp(a, "--d-out") == 0) o->cc.d_out = drv_parse_size(PROG, a, v, 1);
@@ -202,8 +207,8 @@ static void parse(int argc, char **argv, opts *o)
         drv_usage_error(PROG, "--repeat %zu is too large (at most 100000)", o->repeat);
     if (o->cuda && o->peer)
         drv_usage_error(PROG, "--peer times PyTorch on the CPU: not with --backend cuda");
-    if (o->tf32 && !o->cuda)
-        drv_usage_error(PROG, "--tf32 needs --backend cuda");
+    if (o->math != CCR_MATH_FP32 && !o->cuda)
+        drv_usage_error(PROG, "--math tf32 and bf16 need --backend cuda");
 }
 
 /* Uniform with mean 0 and variance 1 (gsl_randist.h and cblas.h clash). */
@@ -465,8 +470,9 @@ int main(int argc, char **argv)
     if (o.threads > 0)  /* before the backend, which describes the thread count */
         openblas_set_num_threads((int)o.threads);
     drv_setup(PROG, o.cuda, o.seed, &ctx, &be, &rng);
-    if (o.tf32 && ccr_backend_set_math(be, CCR_MATH_TF32) != CCR_OK)
-        drv_fail(PROG, ctx, CCR_EUNSUP, "--tf32");
+    ccr_status ms = ccr_backend_set_math(be, o.math);
+    if (ms != CCR_OK)
+        drv_fail(PROG, ctx, ms, "--math");
     const size_t B = o.batch, di = o.cc.d_in, dout = o.cc.d_out;
     const bool ffn = o.cc.bank == CCR_BANK_FFN;
     const size_t h = ffn ? o.cc.hidden : 0;
@@ -684,7 +690,8 @@ int main(int argc, char **argv)
     ADD_I("matrices_used", used_ev);
     ADD_D("examples_per_matrix_mean", used_ev ? (double)routed_ev / (double)used_ev : 0.0);
     ADD_I("examples_per_matrix_max", max_ev);
-    if (s == CCR_OK) s = ccr_record_add_str(rec, "math", o.tf32 ? "tf32" : "fp32");
+    static const char *const math_name[] = {"fp32", "tf32", "bf16"};
+    if (s == CCR_OK) s = ccr_record_add_str(rec, "math", math_name[o.math]);
     for (int k = 0; k < T_COUNT; k++)
         if (!o.cuda || (k != T_GATE && k != T_GATE_TRAIN))
             ADD_D(t_name[k], t[k]);
@@ -767,7 +774,8 @@ int main(int argc, char **argv)
     drv_write_record(PROG, ctx, s, out, rec);
 
     printf("%s %s B=%zu d_in=%zu h=%zu d_out=%zu %s%s\n", PROG, o.cc.gate->name, B, di, h, dout,
-           ccr_backend_describe(be), o.tf32 ? " (TF32)" : "");
+           ccr_backend_describe(be), o.math == CCR_MATH_TF32   ? " (TF32)"
+                                     : o.math == CCR_MATH_BF16 ? " (BF16)" : "");
     printf("  fwd %.3f ms  fwd+bwd %.3f ms (%.1f GFLOP/s)  step %.3f ms\n", t[T_FWD] * 1e3,
            t[T_FWDBWD] * 1e3, f_fwdbwd / t[T_FWDBWD] * 1e-9, t[T_STEP] * 1e3);
     printf("  sgemm on its shapes %.3f ms (%.1f GFLOP/s): ratio %.2f; square n=%zu %.1f GFLOP/s\n",

@@ -85,8 +85,9 @@ ccr_status ccr_backend_set_math(ccr_backend *be, ccr_math math)
 {
     if (be == NULL)
         return CCR_EINVAL;
-    if (math != CCR_MATH_FP32 && math != CCR_MATH_TF32)
-        CCR_FAIL(be->ctx, CCR_EINVAL, "unknown math mode %d (fp32 0, tf32 1)", (int)math);
+    if (math != CCR_MATH_FP32 && math != CCR_MATH_TF32 && math != CCR_MATH_BF16)
+        CCR_FAIL(be->ctx, CCR_EINVAL, "unknown math mode %d (fp32 0, tf32 1, bf16 2)",
+                 (int)math);
     if (be->iface->set_math != NULL)
         return be->iface->set_math(be, math);
     if (math != CCR_MATH_FP32)

@@ -11,8 +11,9 @@
  *      sorted on the host with the same stable counting sort as on the CPU
  *      (groups of equal id in ascending id, pairs in pair order): the group
  *      sizes are the GEMM shapes the host hands cuBLAS anyway;
- *   2. gather, one grouped GEMM per bank layer (cublasGemmGroupedBatchedEx
- *      where the CUDA version has it, one cublasSgemm per group otherwise),
+ *   2. gather, one grouped GEMM per bank layer (cublasGemmGroupedBatchedEx,
+ *      CUDA 12.5 or later, in the backend's math mode) for the groups of 4
+ *      rows or more, a one-block-per-group kernel for the smaller ones,
  *      bias and ReLU fused in one kernel over all sorted rows;
  *   3. combine per example in slot order (no atomics), plus the residual.
  * The backward mirrors cond.c: g_out and dL/dw (double dots) per pair, bias

@@ -144,7 +144,8 @@ fi
 # Bad arguments: exit 2, one line on stderr, no output file.
 for args in "--gate bogus" "--batch -4" "--batch 0" "--d-in 0" "--hidden x" "--d-out 1e3" \
             "--threads 0" "--repeat 0" "--gate none --experts 4" "--gate hmoe --groups 3" \
-            "--bogus 1" "--gate" "--out" "--peer-script" "--backend gpu" "--backend" "--tf32" \
+            "--bogus 1" "--gate" "--out" "--peer-script" "--backend gpu" "--backend" \
+            "--math tf32" "--math fp16" \
             "--backend cuda --peer"; do
   rc=0
   # shellcheck disable=SC2086

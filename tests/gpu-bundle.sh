@@ -31,7 +31,8 @@
 #   bench_topk        ccr-bench --backend cuda, topk, B = 16384, d = 1024,
 #                     h = 4096, E = 64, k = 2 (issue 11's target shape):
 #                     bench_topk_cuda.jsonl;
-#   bench_topk_tf32   the same with --tf32: bench_topk_cuda_tf32.jsonl;
+#   bench_topk_tf32, bench_topk_bf16  the same with --math tf32 / bf16:
+#                     bench_topk_cuda_tf32.jsonl, bench_topk_cuda_bf16.jsonl;
 #   lab_gemm, lab_combine  cuda/dev's grouped GEMM versions on the target's
 #                     two bank layers and on E = 4096 tiny groups, and the
 #                     combine versions: lab_grouped_gemm.jsonl,
@@ -184,9 +185,11 @@ step bench_topk 120 "$here/bin/ccr-bench" --backend cuda --gate topk --experts 6
   --batch 16384 --d-in 1024 --hidden 4096 --d-out 1024 --repeat 5 --seed 1 \
   --out "$out/bench_topk_cuda.jsonl"
 
-step bench_topk_tf32 90 "$here/bin/ccr-bench" --backend cuda --tf32 --gate topk --experts 64 \
-  --k 2 --batch 16384 --d-in 1024 --hidden 4096 --d-out 1024 --repeat 5 --seed 1 \
-  --out "$out/bench_topk_cuda_tf32.jsonl"
+for m in tf32 bf16; do
+  step "bench_topk_$m" 90 "$here/bin/ccr-bench" --backend cuda --math "$m" --gate topk \
+    --experts 64 --k 2 --batch 16384 --d-in 1024 --hidden 4096 --d-out 1024 --repeat 5 \
+    --seed 1 --out "$out/bench_topk_cuda_$m.jsonl"
+done
 
 # labs: one JSON line per version (the lines starting with "{" of the log)
 step lab_gemm 60 sh -c "\"$here/bin/grouped_gemm_lab\" 32768 1024 4096 64 all &&

@@ -60,6 +60,7 @@ START_TEST(test_backend)
     /* The CPU computes in FP32 only: TF32 is refused, a bogus mode too. */
     ck_assert_int_eq(ccr_backend_set_math(b, CCR_MATH_FP32), CCR_OK);
     ck_assert_int_eq(ccr_backend_set_math(b, CCR_MATH_TF32), CCR_EUNSUP);
+    ck_assert_int_eq(ccr_backend_set_math(b, CCR_MATH_BF16), CCR_EUNSUP);
     ck_assert_int_eq(ccr_backend_set_math(b, (ccr_math)7), CCR_EINVAL);
     ccr_backend_free(b);
     b = NULL;

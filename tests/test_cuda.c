@@ -222,10 +222,12 @@ START_TEST(test_optim_parity)
 }
 END_TEST
 
-/* TF32 (ccr_backend_set_math): a GEMM of random data moves away from the
- * FP32 result by TF32's rounding (~1e-3 relative, more than FP32's ~1e-7),
- * and FP32 restored gives the FP32 result again. */
-START_TEST(test_math_tf32)
+/* TF32 and BF16 (ccr_backend_set_math): a GEMM of random data moves away
+ * from the FP32 result by the mode's rounding - TF32 (10-bit mantissa)
+ * measurably but below 1e-4 normalised, BF16 (7 bits; cuBLAS may also pick
+ * TF32 for it) below 1e-3 - and FP32 restored gives the FP32 result again,
+ * bit for bit. */
+START_TEST(test_math_modes)
 {
     const size_t m = 96, n = 80, k = 512;
     float *a = rnd(m * k, -1, 1), *b = rnd(k * n, -1, 1), *c32 = malloc(m * n * 4),
@@ -234,17 +236,23 @@ START_TEST(test_math_tf32)
     CCR_CK_OK(ctx, ccr_backend_alloc(gpu, m * n * 4, (void **)&dc));
     CCR_CK_OK(ctx, gpu->k->gemm(gpu, false, false, m, n, k, 1.0f, da, k, db, n, 0.0f, dc, n));
     down(c32, dc, m * n);
-    CCR_CK_OK(ctx, ccr_backend_set_math(gpu, CCR_MATH_TF32));
-    CCR_CK_OK(ctx, gpu->k->gemm(gpu, false, false, m, n, k, 1.0f, da, k, db, n, 0.0f, dc, n));
-    down(c, dc, m * n);
-    double num = 0.0, den = 0.0;
-    for (size_t i = 0; i < m * n; i++)
-        num += ((double)c[i] - c32[i]) * ((double)c[i] - c32[i]), den += (double)c32[i] * c32[i];
-    ck_assert_msg(num / den > 1e-10 && num / den < 1e-4, "TF32 NMSE %g", num / den);
-    CCR_CK_OK(ctx, ccr_backend_set_math(gpu, CCR_MATH_FP32));
-    CCR_CK_OK(ctx, gpu->k->gemm(gpu, false, false, m, n, k, 1.0f, da, k, db, n, 0.0f, dc, n));
-    down(c, dc, m * n);
-    ck_assert_mem_eq(c, c32, m * n * 4);
+    const ccr_math modes[2] = {CCR_MATH_TF32, CCR_MATH_BF16};
+    const double lo[2] = {1e-10, 0.0}, hi[2] = {1e-4, 1e-3};
+    for (int t = 0; t < 2; t++) {
+        CCR_CK_OK(ctx, ccr_backend_set_math(gpu, modes[t]));
+        CCR_CK_OK(ctx, gpu->k->gemm(gpu, false, false, m, n, k, 1.0f, da, k, db, n, 0.0f, dc, n));
+        down(c, dc, m * n);
+        double num = 0.0, den = 0.0;
+        for (size_t i = 0; i < m * n; i++)
+            num += ((double)c[i] - c32[i]) * ((double)c[i] - c32[i]),
+                den += (double)c32[i] * c32[i];
+        ck_assert_msg(num / den >= lo[t] && num / den < hi[t], "mode %d: NMSE %g", (int)modes[t],
+                      num / den);
+        CCR_CK_OK(ctx, ccr_backend_set_math(gpu, CCR_MATH_FP32));
+        CCR_CK_OK(ctx, gpu->k->gemm(gpu, false, false, m, n, k, 1.0f, da, k, db, n, 0.0f, dc, n));
+        down(c, dc, m * n);
+        ck_assert_mem_eq(c, c32, m * n * 4);
+    }
     free(a), free(b), free(c32), free(c);
     ccr_backend_free_buffer(gpu, da);
     ccr_backend_free_buffer(gpu, db);
@@ -348,7 +356,7 @@ int main(void)
     tcase_add_test(tc, test_softmax_xent_nonfinite);
     tcase_add_test(tc, test_optim_parity);
     tcase_add_test(tc, test_sum_squares_parity);
-    tcase_add_test(tc, test_math_tf32);
+    tcase_add_test(tc, test_math_modes);
     tcase_add_test(tc, test_training_parity);
     suite_add_tcase(su, tc);
     SRunner *sr = srunner_create(su);

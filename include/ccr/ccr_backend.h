@@ -83,17 +83,22 @@ ccr_status ccr_backend_memset(ccr_backend *be, void *dst, int value, size_t byte
 /* Waits until all queued work on the backend has finished (no-op on CPU). */
 ccr_status ccr_backend_synchronize(ccr_backend *be);
 
-/* The arithmetic of a backend's GEMMs.  FP32 (the default) computes in
- * float as the CPU does; TF32 lets a CUDA backend's cuBLAS use tensor cores
- * with TF32 inputs (10-bit mantissa, float accumulation): faster, with
- * errors ~1e-3 relative, so never in parity tests. */
+/* The arithmetic of a backend's GEMMs (storage stays float throughout).
+ * FP32 (the default) computes in float as the CPU does; TF32 lets a CUDA
+ * backend's cuBLAS use tensor cores with inputs rounded to TF32 (10-bit
+ * mantissa, float accumulation), errors ~1e-3 relative; BF16 lets it round
+ * inputs to bfloat16 (7-bit mantissa, float accumulation), errors ~1e-2
+ * relative.  Faster, so never in parity tests. */
 typedef enum ccr_math {
     CCR_MATH_FP32 = 0,
-    CCR_MATH_TF32 = 1
+    CCR_MATH_TF32 = 1,
+    CCR_MATH_BF16 = 2
 } ccr_math;
 
-/* Selects the GEMM arithmetic.  FP32 is accepted by every backend; TF32
- * only by CUDA (CCR_EUNSUP elsewhere).  CCR_EINVAL for an unknown mode. */
+/* Selects the GEMM arithmetic of every later GEMM on the backend (the
+ * conditional layers' grouped GEMMs included).  FP32 is accepted by every
+ * backend; TF32 and BF16 only by CUDA (CCR_EUNSUP elsewhere).  CCR_EINVAL
+ * for an unknown mode. */
 ccr_status ccr_backend_set_math(ccr_backend *be, ccr_math math);
 
 /* C = alpha * op(A) * op(B) + beta * C on backend memory, row-major.
