@@ -426,22 +426,6 @@ static size_t noise_draws_per_example(const ccr_cond_config *cc)
     return 0;
 }
 
-/* n floats of backend memory (host memory on the CPU backend), filled from
- * host when not NULL; exits 1 on failure. */
-static float *bk_floats(ccr_backend *be, ccr_ctx *ctx, size_t n, const float *host)
-{
-    size_t bytes;
-    void *p = NULL;
-    ccr_status s = ccr_mul_ok(n > 0 ? n : 1, sizeof(float), &bytes)
-                       ? ccr_backend_alloc(be, bytes, &p)
-                       : ccr_mem_check(ctx, SIZE_MAX, "buffers");
-    if (s == CCR_OK && host != NULL && n > 0)
-        s = ccr_backend_set(be, p, host, n * sizeof(float));
-    if (s != CCR_OK)
-        drv_fail(PROG, ctx, s, "buffers");
-    return p;
-}
-
 /* Times stmt into slot; on CUDA the device is synchronised before the clock
  * stops (a failed synchronisation lands in s). */
 #define TIMED(slot, stmt)                                   \
@@ -512,8 +496,10 @@ int main(int argc, char **argv)
     for (size_t i = 0; i < ny; i++)
         hdy[i] = unit(rng);
     /* The layer's inputs and outputs in backend memory (device on CUDA). */
-    float *x = bk_floats(be, ctx, nx, hx), *dx = bk_floats(be, ctx, nx, NULL);
-    float *dy = bk_floats(be, ctx, ny, hdy), *y = bk_floats(be, ctx, ny, NULL);
+    float *x = drv_backend_floats(PROG, ctx, be, nx, hx);
+    float *dx = drv_backend_floats(PROG, ctx, be, nx, NULL);
+    float *dy = drv_backend_floats(PROG, ctx, be, ny, hdy);
+    float *y = drv_backend_floats(PROG, ctx, be, ny, NULL);
 
     /* The routing of this batch, eval and train mode: the shapes of (a). */
     ccr_gate_stats st;
@@ -534,7 +520,7 @@ int main(int argc, char **argv)
         drv_fail(PROG, ctx, CCR_ENOMEM, "buffers");
     for (size_t i = 0; i < pmax; i++)
         pk[i] = 0.1f * unit(rng);
-    float *pkd = o.cuda ? bk_floats(be, ctx, pmax, pk) : pk;
+    float *pkd = o.cuda ? drv_backend_floats(PROG, ctx, be, pmax, pk) : pk;
     ccr_status gerr = CCR_OK;  /* the first error of a reference GEMM on CUDA */
     size_t used_ev = 0, max_ev = 0;
     for (size_t m = 0; m < n_mat; m++)
@@ -580,7 +566,7 @@ int main(int argc, char **argv)
     memset(cp, 1, 2 * copy_bytes);
     for (size_t i = 0; i < 2 * sq * sq; i++)
         sa[i] = (float)((i % 13) - 6) * 0.01f;
-    float *sad = o.cuda ? bk_floats(be, ctx, sq3, sa) : sa;
+    float *sad = o.cuda ? drv_backend_floats(PROG, ctx, be, sq3, sa) : sa;
 
     fprintf(stderr, "%s: %s | %s | gate=%s B=%zu d_in=%zu h=%zu d_out=%zu repeat=%zu\n", PROG,
             ccr_backend_describe(be), drv_machine(), o.cc.gate->name, B, di, h, dout, o.repeat);

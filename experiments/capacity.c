@@ -531,17 +531,10 @@ int main(int argc, char **argv)
         drv_fail(PROG, ctx, CCR_ENOMEM, "buffers");
     for (size_t i = 0; i < 2 * nx; i++)  /* inputs x ~ N(0,1), then dy */
         hxs[i] = (float)gsl_ran_gaussian(rng, 1.0);
-    /* The pool, y and dx in backend memory (device memory on CUDA). */
-    float *xs = NULL, *y = NULL;
-    size_t xbytes, ybytes;
-    if (!ccr_mul3_ok(2, nx, sizeof *xs, &xbytes) ||
-        !ccr_mul3_ok(o.batch, o.d, 2 * sizeof *y, &ybytes))
-        drv_fail(PROG, ctx, ccr_mem_check(ctx, SIZE_MAX, "buffers"), "buffers");
-    s = ccr_backend_alloc(be, xbytes, (void **)&xs);
-    if (s == CCR_OK) s = ccr_backend_set(be, xs, hxs, xbytes);
-    if (s == CCR_OK) s = ccr_backend_alloc(be, ybytes, (void **)&y);
-    if (s != CCR_OK)
-        drv_fail(PROG, ctx, s, "buffers");
+    /* The pool, y and dx in backend memory (device memory on CUDA); 2 nx
+     * floats passed ccr_malloc3 above, and 2 batch d is less. */
+    float *xs = drv_backend_floats(PROG, ctx, be, 2 * nx, hxs);
+    float *y = drv_backend_floats(PROG, ctx, be, 2 * o.batch * o.d, NULL);
     free(hxs);
 
     fprintf(stderr, "%s: %s | %s | d=%zu h=%zu k=%zu batch=%zu\n", PROG,

@@ -5,6 +5,7 @@
 #define _POSIX_C_SOURCE 200809L
 #include "common.h"
 #include "outputs.h"
+#include "internal.h"  // provides: ccr_mul_ok, ccr_mem_check
 
 #include <errno.h>
 #include <gsl/gsl_errno.h>
@@ -107,6 +108,21 @@ void drv_setup(const char *prog, bool cuda, unsigned long seed, ccr_ctx **ctx,
     if (*rng == NULL)
         exit(1);
     gsl_rng_set(*rng, seed);
+}
+
+float *drv_backend_floats(const char *prog, ccr_ctx *ctx, ccr_backend *be, size_t n,
+                          const float *host)
+{
+    size_t bytes = 0;
+    void *p = NULL;
+    ccr_status s = ccr_mul_ok(n > 0 ? n : 1, sizeof(float), &bytes)
+                       ? ccr_backend_alloc(be, bytes, &p)
+                       : ccr_mem_check(ctx, SIZE_MAX, "buffers");
+    if (s == CCR_OK && host != NULL && n > 0)
+        s = ccr_backend_set(be, p, host, bytes);
+    if (s != CCR_OK)
+        drv_fail(prog, ctx, s, "buffers");
+    return p;
 }
 
 gsl_rng *drv_rng(const char *prog, ccr_ctx *ctx, unsigned long seed)

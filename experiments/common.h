@@ -107,6 +107,12 @@ bool drv_parse_backend(const char *prog, const char *a, const char *v, bool *cud
 void drv_setup(const char *prog, bool cuda, unsigned long seed, ccr_ctx **ctx,
                ccr_backend **be, gsl_rng **rng);
 
+/* n floats of backend memory (device memory on CUDA, host memory on the
+ * CPU backend), filled from host when host is not NULL (zeros otherwise);
+ * exit 1 naming "buffers" on failure.  Free with ccr_backend_free_buffer. */
+float *drv_backend_floats(const char *prog, ccr_ctx *ctx, ccr_backend *be, size_t n,
+                          const float *host);
+
 /* A fresh MT19937 generator seeded with seed (exit 1 naming "rng"). */
 gsl_rng *drv_rng(const char *prog, ccr_ctx *ctx, unsigned long seed);
 

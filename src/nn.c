@@ -311,8 +311,29 @@ static ccr_status net_check_input(ccr_net *net, const float *x, size_t batch)
         CCR_FAIL(net->ctx, CCR_EINVAL, "network not finalized");
     if (batch == 0 || batch > net->max_batch)
         CCR_FAIL(net->ctx, CCR_EBADLEN, "batch %zu not in 1..%zu", batch, net->max_batch);
-    if (!ccr_all_finite(x, batch * net->d_in))
+    bool finite;
+    if (net->input == CCR_INPUT_BACKEND) {
+        /* A sum of squares in double is finite exactly when every float is
+         * (FLT_MAX^2 times any size_t count stays below DBL_MAX). */
+        double ss;
+        CCR_TRY(net->be->k->sum_squares(net->be, x, batch * net->d_in, &ss));
+        finite = isfinite(ss);
+    } else {
+        finite = ccr_all_finite(x, batch * net->d_in);
+    }
+    if (!finite)
         CCR_FAIL(net->ctx, CCR_EDOM, "input holds NaN or infinity");
+    return CCR_OK;
+}
+
+ccr_status ccr_net_set_input_memory(ccr_net *net, ccr_input_memory where)
+{
+    if (net == NULL)
+        return CCR_EINVAL;
+    if (where != CCR_INPUT_HOST && where != CCR_INPUT_BACKEND)
+        CCR_FAIL(net->ctx, CCR_EINVAL, "unknown input memory %d (host 0, backend 1)", (int)where);
+    net->input = where;
+    net->last_batch = 0;   /* a backward must follow a forward of this kind */
     return CCR_OK;
 }
 
@@ -321,8 +342,12 @@ static ccr_status net_check_input(ccr_net *net, const float *x, size_t batch)
 static ccr_status net_forward(ccr_net *net, const float *x, size_t batch, bool train,
                               gsl_rng *rng)
 {
-    CCR_TRY(ccr_backend_set(net->be, net->x_dev, x, batch * net->d_in * sizeof(float)));
-    const float *in = net->x_dev;
+    const float *in = x;
+    if (net->input == CCR_INPUT_HOST) {
+        CCR_TRY(ccr_backend_set(net->be, net->x_dev, x, batch * net->d_in * sizeof(float)));
+        in = net->x_dev;
+    }
+    net->x_last = in;
     for (size_t i = 0; i < net->n; i++) {
         ccr_layer *l = &net->layers[i];
         l->train = train;
@@ -370,7 +395,7 @@ ccr_status ccr_net_backward(ccr_net *net, const float *dout)
     const float *dy = dout;
     for (size_t i = net->n; i-- > 0;) {
         ccr_layer *l = &net->layers[i];
-        const float *x = i > 0 ? net->layers[i - 1].out : net->x_dev;
+        const float *x = i > 0 ? net->layers[i - 1].out : net->x_last;
         float *dx = i > 0 ? net->layers[i - 1].dout : NULL;
         CCR_TRY(l->ops->backward(l, net->be, net->params, x, l->out, dy, dx, batch));
         dy = dx;
@@ -446,8 +471,8 @@ ccr_status ccr_net_loss_grad_mode(ccr_net *net, const float *x, const int32_t *l
     CCR_TRY(net_check_input(net, x, batch));
     CCR_TRY(net_check_labels(net, labels, batch));
     CCR_TRY(net_forward(net, x, batch, mode == CCR_MODE_TRAIN, rng));
-    double sum;
-    size_t correct;
+    double sum = 0.0;
+    size_t correct = 0;
     CCR_TRY(net_loss(net, labels, batch, true, &sum, &correct));
     CCR_TRY(ccr_net_backward(net, net->layers[net->n - 1].dout));
     stats->loss = sum / (double)batch;
@@ -481,8 +506,8 @@ ccr_status ccr_net_eval(ccr_net *net, const float *x, const int32_t *labels, siz
         CCR_TRY(net_check_input(net, xb, b));
         CCR_TRY(net_forward(net, xb, b, false, NULL));
         aux += ccr_net_aux_loss(net) * (double)b;
-        double sum;
-        size_t c;
+        double sum = 0.0;
+        size_t c = 0;
         CCR_TRY(net_loss(net, labels + i0, b, false, &sum, &c));
         total += sum;
         correct += c;

@@ -14,6 +14,8 @@ struct ccr_net {
     ccr_arena *params;        /* NULL until finalize */
     float *block;             /* the activation block (backend memory) */
     float *x_dev;             /* [max_batch, d_in] staged input */
+    ccr_input_memory input;   /* where callers' x lives (ccr_net_set_input_memory) */
+    const float *x_last;      /* the last forward's input on the backend: x_dev or x */
     int32_t *labels_dev;      /* [max_batch] staged labels */
     float *loss_dev;          /* [max_batch] per-example loss */
     int32_t *correct_dev;     /* [max_batch] per-example correctness */

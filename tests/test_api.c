@@ -268,6 +268,7 @@ START_TEST(test_nn)
     ccr_net_free(NULL);
     EINVAL_(ccr_net_add_linear(NULL, 2));
     EINVAL_(ccr_net_add_act(NULL, CCR_ACT_RELU));
+    EINVAL_(ccr_net_set_input_memory(NULL, CCR_INPUT_BACKEND));
     ccr_cond_config cfg = ccr_cond_config_default();
     EINVAL_(ccr_net_add_cond(NULL, &cfg));
     ccr_cond *cond = NULL;

@@ -329,6 +329,60 @@ START_TEST(test_training_parity)
 }
 END_TEST
 
+/* CCR_INPUT_BACKEND on CUDA: a network reading x in place from device memory
+ * trains bit for bit as the same network fed host memory (same kernels,
+ * same data), and NaN in device memory is found on the device (CCR_EDOM,
+ * parameters untouched). */
+START_TEST(test_device_input)
+{
+    ccr_net *net[2];
+    ccr_optim *opt[2];
+    for (int i = 0; i < 2; i++) {
+        gsl_rng_set(rng, 7);
+        CCR_CK_OK(ctx, ccr_net_init(gpu, 33, 40, &net[i]));
+        CCR_CK_OK(ctx, ccr_net_add_linear(net[i], 17));
+        CCR_CK_OK(ctx, ccr_net_add_act(net[i], CCR_ACT_RELU));
+        CCR_CK_OK(ctx, ccr_net_add_linear(net[i], 3));
+        CCR_CK_OK(ctx, ccr_net_finalize(net[i], rng));
+        ccr_optim_config oc = ccr_optim_defaults(CCR_OPTIM_ADAM);
+        CCR_CK_OK(ctx, ccr_optim_init(ccr_net_params(net[i]), &oc, &opt[i]));
+    }
+    CCR_CK_OK(ctx, ccr_net_set_input_memory(net[1], CCR_INPUT_BACKEND));
+    float x[40 * 33];
+    int32_t y[40];
+    float *dx = NULL;
+    CCR_CK_OK(ctx, ccr_backend_alloc(gpu, sizeof x, (void **)&dx));
+    for (int step = 0; step < 5; step++) {
+        ccr_test_fill_uniform(rng, x, 40 * 33, -1, 1);
+        for (int e = 0; e < 40; e++)
+            y[e] = e % 3;
+        CCR_CK_OK(ctx, ccr_backend_set(gpu, dx, x, sizeof x));
+        ccr_step_stats s[2];
+        CCR_CK_OK(ctx, ccr_train_step(net[0], opt[0], NULL, x, y, 40, &s[0]));
+        CCR_CK_OK(ctx, ccr_train_step(net[1], opt[1], NULL, dx, y, 40, &s[1]));
+        ck_assert(memcmp(&s[0].loss, &s[1].loss, sizeof s[0].loss) == 0);
+    }
+    ccr_arena *a0 = ccr_net_params(net[0]), *a1 = ccr_net_params(net[1]);
+    size_t n = ccr_arena_n_params(a0);
+    float *p0 = malloc(n * 4), *p1 = malloc(n * 4), *p2 = malloc(n * 4);
+    down(p0, ccr_arena_values(a0), n);
+    down(p1, ccr_arena_values(a1), n);
+    ck_assert_mem_eq(p0, p1, n * 4);
+    float inf = INFINITY;
+    CCR_CK_OK(ctx, ccr_backend_set(gpu, dx + 40 * 33 - 1, &inf, sizeof inf));
+    ccr_step_stats s;
+    ck_assert_int_eq(ccr_train_step(net[1], opt[1], NULL, dx, y, 40, &s), CCR_EDOM);
+    down(p2, ccr_arena_values(a1), n);
+    ck_assert_mem_eq(p1, p2, n * 4);
+    free(p0), free(p1), free(p2);
+    ccr_backend_free_buffer(gpu, dx);
+    for (int i = 0; i < 2; i++) {
+        ccr_optim_free(opt[i]);
+        ccr_net_free(net[i]);
+    }
+}
+END_TEST
+
 int main(void)
 {
     if (ccr_ctx_init(&ctx) != CCR_OK)
@@ -358,6 +412,7 @@ int main(void)
     tcase_add_test(tc, test_sum_squares_parity);
     tcase_add_test(tc, test_math_modes);
     tcase_add_test(tc, test_training_parity);
+    tcase_add_test(tc, test_device_input);
     suite_add_tcase(su, tc);
     SRunner *sr = srunner_create(su);
     srunner_set_fork_status(sr, CK_NOFORK);

@@ -1,6 +1,7 @@
 /*
  * test_nn.c - networks: parameter and FLOP accounting, forward against a
- * hand computation, chunked evaluation, checkpoint round trip, and training
+ * hand computation, chunked evaluation, input read in place from backend
+ * memory, checkpoint round trip, and training
  * that actually learns a task.
  */
 #include <math.h>
@@ -142,6 +143,70 @@ START_TEST(test_eval_chunks)
 }
 END_TEST
 
+/* CCR_INPUT_BACKEND: x read in place from backend memory trains exactly as
+ * the staged host copy (three Adam steps, then evaluation: bit for bit);
+ * NaN in it is refused (CCR_EDOM) before anything is computed; an unknown
+ * value is CCR_EINVAL; a backward after switching needs a new forward. */
+START_TEST(test_input_memory)
+{
+    const size_t w[2] = {12, 3}, B = 9, d = 5;
+    ccr_net *nets[2];
+    ccr_optim *opts[2];
+    for (int k = 0; k < 2; k++) {
+        gsl_rng_set(rng, 11);
+        nets[k] = mlp(d, B, w, 2, CCR_ACT_RELU);
+        ccr_optim_config oc = ccr_optim_defaults(CCR_OPTIM_ADAM);
+        CCR_CK_OK(ctx, ccr_optim_init(ccr_net_params(nets[k]), &oc, &opts[k]));
+    }
+    float x[3 * 9 * 5];
+    int32_t y[3 * 9];
+    ccr_test_fill_uniform(rng, x, 3 * B * d, -2, 2);
+    for (size_t i = 0; i < 3 * B; i++)
+        y[i] = (int32_t)(i % 3);
+    float *xb;
+    CCR_CK_OK(ctx, ccr_backend_alloc(be, sizeof x, (void **)&xb));
+    CCR_CK_OK(ctx, ccr_backend_set(be, xb, x, sizeof x));
+    CCR_CK_OK(ctx, ccr_net_set_input_memory(nets[1], CCR_INPUT_BACKEND));
+    ccr_step_stats st[2];
+    for (size_t step = 0; step < 3; step++) {
+        CCR_CK_OK(ctx, ccr_train_step(nets[0], opts[0], NULL, x + step * B * d, y + step * B, B,
+                                      &st[0]));
+        CCR_CK_OK(ctx, ccr_train_step(nets[1], opts[1], NULL, xb + step * B * d, y + step * B, B,
+                                      &st[1]));
+        ck_assert(memcmp(&st[0].loss, &st[1].loss, sizeof st[0].loss) == 0);
+    }
+    const ccr_arena *a0 = ccr_net_params(nets[0]), *a1 = ccr_net_params(nets[1]);
+    size_t n = ccr_arena_n_params(a0);
+    ck_assert_mem_eq(ccr_arena_values(a0), ccr_arena_values(a1), n * sizeof(float));
+    CCR_CK_OK(ctx, ccr_net_eval(nets[0], x, y, 3 * B, &st[0]));
+    CCR_CK_OK(ctx, ccr_net_eval(nets[1], xb, y, 3 * B, &st[1]));
+    ck_assert(memcmp(&st[0].loss, &st[1].loss, sizeof st[0].loss) == 0);
+    ck_assert_int_eq((int)st[0].correct, (int)st[1].correct);
+
+    /* NaN in backend memory: refused, parameters untouched. */
+    float *before = malloc(n * sizeof *before);
+    memcpy(before, ccr_arena_values(a1), n * sizeof *before);
+    float nan = NAN;
+    CCR_CK_OK(ctx, ccr_backend_set(be, xb + 7, &nan, sizeof nan));
+    ck_assert_int_eq(ccr_train_step(nets[1], opts[1], NULL, xb, y, B, &st[1]), CCR_EDOM);
+    ck_assert_mem_eq(ccr_arena_values(a1), before, n * sizeof(float));
+
+    /* Switching: a pending backward is gone; unknown values refused. */
+    const float *out;
+    CCR_CK_OK(ctx, ccr_net_forward(nets[1], xb + B * d, B, &out));
+    CCR_CK_OK(ctx, ccr_net_set_input_memory(nets[1], CCR_INPUT_HOST));
+    ck_assert_int_eq(ccr_net_backward(nets[1], out), CCR_EINVAL);
+    ck_assert_int_eq(ccr_net_set_input_memory(nets[1], (ccr_input_memory)2), CCR_EINVAL);
+    ck_assert_int_eq(ccr_net_set_input_memory(NULL, CCR_INPUT_HOST), CCR_EINVAL);
+    free(before);
+    ccr_backend_free_buffer(be, xb);
+    for (int k = 0; k < 2; k++) {
+        ccr_optim_free(opts[k]);
+        ccr_net_free(nets[k]);
+    }
+}
+END_TEST
+
 START_TEST(test_checkpoint_round_trip)
 {
     const size_t w[2] = {6, 3};
@@ -229,6 +294,7 @@ static Suite *nn_suite(void)
     tcase_add_test(tc, test_init_range);
     tcase_add_test(tc, test_forward_by_hand);
     tcase_add_test(tc, test_eval_chunks);
+    tcase_add_test(tc, test_input_memory);
     tcase_add_test(tc, test_checkpoint_round_trip);
     tcase_add_loop_test(tc, test_learns_xor, 0, 2);
     tcase_add_test(tc, test_act_names);

@@ -142,8 +142,27 @@ size_t ccr_net_n_params(const ccr_net *net);
  * Plain linear/activation networks give the same result in both modes. */
 typedef enum ccr_mode { CCR_MODE_EVAL = 0, CCR_MODE_TRAIN = 1 } ccr_mode;
 
-/* Forward pass of `batch` (1..max_batch) examples x (host memory,
- * batch x d_in) in `mode`; rng supplies the gate noise in CCR_MODE_TRAIN
+/* Where the x of ccr_net_forward*, ccr_net_loss_grad*, ccr_net_eval and
+ * ccr_train_step lives:
+ *   CCR_INPUT_HOST     host memory (the default): each pass checks it for
+ *                      NaN and infinity on the host and copies it to the
+ *                      backend's staging buffer.
+ *   CCR_INPUT_BACKEND  the backend's memory (ccr_backend_alloc; device
+ *                      memory on CUDA): no copy - a training loop that
+ *                      uploads its data once avoids a host round trip per
+ *                      step.  The check for NaN and infinity runs on the
+ *                      backend (one pass, sum_squares; a synchronisation on
+ *                      CUDA), and x must stay unchanged until the backward
+ *                      of the pass that read it.
+ * Labels are host memory in both.  CCR_EINVAL for an unknown value. */
+typedef enum ccr_input_memory {
+    CCR_INPUT_HOST = 0,
+    CCR_INPUT_BACKEND = 1
+} ccr_input_memory;
+ccr_status ccr_net_set_input_memory(ccr_net *net, ccr_input_memory where);
+
+/* Forward pass of `batch` (1..max_batch) examples x (batch x d_in; host
+ * memory unless ccr_net_set_input_memory says otherwise) in `mode`; rng supplies the gate noise in CCR_MODE_TRAIN
  * (it may be NULL when no layer draws noise, and is unused in
  * CCR_MODE_EVAL).  *out receives the network output on the backend
  * (batch x d_out, valid until the next call); the auxiliary losses of the
