@@ -22,6 +22,9 @@ static void cuda_free(ccr_backend *be)
             cublasDestroy(st->cublas);
         if (st->partials)
             cudaFree(st->partials);
+        if (st->ranges)
+            cudaFree(st->ranges);
+        free(st->h_ranges);
         if (st->stream)
             cudaStreamDestroy(st->stream);
         free(st);
@@ -135,9 +138,15 @@ extern "C" ccr_status ccr_backend_cuda_init(ccr_ctx *ctx, int device, ccr_backen
         (e = cudaGetDeviceProperties(&prop, device)) != cudaSuccess ||
         (e = cudaStreamCreateWithFlags(&st->stream, cudaStreamNonBlocking)) != cudaSuccess ||
         (e = cudaMalloc((void **)&st->partials,
-                        (CCR_CUDA_PARTIALS + 1) * sizeof(double))) != cudaSuccess) {
+                        (CCR_CUDA_PARTIALS + 1) * sizeof(double))) != cudaSuccess ||
+        (e = cudaMalloc((void **)&st->ranges, CCR_CUDA_RANGES * sizeof(ccr_cuda_range))) !=
+            cudaSuccess) {
         s = ccr_fail(ctx, CCR_ECUDA, __func__, __FILE__, __LINE__, "device %d: %s", device,
                      cudaGetErrorString(e));
+    } else if ((st->h_ranges = (ccr_cuda_range *)malloc(CCR_CUDA_RANGES *
+                                                        sizeof(ccr_cuda_range))) == NULL) {
+        s = ccr_fail(ctx, CCR_ENOMEM, __func__, __FILE__, __LINE__,
+                     "cannot allocate the ranges staging");
     } else {
         cublasStatus_t b = cublasCreate(&st->cublas);
         if (b == CUBLAS_STATUS_SUCCESS)

@@ -36,6 +36,17 @@
 
 #define CCR_CUDA_LAUNCHED(be) CCR_CUDA_TRY(be, cudaGetLastError())
 
+/* One range of the ranges ops (sgd/adam/zero_ranges): its float offset and
+ * Adam's bias corrections 1 - b1^t, 1 - b2^t, computed on the host with
+ * the same pow as adam_step's. */
+typedef struct ccr_cuda_range {
+    size_t off;
+    double c1, c2;
+} ccr_cuda_range;
+
+/* Ranges per launch of the ranges ops (gridDim.y <= 65535). */
+#define CCR_CUDA_RANGES 32768
+
 /* Backend-private CUDA state (be->impl). */
 typedef struct ccr_cuda_state {
     int device;
@@ -44,6 +55,7 @@ typedef struct ccr_cuda_state {
     cublasComputeType_t compute; /* of every GEMM: ccr_backend_set_math */
     ccr_kernels kernels;   /* the table be->k points to */
     double *partials;      /* [CCR_CUDA_PARTIALS + 1] device scratch of reductions */
+    ccr_cuda_range *ranges, *h_ranges; /* [CCR_CUDA_RANGES] device / host */
 } ccr_cuda_state;
 
 /* Blocks of a two-stage reduction (sum_squares): fixed, so the order of the

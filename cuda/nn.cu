@@ -138,33 +138,78 @@ __global__ void softmax_xent_kernel(const float *logits, const int *labels, size
     }
 }
 
+/* One element of an SGD update (as src/ref/optim_ref.c): sgd_kernel and
+ * sgd_ranges_kernel share it, so a range updates as the whole block does. */
+__device__ __forceinline__ void sgd_elem(float *w, const float *g, float *v, size_t i,
+                                         float lr, float mu, float wd)
+{
+    float gi = g[i] + wd * w[i];
+    if (mu != 0.0f) {
+        float vi = mu * v[i] + gi;
+        v[i] = fabsf(vi) < FLT_MIN ? 0.0f : vi; /* as src/ref/optim_ref.c */
+        gi = v[i];
+    }
+    w[i] -= lr * gi;
+}
+
 __global__ void sgd_kernel(float *w, const float *g, float *v, size_t n, float lr, float mu,
                            float wd)
 {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
-         i += (size_t)gridDim.x * blockDim.x) {
-        float gi = g[i] + wd * w[i];
-        if (mu != 0.0f) {
-            float vi = mu * v[i] + gi;
-            v[i] = fabsf(vi) < FLT_MIN ? 0.0f : vi; /* as src/ref/optim_ref.c */
-            gi = v[i];
-        }
-        w[i] -= lr * gi;
-    }
+         i += (size_t)gridDim.x * blockDim.x)
+        sgd_elem(w, g, v, i, lr, mu, wd);
+}
+
+/* The ranges kernels: range blockIdx.y of rg, its len floats over the
+ * x-blocks. */
+__global__ void sgd_ranges_kernel(float *w, const float *g, float *v, const ccr_cuda_range *rg,
+                                  size_t len, float lr, float mu, float wd)
+{
+    const size_t o = rg[blockIdx.y].off;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < len;
+         i += (size_t)gridDim.x * blockDim.x)
+        sgd_elem(w + o, g + o, v ? v + o : NULL, i, lr, mu, wd);
+}
+
+__global__ void zero_ranges_kernel(float *x, const ccr_cuda_range *rg, size_t len)
+{
+    float *p = x + rg[blockIdx.y].off;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < len;
+         i += (size_t)gridDim.x * blockDim.x)
+        p[i] = 0.0f;
+}
+
+/* One element of an Adam update (as src/ref/optim_ref.c), shared by
+ * adam_kernel and adam_ranges_kernel. */
+__device__ __forceinline__ void adam_elem(float *w, const float *g, float *m, float *v, size_t i,
+                                          float lr, float b1, float b2, float eps, float wd,
+                                          double c1, double c2)
+{
+    float gi = g[i] + wd * w[i];
+    float mi = b1 * m[i] + (1.0f - b1) * gi, vi = b2 * v[i] + (1.0f - b2) * gi * gi;
+    m[i] = fabsf(mi) < FLT_MIN ? 0.0f : mi; /* as src/ref/optim_ref.c */
+    v[i] = vi < FLT_MIN ? 0.0f : vi;
+    double mhat = m[i] / c1, vhat = v[i] / c2;
+    w[i] -= (float)((double)lr * mhat / (sqrt(vhat) + (double)eps));
 }
 
 __global__ void adam_kernel(float *w, const float *g, float *m, float *v, size_t n, float lr,
                             float b1, float b2, float eps, float wd, double c1, double c2)
 {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
-         i += (size_t)gridDim.x * blockDim.x) {
-        float gi = g[i] + wd * w[i];
-        float mi = b1 * m[i] + (1.0f - b1) * gi, vi = b2 * v[i] + (1.0f - b2) * gi * gi;
-        m[i] = fabsf(mi) < FLT_MIN ? 0.0f : mi; /* as src/ref/optim_ref.c */
-        v[i] = vi < FLT_MIN ? 0.0f : vi;
-        double mhat = m[i] / c1, vhat = v[i] / c2;
-        w[i] -= (float)((double)lr * mhat / (sqrt(vhat) + (double)eps));
-    }
+         i += (size_t)gridDim.x * blockDim.x)
+        adam_elem(w, g, m, v, i, lr, b1, b2, eps, wd, c1, c2);
+}
+
+__global__ void adam_ranges_kernel(float *w, const float *g, float *m, float *v,
+                                   const ccr_cuda_range *rg, size_t len, float lr, float b1,
+                                   float b2, float eps, float wd)
+{
+    const ccr_cuda_range r = rg[blockIdx.y];
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < len;
+         i += (size_t)gridDim.x * blockDim.x)
+        adam_elem(w + r.off, g + r.off, m + r.off, v + r.off, i, lr, b1, b2, eps, wd, r.c1,
+                  r.c2);
 }
 
 // ---------------------------------------------------------------------------
@@ -248,6 +293,72 @@ static ccr_status cu_adam_step(ccr_backend *be, float *w, const float *g, float 
     return CCR_OK;
 }
 
+/* The ranges ops, CCR_CUDA_RANGES ranges per launch: the offsets (and
+ * Adam's corrections, with adam_step's host pow) staged on the host and
+ * uploaded (ccr_backend_set returns once copied, and the copy waits on the
+ * stream for the previous launch, so the staging is reused safely); x-blocks
+ * over a range's floats, at most 1024 per range. */
+static dim3 ranges_grid(size_t len, size_t nr)
+{
+    size_t bx = ccr_ceil_div(len, 256);
+    return dim3((unsigned)(bx < 1 ? 1 : bx > 1024 ? 1024 : bx), (unsigned)nr);
+}
+
+static ccr_status cu_ranges_stage(ccr_backend *be, const size_t *off, const uint64_t *t,
+                                  size_t nr, float b1, float b2)
+{
+    ccr_cuda_state *st = ccr_cuda(be);
+    for (size_t r = 0; r < nr; r++) {
+        st->h_ranges[r].off = off[r];
+        st->h_ranges[r].c1 = t ? 1.0 - pow((double)b1, (double)t[r]) : 0.0;
+        st->h_ranges[r].c2 = t ? 1.0 - pow((double)b2, (double)t[r]) : 0.0;
+    }
+    return ccr_backend_set(be, st->ranges, st->h_ranges, nr * sizeof *st->h_ranges);
+}
+
+static ccr_status cu_sgd_ranges(ccr_backend *be, float *w, const float *g, float *v,
+                                const size_t *off, size_t n, size_t len, float lr, float mu,
+                                float wd)
+{
+    ccr_cuda_state *st = ccr_cuda(be);
+    for (size_t r0 = 0; r0 < n && len > 0; r0 += CCR_CUDA_RANGES) {
+        size_t nr = n - r0 < CCR_CUDA_RANGES ? n - r0 : CCR_CUDA_RANGES;
+        CCR_TRY(cu_ranges_stage(be, off + r0, NULL, nr, 0.0f, 0.0f));
+        sgd_ranges_kernel<<<ranges_grid(len, nr), 256, 0, st->stream>>>(w, g, v, st->ranges, len,
+                                                                        lr, mu, wd);
+        CCR_CUDA_LAUNCHED(be);
+    }
+    return CCR_OK;
+}
+
+static ccr_status cu_adam_ranges(ccr_backend *be, float *w, const float *g, float *m, float *v,
+                                 const size_t *off, const uint64_t *t, size_t n, size_t len,
+                                 float lr, float b1, float b2, float eps, float wd)
+{
+    ccr_cuda_state *st = ccr_cuda(be);
+    for (size_t r0 = 0; r0 < n && len > 0; r0 += CCR_CUDA_RANGES) {
+        size_t nr = n - r0 < CCR_CUDA_RANGES ? n - r0 : CCR_CUDA_RANGES;
+        CCR_TRY(cu_ranges_stage(be, off + r0, t + r0, nr, b1, b2));
+        adam_ranges_kernel<<<ranges_grid(len, nr), 256, 0, st->stream>>>(
+            w, g, m, v, st->ranges, len, lr, b1, b2, eps, wd);
+        CCR_CUDA_LAUNCHED(be);
+    }
+    return CCR_OK;
+}
+
+static ccr_status cu_zero_ranges(ccr_backend *be, float *x, const size_t *off, size_t n,
+                                 size_t len)
+{
+    ccr_cuda_state *st = ccr_cuda(be);
+    for (size_t r0 = 0; r0 < n && len > 0; r0 += CCR_CUDA_RANGES) {
+        size_t nr = n - r0 < CCR_CUDA_RANGES ? n - r0 : CCR_CUDA_RANGES;
+        CCR_TRY(cu_ranges_stage(be, off + r0, NULL, nr, 0.0f, 0.0f));
+        zero_ranges_kernel<<<ranges_grid(len, nr), 256, 0, st->stream>>>(x, st->ranges, len);
+        CCR_CUDA_LAUNCHED(be);
+    }
+    return CCR_OK;
+}
+
 /* Stage 1: block i's threads sum x^2 over i + j * blocks strided chunks in
  * double, then a fixed tree in shared memory; stage 2 (one block) adds the
  * partials the same way.  The grid is CCR_CUDA_PARTIALS blocks whatever n,
@@ -312,5 +423,8 @@ void ccr_cuda_fill_kernels(ccr_kernels *k)
     k->softmax_xent = cu_softmax_xent;
     k->sgd_step = cu_sgd_step;
     k->adam_step = cu_adam_step;
+    k->sgd_ranges = cu_sgd_ranges;
+    k->adam_ranges = cu_adam_ranges;
+    k->zero_ranges = cu_zero_ranges;
     k->sum_squares = cu_sum_squares;
 }

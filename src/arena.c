@@ -34,10 +34,12 @@ struct ccr_arena {
     size_t block_len;  /* floats in each block, padding included */
     float *values, *grads;
     /* Row-sparse tensors (issue 10): one record each, in block order; the
-     * flags and touched lists of all of them in one allocation (finalize). */
+     * flags and touched lists of all of them in one allocation (finalize),
+     * with the offsets and ids scratch of ccr_arena_for_written_rows. */
     ccr_arena_sparse *sp;
     size_t n_sp, sp_rows;
     void *sp_work;
+    size_t *sp_off, *sp_ids;
     /* Host staging of tensors [stage_first, stage_end) (ccr_arena_stage):
      * their values at stage + (offset - stage_off), NULL when none. */
     float *stage;
@@ -147,7 +149,7 @@ static ccr_status arena_sparse_alloc(ccr_arena *a)
     if (a->n_sp == 0)
         return CCR_OK;
     a->sp = calloc(a->n_sp, sizeof *a->sp);
-    a->sp_work = ccr_malloc3(a->sp_rows, sizeof(size_t) + 1, 1);
+    a->sp_work = ccr_malloc3(a->sp_rows, 3 * sizeof(size_t) + 1, 1);
     if (a->sp == NULL || a->sp_work == NULL) {
         free(a->sp);
         free(a->sp_work);
@@ -156,7 +158,9 @@ static ccr_status arena_sparse_alloc(ccr_arena *a)
         CCR_FAIL(a->be->ctx, CCR_ENOMEM, "cannot allocate sparse-gradient bookkeeping");
     }
     size_t *list = a->sp_work;
-    unsigned char *flag = (unsigned char *)(list + a->sp_rows);
+    a->sp_off = list + a->sp_rows;
+    a->sp_ids = a->sp_off + a->sp_rows;
+    unsigned char *flag = (unsigned char *)(a->sp_ids + a->sp_rows);
     memset(flag, 0, a->sp_rows);
     size_t k = 0, base = 0;
     for (size_t i = 0; i < a->n; i++) {
@@ -352,13 +356,21 @@ static ccr_status arena_zero_range(void *u, size_t off, size_t len, size_t row)
     return ccr_backend_memset(a->be, a->grads + off, 0, len * sizeof(float));
 }
 
+static ccr_status arena_zero_rows(void *u, const size_t *off, const size_t *ids, size_t n,
+                                  size_t row_len)
+{
+    CCR_UNUSED(ids);
+    ccr_arena *a = u;
+    return a->be->k->zero_ranges(a->be, a->grads, off, n, row_len);
+}
+
 ccr_status ccr_arena_zero_grad(ccr_arena *a)
 {
     if (a == NULL)
         return CCR_EINVAL;
     if (a->grads == NULL)
         CCR_FAIL(a->be->ctx, CCR_EINVAL, "arena not finalized");
-    CCR_TRY(ccr_arena_for_written(a, arena_zero_range, a));
+    CCR_TRY(ccr_arena_for_written_rows(a, arena_zero_range, arena_zero_rows, a));
     for (size_t k = 0; k < a->n_sp; k++) {
         ccr_arena_sparse *r = &a->sp[k];
         for (size_t j = 0; j < r->n_touched; j++)
@@ -384,6 +396,28 @@ ccr_status ccr_arena_for_written(const ccr_arena *a, ccr_arena_range_fn fn, void
         cur = t->offset + t->size;
     }
     return cur < a->block_len ? fn(u, cur, a->block_len - cur, SIZE_MAX) : CCR_OK;
+}
+
+ccr_status ccr_arena_for_written_rows(const ccr_arena *a, ccr_arena_range_fn dense,
+                                      ccr_arena_rows_fn rows, void *u)
+{
+    size_t cur = 0;
+    for (size_t k = 0; k < a->n_sp; k++) {
+        const ccr_arena_sparse *r = &a->sp[k];
+        const arena_tensor *t = &a->t[r->tensor];
+        if (t->offset > cur)
+            CCR_TRY(dense(u, cur, t->offset - cur, SIZE_MAX));
+        size_t n = 0;
+        for (size_t row = 0; row < r->rows && n < r->n_touched; row++)
+            if (r->flag[row]) {
+                a->sp_off[n] = t->offset + row * r->row_len;
+                a->sp_ids[n++] = r->base + row;
+            }
+        if (n > 0)
+            CCR_TRY(rows(u, a->sp_off, a->sp_ids, n, r->row_len));
+        cur = t->offset + t->size;
+    }
+    return cur < a->block_len ? dense(u, cur, a->block_len - cur, SIZE_MAX) : CCR_OK;
 }
 
 void ccr_arena_touch_row(ccr_arena *a, size_t i, size_t row)

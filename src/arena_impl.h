@@ -51,6 +51,17 @@ typedef struct ccr_arena_sparse {
 typedef ccr_status (*ccr_arena_range_fn)(void *u, size_t offset, size_t len, size_t row);
 ccr_status ccr_arena_for_written(const ccr_arena *a, ccr_arena_range_fn fn, void *u);
 
+/* The same ranges in the same order, but each row-sparse tensor's touched
+ * rows in one call, rows(u, off, ids, n, row_len): n >= 1 block offsets and
+ * row indices (among all row-sparse rows), in block order, in the arena's
+ * scratch (valid during the call) - one kernel launch per tensor on a
+ * device instead of one per row.  Dense ranges go to dense(u, offset, len,
+ * SIZE_MAX). */
+typedef ccr_status (*ccr_arena_rows_fn)(void *u, const size_t *off, const size_t *ids, size_t n,
+                                        size_t row_len);
+ccr_status ccr_arena_for_written_rows(const ccr_arena *a, ccr_arena_range_fn dense,
+                                      ccr_arena_rows_fn rows, void *u);
+
 ccr_status ccr_arena_set_row_sparse(ccr_arena *a, size_t i);
 void ccr_arena_touch_row(ccr_arena *a, size_t i, size_t row);
 size_t ccr_arena_n_sparse(const ccr_arena *a);     /* records, in block order */

@@ -108,6 +108,48 @@ static ccr_status cpu_adam_step(ccr_backend *be, float *w, const float *g, float
     return CCR_OK;
 }
 
+/* The ranges ops: the table's own step kernels, range after range. */
+static ccr_status ref_sgd_ranges(ccr_backend *be, float *w, const float *g, float *v,
+                                 const size_t *off, size_t n, size_t len, float lr, float mu,
+                                 float wd)
+{
+    CCR_UNUSED(be);
+    for (size_t r = 0; r < n; r++)
+        ccr_ref_sgd_step(w + off[r], g + off[r], v ? v + off[r] : NULL, len, lr, mu, wd);
+    return CCR_OK;
+}
+
+static ccr_status ref_adam_ranges(ccr_backend *be, float *w, const float *g, float *m, float *v,
+                                  const size_t *off, const uint64_t *t, size_t n, size_t len,
+                                  float lr, float b1, float b2, float eps, float wd)
+{
+    CCR_UNUSED(be);
+    for (size_t r = 0; r < n; r++)
+        ccr_ref_adam_step(w + off[r], g + off[r], m + off[r], v + off[r], len, lr, b1, b2, eps,
+                          wd, t[r]);
+    return CCR_OK;
+}
+
+static ccr_status cpu_adam_ranges(ccr_backend *be, float *w, const float *g, float *m, float *v,
+                                  const size_t *off, const uint64_t *t, size_t n, size_t len,
+                                  float lr, float b1, float b2, float eps, float wd)
+{
+    CCR_UNUSED(be);
+    for (size_t r = 0; r < n; r++)
+        ccr_cpu_adam_step(w + off[r], g + off[r], m + off[r], v + off[r], len, lr, b1, b2, eps,
+                          wd, t[r]);
+    return CCR_OK;
+}
+
+static ccr_status ref_zero_ranges(ccr_backend *be, float *x, const size_t *off, size_t n,
+                                  size_t len)
+{
+    CCR_UNUSED(be);
+    for (size_t r = 0; r < n; r++)
+        memset(x + off[r], 0, len * sizeof *x);
+    return CCR_OK;
+}
+
 static ccr_status ref_sum_squares(ccr_backend *be, const float *x, size_t n, double *out)
 {
     CCR_UNUSED(be);
@@ -128,6 +170,9 @@ const ccr_kernels ccr_cpu_ref_kernels = {
     .sgd_step = ref_sgd_step,
     .adam_step = ref_adam_step,
     .sum_squares = ref_sum_squares,
+    .sgd_ranges = ref_sgd_ranges,
+    .adam_ranges = ref_adam_ranges,
+    .zero_ranges = ref_zero_ranges,
 };
 
 const ccr_kernels ccr_cpu_kernels = {
@@ -140,6 +185,9 @@ const ccr_kernels ccr_cpu_kernels = {
     .sgd_step = ref_sgd_step,
     .adam_step = cpu_adam_step,
     .sum_squares = ref_sum_squares,
+    .sgd_ranges = ref_sgd_ranges,
+    .adam_ranges = cpu_adam_ranges,
+    .zero_ranges = ref_zero_ranges,
 };
 
 /* ---- buffers --------------------------------------------------------------- */

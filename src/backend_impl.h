@@ -41,6 +41,20 @@ typedef struct ccr_kernels {
      * adds in index order; the CUDA kernel in a fixed tree (the same result
      * every run, equal to the reference to double rounding). */
     ccr_status (*sum_squares)(ccr_backend *be, const float *x, size_t n, double *out);
+    /* The sparse optimiser's and zeroing's batches: n ranges of len floats,
+     * range r at float offset off[r] (a host array) of every buffer given,
+     * with Adam's step count t[r] (host): exactly what sgd_step / adam_step
+     * / a zeroing does on each range in turn, in one pass (one launch on a
+     * device instead of one per bank matrix).  v of sgd_ranges may be NULL
+     * (no momentum) as in sgd_step. */
+    ccr_status (*sgd_ranges)(ccr_backend *be, float *w, const float *g, float *v,
+                             const size_t *off, size_t n, size_t len, float lr, float mu,
+                             float wd);
+    ccr_status (*adam_ranges)(ccr_backend *be, float *w, const float *g, float *m, float *v,
+                              const size_t *off, const uint64_t *t, size_t n, size_t len,
+                              float lr, float b1, float b2, float eps, float wd);
+    ccr_status (*zero_ranges)(ccr_backend *be, float *x, const size_t *off, size_t n,
+                              size_t len);
 } ccr_kernels;
 
 typedef struct ccr_backend_i {

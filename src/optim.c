@@ -11,6 +11,8 @@
  * kernel and its own step count t_row (lazy Adam: a matrix's moments decay
  * and its bias correction advances only when it gets a gradient; PyTorch's
  * SparseAdam, TF's LazyAdam).  Untouched rows keep values, moments and count.
+ * A tensor's touched rows go to the backend in one call (sgd_ranges /
+ * adam_ranges: one launch on a device, not one per matrix).
  */
 #include <math.h>
 #include <stdlib.h>
@@ -26,6 +28,7 @@ struct ccr_optim {
     float *m, *v;     /* moments: SGD uses m as the momentum buffer */
     uint64_t t;       /* steps taken */
     uint64_t *t_row;  /* sparse mode: steps taken by each row-sparse row */
+    uint64_t *t_batch; /* sparse mode: the step counts of one ranges call */
     size_t updated;   /* parameters (block floats) updated by the last step */
 };
 
@@ -98,7 +101,8 @@ ccr_status ccr_optim_init(ccr_arena *params, const ccr_optim_config *cfg, ccr_op
     size_t rows = ccr_arena_sparse_rows(params);
     if (s == CCR_OK && cfg->sparse && rows > 0) {
         o->t_row = calloc(rows, sizeof *o->t_row);
-        if (o->t_row == NULL)
+        o->t_batch = calloc(rows, sizeof *o->t_batch);
+        if (o->t_row == NULL || o->t_batch == NULL)
             s = CCR_FAIL_EXPR(be->ctx, CCR_ENOMEM, "cannot allocate per-matrix step counts");
     }
     if (s != CCR_OK) {
@@ -116,6 +120,7 @@ void ccr_optim_free(ccr_optim *o)
     ccr_backend_free_buffer(o->be, o->m);
     ccr_backend_free_buffer(o->be, o->v);
     free(o->t_row);
+    free(o->t_batch);
     free(o);
 }
 
@@ -143,14 +148,34 @@ static ccr_status optim_range_t(ccr_optim *o, size_t off, size_t len, uint64_t t
                                c->weight_decay, t);
 }
 
-/* ccr_arena_for_written callback: dense ranges at the global count, touched
- * rows at their own. */
-static ccr_status optim_range(void *u, size_t off, size_t len, size_t row)
+/* ccr_arena_for_written_rows callback of the dense ranges: the global count. */
+static ccr_status optim_dense(void *u, size_t off, size_t len, size_t row)
+{
+    CCR_UNUSED(row);
+    ccr_optim *o = u;
+    return optim_range_t(o, off, len, o->t);
+}
+
+/* ccr_arena_for_written_rows callback: one tensor's touched rows, each at
+ * its own advanced count, in one ranges call. */
+static ccr_status optim_rows(void *u, const size_t *off, const size_t *ids, size_t n,
+                             size_t len)
 {
     ccr_optim *o = u;
-    if (row == SIZE_MAX)
-        return optim_range_t(o, off, len, o->t);
-    return optim_range_t(o, off, len, ++o->t_row[row]);
+    const ccr_optim_config *c = &o->cfg;
+    float *w = ccr_arena_values(o->params);
+    const float *g = ccr_arena_grads(o->params);
+    o->updated += n * len;  /* <= the block length */
+    if (c->kind == CCR_OPTIM_SGD) {
+        for (size_t r = 0; r < n; r++)
+            ++o->t_row[ids[r]];
+        return o->be->k->sgd_ranges(o->be, w, g, o->m, off, n, len, c->lr, c->momentum,
+                                    c->weight_decay);
+    }
+    for (size_t r = 0; r < n; r++)
+        o->t_batch[r] = ++o->t_row[ids[r]];
+    return o->be->k->adam_ranges(o->be, w, g, o->m, o->v, off, o->t_batch, n, len, c->lr,
+                                 c->beta1, c->beta2, c->eps, c->weight_decay);
 }
 
 ccr_status ccr_optim_step(ccr_optim *o)
@@ -160,7 +185,7 @@ ccr_status ccr_optim_step(ccr_optim *o)
     o->t++;
     o->updated = 0;
     if (o->t_row != NULL)
-        return ccr_arena_for_written(o->params, optim_range, o);
+        return ccr_arena_for_written_rows(o->params, optim_dense, optim_rows, o);
     return optim_range_t(o, 0, ccr_arena_block_len(o->params), o->t);
 }
 

@@ -222,6 +222,62 @@ START_TEST(test_optim_parity)
 }
 END_TEST
 
+/* The ranges ops (sparse optimiser, sparse zeroing): on the device, Adam,
+ * SGD (with and without momentum) and zeroing over scattered ranges of
+ * different step counts equal the per-range step kernels bit for bit, and
+ * the CPU reference's ranges op to float rounding; floats outside the
+ * ranges are untouched.  More ranges than one launch holds
+ * (CCR_CUDA_RANGES) and a range length that is not a multiple of 256. */
+START_TEST(test_ranges_parity)
+{
+    const size_t len = 40, nr = 33000, n = 2 * nr * len + 7;
+    size_t *off = malloc(nr * sizeof *off);
+    uint64_t *t = malloc(nr * sizeof *t);
+    for (size_t r = 0; r < nr; r++)
+        off[r] = 2 * r * len + (r % 5), t[r] = 1 + (r * 7) % 13;
+    float *w = rnd(n, -1, 1), *g = rnd(n, -1, 1), *m = rnd(n, -0.1f, 0.1f),
+          *v = rnd(n, 0, 0.01f), *got = malloc(n * 4), *want = malloc(n * 4);
+    float *a[4], *b[4];  /* w g m v: a by ranges, b by per-range steps */
+    const float *h[4] = {w, g, m, v};
+    for (int k = 0; k < 4; k++)
+        a[k] = up(h[k], n), b[k] = up(h[k], n);
+    CCR_CK_OK(ctx, gpu->k->adam_ranges(gpu, a[0], a[1], a[2], a[3], off, t, nr, len, 1e-2f, 0.9f,
+                                       0.999f, 1e-8f, 1e-3f));
+    CCR_CK_OK(ctx, gpu->k->sgd_ranges(gpu, a[0], a[1], a[2], off, nr, len, 0.1f, 0.9f, 1e-4f));
+    CCR_CK_OK(ctx, gpu->k->sgd_ranges(gpu, a[0], a[1], NULL, off, nr, len, 0.1f, 0.0f, 0.0f));
+    CCR_CK_OK(ctx, gpu->k->zero_ranges(gpu, a[1], off + 1, nr - 1, len));
+    for (size_t r = 0; r < nr; r++) {
+        size_t o = off[r];
+        CCR_CK_OK(ctx, gpu->k->adam_step(gpu, b[0] + o, b[1] + o, b[2] + o, b[3] + o, len, 1e-2f,
+                                         0.9f, 0.999f, 1e-8f, 1e-3f, t[r]));
+        CCR_CK_OK(ctx, gpu->k->sgd_step(gpu, b[0] + o, b[1] + o, b[2] + o, len, 0.1f, 0.9f, 1e-4f));
+        CCR_CK_OK(ctx, gpu->k->sgd_step(gpu, b[0] + o, b[1] + o, NULL, len, 0.1f, 0.0f, 0.0f));
+        if (r > 0)
+            CCR_CK_OK(ctx, ccr_backend_memset(gpu, b[1] + o, 0, len * 4));
+    }
+    for (int k = 0; k < 4; k++) {
+        down(got, a[k], n);
+        down(want, b[k], n);
+        ck_assert_msg(memcmp(got, want, n * 4) == 0, "buffer %d differs from the per-range steps", k);
+    }
+    /* The CPU reference's ranges op on host copies. */
+    ccr_cpu_ref_kernels.adam_ranges(NULL, w, g, m, v, off, t, nr, len, 1e-2f, 0.9f, 0.999f,
+                                    1e-8f, 1e-3f);
+    ccr_cpu_ref_kernels.sgd_ranges(NULL, w, g, m, off, nr, len, 0.1f, 0.9f, 1e-4f);
+    ccr_cpu_ref_kernels.sgd_ranges(NULL, w, g, NULL, off, nr, len, 0.1f, 0.0f, 0.0f);
+    ccr_cpu_ref_kernels.zero_ranges(NULL, g, off + 1, nr - 1, len);
+    down(got, a[0], n);
+    ccr_test_assert_nmse(got, w, n, 1e-12, "ranges w");
+    down(got, a[1], n);
+    ck_assert_mem_eq(got, g, n * 4);
+    free(off), free(t), free(w), free(g), free(m), free(v), free(got), free(want);
+    for (int k = 0; k < 4; k++) {
+        ccr_backend_free_buffer(gpu, a[k]);
+        ccr_backend_free_buffer(gpu, b[k]);
+    }
+}
+END_TEST
+
 /* TF32 and BF16 (ccr_backend_set_math): a GEMM of random data moves away
  * from the FP32 result by the mode's rounding - TF32 (10-bit mantissa)
  * measurably but below 1e-4 normalised, BF16 (7 bits; cuBLAS may also pick
@@ -409,6 +465,7 @@ int main(void)
     tcase_add_test(tc, test_softmax_xent_parity);
     tcase_add_test(tc, test_softmax_xent_nonfinite);
     tcase_add_test(tc, test_optim_parity);
+    tcase_add_test(tc, test_ranges_parity);
     tcase_add_test(tc, test_sum_squares_parity);
     tcase_add_test(tc, test_math_modes);
     tcase_add_test(tc, test_training_parity);
