@@ -27,6 +27,7 @@ const char *ccr_strerror(ccr_status status)
     case CCR_EIO: return "input/output error";
     case CCR_EFORMAT: return "malformed file";
     case CCR_EINTERNAL: return "internal error";
+    case CCR_ECOMM: return "communication error";
     case CCR_STATUS_COUNT: break;
     }
     return "unknown status";

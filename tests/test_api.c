@@ -269,6 +269,24 @@ START_TEST(test_nn)
     EINVAL_(ccr_net_add_linear(NULL, 2));
     EINVAL_(ccr_net_add_act(NULL, CCR_ACT_RELU));
     EINVAL_(ccr_net_set_input_memory(NULL, CCR_INPUT_BACKEND));
+    /* Communicators (ccr_comm.h). */
+    EINVAL_(ccr_comm_self_init(ctx, NULL));
+    EINVAL_(ccr_comm_mpi_init(ctx, NULL));
+    EINVAL_(ccr_comm_nccl_init(ctx, NULL, NULL));
+    ccr_comm_free(NULL);
+    ck_assert_int_eq(ccr_comm_rank(NULL), 0);
+    ck_assert_int_eq(ccr_comm_size(NULL), 0);
+    ck_assert_str_eq(ccr_comm_name(NULL), "");
+    EINVAL_(ccr_comm_set_timeout(NULL, 1.0));
+    size_t cnt[1] = {0};
+    EINVAL_(ccr_comm_alltoallv(NULL, NULL, cnt, cnt, NULL, cnt, cnt));
+    EINVAL_(ccr_comm_alltoall_counts(NULL, cnt, cnt));
+    EINVAL_(ccr_comm_allreduce_sum(NULL, NULL, 0));
+    EINVAL_(ccr_comm_allreduce_sum_f64(NULL, NULL, 0));
+    EINVAL_(ccr_comm_barrier(NULL));
+    ccr_comm_stats cst;
+    EINVAL_(ccr_comm_stats_get(NULL, &cst));
+    ccr_comm_stats_reset(NULL);
     ccr_cond_config cfg = ccr_cond_config_default();
     EINVAL_(ccr_net_add_cond(NULL, &cfg));
     ccr_cond *cond = NULL;

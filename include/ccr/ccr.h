@@ -43,5 +43,6 @@
 #include "ccr_nn.h"
 #include "ccr_gate.h"
 #include "ccr_cond.h"
+#include "ccr_comm.h"
 
 #endif /* CCR_H */

@@ -31,6 +31,7 @@ typedef enum ccr_status {
     CCR_EIO,           /* file cannot be opened, read or written */
     CCR_EFORMAT,       /* file content is malformed (bad magic, header, offsets, dtype) */
     CCR_EINTERNAL,     /* an internal invariant failed: a bug in ccr, please report */
+    CCR_ECOMM,         /* a communication (MPI, NCCL) call failed or timed out */
     CCR_STATUS_COUNT   /* number of codes; not a status */
 } ccr_status;
 
