@@ -139,12 +139,12 @@ extern "C" ccr_status ccr_backend_cuda_init(ccr_ctx *ctx, int device, ccr_backen
         (e = cudaStreamCreateWithFlags(&st->stream, cudaStreamNonBlocking)) != cudaSuccess ||
         (e = cudaMalloc((void **)&st->partials,
                         (CCR_CUDA_PARTIALS + 1) * sizeof(double))) != cudaSuccess ||
-        (e = cudaMalloc((void **)&st->ranges, CCR_CUDA_RANGES * sizeof(ccr_cuda_range))) !=
-            cudaSuccess) {
+        (e = cudaMalloc((void **)&st->ranges,
+                        sizeof(ccr_cuda_range[CCR_CUDA_RANGES]))) != cudaSuccess) {
         s = ccr_fail(ctx, CCR_ECUDA, __func__, __FILE__, __LINE__, "device %d: %s", device,
                      cudaGetErrorString(e));
-    } else if ((st->h_ranges = (ccr_cuda_range *)malloc(CCR_CUDA_RANGES *
-                                                        sizeof(ccr_cuda_range))) == NULL) {
+    } else if ((st->h_ranges = (ccr_cuda_range *)malloc(
+                    sizeof(ccr_cuda_range[CCR_CUDA_RANGES]))) == NULL) {
         s = ccr_fail(ctx, CCR_ENOMEM, __func__, __FILE__, __LINE__,
                      "cannot allocate the ranges staging");
     } else {

@@ -125,6 +125,13 @@ void nccl_free(ccr_comm *c)
 }
 
 /* The host-memory collectives are MPI's. */
+ccr_status nccl_alltoallv_i32(ccr_comm *c, const int32_t *send, const int *scounts,
+                              const int *sdispls, int32_t *recv, const int *rcounts,
+                              const int *rdispls)
+{
+    return ccr_comm_mpi_iface.alltoallv_i32(c, send, scounts, sdispls, recv, rcounts, rdispls);
+}
+
 ccr_status nccl_counts(ccr_comm *c, const size_t *send, size_t *recv)
 {
     return ccr_comm_mpi_iface.alltoall_counts(c, send, recv);
@@ -138,7 +145,7 @@ ccr_status nccl_allreduce_f64(ccr_comm *c, double *x, size_t n)
 ccr_status nccl_barrier(ccr_comm *c) { return ccr_comm_mpi_iface.barrier(c); }
 
 const ccr_comm_i nccl_iface = {
-    "nccl", nccl_free, nccl_alltoallv, nccl_counts, nccl_allreduce_f32, nccl_allreduce_f64,
+    "nccl", nccl_free, nccl_alltoallv, nccl_alltoallv_i32, nccl_counts, nccl_allreduce_f32, nccl_allreduce_f64,
     nccl_barrier,
 };
 

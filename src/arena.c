@@ -149,7 +149,7 @@ static ccr_status arena_sparse_alloc(ccr_arena *a)
     if (a->n_sp == 0)
         return CCR_OK;
     a->sp = calloc(a->n_sp, sizeof *a->sp);
-    a->sp_work = ccr_malloc3(a->sp_rows, 3 * sizeof(size_t) + 1, 1);
+    a->sp_work = ccr_malloc3(a->sp_rows, 3 * sizeof(size_t) + 1, 1); /* bounded: 25 bytes a row */
     if (a->sp == NULL || a->sp_work == NULL) {
         free(a->sp);
         free(a->sp_work);

@@ -87,9 +87,12 @@ static ccr_status comm_ints(ccr_comm *c, const char *what, const size_t *counts,
     return CCR_OK;
 }
 
-ccr_status ccr_comm_alltoallv(ccr_comm *c, const float *send, const size_t *send_counts,
-                              const size_t *send_displs, float *recv, const size_t *recv_counts,
-                              const size_t *recv_displs)
+/* The shared half of the all-to-alls (4-byte elements: floats, or int32
+ * when i32): checks, int conversion, statistics. */
+static ccr_status comm_alltoallv(ccr_comm *c, const void *send, const size_t *send_counts,
+                                 const size_t *send_displs, void *recv,
+                                 const size_t *recv_counts, const size_t *recv_displs,
+                                 bool i32)
 {
     if (c == NULL)
         return CCR_EINVAL;
@@ -105,15 +108,34 @@ ccr_status ccr_comm_alltoallv(ccr_comm *c, const float *send, const size_t *send
     if ((s_total > 0 && send == NULL) || (r_total > 0 && recv == NULL))
         CCR_FAIL(c->ctx, CCR_EINVAL, "alltoallv: a NULL buffer with non-zero counts");
     double t0 = comm_now();
-    CCR_TRY(c->iface->alltoallv(c, send, sc, sd, recv, rc, rd));
+    if (i32)
+        CCR_TRY(c->iface->alltoallv_i32(c, send, sc, sd, recv, rc, rd));
+    else
+        CCR_TRY(c->iface->alltoallv(c, send, sc, sd, recv, rc, rd));
     double bytes = 0.0;
     for (int p = 0; p < P; p++)
         if (p != c->rank)
-            bytes += (double)send_counts[p] * sizeof(float);
+            bytes += (double)send_counts[p] * 4.0;
     c->stats.alltoall_bytes += bytes;
     c->stats.alltoall_seconds += comm_now() - t0;
     c->stats.calls++;
     return CCR_OK;
+}
+
+ccr_status ccr_comm_alltoallv(ccr_comm *c, const float *send, const size_t *send_counts,
+                              const size_t *send_displs, float *recv, const size_t *recv_counts,
+                              const size_t *recv_displs)
+{
+    return comm_alltoallv(c, send, send_counts, send_displs, recv, recv_counts, recv_displs,
+                          false);
+}
+
+ccr_status ccr_comm_alltoallv_i32(ccr_comm *c, const int32_t *send, const size_t *send_counts,
+                                  const size_t *send_displs, int32_t *recv,
+                                  const size_t *recv_counts, const size_t *recv_displs)
+{
+    return comm_alltoallv(c, send, send_counts, send_displs, recv, recv_counts, recv_displs,
+                          true);
 }
 
 ccr_status ccr_comm_alltoall_counts(ccr_comm *c, const size_t *send, size_t *recv)
@@ -200,6 +222,18 @@ static ccr_status self_alltoallv(ccr_comm *c, const float *send, const int *scou
     return CCR_OK;
 }
 
+static ccr_status self_alltoallv_i32(ccr_comm *c, const int32_t *send, const int *scounts,
+                                     const int *sdispls, int32_t *recv, const int *rcounts,
+                                     const int *rdispls)
+{
+    if (scounts[0] != rcounts[0])
+        CCR_FAIL(c->ctx, CCR_EBADLEN, "alltoallv: sends %d ints to itself but expects %d",
+                 scounts[0], rcounts[0]);
+    if (scounts[0] > 0)
+        memmove(recv + rdispls[0], send + sdispls[0], (size_t)scounts[0] * sizeof *send);
+    return CCR_OK;
+}
+
 static ccr_status self_alltoall_counts(ccr_comm *c, const size_t *send, size_t *recv)
 {
     CCR_UNUSED(c);
@@ -226,7 +260,7 @@ static ccr_status self_barrier(ccr_comm *c)
 }
 
 static const ccr_comm_i self_iface = {
-    "self", NULL, self_alltoallv, self_alltoall_counts, self_allreduce_f32, self_allreduce_f64,
+    "self", NULL, self_alltoallv, self_alltoallv_i32, self_alltoall_counts, self_allreduce_f32, self_allreduce_f64,
     self_barrier,
 };
 

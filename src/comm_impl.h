@@ -15,6 +15,10 @@ typedef struct ccr_comm_i {
     ccr_status (*alltoallv)(ccr_comm *c, const float *send, const int *scounts,
                             const int *sdispls, float *recv, const int *rcounts,
                             const int *rdispls);
+    /* int32 elements, host memory */
+    ccr_status (*alltoallv_i32)(ccr_comm *c, const int32_t *send, const int *scounts,
+                                const int *sdispls, int32_t *recv, const int *rcounts,
+                                const int *rdispls);
     ccr_status (*alltoall_counts)(ccr_comm *c, const size_t *send, size_t *recv);
     ccr_status (*allreduce_f32)(ccr_comm *c, float *x, size_t n);
     ccr_status (*allreduce_f64)(ccr_comm *c, double *x, size_t n);

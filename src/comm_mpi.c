@@ -93,6 +93,19 @@ static ccr_status mpi_alltoallv(ccr_comm *c, const float *send, const int *scoun
     return mpi_wait(c, &req, "alltoallv");
 }
 
+static ccr_status mpi_alltoallv_i32(ccr_comm *c, const int32_t *send, const int *scounts,
+                                    const int *sdispls, int32_t *recv, const int *rcounts,
+                                    const int *rdispls)
+{
+    CCR_TRY(mpi_usable(c, "alltoallv_i32"));
+    MPI_Request req;
+    int rc = MPI_Ialltoallv(send, scounts, sdispls, MPI_INT32_T, recv, rcounts, rdispls,
+                            MPI_INT32_T, mst(c)->comm, &req);
+    if (rc != MPI_SUCCESS)
+        return mpi_error(c, "alltoallv_i32", rc);
+    return mpi_wait(c, &req, "alltoallv_i32");
+}
+
 static ccr_status mpi_alltoall_counts(ccr_comm *c, const size_t *send, size_t *recv)
 {
     CCR_TRY(mpi_usable(c, "alltoall_counts"));
@@ -163,7 +176,7 @@ static void mpi_free(ccr_comm *c)
 }
 
 const ccr_comm_i ccr_comm_mpi_iface = {
-    "mpi", mpi_free, mpi_alltoallv, mpi_alltoall_counts, mpi_allreduce_f32, mpi_allreduce_f64,
+    "mpi", mpi_free, mpi_alltoallv, mpi_alltoallv_i32, mpi_alltoall_counts, mpi_allreduce_f32, mpi_allreduce_f64,
     mpi_barrier,
 };
 

@@ -35,6 +35,7 @@
 #include "arena_impl.h"    // provides: ccr_arena_set_row_sparse, ccr_arena_touch_row
 #include "backend_impl.h"  // provides: struct ccr_backend (kernel table)
 #include "ccr/ccr_cond.h"
+#include "cond_impl.h"     // provides: struct ccr_cond, the ccr_condi_* helpers
 #include "cond_dev.h"      // provides: ccr_cond_dev (the CUDA half)
 #include "gate_dev.h"      // provides: ccr_gate_dev_find
 #include "internal.h"      // provides: CCR_FAIL, CCR_TRY, ccr_mul_ok
@@ -44,65 +45,6 @@
 /* Largest bank, in floats per block (2^34 floats = 64 GiB). */
 #define COND_MAX_BANK ((size_t)1 << 34)
 
-struct ccr_cond {
-    ccr_backend *be;
-    ccr_ctx *ctx;
-    ccr_cond_config cfg;
-    ccr_gate *gate;
-    ccr_cond_dev *dev;         /* the device half on a non-CPU backend, else NULL */
-    char gate_prefix[CCR_ARENA_MAX_NAME]; /* where the gate declared (device bind) */
-    size_t max_batch, slots, n_mat, h;
-    bool tree;                 /* the bank is named "tree." */
-    ccr_arena *arena;          /* where the bank lives (set by declare) */
-    size_t p_w1, p_b1, p_w2, p_b2;  /* FFN: w1 b1 w2 b2; linear: w1 b1 only */
-    size_t gate_first, gate_end;    /* the gate's tensors in the arena */
-    /* workspace, one allocation */
-    void *work;
-    size_t work_bytes;
-    uint32_t *cnt;             /* [n_mat] counting-sort counters, 0 between calls */
-    int32_t *gid;              /* [G_max] group -> matrix id, ascending */
-    uint32_t *goff;            /* [G_max + 1] group -> first sorted position */
-    uint64_t *gsched;          /* [G_max] (rows, group) keys: the pool's order */
-    int32_t *src;              /* [P] sorted position -> pair */
-    int32_t *pos;              /* [P] pair -> sorted position, -1 if empty */
-    double *acc;               /* [T, acc_n] per-worker column sums (bias grads) */
-    size_t acc_n;
-    float *xin;                /* [max_batch, d_in] copy of the forward input */
-    float *xg, *hid, *out;     /* [P, d_in], [P, h], [P, d_out] in sorted order */
-    float *g_out, *g_hid, *g_x;/* their gradients */
-    float *dweights;           /* [P] dL/dw in pair order */
-    float *eval_hid;           /* [h] scratch of eval_matrix */
-    float *eval_out;           /* [d_out] the gate's scratch row */
-    /* last forward */
-    ccr_route route;
-    size_t batch, n_pairs;     /* examples, used pairs */
-    size_t n_groups;           /* non-empty groups */
-    bool experts;              /* groups ran on the pool (CCR_COND_PAR_EXPERTS) */
-    /* optional per-matrix timing (ccr_cond_set_timing): [3 n_mat] or NULL */
-    double *tsec;
-    /* threads */
-    ccr_pool *pool;
-    size_t T;                  /* pool workers, the caller included */
-    const float *job_x, *job_dy; /* the running job's arguments */
-    float *job_y;
-    bool job_dx;
-    atomic_size_t job_next;    /* next entry of gsched to take */
-    atomic_int job_err;        /* first failing status, CCR_OK if none */
-    /* eval_dots workspace (cond_dots_alloc), its own allocation */
-    void *dots_work;
-    size_t dots_cap;           /* pairs per chunk; 0: no eval_dots */
-    size_t dots_blk;           /* rows per GEMM block */
-    size_t *dots_cnt;          /* [n_mat + 1] counting sort by matrix */
-    size_t *dots_ord;          /* [cap] chunk pairs in (matrix, pair) order */
-    size_t *dots_row;          /* [cap] their rows, in the same order */
-    size_t *dots_mats;         /* [min(n_mat, cap)] the chunk's non-empty matrices */
-    float *dots_blocks;        /* T blocks, worker w's at w x blk x row floats: [blk,
-                                  d_in], [blk, h], [blk, d_out], [blk, d_out] */
-    /* the running eval_dots chunk (the pool's job arguments) */
-    size_t dots_n_mats, dots_p0;
-    const float *dots_xin, *dots_dyin;
-    double *dots_out;
-};
 
 static ccr_status cond_dots_alloc(ccr_cond *c);
 static ccr_status cond_eval_dots(void *bank, size_t n, const size_t *mat, const size_t *row,
@@ -177,7 +119,6 @@ ccr_bank_kind ccr_cond_config_bank(const ccr_cond_config *cfg)
 
 ccr_bank_kind ccr_cond_bank(const ccr_cond *c) { return c ? c->cfg.bank : CCR_BANK_FFN; }
 
-static bool cond_ffn(const ccr_cond *c) { return c->cfg.bank == CCR_BANK_FFN; }
 
 /* Floats per bank matrix (weights and biases). */
 static size_t cond_matrix_size(const ccr_cond_config *cfg)
@@ -248,6 +189,7 @@ ccr_status ccr_cond_alloc(ccr_backend *be, const ccr_cond_config *cfg, size_t ma
     }
     c->slots = ccr_gate_slots(c->gate);
     c->n_mat = ccr_gate_n_matrices(c->gate);
+    c->m1 = c->n_mat;  /* one process owns every matrix (ccr_cond_set_comm) */
     size_t bank;
     if (!ccr_mul_ok(c->n_mat, cond_matrix_size(&c->cfg), &bank) || bank > COND_MAX_BANK) {
         size_t n_mat = c->n_mat, per = cond_matrix_size(&c->cfg);
@@ -326,6 +268,7 @@ void ccr_cond_free(ccr_cond *c)
 {
     if (c == NULL)
         return;
+    ccr_condi_ep_free(c);
     ccr_cond_dev_free(c->dev);
     ccr_pool_free(c->pool);
     ccr_gate_free(c->gate);
@@ -349,8 +292,13 @@ ccr_status ccr_cond_declare(ccr_cond *c, ccr_arena *a, const char *prefix)
         return CCR_EINVAL;
     CCR_CHECK_NULL(c->ctx, a);
     prefix = prefix ? prefix : "";
-    size_t E = c->n_mat, d_in = c->cfg.d_in, d_out = c->cfg.d_out, h = c->h;
-    if (cond_ffn(c)) {
+    /* This rank's matrices (all of them in one process); a rank that owns
+     * none declares no bank tensors (p_* stay SIZE_MAX). */
+    size_t E = c->m1 - c->m0, d_in = c->cfg.d_in, d_out = c->cfg.d_out, h = c->h;
+    c->p_w1 = c->p_b1 = c->p_w2 = c->p_b2 = SIZE_MAX;
+    if (E == 0) {
+        /* nothing of the bank here */
+    } else if (cond_ffn(c)) {
         CCR_TRY(cond_add(c, a, prefix, "w1", 3, E, d_in, h, &c->p_w1));
         CCR_TRY(cond_add(c, a, prefix, "b1", 2, E, h, 0, &c->p_b1));
         CCR_TRY(cond_add(c, a, prefix, "w2", 3, E, h, d_out, &c->p_w2));
@@ -361,9 +309,11 @@ ccr_status ccr_cond_declare(ccr_cond *c, ccr_arena *a, const char *prefix)
     }
     /* Bank gradients are row-sparse: backward touches only the matrices
      * the batch routed to (zeroing and sparse optimisers follow). */
-    CCR_TRY(ccr_arena_set_row_sparse(a, c->p_w1));
-    CCR_TRY(ccr_arena_set_row_sparse(a, c->p_b1));
-    if (cond_ffn(c)) {
+    if (E > 0) {
+        CCR_TRY(ccr_arena_set_row_sparse(a, c->p_w1));
+        CCR_TRY(ccr_arena_set_row_sparse(a, c->p_b1));
+    }
+    if (E > 0 && cond_ffn(c)) {
         CCR_TRY(ccr_arena_set_row_sparse(a, c->p_w2));
         CCR_TRY(ccr_arena_set_row_sparse(a, c->p_b2));
     }
@@ -376,13 +326,21 @@ ccr_status ccr_cond_declare(ccr_cond *c, ccr_arena *a, const char *prefix)
     return CCR_OK;
 }
 
-/* Fills n floats of the arena tensor idx with U(-bound, bound). */
-static void cond_uniform(ccr_cond *c, size_t idx, double bound, gsl_rng *rng)
+/* Fills a bank tensor (row_len floats per matrix) with U(-bound, bound):
+ * the draws of all n_mat matrices in order, this rank's [m0, m1) kept (all
+ * of them in one process), so every rank advances the RNG alike. */
+static void cond_uniform(ccr_cond *c, size_t idx, size_t row_len, double bound, gsl_rng *rng)
 {
-    float *v = ccr_arena_value(c->arena, idx);
-    size_t n = ccr_arena_size(c->arena, idx);
-    for (size_t i = 0; i < n; i++)
-        v[i] = (float)((2.0 * gsl_rng_uniform(rng) - 1.0) * bound);
+    float *v = idx != SIZE_MAX ? ccr_arena_value(c->arena, idx) : NULL;
+    for (size_t m = 0; m < c->n_mat; m++) {
+        bool mine = v != NULL && m >= c->m0 && m < c->m1;
+        float *row = mine ? v + (m - c->m0) * row_len : NULL;
+        for (size_t i = 0; i < row_len; i++) {
+            float u = (float)((2.0 * gsl_rng_uniform(rng) - 1.0) * bound);
+            if (mine)
+                row[i] = u;
+        }
+    }
 }
 
 /* The initial values, written through host pointers (cond_uniform, the
@@ -395,12 +353,16 @@ static ccr_status cond_init_host(ccr_cond *c, gsl_rng *rng)
      * 1/sqrt(d+1) of that scale and the effective matrix has the usual one. */
     double path = c->tree ? sqrt(ccr_gate_matrices_per_example(c->gate)) : 1.0;
     double b_in = 1.0 / sqrt((double)c->cfg.d_in) / path;
-    cond_uniform(c, c->p_w1, b_in, rng);
-    cond_uniform(c, c->p_b1, b_in, rng);
+    size_t d_in = c->cfg.d_in, d_out = c->cfg.d_out, h = c->h;
     if (cond_ffn(c)) {
-        double b_h = 1.0 / sqrt((double)c->h);
-        cond_uniform(c, c->p_w2, b_h, rng);
-        cond_uniform(c, c->p_b2, b_h, rng);
+        double b_h = 1.0 / sqrt((double)h);
+        cond_uniform(c, c->p_w1, d_in * h, b_in, rng);
+        cond_uniform(c, c->p_b1, h, b_in, rng);
+        cond_uniform(c, c->p_w2, h * d_out, b_h, rng);
+        cond_uniform(c, c->p_b2, d_out, b_h, rng);
+    } else {
+        cond_uniform(c, c->p_w1, d_in * d_out, b_in, rng);
+        cond_uniform(c, c->p_b1, d_out, b_in, rng);
     }
     return ccr_gate_init_params(c->gate, rng);
 }
@@ -462,7 +424,7 @@ static void cond_bias_act(float *y, const float *bias, size_t n, size_t cols, bo
 /* g = hid > 0 ? g : 0 over [n, cols] and db += its column sums, in one pass
  * (the references' act_bwd and bias_grad, fused: each column summed over
  * rows in order in double, as ccr_ref_bias_grad does).  acc: cols doubles. */
-static void cond_relu_bwd_bias(float *g, const float *hid, size_t n, size_t cols, double *acc,
+void ccr_condi_relu_bwd_bias(float *g, const float *hid, size_t n, size_t cols, double *acc,
                                float *db)
 {
     for (size_t j = 0; j < cols; j++)
@@ -481,7 +443,7 @@ static void cond_relu_bwd_bias(float *g, const float *hid, size_t n, size_t cols
 }
 
 /* Applies bank matrix m to n gathered rows: out = M_m(xg), hid kept. */
-static ccr_status cond_apply(ccr_cond *c, size_t m, const float *xg, float *hid, float *out,
+ccr_status ccr_condi_apply(ccr_cond *c, size_t m, const float *xg, float *hid, float *out,
                              size_t n)
 {
     ccr_backend *be = c->be;
@@ -509,7 +471,7 @@ static ccr_status cond_apply(ccr_cond *c, size_t m, const float *xg, float *hid,
  * returning, so only the ids a batch uses are touched - except that with
  * n_mat <= P the groups are found by a scan of the counters, cheaper than
  * sorting the distinct ids. */
-static ccr_status cond_sort(ccr_cond *c, const ccr_route *r, size_t P)
+ccr_status ccr_condi_sort(ccr_cond *c, const ccr_route *r, size_t P)
 {
     uint32_t *cnt = c->cnt;
     size_t n = 0, G = 0, n_mat = c->n_mat;
@@ -610,7 +572,7 @@ static ccr_status cond_group_fwd(ccr_cond *c, size_t g)
     for (size_t q = q0; q < q1; q++)
         memcpy(c->xg + q * d_in, c->job_x + ((size_t)c->src[q] / S) * d_in,
                d_in * sizeof *c->xg);
-    ccr_status s = cond_apply(c, m, c->xg + q0 * d_in, c->hid + q0 * c->h,
+    ccr_status s = ccr_condi_apply(c, m, c->xg + q0 * d_in, c->hid + q0 * c->h,
                               c->out + q0 * c->cfg.d_out, q1 - q0);
     if (c->tsec)  /* each matrix is one group, run by one thread: no race */
         c->tsec[m] += cond_now() - t0;
@@ -669,7 +631,7 @@ static void cond_gather(const ccr_cond *c, size_t b0, size_t b1, const float *sr
 }
 
 /* Combine: y_b = sum over slots of w * out (+ x_b with residual, d_in == d_out). */
-static void cond_combine_job(void *arg, size_t w)
+void ccr_condi_combine_job(void *arg, size_t w)
 {
     ccr_cond *c = arg;
     size_t b0, b1;
@@ -717,6 +679,8 @@ ccr_status ccr_cond_forward(ccr_cond *c, const float *x, size_t batch, bool trai
         CCR_FAIL(c->ctx, CCR_EINVAL, "declare the layer and finalize its arena first");
     ccr_route r;
     ccr_gate_stats st;
+    if (c->comm != NULL)
+        return ccr_condi_ep_forward(c, x, batch, train, rng, y, stats);
     if (c->dev != NULL) {
         CCR_CHECK_NULL(c->ctx, x);
         if (batch == 0 || batch > c->max_batch)
@@ -741,7 +705,7 @@ ccr_status ccr_cond_forward(ccr_cond *c, const float *x, size_t batch, bool trai
     memcpy(c->xin, x, batch * d_in * sizeof *x);
 
     /* 1. Sort the used pairs by id (stable). */
-    CCR_TRY(cond_sort(c, &r, batch * c->slots));
+    CCR_TRY(ccr_condi_sort(c, &r, batch * c->slots));
     c->experts = cond_use_experts(c);
     if (c->experts)
         cond_schedule(c);
@@ -752,7 +716,7 @@ ccr_status ccr_cond_forward(ccr_cond *c, const float *x, size_t batch, bool trai
     c->route = r;
     c->batch = batch;
     c->job_y = y;
-    ccr_pool_run(c->pool, cond_combine_job, c);
+    ccr_pool_run(c->pool, ccr_condi_combine_job, c);
     size_t n = c->n_pairs;
     st.flops_counted = ccr_gate_flops(c->gate, train) +
                        (double)n / (double)batch * ccr_cond_matrix_flops(c) +
@@ -767,12 +731,12 @@ static ccr_status cond_eval_matrix(void *bank, size_t m, const float *x_row, flo
     ccr_cond *c = bank;
     if (m >= c->n_mat)
         CCR_FAIL(c->ctx, CCR_EINVAL, "matrix %zu >= %zu", m, c->n_mat);
-    return cond_apply(c, m, x_row, c->eval_hid, out, 1);
+    return ccr_condi_apply(c, m, x_row, c->eval_hid, out, 1);
 }
 
 /* <a, b> in double, as four interleaved partial sums added in a fixed order
  * (vectorisable, unlike one running sum). */
-static double cond_dot(const float *a, const float *b, size_t n)
+double ccr_condi_dot(const float *a, const float *b, size_t n)
 {
     double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
     size_t j = 0;
@@ -787,58 +751,68 @@ static double cond_dot(const float *a, const float *b, size_t n)
     return (s0 + s1) + (s2 + s3);
 }
 
-/* Backward of group g on worker w: dL/d(out) = w dy_b and dL/dw = <dy_b, out>
- * per pair, the bank's gradients, and the gathered input gradient. */
-static ccr_status cond_group_bwd(ccr_cond *c, size_t g, size_t w)
+/* The bank's backward on n gathered rows of matrix m (local index): from
+ * gout [n, d_out] (dL/d(out)) and the forward's xg and hid, the output
+ * bias's gradient (column sums in row order, in double), dW2, the ReLU and
+ * b1 (FFN), dW1, and gx = dL/d(xg) when gx is not NULL; ghid is [n, h]
+ * scratch, acc max(h, d_out) doubles. */
+ccr_status ccr_condi_bank_bwd(ccr_cond *c, size_t m, size_t n, const float *xg,
+                              const float *hid, const float *gout, float *ghid, float *gx,
+                              double *acc)
 {
     ccr_backend *be = c->be;
     const ccr_arena *a = c->arena;
-    size_t d_in = c->cfg.d_in, d_out = c->cfg.d_out, h = c->h, S = c->slots;
-    size_t q0 = c->goff[g], q1 = c->goff[g + 1], cnt = q1 - q0, m = (size_t)c->gid[g];
-    const float *dy = c->job_dy, *wts = c->route.weights;
-    double *acc = c->acc + w * c->acc_n;
-    /* g_out, dweights and the output bias's gradient in one pass. */
+    size_t d_in = c->cfg.d_in, d_out = c->cfg.d_out, h = c->h;
     for (size_t j = 0; j < d_out; j++)
         acc[j] = 0.0;
+    for (size_t q = 0; q < n; q++)
+        for (size_t j = 0; j < d_out; j++)
+            acc[j] += gout[q * d_out + j];
+    float *db_out = ccr_arena_grad(a, cond_ffn(c) ? c->p_b2 : c->p_b1) + m * d_out;
+    for (size_t j = 0; j < d_out; j++)
+        db_out[j] += (float)acc[j];
+    if (cond_ffn(c)) {
+        float *w1 = ccr_arena_value(a, c->p_w1) + m * d_in * h;
+        float *w2 = ccr_arena_value(a, c->p_w2) + m * h * d_out;
+        CCR_TRY(be->k->gemm(be, true, false, h, d_out, n, 1.0f, hid, h, gout, d_out, 1.0f,
+                            ccr_arena_grad(a, c->p_w2) + m * h * d_out, d_out));
+        CCR_TRY(be->k->gemm(be, false, true, n, h, d_out, 1.0f, gout, d_out, w2, d_out, 0.0f,
+                            ghid, h));
+        ccr_condi_relu_bwd_bias(ghid, hid, n, h, acc, ccr_arena_grad(a, c->p_b1) + m * h);
+        CCR_TRY(be->k->gemm(be, true, false, d_in, h, n, 1.0f, xg, d_in, ghid, h, 1.0f,
+                            ccr_arena_grad(a, c->p_w1) + m * d_in * h, h));
+        if (gx != NULL)
+            CCR_TRY(be->k->gemm(be, false, true, n, d_in, h, 1.0f, ghid, h, w1, h, 0.0f, gx,
+                                d_in));
+    } else {
+        float *wm = ccr_arena_value(a, c->p_w1) + m * d_in * d_out;
+        CCR_TRY(be->k->gemm(be, true, false, d_in, d_out, n, 1.0f, xg, d_in, gout, d_out,
+                            1.0f, ccr_arena_grad(a, c->p_w1) + m * d_in * d_out, d_out));
+        if (gx != NULL)
+            CCR_TRY(be->k->gemm(be, false, true, n, d_in, d_out, 1.0f, gout, d_out, wm,
+                                d_out, 0.0f, gx, d_in));
+    }
+    return CCR_OK;
+}
+
+/* Backward of group g on worker w: dL/d(out) = w dy_b and dL/dw = <dy_b, out>
+ * per pair, then the bank's gradients and the gathered input gradient. */
+static ccr_status cond_group_bwd(ccr_cond *c, size_t g, size_t w)
+{
+    size_t d_in = c->cfg.d_in, d_out = c->cfg.d_out, h = c->h, S = c->slots;
+    size_t q0 = c->goff[g], q1 = c->goff[g + 1], m = (size_t)c->gid[g];
+    const float *dy = c->job_dy, *wts = c->route.weights;
     for (size_t q = q0; q < q1; q++) {
         size_t p = (size_t)c->src[q];
         const float *d = dy + (p / S) * d_out, *o = c->out + q * d_out;
         float *go = c->g_out + q * d_out, wt = wts[p];
-        for (size_t j = 0; j < d_out; j++) {
-            float v = wt * d[j];
-            go[j] = v;
-            acc[j] += v;
-        }
-        c->dweights[p] = (float)cond_dot(d, o, d_out);
+        for (size_t j = 0; j < d_out; j++)
+            go[j] = wt * d[j];
+        c->dweights[p] = (float)ccr_condi_dot(d, o, d_out);
     }
-    float *db_out = ccr_arena_grad(a, cond_ffn(c) ? c->p_b2 : c->p_b1) + m * d_out;
-    for (size_t j = 0; j < d_out; j++)
-        db_out[j] += (float)acc[j];
-    const float *xg = c->xg + q0 * d_in;
-    float *gout = c->g_out + q0 * d_out, *gx = c->g_x + q0 * d_in;
-    if (cond_ffn(c)) {
-        float *hid = c->hid + q0 * h, *ghid = c->g_hid + q0 * h;
-        float *w1 = ccr_arena_value(a, c->p_w1) + m * d_in * h;
-        float *w2 = ccr_arena_value(a, c->p_w2) + m * h * d_out;
-        CCR_TRY(be->k->gemm(be, true, false, h, d_out, cnt, 1.0f, hid, h, gout, d_out, 1.0f,
-                            ccr_arena_grad(a, c->p_w2) + m * h * d_out, d_out));
-        CCR_TRY(be->k->gemm(be, false, true, cnt, h, d_out, 1.0f, gout, d_out, w2, d_out, 0.0f,
-                            ghid, h));
-        cond_relu_bwd_bias(ghid, hid, cnt, h, acc, ccr_arena_grad(a, c->p_b1) + m * h);
-        CCR_TRY(be->k->gemm(be, true, false, d_in, h, cnt, 1.0f, xg, d_in, ghid, h, 1.0f,
-                            ccr_arena_grad(a, c->p_w1) + m * d_in * h, h));
-        if (c->job_dx)
-            CCR_TRY(be->k->gemm(be, false, true, cnt, d_in, h, 1.0f, ghid, h, w1, h, 0.0f, gx,
-                                d_in));
-    } else {
-        float *wm = ccr_arena_value(a, c->p_w1) + m * d_in * d_out;
-        CCR_TRY(be->k->gemm(be, true, false, d_in, d_out, cnt, 1.0f, xg, d_in, gout, d_out,
-                            1.0f, ccr_arena_grad(a, c->p_w1) + m * d_in * d_out, d_out));
-        if (c->job_dx)
-            CCR_TRY(be->k->gemm(be, false, true, cnt, d_in, d_out, 1.0f, gout, d_out, wm,
-                                d_out, 0.0f, gx, d_in));
-    }
-    return CCR_OK;
+    return ccr_condi_bank_bwd(c, m, q1 - q0, c->xg + q0 * d_in, c->hid + q0 * h,
+                              c->g_out + q0 * d_out, c->g_hid + q0 * h,
+                              c->job_dx ? c->g_x + q0 * d_in : NULL, c->acc + w * c->acc_n);
 }
 
 /* ---- eval_dots: the batched eval_matrix (sign-bit tree, grad_mode ste) ------
@@ -929,10 +903,10 @@ static ccr_status cond_dots_matrix(ccr_cond *c, size_t m, size_t w)
             memcpy(bx + (q - q0) * d_in, x + r * d_in, d_in * sizeof *x);
             memcpy(bdy + (q - q0) * d_out, dy + r * d_out, d_out * sizeof *dy);
         }
-        CCR_TRY(cond_apply(c, m, bx, bh, by, q1 - q0));
+        CCR_TRY(ccr_condi_apply(c, m, bx, bh, by, q1 - q0));
         for (size_t q = q0; q < q1; q++)
             c->dots_out[c->dots_p0 + ord[q]] =
-                cond_dot(bdy + (q - q0) * d_out, by + (q - q0) * d_out, d_out);
+                ccr_condi_dot(bdy + (q - q0) * d_out, by + (q - q0) * d_out, d_out);
         q0 = q1;
     }
     if (c->tsec)  /* one worker per matrix: no race */
@@ -1025,7 +999,7 @@ static void cond_bwd_job(void *arg, size_t w)
 }
 
 /* dx: dx_b = sum over slots of the pair's input gradient (+ dy_b with residual). */
-static void cond_dx_job(void *arg, size_t w)
+void ccr_condi_dx_job(void *arg, size_t w)
 {
     ccr_cond *c = arg;
     size_t b0, b1;
@@ -1042,6 +1016,8 @@ ccr_status ccr_cond_backward(ccr_cond *c, const float *dy, float *dx)
     if (c->batch == 0)
         CCR_FAIL(c->ctx, CCR_EINVAL, "backward without a forward pass");
     size_t d_out = c->cfg.d_out, batch = c->batch;
+    if (c->comm != NULL)
+        return ccr_condi_ep_backward(c, dy, dx);
     if (c->dev != NULL)
         return ccr_cond_dev_backward(c->dev, dy, dx);
 
@@ -1063,7 +1039,7 @@ ccr_status ccr_cond_backward(ccr_cond *c, const float *dy, float *dx)
     CCR_TRY(cond_run_groups(c, cond_bwd_job, cond_group_bwd0));
     if (dx != NULL) {
         c->job_y = dx;
-        ccr_pool_run(c->pool, cond_dx_job, c);
+        ccr_pool_run(c->pool, ccr_condi_dx_job, c);
     }
     ccr_gate_bwd_args ga = {.x = c->xin, .batch = batch, .dweights = c->dweights, .dx = dx,
                             .dy = dy, .d_out = d_out, .eval_matrix = cond_eval_matrix,

@@ -281,6 +281,10 @@ START_TEST(test_nn)
     size_t cnt[1] = {0};
     EINVAL_(ccr_comm_alltoallv(NULL, NULL, cnt, cnt, NULL, cnt, cnt));
     EINVAL_(ccr_comm_alltoall_counts(NULL, cnt, cnt));
+    EINVAL_(ccr_comm_alltoallv_i32(NULL, NULL, cnt, cnt, NULL, cnt, cnt));
+    EINVAL_(ccr_cond_set_comm(NULL, NULL));
+    size_t own0, own1;
+    EINVAL_(ccr_cond_owned(NULL, &own0, &own1));
     EINVAL_(ccr_comm_allreduce_sum(NULL, NULL, 0));
     EINVAL_(ccr_comm_allreduce_sum_f64(NULL, NULL, 0));
     EINVAL_(ccr_comm_barrier(NULL));

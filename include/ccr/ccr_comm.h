@@ -33,6 +33,7 @@
 #define CCR_COMM_H
 
 #include <stddef.h>
+#include <stdint.h>
 
 #include "ccr_backend.h"
 #include "ccr_common.h"
@@ -78,6 +79,12 @@ ccr_status ccr_comm_set_timeout(ccr_comm *c, double seconds);
 ccr_status ccr_comm_alltoallv(ccr_comm *c, const float *send, const size_t *send_counts,
                               const size_t *send_displs, float *recv, const size_t *recv_counts,
                               const size_t *recv_displs);
+
+/* The same for int32 elements, on host memory on every implementation
+ * (routing descriptors, indices). */
+ccr_status ccr_comm_alltoallv_i32(ccr_comm *c, const int32_t *send, const size_t *send_counts,
+                                  const size_t *send_displs, int32_t *recv,
+                                  const size_t *recv_counts, const size_t *recv_displs);
 
 /* recv[p] = what rank p passed as its send[rank] (size entries each, host
  * memory on every implementation). */

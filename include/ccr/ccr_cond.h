@@ -47,6 +47,7 @@
 
 #include "ccr_arena.h"
 #include "ccr_backend.h"
+#include "ccr_comm.h"
 #include "ccr_common.h"
 #include "ccr_gate.h"
 #include "ccr_status.h"
@@ -173,6 +174,36 @@ size_t ccr_cond_n_params(const ccr_cond *c);
  * default).  Two clock reads per group when on, none when off.  CPU
  * backend only: a layer on CUDA leaves sec untouched. */
 ccr_status ccr_cond_set_timing(ccr_cond *c, double *sec);
+
+/* Expert parallelism (Shazeer et al. 2017, section 3.1): the layer becomes
+ * one rank's part of a layer spread over comm's ranks.  Call it on every
+ * rank after ccr_cond_alloc and before ccr_cond_declare, with the same
+ * configuration everywhere.  The bank's n matrices are split in contiguous
+ * blocks (rank r owns n/P of them, the first n % P ranks one more; a rank
+ * may own none); the gate is replicated.  ccr_cond_declare then declares
+ * only this rank's matrices (the same names, n_own rows), and
+ * ccr_cond_init_params gives them the values a single process would (the
+ * RNG advances over the whole bank on every rank).  Each rank passes its
+ * own examples to forward and backward, the ranks' batches in rank order
+ * forming the global batch: every routed row travels to the owner of its
+ * matrix (all-to-all), is computed there, and comes back; the backward
+ * mirrors it.  Outputs, dx and the bank gradients equal those of one
+ * process with the global batch bit for bit (the same GEMMs on the same
+ * groups), and a training pass advances the RNG as one process would (each
+ * rank draws and discards the other ranks' gate noise).  The replicated
+ * gate's gradients are this rank's share: sum them over the ranks
+ * (ccr_comm_allreduce_sum) before an optimiser step.  Not yet global: the
+ * gates' auxiliary losses and statistics and Switch's capacity are those of
+ * the local batch.  All ranks call forward and backward together, all with
+ * dx or all without.  CPU backend, host memory (comm "self" or "mpi").
+ * CCR_EINVAL after declare; CCR_EUNSUP on a non-CPU backend or for the
+ * sign-bit tree's straight-through mode (its backward evaluates matrices
+ * that live on other ranks). */
+ccr_status ccr_cond_set_comm(ccr_cond *c, ccr_comm *comm);
+
+/* This rank's bank matrices [*first, *end) (all of them without a
+ * communicator).  CCR_EINVAL for NULL arguments. */
+ccr_status ccr_cond_owned(const ccr_cond *c, size_t *first, size_t *end);
 
 /* Threads that ran the last forward's groups side by side: the layer's
  * pool size in CCR_COND_PAR_EXPERTS mode, else 1; 0 before a forward and

@@ -1,0 +1,421 @@
+/*
+ * cond_ep.c - the conditional layer spread over the ranks of a
+ * communicator: expert parallelism (Shazeer et al. 2017, section 3.1;
+ * issue 12; ccr_cond_set_comm in ccr_cond.h).
+ *
+ * Rank r owns the bank matrices [m0, m1) (contiguous blocks, the first
+ * n % P ranks one more); the gate is replicated.  A forward on rank r's
+ * examples:
+ *   1. the global batch's layout (every rank's batch size, one all-reduce),
+ *      and in training the gate noise of the examples of lower ranks drawn
+ *      and discarded, so that each rank draws its examples' noise as one
+ *      process would (and afterwards the higher ranks' too);
+ *   2. the gate and cond.c's stable counting sort of the used pairs by id:
+ *      groups in ascending id, hence in ascending owner;
+ *   3. the rows gathered in sorted order and sent, each group to the owner
+ *      of its matrix, with one (local id, rows) descriptor per group
+ *      (all-to-all of counts, of descriptors, of rows);
+ *   4. the owner orders what it received by (matrix, source rank, source
+ *      order) - the order of the pairs of one process with the global batch,
+ *      whose examples are the ranks' in rank order - applies each matrix to
+ *      its group with cond.c's own ccr_condi_apply (the same GEMMs on the
+ *      same group as one process), and returns every output row to its
+ *      source in the order it came;
+ *   5. the source combines in slot order, as cond.c does.
+ * The backward sends w dy per pair to the owners, which accumulate the
+ * bank's gradients group by group exactly as cond.c's backward (output-bias
+ * sums in row order, the same GEMMs) and return the rows of dL/dx; dL/dw
+ * (the gate's input) is computed at the source, where dy and the outputs
+ * are.  The gate's own backward runs on each rank's examples.
+ *
+ * The owner's buffers hold the rows it receives, which a batch bounds only
+ * by P x max_batch x slots: they grow when a batch needs more (amortised:
+ * doubling) and are otherwise reused.
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "arena_impl.h"  // provides: ccr_arena_touch_row
+#include "cond_impl.h"   // provides: struct ccr_cond, ccr_condi_*
+#include "gate_util.h"   // provides: gate_noise_fill
+#include "internal.h"    // provides: CCR_FAIL, CCR_TRY, ccr_mallocn, ccr_mul_ok
+
+struct cond_ep {
+    int P, rank;
+    size_t n_own;              /* m1 - m0 */
+    size_t dpe;                /* N(0, 1) draws per example of a training forward */
+    float *noise;              /* [dpe] the discarded draws */
+    double *bsz;               /* [P] every rank's batch this step */
+    /* [P] each: groups, descriptor ints and rows sent / received, and the
+     * element counts and offsets of one all-to-all */
+    size_t *g_to, *g_from, *gfirst, *rows_to, *rows_to_off, *rows_from, *rows_from_off;
+    size_t *sc, *sd, *rc, *rd;
+    int32_t *desc;             /* [2 G_max] (local id, rows) of the groups sent */
+    int32_t *desc_in;          /* [2 cap_desc] those received */
+    size_t cap_desc;
+    size_t *own_off, *own_next;/* [n_own + 1], [n_own]: the owner's groups */
+    /* owner, for R received rows (capacity cap_rows) */
+    size_t R, cap_rows;
+    void *rows_work;
+    size_t *perm;              /* [R] owner position -> received row */
+    float *rx, *ox, *hid, *out, *ret, *rg, *ghid;
+    double *acc;               /* [max(h, d_out)] */
+    bool ready;                /* a forward's exchange is in place for backward */
+};
+
+/* Matrices [*m0, *m1) of rank r of P over n: blocks of n / P, the first
+ * n % P ranks one more. */
+static void ep_block(size_t n, size_t P, size_t r, size_t *m0, size_t *m1)
+{
+    size_t q = n / P, rem = n % P;
+    *m0 = r * q + (r < rem ? r : rem);
+    *m1 = *m0 + q + (r < rem ? 1 : 0);
+}
+
+/* N(0, 1) draws per example of a training forward (gate_topk.c: one per
+ * expert; gate_hmoe.c: the primary's a, then bs per selected group); 0 for
+ * the gates that draw none. */
+static size_t ep_draws_per_example(const ccr_cond *c)
+{
+    const ccr_gate_config *g = &c->cfg.gate_cfg;
+    if (strcmp(c->cfg.gate->name, "topk") == 0)
+        return g->n_experts;
+    if (strcmp(c->cfg.gate->name, "hmoe") == 0 && g->n_groups > 0)
+        return g->n_groups + g->k_groups * (g->n_experts / g->n_groups);
+    return 0;
+}
+
+void ccr_condi_ep_free(ccr_cond *c)
+{
+    cond_ep *e = c->ep;
+    if (e == NULL)
+        return;
+    free(e->rows_work);
+    free(e->desc_in);
+    free(e->own_off);
+    free(e->desc);
+    free(e->bsz);
+    free(e->g_to);
+    free(e->noise);
+    free(e->acc);
+    free(e);
+    c->ep = NULL;
+}
+
+ccr_status ccr_cond_set_comm(ccr_cond *c, ccr_comm *comm)
+{
+    if (c == NULL)
+        return CCR_EINVAL;
+    CCR_CHECK_NULL(c->ctx, comm);
+    if (c->arena != NULL)
+        CCR_FAIL(c->ctx, CCR_EINVAL, "set the communicator before ccr_cond_declare");
+    if (c->comm != NULL)
+        CCR_FAIL(c->ctx, CCR_EINVAL, "the layer already has a communicator");
+    if (c->dev != NULL)
+        CCR_FAIL(c->ctx, CCR_EUNSUP, "expert parallelism runs on the CPU backend");
+    if (strcmp(ccr_comm_name(comm), "nccl") == 0)
+        CCR_FAIL(c->ctx, CCR_EUNSUP, "expert parallelism moves host memory: comm self or mpi");
+    if (c->cfg.gate_cfg.grad_mode == CCR_GRAD_STE &&
+        (c->cfg.gate->options & CCR_GATE_OPT_GRAD_MODE) != 0)
+        CCR_FAIL(c->ctx, CCR_EUNSUP, "%s with grad_mode ste evaluates matrices of other ranks "
+                 "in its backward: not expert-parallel (use grad_mode none)",
+                 c->cfg.gate->name);
+    const size_t P = (size_t)ccr_comm_size(comm), r = (size_t)ccr_comm_rank(comm);
+    size_t m0, m1;
+    ep_block(c->n_mat, P, r, &m0, &m1);
+    cond_ep *e = calloc(1, sizeof *e);
+    if (e == NULL)
+        CCR_FAIL(c->ctx, CCR_ENOMEM, "cannot allocate the expert-parallel state");
+    c->ep = e;
+    e->P = (int)P;
+    e->rank = (int)r;
+    e->n_own = m1 - m0;
+    e->dpe = ep_draws_per_example(c);
+    size_t G = c->max_batch * c->slots < c->n_mat ? c->max_batch * c->slots : c->n_mat;
+    size_t accn = c->h > c->cfg.d_out ? c->h : c->cfg.d_out;
+    e->bsz = ccr_mallocn(P, sizeof *e->bsz);
+    e->g_to = ccr_malloc3(P, 11, sizeof(size_t));
+    e->desc = ccr_malloc3(G > 0 ? G : 1, 2, sizeof *e->desc);
+    e->own_off = ccr_malloc3(e->n_own + 1, 2, sizeof *e->own_off);
+    e->noise = ccr_mallocn(e->dpe > 0 ? e->dpe : 1, sizeof *e->noise);
+    e->acc = ccr_mallocn(accn, sizeof *e->acc);
+    if (!e->bsz || !e->g_to || !e->desc || !e->own_off || !e->noise || !e->acc) {
+        ccr_condi_ep_free(c);
+        CCR_FAIL(c->ctx, CCR_ENOMEM, "cannot allocate the expert-parallel state (%zu ranks)", P);
+    }
+    size_t *z = e->g_to;
+    e->g_from = z + P, e->gfirst = z + 2 * P, e->rows_to = z + 3 * P;
+    e->rows_to_off = z + 4 * P, e->rows_from = z + 5 * P, e->rows_from_off = z + 6 * P;
+    e->sc = z + 7 * P, e->sd = z + 8 * P, e->rc = z + 9 * P, e->rd = z + 10 * P;
+    e->own_next = e->own_off + e->n_own + 1;
+    c->comm = comm;
+    c->m0 = m0;
+    c->m1 = m1;
+    return CCR_OK;
+}
+
+ccr_status ccr_cond_owned(const ccr_cond *c, size_t *first, size_t *end)
+{
+    if (c == NULL)
+        return CCR_EINVAL;
+    CCR_CHECK_NULL(c->ctx, first);
+    CCR_CHECK_NULL(c->ctx, end);
+    *first = c->m0;
+    *end = c->m1;
+    return CCR_OK;
+}
+
+/* Room for R received rows on the owner (and the descriptors of nd groups). */
+static ccr_status ep_reserve(ccr_cond *c, size_t R, size_t nd)
+{
+    cond_ep *e = c->ep;
+    if (nd > e->cap_desc) {
+        size_t cap = nd > 2 * e->cap_desc ? nd : 2 * e->cap_desc;
+        int32_t *d = ccr_malloc3(cap, 2, sizeof *d);
+        if (d == NULL)
+            CCR_FAIL(c->ctx, CCR_ENOMEM, "expert parallelism: %zu group descriptors", cap);
+        free(e->desc_in);
+        e->desc_in = d;
+        e->cap_desc = cap;
+    }
+    if (R <= e->cap_rows)
+        return CCR_OK;
+    size_t cap = R > 2 * e->cap_rows ? R : 2 * e->cap_rows;
+    size_t d_in = c->cfg.d_in, d_out = c->cfg.d_out, h = c->h;
+    size_t dmax = d_in > d_out ? d_in : d_out, per = 0;
+    /* floats per row: rx, ox [d_in]; hid, ghid [h]; out, rg [d_out]; ret [dmax] */
+    bool ok = ccr_add_ok(2 * d_in, 2 * h, &per) && ccr_add_ok(per, 2 * d_out + dmax, &per);
+    size_t fl = 0, bytes = 0;
+    ok = ok && ccr_mul_ok(cap, per, &fl) && ccr_mul_ok(fl, sizeof(float), &bytes) &&
+         ccr_add_ok(bytes, cap * sizeof(size_t) + 64, &bytes);
+    if (!ok)
+        CCR_FAIL(c->ctx, CCR_ENOMEM, "expert parallelism: %zu received rows overflow", cap);
+    CCR_TRY(ccr_mem_check(c->ctx, bytes, "expert-parallel rows"));
+    void *w = malloc(bytes);
+    if (w == NULL)
+        CCR_FAIL(c->ctx, CCR_ENOMEM, "expert parallelism: cannot allocate %zu bytes", bytes);
+    free(e->rows_work);
+    e->rows_work = w;
+    e->cap_rows = cap;
+    e->perm = w;
+    float *f = (float *)(e->perm + cap);
+    e->rx = f, f += cap * d_in;
+    e->ox = f, f += cap * d_in;
+    e->hid = f, f += cap * h;
+    e->ghid = f, f += cap * h;
+    e->out = f, f += cap * d_out;
+    e->rg = f, f += cap * d_out;
+    e->ret = f;
+    return CCR_OK;
+}
+
+/* Element counts and offsets of one all-to-all: per rank, rows x width. */
+static void ep_elems(const size_t *rows, const size_t *off, size_t P, size_t width, size_t *cnt,
+                     size_t *disp)
+{
+    for (size_t p = 0; p < P; p++)
+        cnt[p] = rows[p] * width, disp[p] = off[p] * width;
+}
+
+/* rows [src_rows] of width w in received layout -> owner order, or back. */
+static void ep_permute(const size_t *perm, size_t R, size_t w, const float *src, float *dst,
+                       bool to_owner)
+{
+    for (size_t o = 0; o < R; o++) {
+        if (to_owner)
+            memcpy(dst + o * w, src + perm[o] * w, w * sizeof *dst);
+        else
+            memcpy(dst + perm[o] * w, src + o * w, w * sizeof *dst);
+    }
+}
+
+/* Draws and discards the gate noise of n examples. */
+static void ep_skip_noise(cond_ep *e, size_t n, gsl_rng *rng)
+{
+    for (size_t b = 0; b < n; b++)
+        gate_noise_fill(e->noise, e->dpe, rng);
+}
+
+ccr_status ccr_condi_ep_forward(ccr_cond *c, const float *x, size_t batch, bool train,
+                                gsl_rng *rng, float *y, ccr_gate_stats *stats)
+{
+    CCR_CHECK_NULL(c->ctx, x);
+    if (batch == 0 || batch > c->max_batch)
+        CCR_FAIL(c->ctx, CCR_EBADLEN, "batch %zu not in 1..%zu", batch, c->max_batch);
+    cond_ep *e = c->ep;
+    ccr_comm *comm = c->comm;
+    const size_t P = (size_t)e->P, r = (size_t)e->rank, S = c->slots;
+    const size_t d_in = c->cfg.d_in, d_out = c->cfg.d_out, h = c->h;
+    e->ready = false;
+    c->batch = 0;
+
+    /* 1. The global batch: every rank's size; the noise of the others. */
+    for (size_t p = 0; p < P; p++)
+        e->bsz[p] = 0.0;
+    e->bsz[r] = (double)batch;
+    CCR_TRY(ccr_comm_allreduce_sum_f64(comm, e->bsz, P));
+    size_t before = 0, total = 0;
+    for (size_t p = 0; p < P; p++) {
+        before += p < r ? (size_t)e->bsz[p] : 0;
+        total += (size_t)e->bsz[p];
+    }
+    if (train && e->dpe > 0)
+        ep_skip_noise(e, before, rng);
+    ccr_route rt;
+    ccr_gate_stats st;
+    CCR_TRY(ccr_gate_forward(c->gate, x, batch, train, rng, &rt, &st));
+    if (train && e->dpe > 0)
+        ep_skip_noise(e, total - before - batch, rng);
+
+    /* 2. Sort the used pairs by id; 3. gather the rows in sorted order. */
+    memcpy(c->xin, x, batch * d_in * sizeof *x);
+    CCR_TRY(ccr_condi_sort(c, &rt, batch * S));
+    for (size_t q = 0; q < c->n_pairs; q++)
+        memcpy(c->xg + q * d_in, x + ((size_t)c->src[q] / S) * d_in, d_in * sizeof *x);
+    /* Groups per owner (ascending id is ascending owner). */
+    size_t g = 0;
+    for (size_t p = 0; p < P; p++) {
+        size_t b0, b1;
+        ep_block(c->n_mat, P, p, &b0, &b1);
+        e->gfirst[p] = g;
+        e->rows_to_off[p] = g < c->n_groups ? c->goff[g] : c->n_pairs;
+        e->g_to[p] = e->rows_to[p] = 0;
+        while (g < c->n_groups && (size_t)c->gid[g] < b1) {
+            size_t rows = c->goff[g + 1] - c->goff[g];
+            e->desc[2 * g] = c->gid[g] - (int32_t)b0;
+            e->desc[2 * g + 1] = (int32_t)rows;
+            e->g_to[p]++;
+            e->rows_to[p] += rows;
+            g++;
+        }
+    }
+    CCR_TRY(ccr_comm_alltoall_counts(comm, e->g_to, e->g_from));
+    size_t nd = 0;
+    for (size_t p = 0; p < P; p++) {
+        e->sc[p] = 2 * e->g_to[p], e->sd[p] = 2 * e->gfirst[p];
+        e->rc[p] = 2 * e->g_from[p], e->rd[p] = 2 * nd;
+        nd += e->g_from[p];
+    }
+    CCR_TRY(ep_reserve(c, 0, nd));
+    CCR_TRY(ccr_comm_alltoallv_i32(comm, e->desc, e->sc, e->sd, e->desc_in, e->rc, e->rd));
+
+    /* 4. The owner: rows per source, its groups in (matrix, source) order. */
+    size_t R = 0, k = 0;
+    for (size_t i = 0; i < e->n_own; i++)
+        e->own_off[i + 1] = 0;
+    for (size_t p = 0; p < P; p++) {
+        e->rows_from_off[p] = R;
+        e->rows_from[p] = 0;
+        for (size_t j = 0; j < e->g_from[p]; j++, k++) {
+            int32_t lid = e->desc_in[2 * k], n = e->desc_in[2 * k + 1];
+            if (lid < 0 || (size_t)lid >= e->n_own || n <= 0)
+                CCR_FAIL(c->ctx, CCR_ECOMM, "rank %zu sent group (%d, %d) to rank %zu, which "
+                         "owns %zu matrices", p, (int)lid, (int)n, r, e->n_own);
+            e->own_off[lid + 1] += (size_t)n;
+            e->rows_from[p] += (size_t)n;
+        }
+        R += e->rows_from[p];
+    }
+    CCR_TRY(ep_reserve(c, R, nd));
+    e->R = R;
+    e->own_off[0] = 0;
+    for (size_t i = 0; i < e->n_own; i++) {
+        e->own_off[i + 1] += e->own_off[i];
+        e->own_next[i] = e->own_off[i];
+    }
+    k = 0;
+    for (size_t p = 0; p < P; p++) {
+        size_t row = e->rows_from_off[p];
+        for (size_t j = 0; j < e->g_from[p]; j++, k++) {
+            size_t lid = (size_t)e->desc_in[2 * k], n = (size_t)e->desc_in[2 * k + 1];
+            for (size_t i = 0; i < n; i++)
+                e->perm[e->own_next[lid]++] = row++;
+        }
+    }
+    ep_elems(e->rows_to, e->rows_to_off, P, d_in, e->sc, e->sd);
+    ep_elems(e->rows_from, e->rows_from_off, P, d_in, e->rc, e->rd);
+    CCR_TRY(ccr_comm_alltoallv(comm, c->xg, e->sc, e->sd, e->rx, e->rc, e->rd));
+    ep_permute(e->perm, R, d_in, e->rx, e->ox, true);
+    for (size_t i = 0; i < e->n_own; i++) {
+        size_t o0 = e->own_off[i], n = e->own_off[i + 1] - o0;
+        if (n > 0)
+            CCR_TRY(ccr_condi_apply(c, i, e->ox + o0 * d_in, e->hid + o0 * h,
+                                    e->out + o0 * d_out, n));
+    }
+    ep_permute(e->perm, R, d_out, e->out, e->ret, false);
+    ep_elems(e->rows_from, e->rows_from_off, P, d_out, e->sc, e->sd);
+    ep_elems(e->rows_to, e->rows_to_off, P, d_out, e->rc, e->rd);
+    CCR_TRY(ccr_comm_alltoallv(comm, e->ret, e->sc, e->sd, c->out, e->rc, e->rd));
+
+    /* 5. Combine in slot order. */
+    c->route = rt;
+    c->batch = batch;
+    c->job_x = x;
+    c->job_y = y;
+    ccr_pool_run(c->pool, ccr_condi_combine_job, c);
+    e->ready = true;
+    st.flops_counted = ccr_gate_flops(c->gate, train) +
+                       (double)c->n_pairs / (double)batch * ccr_cond_matrix_flops(c) +
+                       (c->cfg.residual ? (double)d_out : 0.0);
+    *stats = st;
+    return CCR_OK;
+}
+
+ccr_status ccr_condi_ep_backward(ccr_cond *c, const float *dy, float *dx)
+{
+    cond_ep *e = c->ep;
+    if (!e->ready)
+        CCR_FAIL(c->ctx, CCR_EINVAL, "backward without a forward pass");
+    ccr_comm *comm = c->comm;
+    const size_t P = (size_t)e->P, S = c->slots, R = e->R;
+    const size_t d_in = c->cfg.d_in, d_out = c->cfg.d_out, h = c->h, batch = c->batch;
+    const float *wts = c->route.weights;
+
+    /* The source: dL/d(out) = w dy and dL/dw = <dy, out> per pair. */
+    memset(c->dweights, 0, batch * S * sizeof *c->dweights);
+    for (size_t q = 0; q < c->n_pairs; q++) {
+        size_t p = (size_t)c->src[q];
+        const float *d = dy + (p / S) * d_out, *o = c->out + q * d_out;
+        float *go = c->g_out + q * d_out, wt = wts[p];
+        for (size_t j = 0; j < d_out; j++)
+            go[j] = wt * d[j];
+        c->dweights[p] = (float)ccr_condi_dot(d, o, d_out);
+    }
+    ep_elems(e->rows_to, e->rows_to_off, P, d_out, e->sc, e->sd);
+    ep_elems(e->rows_from, e->rows_from_off, P, d_out, e->rc, e->rd);
+    CCR_TRY(ccr_comm_alltoallv(comm, c->g_out, e->sc, e->sd, e->rg, e->rc, e->rd));
+
+    /* The owner: its groups' gradients as cond.c's backward computes them. */
+    float *og = e->out;  /* the forward's outputs are not needed any more */
+    ep_permute(e->perm, R, d_out, e->rg, og, true);
+    float *gx = e->rx;   /* nor its received rows */
+    ccr_arena *a = c->arena;
+    for (size_t i = 0; i < e->n_own; i++) {
+        size_t o0 = e->own_off[i], n = e->own_off[i + 1] - o0;
+        if (n == 0)
+            continue;
+        ccr_arena_touch_row(a, c->p_w1, i);
+        ccr_arena_touch_row(a, c->p_b1, i);
+        if (cond_ffn(c)) {
+            ccr_arena_touch_row(a, c->p_w2, i);
+            ccr_arena_touch_row(a, c->p_b2, i);
+        }
+        CCR_TRY(ccr_condi_bank_bwd(c, i, n, e->ox + o0 * d_in, e->hid + o0 * h,
+                                   og + o0 * d_out, e->ghid + o0 * h,
+                                   dx != NULL ? gx + o0 * d_in : NULL, e->acc));
+    }
+    /* dL/dx rows back to their sources, then the gather per example. */
+    if (dx != NULL) {
+        ep_permute(e->perm, R, d_in, gx, e->ret, false);
+        ep_elems(e->rows_from, e->rows_from_off, P, d_in, e->sc, e->sd);
+        ep_elems(e->rows_to, e->rows_to_off, P, d_in, e->rc, e->rd);
+        CCR_TRY(ccr_comm_alltoallv(comm, e->ret, e->sc, e->sd, c->g_x, e->rc, e->rd));
+        c->job_dy = dy;
+        c->job_y = dx;
+        ccr_pool_run(c->pool, ccr_condi_dx_job, c);
+    }
+    ccr_gate_bwd_args ga = {.x = c->xin, .batch = batch, .dweights = c->dweights, .dx = dx,
+                            .dy = dy, .d_out = d_out, .eval_matrix = NULL, .bank = c,
+                            .scratch = c->eval_out, .eval_dots = NULL};
+    return ccr_gate_backward(c->gate, &ga);
+}

@@ -1,0 +1,240 @@
+/*
+ * test_cond_ep.c - expert parallelism (ccr_cond_set_comm) against one
+ * process with the global batch.
+ *
+ * On every rank: the reference layer (no communicator) runs the whole
+ * global batch; the expert-parallel layer, built from the same seed, runs
+ * this rank's slice of it (uneven slices in rank order).  For every gate
+ * (FFN and linear banks, eval and training mode, the noisy gates' noise
+ * included) the test checks, bit for bit: the initial values of this
+ * rank's matrices and of the gate; the outputs and dL/dx of the slice; the
+ * gradients of this rank's matrices; the RNG's state after the forward
+ * (each rank discards the other ranks' noise as one process draws it).  The
+ * replicated gate's gradients, summed over the ranks, equal the
+ * reference's to float rounding (normalised error below 1e-10: the sum's
+ * order differs).  The auxiliary losses are switched off (they are still
+ * per rank) and Switch's capacity holds every example.  Configurations with
+ * fewer matrices than ranks leave ranks owning none.
+ *
+ * Plain: one process through the self communicator; under mpirun
+ * (tests/mpi_run.sh, meson tests cond_ep_np1 .. np4): MPI.
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ccr_config.h"  // provides: CCR_HAVE_MPI
+#include "ccr_test.h"
+#if CCR_HAVE_MPI
+#include <mpi.h>
+#endif
+
+static ccr_ctx *ctx;
+static ccr_backend *be;
+static ccr_comm *comm;
+
+typedef struct ep_case {
+    const char *gate;
+    size_t E, k, groups, k_groups, k2, depth;
+    ccr_bank_kind bank;
+    bool residual;
+} ep_case;
+
+static const ep_case cases[] = {
+    {"none", 1, 1, 0, 0, 0, 0, CCR_BANK_FFN, false},
+    {"dense", 5, 5, 0, 0, 0, 0, CCR_BANK_FFN, true},
+    {"topk", 7, 2, 0, 0, 0, 0, CCR_BANK_FFN, false},
+    {"topk", 3, 1, 0, 0, 0, 0, CCR_BANK_LINEAR, true},  /* E < P: idle ranks */
+    {"hmoe", 12, 0, 4, 2, 2, 0, CCR_BANK_FFN, false},
+    {"switch", 6, 1, 0, 0, 0, 0, CCR_BANK_FFN, false},
+    {"signtree", 0, 0, 0, 0, 0, 3, CCR_BANK_LINEAR, false},
+};
+enum { N_CASES = sizeof cases / sizeof cases[0] };
+
+static ccr_cond_config make_config(const ep_case *t)
+{
+    ccr_cond_config cc = ccr_cond_config_default();
+    cc.gate_name = t->gate;
+    cc.d_in = 9, cc.d_out = 9, cc.hidden = 11;
+    cc.bank = t->bank;
+    cc.residual = t->residual;
+    ccr_gate_config *g = &cc.gate_cfg;
+    g->randomize = true;
+    if (t->E)
+        g->n_experts = t->E;
+    if (t->k)
+        g->k = t->k;
+    if (t->groups)
+        g->n_groups = t->groups, g->k_groups = t->k_groups, g->k2 = t->k2;
+    if (t->depth)
+        g->depth = t->depth, g->grad_mode = CCR_GRAD_NONE;
+    g->w_importance = g->w_load = g->aux_alpha = g->z_loss = 0.0;
+    g->capacity_factor = 64.0;  /* every example fits: no drops, as in one process */
+    g->eval_capacity_factor = 0.0;
+    return cc;
+}
+
+/* A layer with its own arena, initialised from seed; comm NULL: reference. */
+static void build(const ccr_cond_config *cc, size_t max_batch, ccr_comm *cm, unsigned long seed,
+                  ccr_cond **c, ccr_arena **a)
+{
+    CCR_CK_OK(ctx, ccr_cond_alloc(be, cc, max_batch, c));
+    if (cm != NULL)
+        CCR_CK_OK(ctx, ccr_cond_set_comm(*c, cm));
+    CCR_CK_OK(ctx, ccr_arena_init(be, a));
+    /* A tensor of the rest of the network: a rank that owns no matrix of a
+     * gate without parameters (none) would otherwise have an empty arena. */
+    size_t one = 1, idx;
+    CCR_CK_OK(ctx, ccr_arena_add(*a, "other", 1, &one, &idx));
+    CCR_CK_OK(ctx, ccr_cond_declare(*c, *a, "moe."));
+    CCR_CK_OK(ctx, ccr_arena_finalize(*a));
+    gsl_rng *g = gsl_rng_alloc(gsl_rng_mt19937);
+    gsl_rng_set(g, seed);
+    CCR_CK_OK(ctx, ccr_cond_init_params(*c, g));
+    gsl_rng_free(g);
+}
+
+/* The bank's tensors (cond.c's names under "moe."), not the gate's. */
+static bool is_bank(const char *name)
+{
+    static const char *const bank[] = {"moe.experts.w1", "moe.experts.b1", "moe.experts.w2",
+                                       "moe.experts.b2", "moe.experts.w", "moe.experts.b",
+                                       "moe.tree.w", "moe.tree.b"};
+    for (size_t i = 0; i < sizeof bank / sizeof bank[0]; i++)
+        if (strcmp(name, bank[i]) == 0)
+            return true;
+    return false;
+}
+
+START_TEST(test_ep_parity)
+{
+    const ep_case *t = &cases[_i / 2];
+    const bool train = _i % 2 == 1;
+    const int P = ccr_comm_size(comm), r = ccr_comm_rank(comm);
+    const size_t B = 23, d = 9;
+    const size_t b0 = B * (size_t)r / (size_t)P, b1 = B * (size_t)(r + 1) / (size_t)P;
+    ccr_cond_config cc = make_config(t);
+    ccr_cond *ref, *ep;
+    ccr_arena *aref, *aep;
+    build(&cc, B, NULL, 17, &ref, &aref);
+    build(&cc, b1 - b0, comm, 17, &ep, &aep);
+    size_t m0, m1;
+    CCR_CK_OK(ctx, ccr_cond_owned(ep, &m0, &m1));
+
+    float x[23 * 9], dy[23 * 9], y_ref[23 * 9], dx_ref[23 * 9], y[23 * 9], dx[23 * 9];
+    gsl_rng *g = gsl_rng_alloc(gsl_rng_mt19937);
+    gsl_rng_set(g, 5);
+    ccr_test_fill_uniform(g, x, B * d, -1.5f, 1.5f);
+    ccr_test_fill_uniform(g, dy, B * d, -1, 1);
+    gsl_rng *n_ref = gsl_rng_alloc(gsl_rng_mt19937), *n_ep = gsl_rng_alloc(gsl_rng_mt19937);
+    gsl_rng_set(n_ref, 99);
+    gsl_rng_set(n_ep, 99);
+    ccr_gate_stats st;
+    CCR_CK_OK(ctx, ccr_cond_forward(ref, x, B, train, n_ref, y_ref, &st));
+    CCR_CK_OK(ctx, ccr_cond_backward(ref, dy, dx_ref));
+    CCR_CK_OK(ctx, ccr_cond_forward(ep, x + b0 * d, b1 - b0, train, n_ep, y, &st));
+    CCR_CK_OK(ctx, ccr_cond_backward(ep, dy + b0 * d, dx));
+    ck_assert_msg(memcmp(y, y_ref + b0 * d, (b1 - b0) * d * sizeof *y) == 0,
+                  "%s train=%d rank %d: outputs differ", t->gate, train, r);
+    ck_assert_msg(memcmp(dx, dx_ref + b0 * d, (b1 - b0) * d * sizeof *dx) == 0,
+                  "%s train=%d rank %d: dx differs", t->gate, train, r);
+    ck_assert_msg(gsl_rng_get(n_ref) == gsl_rng_get(n_ep), "%s: the RNGs diverged", t->gate);
+
+    /* Parameters and gradients, tensor by tensor. */
+    for (size_t i = 0; i < ccr_arena_count(aep); i++) {
+        const char *name = ccr_arena_name(aep, i);
+        size_t j, n = ccr_arena_size(aep, i);
+        CCR_CK_OK(ctx, ccr_arena_find(aref, name, &j));
+        const float *v = ccr_arena_value(aep, i), *gr = ccr_arena_grad(aep, i);
+        const float *vr = ccr_arena_value(aref, j), *gref = ccr_arena_grad(aref, j);
+        if (is_bank(name)) {
+            size_t row = ccr_arena_size(aref, j) / ccr_arena_shape(aref, j)[0];
+            ck_assert_uint_eq(n, (m1 - m0) * row);
+            ck_assert_msg(memcmp(v, vr + m0 * row, n * sizeof *v) == 0, "%s: values", name);
+            ck_assert_msg(memcmp(gr, gref + m0 * row, n * sizeof *gr) == 0,
+                          "%s train=%d rank %d: bank gradient differs", name, train, r);
+        } else {
+            ck_assert_uint_eq(n, ccr_arena_size(aref, j));
+            ck_assert_msg(memcmp(v, vr, n * sizeof *v) == 0, "%s: values", name);
+            float *sum = malloc(n * sizeof *sum);
+            memcpy(sum, gr, n * sizeof *sum);
+            CCR_CK_OK(ctx, ccr_comm_allreduce_sum(comm, sum, n));
+            ccr_test_assert_nmse(sum, gref, n, 1e-10, name);
+            free(sum);
+        }
+    }
+    gsl_rng_free(g), gsl_rng_free(n_ref), gsl_rng_free(n_ep);
+    ccr_cond_free(ref), ccr_cond_free(ep);
+    ccr_arena_free(aref), ccr_arena_free(aep);
+}
+END_TEST
+
+/* What expert parallelism refuses: after declare, twice, the straight-
+ * through tree; and the owned range of a plain layer is everything. */
+START_TEST(test_ep_errors)
+{
+    ccr_cond_config cc = make_config(&cases[2]);
+    ccr_cond *c;
+    ccr_arena *a;
+    build(&cc, 4, NULL, 1, &c, &a);
+    size_t m0, m1;
+    CCR_CK_OK(ctx, ccr_cond_owned(c, &m0, &m1));
+    ck_assert(m0 == 0 && m1 == 7);
+    CCR_CK_STATUS(ctx, ccr_cond_set_comm(c, comm), CCR_EINVAL);  /* after declare */
+    ccr_cond_free(c);
+    ccr_arena_free(a);
+    CCR_CK_OK(ctx, ccr_cond_alloc(be, &cc, 4, &c));
+    CCR_CK_OK(ctx, ccr_cond_set_comm(c, comm));
+    CCR_CK_STATUS(ctx, ccr_cond_set_comm(c, comm), CCR_EINVAL);
+    CCR_CK_STATUS(ctx, ccr_cond_set_comm(c, NULL), CCR_EINVAL);
+    ccr_cond_free(c);
+    ccr_cond_config ct = make_config(&cases[N_CASES - 1]);
+    ct.gate_cfg.grad_mode = CCR_GRAD_STE;
+    CCR_CK_OK(ctx, ccr_cond_alloc(be, &ct, 4, &c));
+    CCR_CK_STATUS(ctx, ccr_cond_set_comm(c, comm), CCR_EUNSUP);
+    ccr_cond_free(c);
+}
+END_TEST
+
+int main(int argc, char **argv)
+{
+    (void)argc, (void)argv;
+    bool under_mpirun = getenv("OMPI_COMM_WORLD_SIZE") != NULL;
+#if CCR_HAVE_MPI
+    if (under_mpirun && MPI_Init(&argc, &argv) != MPI_SUCCESS)
+        return 1;
+#else
+    if (under_mpirun) {
+        printf("test_cond_ep: skipped: built without MPI\n");
+        return 77;
+    }
+#endif
+    setvbuf(stdout, NULL, _IONBF, 0);  /* each rank's report before any abort */
+    if (ccr_ctx_init(&ctx) != CCR_OK || ccr_backend_cpu_init(ctx, &be) != CCR_OK)
+        return 1;
+    ccr_status s = under_mpirun ? ccr_comm_mpi_init(ctx, &comm) : ccr_comm_self_init(ctx, &comm);
+    if (s != CCR_OK) {
+        fprintf(stderr, "test_cond_ep: %s\n", ccr_ctx_errmsg(ctx));
+        return 1;
+    }
+    ccr_comm_set_timeout(comm, 60.0);
+    Suite *su = suite_create("cond_ep");
+    TCase *tc = tcase_create("cond_ep");
+    tcase_set_timeout(tc, 120);
+    tcase_add_loop_test(tc, test_ep_parity, 0, 2 * N_CASES);
+    tcase_add_test(tc, test_ep_errors);
+    suite_add_tcase(su, tc);
+    SRunner *sr = srunner_create(su);
+    srunner_set_fork_status(sr, CK_NOFORK);
+    srunner_run_all(sr, CK_NORMAL);
+    int failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    ccr_comm_free(comm);
+#if CCR_HAVE_MPI
+    if (under_mpirun)
+        MPI_Finalize();
+#endif
+    ccr_backend_free(be);
+    ccr_ctx_free(ctx);
+    return failed == 0 ? 0 : 1;
+}
