@@ -203,6 +203,17 @@ ccr_status ccr_gate_init_params(ccr_gate *g, gsl_rng *rng)
     return g->type->init_params(g->state, rng);
 }
 
+ccr_status ccr_gate_set_comm(ccr_gate *g, ccr_comm *comm)
+{
+    if (g == NULL)
+        return CCR_EINVAL;
+    CCR_CHECK_NULL(g->ctx, comm);
+    if (g->type->set_comm == NULL)
+        CCR_FAIL(g->ctx, CCR_EUNSUP, "gate %s keeps per-rank statistics (no set_comm)",
+                 g->type->name);
+    return g->type->set_comm(g->state, comm);
+}
+
 ccr_status ccr_gate_forward(ccr_gate *g, const float *x, size_t batch, bool train,
                             gsl_rng *rng, ccr_route *route, ccr_gate_stats *stats)
 {

@@ -17,6 +17,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "ccr/ccr_gate.h"
 #include "gate_router.h"  // provides: gate_router (logits, softmax, z-loss)
@@ -36,6 +37,8 @@ typedef struct dense_state {
     float *load_out;    /* [E] */
     double *dimp;       /* [E] w_importance dCV^2/dImportance */
     float *dp;          /* [E] backward scratch: dL/dp of one example */
+    ccr_comm *comm;     /* expert parallelism: statistics over its ranks (or NULL) */
+    double *red;        /* [E + 2] Importance, sum lse^2, batch: one all-reduce */
 } dense_state;
 
 static void dense_free(void *state)
@@ -49,6 +52,8 @@ static void dense_free(void *state)
     free(s->load_out);
     free(s->dimp);
     free(s->dp);
+    free(s->red);
+    s->red = NULL;
     s->dimp = NULL;
     s->dp = NULL;
     s->ids = NULL;
@@ -112,15 +117,24 @@ static ccr_status dense_forward(void *state, const float *x, size_t batch, bool 
     CCR_UNUSED(train);
     CCR_UNUSED(rng);
     const size_t n = s->n;
-    double loss_z;
-    CCR_TRY(gate_router_forward(&s->r, x, batch, &loss_z));
-    for (size_t i = 0; i < n; i++) {
+    double zsum;
+    CCR_TRY(gate_router_forward(&s->r, x, batch, &zsum));
+    for (size_t i = 0; i < n; i++)
         s->imp[i] = 0.0;
-        s->load[i] = (double)batch;
-    }
     for (size_t b = 0; b < batch; b++)
         for (size_t i = 0; i < n; i++)
             s->imp[i] += (double)s->r.probs[b * n + i];
+    double gb = (double)batch;  /* the global batch under expert parallelism */
+    if (s->comm != NULL) {
+        memcpy(s->red, s->imp, n * sizeof *s->red);
+        s->red[n] = zsum, s->red[n + 1] = gb;
+        CCR_TRY(ccr_comm_allreduce_sum_f64(s->comm, s->red, n + 2));
+        memcpy(s->imp, s->red, n * sizeof *s->red);
+        zsum = s->red[n], gb = s->red[n + 1];
+    }
+    const double loss_z = gate_router_zloss(&s->r, zsum, (size_t)gb);
+    for (size_t i = 0; i < n; i++)
+        s->load[i] = gb;
     for (size_t i = 0; i < n; i++) {
         s->imp_out[i] = (float)s->imp[i];
         s->load_out[i] = (float)s->load[i];
@@ -159,6 +173,17 @@ static ccr_status dense_backward(void *state, const ccr_gate_bwd_args *a)
         gate_softmax_backward(s->r.probs + b * n, s->dp, n, dz + b * n);
     }
     return gate_router_grad_end(&s->r, a->x, a->batch, a->dx);
+}
+
+static ccr_status dense_set_comm(void *state, ccr_comm *comm)
+{
+    dense_state *s = state;
+    free(s->red);
+    s->red = ccr_mallocn(s->n + 2, sizeof *s->red);
+    if (s->red == NULL)
+        return CCR_ENOMEM;
+    s->comm = comm;
+    return CCR_OK;
 }
 
 static double dense_flops(const void *state, bool train)
@@ -209,4 +234,5 @@ const ccr_gate_type ccr_gate_dense = {
     .get_export = dense_get_export,
     .options = CCR_GATE_OPT_N_EXPERTS | CCR_GATE_OPT_W_IMPORTANCE | CCR_GATE_OPT_Z_LOSS |
                CCR_GATE_OPT_RANDOMIZE,
+    .set_comm = dense_set_comm,
 };

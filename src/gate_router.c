@@ -97,7 +97,7 @@ ccr_status gate_router_init_params(gate_router *r, double sd, gsl_rng *rng)
     return CCR_OK;
 }
 
-ccr_status gate_router_forward(gate_router *r, const float *x, size_t batch, double *loss_z)
+ccr_status gate_router_forward(gate_router *r, const float *x, size_t batch, double *zsum_out)
 {
     const float *w = router_weights(r);
     if (w == NULL)
@@ -113,8 +113,15 @@ ccr_status gate_router_forward(gate_router *r, const float *x, size_t batch, dou
             zsum += r->lse[b] * r->lse[b];
         }
     }
-    *loss_z = r->z_loss > 0.0 ? r->z_loss * zsum / (double)batch : 0.0;
+    *zsum_out = zsum;
+    r->zbatch = (double)batch;
     return CCR_OK;
+}
+
+double gate_router_zloss(gate_router *r, double zsum, size_t batch)
+{
+    r->zbatch = (double)batch;
+    return r->z_loss > 0.0 ? r->z_loss * zsum / (double)batch : 0.0;
 }
 
 float *gate_router_grad_begin(gate_router *r, size_t batch)
@@ -135,7 +142,7 @@ ccr_status gate_router_grad_end(gate_router *r, const float *x, size_t batch, fl
 #else
     if (0) {
 #endif
-        const double c = 2.0 * r->z_loss / (double)batch;
+        const double c = 2.0 * r->z_loss / r->zbatch;
         for (size_t b = 0; b < batch; b++) {
             const double g = c * r->lse[b];
             const float *p = r->probs + b * n;

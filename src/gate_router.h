@@ -36,6 +36,8 @@ typedef struct gate_router {
     float *probs;      /* [max_batch, n] row softmax of logits */
     float *dz;         /* [max_batch, n] backward scratch, dL/dlogits */
     double *lse;       /* [max_batch] logsumexp of each logits row */
+    double zbatch;     /* the z-loss's batch (the global one under expert parallelism),
+                          set by the gate after its forward; grad_end divides by it */
 } gate_router;
 
 /* Validates n (E != 0), z_loss (finite, >= 0) and the sizes, and allocates
@@ -53,9 +55,14 @@ ccr_status gate_router_declare(gate_router *r, ccr_arena *a, const char *prefix)
 ccr_status gate_router_init_params(gate_router *r, double sd, gsl_rng *rng);
 
 /* logits, probs (and lse when z_loss > 0) for x [batch, d_in];
- * *loss_z = z_loss * mean_b lse_b^2 (0 when off).  CCR_EINVAL when the
- * parameters are not declared or the arena is not finalized. */
-ccr_status gate_router_forward(gate_router *r, const float *x, size_t batch, double *loss_z);
+ * *zsum = sum_b lse_b^2 (0 when off).  CCR_EINVAL when the parameters are
+ * not declared or the arena is not finalized. */
+ccr_status gate_router_forward(gate_router *r, const float *x, size_t batch, double *zsum);
+
+/* The z-loss z_loss * zsum / batch of a forward whose (possibly global,
+ * summed over ranks) Σ lse^2 is zsum over `batch` examples; remembers batch
+ * for grad_end's normaliser. */
+double gate_router_zloss(gate_router *r, double zsum, size_t batch);
 
 /* Zeroes dz[batch, n] and returns it: the gate adds dL/dlogits into it. */
 float *gate_router_grad_begin(gate_router *r, size_t batch);

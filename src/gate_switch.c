@@ -36,6 +36,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "ccr/ccr_gate.h"
 #include "gate_router.h"  // provides: gate_router (logits, softmax, z-loss)
@@ -59,6 +60,10 @@ typedef struct switch_state {
     float *exports;         /* [3, E] importance, load, choice */
     unsigned char *seen;    /* [E] scratch of gate_count_distinct */
     float *dp;              /* [E] backward scratch, dL/dp of one example */
+    double gbatch;          /* the last forward's (global) batch */
+    ccr_comm *comm;         /* expert parallelism: statistics over its ranks (or NULL) */
+    double *red;            /* [P E + E + 2] its all-reduce: counts per rank, Importance,
+                               sum lse^2, batch */
 } switch_state;
 
 static void switch_free(void *state)
@@ -75,6 +80,8 @@ static void switch_free(void *state)
     free(s->exports);
     free(s->seen);
     free(s->dp);
+    free(s->red);
+    s->red = NULL;
     s->ids = s->choice = NULL;
     s->weights = s->exports = s->dp = NULL;
     s->chosen = s->kept = NULL;
@@ -175,44 +182,74 @@ static ccr_status switch_forward(void *state, const float *x, size_t batch, bool
     switch_state *s = state;
     CCR_UNUSED(rng);
     const size_t n = s->n;
-    double loss_z;
-    CCR_TRY(gate_router_forward(&s->r, x, batch, &loss_z));
-    const size_t cap = ccr_switch_capacity(train ? s->capacity_factor : s->eval_capacity_factor,
-                                           batch, n);
+    double zsum;
+    CCR_TRY(gate_router_forward(&s->r, x, batch, &zsum));
     for (size_t i = 0; i < n; i++) {
         s->chosen[i] = 0;
-        s->kept[i] = 0;
+        s->kept[i] = 0;  /* until the positions below: earlier choosers of i */
         s->imp[i] = 0.0;
     }
-    size_t dropped = 0;
     for (size_t b = 0; b < batch; b++) {
         const float *p = s->r.probs + b * n;
         int32_t top;
         gate_topk(p, n, 1, &top);  /* argmax, ties to the lower index */
         s->choice[b] = top;
         s->chosen[top]++;
-        if (s->kept[top] < cap) {
-            s->kept[top]++;
-            s->ids[b] = top;
-            s->weights[b] = p[top];
-        } else {
-            s->ids[b] = -1;
-            s->weights[b] = 0.0f;
-            dropped++;
-        }
         for (size_t i = 0; i < n; i++)
             s->imp[i] += (double)p[i];
     }
+    double gb = (double)batch;  /* the global batch under expert parallelism */
+    if (s->comm != NULL) {
+        /* Every rank's choice counts (rows of a P x E matrix), Importance,
+         * sum lse^2 and batch in one all-reduce; this rank's positions start
+         * after the choosers of the ranks before it. */
+        const size_t P = (size_t)ccr_comm_size(s->comm), r = (size_t)ccr_comm_rank(s->comm);
+        double *red = s->red, *tail = red + P * n;
+        memset(red, 0, (P * n + n + 2) * sizeof *red);
+        for (size_t i = 0; i < n; i++)
+            red[r * n + i] = (double)s->chosen[i], tail[i] = s->imp[i];
+        tail[n] = zsum, tail[n + 1] = gb;
+        CCR_TRY(ccr_comm_allreduce_sum_f64(s->comm, red, P * n + n + 2));
+        for (size_t i = 0; i < n; i++) {
+            double before = 0.0, all = 0.0;
+            for (size_t p = 0; p < P; p++)
+                all += red[p * n + i], before += p < r ? red[p * n + i] : 0.0;
+            s->kept[i] = (size_t)before;
+            s->chosen[i] = (size_t)all;
+            s->imp[i] = tail[i];
+        }
+        zsum = tail[n], gb = tail[n + 1];
+    }
+    s->gbatch = gb;
+    const size_t cap = ccr_switch_capacity(train ? s->capacity_factor : s->eval_capacity_factor,
+                                           (size_t)gb, n);
+    /* An example keeps its expert when fewer than cap examples before it
+     * (in the global batch's order) chose the same one. */
+    for (size_t b = 0; b < batch; b++) {
+        const int32_t top = s->choice[b];
+        if (s->kept[top]++ < cap) {
+            s->ids[b] = top;
+            s->weights[b] = s->r.probs[b * n + (size_t)top];
+        } else {
+            s->ids[b] = -1;
+            s->weights[b] = 0.0f;
+        }
+    }
     /* loss_switch = alpha E sum_i f_i P_i with f_i = chosen_i / B, P_i = imp_i / B. */
     double fp = 0.0;
+    size_t dropped = 0;
     for (size_t i = 0; i < n; i++) {
-        fp += ((double)s->chosen[i] / (double)batch) * (s->imp[i] / (double)batch);
-        s->cnt[i] = (double)s->kept[i];
+        const size_t kept = s->chosen[i] < cap ? s->chosen[i] : cap;
+        dropped += s->chosen[i] - kept;
+        s->kept[i] = kept;
+        fp += ((double)s->chosen[i] / gb) * (s->imp[i] / gb);
+        s->cnt[i] = (double)kept;
         s->exports[i] = (float)s->imp[i];
-        s->exports[n + i] = (float)s->kept[i];
+        s->exports[n + i] = (float)kept;
         s->exports[2 * n + i] = (float)s->chosen[i];
     }
     const double loss_switch = s->aux_alpha * (double)n * fp;
+    const double loss_z = gate_router_zloss(&s->r, zsum, (size_t)gb);
     *route = (ccr_route){
         .batch = batch, .slots = 1, .n_matrices = n, .ids = s->ids, .weights = s->weights,
     };
@@ -232,13 +269,27 @@ static ccr_status switch_forward(void *state, const float *x, size_t batch, bool
     return CCR_OK;
 }
 
+static ccr_status switch_set_comm(void *state, ccr_comm *comm)
+{
+    switch_state *s = state;
+    size_t P = (size_t)ccr_comm_size(comm), m;
+    if (!ccr_mul_ok(P + 1, s->n, &m) || !ccr_add_ok(m, 2, &m))
+        return CCR_ENOMEM;
+    free(s->red);
+    s->red = ccr_mallocn(m, sizeof *s->red);
+    if (s->red == NULL)
+        return CCR_ENOMEM;
+    s->comm = comm;
+    return CCR_OK;
+}
+
 static ccr_status switch_backward(void *state, const ccr_gate_bwd_args *a)
 {
     switch_state *s = state;
     const size_t n = s->n, batch = a->batch;
     float *dz = gate_router_grad_begin(&s->r, batch);
     /* d loss_switch / dp_{b,i} = alpha E f_i / B = alpha E chosen_i / B^2. */
-    const double coef = s->aux_alpha * (double)n / ((double)batch * (double)batch)
+    const double coef = s->aux_alpha * (double)n / (s->gbatch * s->gbatch)
 #ifdef CCR_MUTANT_SWITCH_AUX  /* tests/gradcheck_mutants.sh */
                         * 0.0
 #endif
@@ -304,4 +355,5 @@ const ccr_gate_type ccr_gate_switch = {
     .options = CCR_GATE_OPT_N_EXPERTS | CCR_GATE_OPT_CAPACITY_FACTOR |
                CCR_GATE_OPT_EVAL_CAPACITY_FACTOR | CCR_GATE_OPT_AUX_ALPHA | CCR_GATE_OPT_Z_LOSS |
                CCR_GATE_OPT_RANDOMIZE,
+    .set_comm = switch_set_comm,
 };

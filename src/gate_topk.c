@@ -32,6 +32,9 @@ typedef struct topk_state {
     float *imp_f, *load_f;      /* [E] exported copies */
     unsigned char *seen;        /* [E] */
     float *dg;                  /* [k] */
+    double gbatch;              /* the last forward's (global) batch */
+    ccr_comm *comm;             /* expert parallelism: statistics over its ranks (or NULL) */
+    double *red;                /* [3 E + 2] Importance, Load, counts, sum lse^2, batch */
 } topk_state;
 
 static void topk_free(void *state)
@@ -49,6 +52,7 @@ static void topk_free(void *state)
     free(s->load_f);
     free(s->seen);
     free(s->dg);
+    free(s->red);
     memset(s, 0, sizeof *s);
 }
 
@@ -155,13 +159,27 @@ static ccr_status topk_forward(void *state, const float *x, size_t batch, bool t
                 s->load[i] += c->p[b * e + i];
         zsum += c->lse[b] * c->lse[b];
     }
+    double gb = (double)batch;  /* the global batch under expert parallelism */
+    if (s->comm != NULL) {
+        double *red = s->red;
+        memcpy(red, s->imp, e * sizeof *red);
+        memcpy(red + e, s->load, e * sizeof *red);
+        memcpy(red + 2 * e, s->counts, e * sizeof *red);
+        red[3 * e] = zsum, red[3 * e + 1] = gb;
+        CCR_TRY(ccr_comm_allreduce_sum_f64(s->comm, red, 3 * e + 2));
+        memcpy(s->imp, red, e * sizeof *red);
+        memcpy(s->load, red + e, e * sizeof *red);
+        memcpy(s->counts, red + 2 * e, e * sizeof *red);
+        zsum = red[3 * e], gb = red[3 * e + 1];
+    }
+    s->gbatch = gb;
     if (!smooth)
         memcpy(s->load, s->counts, e * sizeof(double));
     for (size_t i = 0; i < e; i++) {
         s->imp_f[i] = (float)s->imp[i];
         s->load_f[i] = (float)s->load[i];
     }
-    double loss_z = s->cfg.z_loss > 0.0 ? s->cfg.z_loss * zsum / (double)batch : 0.0;
+    double loss_z = s->cfg.z_loss > 0.0 ? s->cfg.z_loss * zsum / gb : 0.0;
     tk_fill_stats(st, &s->cfg, s->imp, s->load, s->counts, e, loss_z);
     st->distinct = gate_count_distinct(s->ids, batch * k, e, s->seen);
     s->batch = batch;
@@ -187,7 +205,7 @@ static ccr_status topk_backward(void *state, const ccr_gate_bwd_args *a)
         CCR_FAIL(s->ctx, CCR_EINVAL, "topk: parameters not declared in a finalized arena");
     tk_cv2_grad(s->imp, e, s->cfg.w_importance, s->dimp);
     tk_cv2_grad(s->load, e, smooth ? s->cfg.w_load : 0.0, s->dload);
-    double zcoef = s->cfg.z_loss > 0.0 ? s->cfg.z_loss / (double)batch : 0.0;
+    double zcoef = s->cfg.z_loss > 0.0 ? s->cfg.z_loss / s->gbatch : 0.0;
     tk_core *c = &s->core;
     for (size_t b = 0; b < batch; b++) {
         /* Importance is the sum of the weights: its gradient joins dweights. */
@@ -202,6 +220,17 @@ static ccr_status topk_backward(void *state, const ccr_gate_bwd_args *a)
     gate_matmul_backward(a->x, wg, c->dclean, batch, s->d, e, dwg, a->dx);
     if (train)
         gate_matmul_backward(a->x, wn, c->draw, batch, s->d, e, dwn, a->dx);
+    return CCR_OK;
+}
+
+static ccr_status topk_set_comm(void *state, ccr_comm *comm)
+{
+    topk_state *s = state;
+    free(s->red);
+    s->red = ccr_malloc3(3, s->e + 1, sizeof *s->red);
+    if (s->red == NULL)
+        return CCR_ENOMEM;
+    s->comm = comm;
     return CCR_OK;
 }
 
@@ -259,4 +288,5 @@ const ccr_gate_type ccr_gate_topk = {
     .options = CCR_GATE_OPT_N_EXPERTS | CCR_GATE_OPT_K | CCR_GATE_OPT_W_IMPORTANCE |
                CCR_GATE_OPT_W_LOAD | CCR_GATE_OPT_Z_LOSS | CCR_GATE_OPT_NOISE_EPS |
                CCR_GATE_OPT_RANDOMIZE,
+    .set_comm = topk_set_comm,
 };

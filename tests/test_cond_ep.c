@@ -12,9 +12,12 @@
  * (each rank discards the other ranks' noise as one process draws it).  The
  * replicated gate's gradients, summed over the ranks, equal the
  * reference's to float rounding (normalised error below 1e-10: the sum's
- * order differs).  The auxiliary losses are switched off (they are still
- * per rank) and Switch's capacity holds every example.  Configurations with
- * fewer matrices than ranks leave ranks owning none.
+ * order differs).  First with the auxiliary losses off and a Switch
+ * capacity that holds every example; then, for the gates whose statistics
+ * are global (dense, topk, switch), with the losses on and Switch dropping
+ * examples: the same outputs bit for bit, the losses and CVs to 1e-12, the
+ * same drops, dx to float rounding.  Configurations with fewer matrices
+ * than ranks leave ranks owning none.
  *
  * Plain: one process through the self communicator; under mpirun
  * (tests/mpi_run.sh, meson tests cond_ep_np1 .. np4): MPI.
@@ -106,14 +109,19 @@ static bool is_bank(const char *name)
     return false;
 }
 
-START_TEST(test_ep_parity)
+/* One comparison; aux: the auxiliary losses on (gates with global
+ * statistics), Switch at capacity factor 1 (examples dropped). */
+static void ep_check(const ep_case *t, bool train, bool aux)
 {
-    const ep_case *t = &cases[_i / 2];
-    const bool train = _i % 2 == 1;
     const int P = ccr_comm_size(comm), r = ccr_comm_rank(comm);
     const size_t B = 23, d = 9;
     const size_t b0 = B * (size_t)r / (size_t)P, b1 = B * (size_t)(r + 1) / (size_t)P;
     ccr_cond_config cc = make_config(t);
+    if (aux) {
+        ccr_gate_config *gc = &cc.gate_cfg;
+        gc->w_importance = 0.1, gc->w_load = 0.1, gc->aux_alpha = 0.01, gc->z_loss = 1e-3;
+        gc->capacity_factor = 1.0;
+    }
     ccr_cond *ref, *ep;
     ccr_arena *aref, *aep;
     build(&cc, B, NULL, 17, &ref, &aref);
@@ -129,15 +137,26 @@ START_TEST(test_ep_parity)
     gsl_rng *n_ref = gsl_rng_alloc(gsl_rng_mt19937), *n_ep = gsl_rng_alloc(gsl_rng_mt19937);
     gsl_rng_set(n_ref, 99);
     gsl_rng_set(n_ep, 99);
-    ccr_gate_stats st;
-    CCR_CK_OK(ctx, ccr_cond_forward(ref, x, B, train, n_ref, y_ref, &st));
+    ccr_gate_stats st, st_ref;
+    CCR_CK_OK(ctx, ccr_cond_forward(ref, x, B, train, n_ref, y_ref, &st_ref));
     CCR_CK_OK(ctx, ccr_cond_backward(ref, dy, dx_ref));
     CCR_CK_OK(ctx, ccr_cond_forward(ep, x + b0 * d, b1 - b0, train, n_ep, y, &st));
     CCR_CK_OK(ctx, ccr_cond_backward(ep, dy + b0 * d, dx));
     ck_assert_msg(memcmp(y, y_ref + b0 * d, (b1 - b0) * d * sizeof *y) == 0,
                   "%s train=%d rank %d: outputs differ", t->gate, train, r);
-    ck_assert_msg(memcmp(dx, dx_ref + b0 * d, (b1 - b0) * d * sizeof *dx) == 0,
-                  "%s train=%d rank %d: dx differs", t->gate, train, r);
+    if (!aux) {
+        ck_assert_msg(memcmp(dx, dx_ref + b0 * d, (b1 - b0) * d * sizeof *dx) == 0,
+                      "%s train=%d rank %d: dx differs", t->gate, train, r);
+    } else {
+        /* Global sums of the statistics: the losses to double rounding, dx
+         * (through the aux losses' gradients) to float rounding. */
+        ccr_test_assert_nmse(dx, dx_ref + b0 * d, (b1 - b0) * d, 1e-12, "dx (aux)");
+        ck_assert_msg(fabs(st.aux_loss - st_ref.aux_loss) <= 1e-12 * fabs(st_ref.aux_loss),
+                      "%s: aux loss %.17g vs %.17g", t->gate, st.aux_loss, st_ref.aux_loss);
+        ck_assert(fabs(st.cv_importance - st_ref.cv_importance) <=
+                  1e-12 * fabs(st_ref.cv_importance) + 1e-15);
+        ck_assert_uint_eq(st.dropped, st_ref.dropped);
+    }
     ck_assert_msg(gsl_rng_get(n_ref) == gsl_rng_get(n_ep), "%s: the RNGs diverged", t->gate);
 
     /* Parameters and gradients, tensor by tensor. */
@@ -166,6 +185,20 @@ START_TEST(test_ep_parity)
     gsl_rng_free(g), gsl_rng_free(n_ref), gsl_rng_free(n_ep);
     ccr_cond_free(ref), ccr_cond_free(ep);
     ccr_arena_free(aref), ccr_arena_free(aep);
+}
+
+START_TEST(test_ep_parity)
+{
+    ep_check(&cases[_i / 2], _i % 2 == 1, false);
+}
+END_TEST
+
+/* The gates whose statistics are global (dense, topk, switch) with their
+ * auxiliary losses on, in both modes; Switch drops examples. */
+START_TEST(test_ep_parity_aux)
+{
+    static const size_t with_comm[] = {1, 2, 3, 5};  /* dense, topk x2, switch */
+    ep_check(&cases[with_comm[_i / 2]], _i % 2 == 1, true);
 }
 END_TEST
 
@@ -222,6 +255,7 @@ int main(int argc, char **argv)
     TCase *tc = tcase_create("cond_ep");
     tcase_set_timeout(tc, 120);
     tcase_add_loop_test(tc, test_ep_parity, 0, 2 * N_CASES);
+    tcase_add_loop_test(tc, test_ep_parity_aux, 0, 8);
     tcase_add_test(tc, test_ep_errors);
     suite_add_tcase(su, tc);
     SRunner *sr = srunner_create(su);

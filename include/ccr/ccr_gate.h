@@ -49,6 +49,7 @@
 #include <gsl/gsl_rng.h>
 
 #include "ccr_arena.h"
+#include "ccr_comm.h"
 #include "ccr_common.h"
 #include "ccr_ctx.h"
 #include "ccr_status.h"
@@ -270,6 +271,13 @@ typedef struct ccr_gate_type {
     unsigned options;       /* the ccr_gate_option bits of the fields it reads */
     bool linear_bank;       /* the bank its layer gets by default (CCR_BANK_DEFAULT in
                                ccr_cond.h): linear nodes if true, FFN experts if false */
+    /* Optional (expert parallelism, ccr_gate_set_comm): from now on each
+     * forward sums its batch statistics over comm's ranks, whose batches in
+     * rank order form the global batch - the auxiliary losses' inputs and
+     * normalisers, Switch's capacity positions, the diagnostics - so that
+     * losses, routing and gradients are those of the global batch.  NULL:
+     * statistics of each rank's own batch. */
+    ccr_status (*set_comm)(void *state, ccr_comm *comm);
 } ccr_gate_type;
 
 /* The registry: a NULL-terminated, compile-time table of every gate type. */
@@ -316,6 +324,12 @@ ccr_status ccr_gate_declare(ccr_gate *g, ccr_arena *a, const char *prefix);
 
 /* Sets initial parameter values (after the arena is finalized). */
 ccr_status ccr_gate_init_params(ccr_gate *g, gsl_rng *rng);
+
+/* Expert parallelism: g's batch statistics become global over comm's ranks
+ * (ccr_gate_type.set_comm; ccr_cond_set_comm calls it).  Every rank calls
+ * every forward, in the same order.  CCR_EUNSUP for a gate type without
+ * set_comm; CCR_EINVAL for NULL arguments. */
+ccr_status ccr_gate_set_comm(ccr_gate *g, ccr_comm *comm);
 
 /* Routes batch (1..max_batch) examples x [batch, d_in] (host).  Returns
  * CCR_EBADLEN for a bad batch, CCR_EDOM for non-finite x or non-finite
