@@ -56,6 +56,9 @@ typedef struct hmoe_state {
     float *imp_f, *load_f;          /* [a bs] exported copies, filled on request */
     unsigned char *seen;            /* [E] */
     float *dgp, *dgs;               /* [k], [k2] */
+    double gbatch;                  /* the last forward's (global) batch */
+    ccr_comm *comm;                 /* expert parallelism: statistics over its ranks */
+    double *red;                    /* [3 e + 2 a + 2]: imp, counts, ls, lp, cnt, zsum, batch */
 } hmoe_state;
 
 static void hmoe_free(void *state)
@@ -66,7 +69,7 @@ static void hmoe_free(void *state)
     void *bufs[] = {s->ids, s->weights, s->row_of, s->pos_of, s->off, s->xg, s->y, s->wcat,
                     s->dwcat, s->dxg, s->noise_sec, s->imp, s->load, s->counts, s->dimp,
                     s->dload, s->ls, s->dls, s->lp, s->cnt, s->dlp, s->imp_f, s->load_f,
-                    s->seen, s->dgp, s->dgs};
+                    s->seen, s->dgp, s->dgs, s->red};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
         free(bufs[i]);
     memset(s, 0, sizeof *s);
@@ -315,6 +318,22 @@ static ccr_status hmoe_forward(void *state, const float *x, size_t batch, bool t
                     s->ls[i * bs + j] += sc->p[r * bs + j];
         }
     }
+    double gb = (double)batch;  /* the global batch under expert parallelism */
+    if (s->comm != NULL) {
+        double *red = s->red;
+        double *const parts[5] = {s->imp, s->counts, s->ls, s->lp, s->cnt};
+        const size_t len[5] = {e, e, e, a, a};
+        size_t o = 0;
+        for (int t = 0; t < 5; o += len[t], t++)
+            memcpy(red + o, parts[t], len[t] * sizeof *red);
+        red[o] = zsum, red[o + 1] = gb;
+        CCR_TRY(ccr_comm_allreduce_sum_f64(s->comm, red, o + 2));
+        o = 0;
+        for (int t = 0; t < 5; o += len[t], t++)
+            memcpy(parts[t], red + o, len[t] * sizeof *red);
+        zsum = red[o], gb = red[o + 1];
+    }
+    s->gbatch = gb;
     if (!smooth_p)
         memcpy(s->lp, s->cnt, a * sizeof(double));
     if (!smooth_s)
@@ -322,7 +341,7 @@ static ccr_status hmoe_forward(void *state, const float *x, size_t batch, bool t
     for (size_t i = 0; i < a; i++)
         for (size_t j = 0; j < bs; j++)
             s->load[i * bs + j] = s->lp[i] * s->ls[i * bs + j] / (s->cnt[i] + 1e-10);
-    double loss_z = s->cfg.z_loss > 0.0 ? s->cfg.z_loss * zsum / (double)batch : 0.0;
+    double loss_z = s->cfg.z_loss > 0.0 ? s->cfg.z_loss * zsum / gb : 0.0;
     tk_fill_stats(st, &s->cfg, s->imp, s->load, s->counts, e, loss_z);
     st->distinct = gate_count_distinct(s->ids, batch * k * k2, e, s->seen);
     s->batch = batch;
@@ -333,6 +352,20 @@ static ccr_status hmoe_forward(void *state, const float *x, size_t batch, bool t
     route->n_matrices = e;
     route->ids = s->ids;
     route->weights = s->weights;
+    return CCR_OK;
+}
+
+static ccr_status hmoe_set_comm(void *state, ccr_comm *comm)
+{
+    hmoe_state *s = state;
+    size_t n;
+    if (!ccr_mul_ok(3, s->e, &n) || !ccr_add_ok(n, 2 * s->a + 2, &n))
+        return CCR_ENOMEM;
+    free(s->red);
+    s->red = ccr_mallocn(n, sizeof *s->red);
+    if (s->red == NULL)
+        return CCR_ENOMEM;
+    s->comm = comm;
     return CCR_OK;
 }
 
@@ -365,7 +398,7 @@ static ccr_status hmoe_backward(void *state, const ccr_gate_bwd_args *ar)
         s->dlp[i] = 0.0;
 #endif
     }
-    const double zcoef = s->cfg.z_loss > 0.0 ? s->cfg.z_loss / (double)batch : 0.0;
+    const double zcoef = s->cfg.z_loss > 0.0 ? s->cfg.z_loss / s->gbatch : 0.0;
     /* Per example: the rows' gate gradients (the weight matrices come
      * after, batched per group). */
     for (size_t b = 0; b < batch; b++) {
@@ -553,4 +586,5 @@ const ccr_gate_type ccr_gate_hmoe = {
     .options = CCR_GATE_OPT_N_EXPERTS | CCR_GATE_OPT_N_GROUPS | CCR_GATE_OPT_K_GROUPS |
                CCR_GATE_OPT_K2 | CCR_GATE_OPT_W_IMPORTANCE | CCR_GATE_OPT_W_LOAD |
                CCR_GATE_OPT_Z_LOSS | CCR_GATE_OPT_NOISE_EPS | CCR_GATE_OPT_RANDOMIZE,
+    .set_comm = hmoe_set_comm,
 };

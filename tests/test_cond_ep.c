@@ -14,7 +14,7 @@
  * reference's to float rounding (normalised error below 1e-10: the sum's
  * order differs).  First with the auxiliary losses off and a Switch
  * capacity that holds every example; then, for the gates whose statistics
- * are global (dense, topk, switch), with the losses on and Switch dropping
+ * are global (dense, topk, hmoe, switch), with the losses on and Switch dropping
  * examples: the same outputs bit for bit, the losses and CVs to 1e-12, the
  * same drops, dx to float rounding.  Configurations with fewer matrices
  * than ranks leave ranks owning none.
@@ -193,11 +193,11 @@ START_TEST(test_ep_parity)
 }
 END_TEST
 
-/* The gates whose statistics are global (dense, topk, switch) with their
+/* The gates whose statistics are global (dense, topk, hmoe, switch) with their
  * auxiliary losses on, in both modes; Switch drops examples. */
 START_TEST(test_ep_parity_aux)
 {
-    static const size_t with_comm[] = {1, 2, 3, 5};  /* dense, topk x2, switch */
+    static const size_t with_comm[] = {1, 2, 3, 4, 5};  /* dense, topk x2, hmoe, switch */
     ep_check(&cases[with_comm[_i / 2]], _i % 2 == 1, true);
 }
 END_TEST
@@ -255,7 +255,7 @@ int main(int argc, char **argv)
     TCase *tc = tcase_create("cond_ep");
     tcase_set_timeout(tc, 120);
     tcase_add_loop_test(tc, test_ep_parity, 0, 2 * N_CASES);
-    tcase_add_loop_test(tc, test_ep_parity_aux, 0, 8);
+    tcase_add_loop_test(tc, test_ep_parity_aux, 0, 10);
     tcase_add_test(tc, test_ep_errors);
     suite_add_tcase(su, tc);
     SRunner *sr = srunner_create(su);

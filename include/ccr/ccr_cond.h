@@ -192,9 +192,12 @@ ccr_status ccr_cond_set_timing(ccr_cond *c, double *sec);
  * groups), and a training pass advances the RNG as one process would (each
  * rank draws and discards the other ranks' gate noise).  The replicated
  * gate's gradients are this rank's share: sum them over the ranks
- * (ccr_comm_allreduce_sum) before an optimiser step.  Not yet global: the
- * gates' auxiliary losses and statistics and Switch's capacity are those of
- * the local batch.  All ranks call forward and backward together, all with
+ * (ccr_comm_allreduce_sum) before an optimiser step.  The gates with
+ * ccr_gate_type.set_comm (dense, topk, hmoe, switch) sum their statistics
+ * over the ranks - auxiliary losses, CVs, Switch's capacity and positions -
+ * so these are the global batch's (to double rounding; dx and the gate's
+ * gradients then to float rounding); the sign-bit tree's and none's
+ * diagnostics stay per rank.  All ranks call forward and backward together, all with
  * dx or all without.  CPU backend, host memory (comm "self" or "mpi").
  * CCR_EINVAL after declare; CCR_EUNSUP on a non-CPU backend or for the
  * sign-bit tree's straight-through mode (its backward evaluates matrices
