@@ -53,7 +53,28 @@ void ccr_net_free(ccr_net *net)
     ccr_backend_free_buffer(net->be, net->block);
     free(net->layers);
     free(net->host);
+    free(net->comm_buf);
     free(net);
+}
+
+ccr_status ccr_net_set_comm(ccr_net *net, ccr_comm *comm)
+{
+    if (net == NULL)
+        return CCR_EINVAL;
+    CCR_CHECK_NULL(net->ctx, comm);
+    if (net->params != NULL)
+        CCR_FAIL(net->ctx, CCR_EINVAL, "set the communicator before ccr_net_finalize");
+    if (net->comm != NULL)
+        CCR_FAIL(net->ctx, CCR_EINVAL, "the network already has a communicator");
+    size_t P = (size_t)ccr_comm_size(comm);
+    net->comm_buf = ccr_mallocn(P + 3, sizeof *net->comm_buf);
+    if (net->comm_buf == NULL)
+        CCR_FAIL(net->ctx, CCR_ENOMEM, "cannot allocate the communicator's buffer");
+    for (size_t i = 0; i < net->n; i++)
+        if (net->layers[i].cond != NULL)
+            CCR_TRY(ccr_cond_set_comm(net->layers[i].cond, comm));
+    net->comm = comm;
+    return CCR_OK;
 }
 
 static ccr_status net_push(ccr_net *net, const ccr_layer_ops *ops, size_t d_out, ccr_act act)
@@ -107,7 +128,9 @@ ccr_status ccr_net_add_cond(ccr_net *net, const ccr_cond_config *cfg)
     c.d_in = ccr_net_d_out(net);
     ccr_cond *cond;
     CCR_TRY(ccr_cond_alloc(net->be, &c, net->max_batch, &cond));
-    ccr_status s = net_push(net, &ccr_layer_cond_ops, c.d_out, CCR_ACT_IDENTITY);
+    ccr_status s = net->comm ? ccr_cond_set_comm(cond, net->comm) : CCR_OK;
+    if (s == CCR_OK)
+        s = net_push(net, &ccr_layer_cond_ops, c.d_out, CCR_ACT_IDENTITY);
     if (s != CCR_OK) {
         ccr_cond_free(cond);
         return s;
@@ -417,13 +440,40 @@ static ccr_status net_check_labels(ccr_net *net, const int32_t *labels, size_t n
 /* Loss of the last forward against staged labels; with_grad writes
  * dlogits = (softmax - onehot) / batch into the top layer's dout.  Sums the
  * per-example losses in order, in double. */
+/* The global batch of this pass: the sum over the communicator's ranks
+ * (this rank's batch without one). */
+static ccr_status net_global(ccr_net *net, size_t batch, size_t *global)
+{
+    *global = batch;
+    if (net->comm == NULL)
+        return CCR_OK;
+    net->comm_buf[0] = (double)batch;
+    CCR_TRY(ccr_comm_allreduce_sum_f64(net->comm, net->comm_buf, 1));
+    *global = (size_t)net->comm_buf[0];
+    return CCR_OK;
+}
+
+/* Sums loss and correct over the ranks (no-op without a communicator). */
+static ccr_status net_sum_stats(ccr_net *net, double *loss_sum, size_t *correct)
+{
+    if (net->comm == NULL)
+        return CCR_OK;
+    net->comm_buf[0] = *loss_sum, net->comm_buf[1] = (double)*correct;
+    CCR_TRY(ccr_comm_allreduce_sum_f64(net->comm, net->comm_buf, 2));
+    *loss_sum = net->comm_buf[0];
+    *correct = (size_t)net->comm_buf[1];
+    return CCR_OK;
+}
+
 static ccr_status net_loss(ccr_net *net, const int32_t *labels, size_t batch, bool with_grad,
                            double *loss_sum, size_t *correct)
 {
     ccr_layer *top = &net->layers[net->n - 1];
+    size_t global;  /* the mean is over the global batch under a communicator */
+    CCR_TRY(net_global(net, batch, &global));
     CCR_TRY(ccr_backend_set(net->be, net->labels_dev, labels, batch * sizeof(int32_t)));
     CCR_TRY(net->be->k->softmax_xent(net->be, top->out, net->labels_dev, batch, top->d_out,
-                                     1.0f / (float)batch, net->loss_dev, net->correct_dev,
+                                     1.0f / (float)global, net->loss_dev, net->correct_dev,
                                      with_grad ? top->dout : NULL));
     float *loss_h = net->host;
     int32_t *corr_h = (int32_t *)(void *)(net->host + net->max_batch);
@@ -460,6 +510,20 @@ double ccr_net_aux_loss(const ccr_net *net)
     return aux;
 }
 
+/* The replicated parameters' gradients summed over the ranks, tensor by
+ * tensor in arena order: every tensor but the banks' (row-sparse, rank-
+ * dependent sizes; a rank may hold none), so every rank makes the same
+ * calls with the same sizes. */
+static ccr_status net_allreduce_grads(ccr_net *net)
+{
+    ccr_arena *a = net->params;
+    for (size_t i = 0; i < ccr_arena_count(a); i++)
+        if (ccr_arena_sparse_of(a, i) == NULL)
+            CCR_TRY(ccr_comm_allreduce_sum(net->comm, ccr_arena_grad(a, i),
+                                           ccr_arena_size(a, i)));
+    return CCR_OK;
+}
+
 ccr_status ccr_net_loss_grad_mode(ccr_net *net, const float *x, const int32_t *labels,
                                   size_t batch, ccr_mode mode, gsl_rng *rng,
                                   ccr_step_stats *stats)
@@ -475,10 +539,16 @@ ccr_status ccr_net_loss_grad_mode(ccr_net *net, const float *x, const int32_t *l
     size_t correct = 0;
     CCR_TRY(net_loss(net, labels, batch, true, &sum, &correct));
     CCR_TRY(ccr_net_backward(net, net->layers[net->n - 1].dout));
-    stats->loss = sum / (double)batch;
+    size_t global = batch;
+    if (net->comm != NULL) {
+        CCR_TRY(net_sum_stats(net, &sum, &correct));
+        CCR_TRY(net_global(net, batch, &global));
+        CCR_TRY(net_allreduce_grads(net));
+    }
+    stats->loss = sum / (double)global;
     stats->aux_loss = ccr_net_aux_loss(net);
     stats->correct = correct;
-    stats->batch = batch;
+    stats->batch = global;
     return CCR_OK;
 }
 
@@ -498,10 +568,29 @@ ccr_status ccr_net_eval(ccr_net *net, const float *x, const int32_t *labels, siz
     if (n == 0)
         CCR_FAIL(net->ctx, CCR_EBADLEN, "evaluation over zero examples");
     CCR_TRY(net_check_labels(net, labels, n));
+    /* Chunks of at most max_batch; under a communicator every rank runs the
+     * same number of them, the most any rank needs (its share split evenly),
+     * as its conditional layers' collectives require. */
+    size_t chunks = (n + net->max_batch - 1) / net->max_batch;
+    if (net->comm != NULL) {
+        const size_t P = (size_t)ccr_comm_size(net->comm);
+        for (size_t p = 0; p < P; p++)
+            net->comm_buf[p] = 0.0;
+        net->comm_buf[ccr_comm_rank(net->comm)] = (double)chunks;
+        CCR_TRY(ccr_comm_allreduce_sum_f64(net->comm, net->comm_buf, P));
+        for (size_t p = 0; p < P; p++)
+            chunks = (size_t)net->comm_buf[p] > chunks ? (size_t)net->comm_buf[p] : chunks;
+        if (n < chunks)
+            CCR_FAIL(net->ctx, CCR_EBADLEN, "this rank evaluates %zu examples, fewer than the "
+                     "%zu chunks another rank's share needs", n, chunks);
+    }
     double total = 0.0, aux = 0.0;
     size_t correct = 0;
-    for (size_t i0 = 0; i0 < n; i0 += net->max_batch) {
-        size_t b = n - i0 < net->max_batch ? n - i0 : net->max_batch;
+    for (size_t ci = 0; ci < chunks; ci++) {
+        size_t i0 = net->comm ? n * ci / chunks : ci * net->max_batch;
+        size_t i1 = net->comm ? n * (ci + 1) / chunks
+                              : (n - i0 < net->max_batch ? n : i0 + net->max_batch);
+        size_t b = i1 - i0;
         const float *xb = x + i0 * net->d_in;
         CCR_TRY(net_check_input(net, xb, b));
         CCR_TRY(net_forward(net, xb, b, false, NULL));
@@ -512,10 +601,17 @@ ccr_status ccr_net_eval(ccr_net *net, const float *x, const int32_t *labels, siz
         total += sum;
         correct += c;
     }
-    stats->loss = total / (double)n;
-    stats->aux_loss = aux / (double)n;   /* chunk-size-weighted mean */
+    size_t n_all = n;
+    if (net->comm != NULL) {
+        double *v = net->comm_buf;
+        v[0] = total, v[1] = (double)correct, v[2] = aux, v[3] = (double)n;
+        CCR_TRY(ccr_comm_allreduce_sum_f64(net->comm, v, 4));
+        total = v[0], correct = (size_t)v[1], aux = v[2], n_all = (size_t)v[3];
+    }
+    stats->loss = total / (double)n_all;
+    stats->aux_loss = aux / (double)n_all;   /* chunk-size-weighted mean */
     stats->correct = correct;
-    stats->batch = n;
+    stats->batch = n_all;
     return CCR_OK;
 }
 

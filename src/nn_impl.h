@@ -21,6 +21,8 @@ struct ccr_net {
     int32_t *correct_dev;     /* [max_batch] per-example correctness */
     float *host;              /* [2 max_batch] host staging of loss, correct */
     size_t last_batch;        /* batch of the last forward, 0 if none */
+    ccr_comm *comm;           /* data and expert parallelism (ccr_net_set_comm), or NULL */
+    double *comm_buf;         /* [size + 3] its small all-reduces */
 };
 
 #endif /* CCR_NN_IMPL_H */

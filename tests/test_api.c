@@ -284,6 +284,7 @@ START_TEST(test_nn)
     EINVAL_(ccr_comm_alltoallv_i32(NULL, NULL, cnt, cnt, NULL, cnt, cnt));
     EINVAL_(ccr_cond_set_comm(NULL, NULL));
     EINVAL_(ccr_gate_set_comm(NULL, NULL));
+    EINVAL_(ccr_net_set_comm(NULL, NULL));
     size_t own0, own1;
     EINVAL_(ccr_cond_owned(NULL, &own0, &own1));
     EINVAL_(ccr_comm_allreduce_sum(NULL, NULL, 0));

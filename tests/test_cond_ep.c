@@ -202,6 +202,98 @@ START_TEST(test_ep_parity_aux)
 }
 END_TEST
 
+#if CCR_HAVE_MPI
+/* A whole network trained with ccr_train_step (Adam, three steps) and then
+ * evaluated: the expert-parallel replicas (ccr_net_set_comm, each rank its
+ * slice of every batch) against one process with the global batch.  Losses
+ * and accuracy are global on every rank; the parameters stay equal to the
+ * single process's to float rounding (replicated ones everywhere, the
+ * bank's rows on their owners), and the replicas stay bit-identical. */
+START_TEST(test_ep_net)
+{
+    const int P = ccr_comm_size(comm), r = ccr_comm_rank(comm);
+    const size_t B = 23, d = 9, classes = 3;
+    const size_t b0 = B * (size_t)r / (size_t)P, b1 = B * (size_t)(r + 1) / (size_t)P;
+    ccr_net *nets[2];
+    ccr_optim *opts[2];
+    for (int k = 0; k < 2; k++) {
+        gsl_rng *g = gsl_rng_alloc(gsl_rng_mt19937);
+        gsl_rng_set(g, 3);
+        CCR_CK_OK(ctx, ccr_net_init(be, d, k == 0 ? B : b1 - b0, &nets[k]));
+        if (k == 1)
+            CCR_CK_OK(ctx, ccr_net_set_comm(nets[k], comm));
+        CCR_CK_OK(ctx, ccr_net_add_linear(nets[k], 8));
+        CCR_CK_OK(ctx, ccr_net_add_act(nets[k], CCR_ACT_RELU));
+        ccr_cond_config cc = make_config(&cases[2]);  /* topk E = 7, k = 2 */
+        cc.gate_cfg.w_importance = cc.gate_cfg.w_load = 0.1;
+        cc.d_out = 8;
+        CCR_CK_OK(ctx, ccr_net_add_cond(nets[k], &cc));
+        CCR_CK_OK(ctx, ccr_net_add_linear(nets[k], classes));
+        CCR_CK_OK(ctx, ccr_net_finalize(nets[k], g));
+        gsl_rng_free(g);
+        ccr_optim_config oc = ccr_optim_defaults(CCR_OPTIM_ADAM);
+        oc.lr = 1e-2f;
+        CCR_CK_OK(ctx, ccr_optim_init(ccr_net_params(nets[k]), &oc, &opts[k]));
+    }
+    float x[23 * 9];
+    int32_t y[23];
+    gsl_rng *g = gsl_rng_alloc(gsl_rng_mt19937), *n0 = gsl_rng_alloc(gsl_rng_mt19937),
+            *n1 = gsl_rng_alloc(gsl_rng_mt19937);
+    gsl_rng_set(n0, 8), gsl_rng_set(n1, 8);
+    for (int step = 0; step < 3; step++) {
+        gsl_rng_set(g, 40 + (unsigned long)step);
+        ccr_test_fill_uniform(g, x, B * d, -2, 2);
+        for (size_t i = 0; i < B; i++)
+            y[i] = (int32_t)(gsl_rng_get(g) % classes);
+        ccr_step_stats s0, s1;
+        CCR_CK_OK(ctx, ccr_train_step(nets[0], opts[0], n0, x, y, B, &s0));
+        CCR_CK_OK(ctx, ccr_train_step(nets[1], opts[1], n1, x + b0 * d, y + b0, b1 - b0, &s1));
+        ck_assert_uint_eq(s1.batch, B);
+        ck_assert_uint_eq(s1.correct, s0.correct);
+        ck_assert_msg(fabs(s1.loss - s0.loss) <= 1e-6 * fabs(s0.loss), "step %d: loss %.9g "
+                      "vs %.9g", step, s1.loss, s0.loss);
+        ck_assert_msg(fabs(s1.aux_loss - s0.aux_loss) <= 1e-6 * fabs(s0.aux_loss) + 1e-12,
+                      "step %d: aux %.9g vs %.9g", step, s1.aux_loss, s0.aux_loss);
+    }
+    const ccr_arena *a0 = ccr_net_params(nets[0]), *a1 = ccr_net_params(nets[1]);
+    for (size_t i = 0; i < ccr_arena_count(a1); i++) {
+        const char *name = ccr_arena_name(a1, i);
+        size_t j, n = ccr_arena_size(a1, i);
+        CCR_CK_OK(ctx, ccr_arena_find(a0, name, &j));
+        size_t off = 0;
+        if (strstr(name, "experts.") != NULL) {
+            ccr_cond *c;
+            CCR_CK_OK(ctx, ccr_net_cond(nets[1], 2, &c, NULL));
+            size_t m0, m1;
+            CCR_CK_OK(ctx, ccr_cond_owned(c, &m0, &m1));
+            off = m0 * (ccr_arena_size(a0, j) / ccr_arena_shape(a0, j)[0]);
+        } else {
+            /* replicated: the same bits on every rank */
+            float *v = malloc(n * sizeof *v);
+            memcpy(v, ccr_arena_value(a1, i), n * sizeof *v);
+            MPI_Bcast(v, (int)n, MPI_FLOAT, 0, MPI_COMM_WORLD);
+            ck_assert_msg(memcmp(v, ccr_arena_value(a1, i), n * sizeof *v) == 0,
+                          "%s: replicas differ", name);
+            free(v);
+        }
+        ccr_test_assert_nmse(ccr_arena_value(a1, i), ccr_arena_value(a0, j) + off, n, 1e-10,
+                             name);
+    }
+    ccr_step_stats e0, e1;
+    CCR_CK_OK(ctx, ccr_net_eval(nets[0], x, y, B, &e0));
+    CCR_CK_OK(ctx, ccr_net_eval(nets[1], x + b0 * d, y + b0, b1 - b0, &e1));
+    ck_assert_uint_eq(e1.batch, B);
+    ck_assert_uint_eq(e1.correct, e0.correct);
+    ck_assert(fabs(e1.loss - e0.loss) <= 1e-6 * fabs(e0.loss));
+    gsl_rng_free(g), gsl_rng_free(n0), gsl_rng_free(n1);
+    for (int k = 0; k < 2; k++) {
+        ccr_optim_free(opts[k]);
+        ccr_net_free(nets[k]);
+    }
+}
+END_TEST
+#endif
+
 /* What expert parallelism refuses: after declare, twice, the straight-
  * through tree; and the owned range of a plain layer is everything. */
 START_TEST(test_ep_errors)
@@ -257,6 +349,10 @@ int main(int argc, char **argv)
     tcase_add_loop_test(tc, test_ep_parity, 0, 2 * N_CASES);
     tcase_add_loop_test(tc, test_ep_parity_aux, 0, 10);
     tcase_add_test(tc, test_ep_errors);
+#if CCR_HAVE_MPI
+    if (under_mpirun)
+        tcase_add_test(tc, test_ep_net);
+#endif
     suite_add_tcase(su, tc);
     SRunner *sr = srunner_create(su);
     srunner_set_fork_status(sr, CK_NOFORK);

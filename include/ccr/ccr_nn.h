@@ -39,6 +39,7 @@
 
 #include "ccr_arena.h"
 #include "ccr_backend.h"
+#include "ccr_comm.h"
 #include "ccr_cond.h"
 #include "ccr_common.h"
 #include "ccr_status.h"
@@ -87,6 +88,23 @@ ccr_status ccr_net_add_cond(ccr_net *net, const ccr_cond_config *cfg);
 /* The conditional layer at layer index i and its diagnostics from the last
  * forward pass (CCR_EINVAL if layer i is not conditional). */
 ccr_status ccr_net_cond(const ccr_net *net, size_t i, ccr_cond **cond, ccr_gate_stats *stats);
+
+/* Data and expert parallelism over comm's ranks (Shazeer et al. 2017,
+ * section 3.1): call it on every rank before ccr_net_finalize, the same
+ * network everywhere and the same seed for finalize.  Conditional layers
+ * (added before or after) become expert-parallel (ccr_cond_set_comm: each
+ * rank holds its block of every bank); the rest is replicated.  Each rank
+ * then passes its own examples - the ranks' batches in rank order form the
+ * global batch - to every pass, all ranks together.  ccr_net_loss_grad*,
+ * ccr_train_step and ccr_net_eval report global statistics (loss mean and
+ * accuracy over the global batch, batch = its size) on every rank; the
+ * loss's gradient is the global mean's, and ccr_net_loss_grad* sums the
+ * replicated parameters' gradients over the ranks, so identical optimiser
+ * steps keep the replicas identical.  ccr_net_eval splits each rank's
+ * share into as many chunks as the largest share needs (CCR_EBADLEN if a
+ * rank has fewer examples than chunks).  CCR_EINVAL after finalize or for a
+ * second communicator. */
+ccr_status ccr_net_set_comm(ccr_net *net, ccr_comm *comm);
 
 /* Allocates parameters (one arena) and activations (one block) and draws
  * every linear layer's W and b from U(-1/sqrt(d_in), 1/sqrt(d_in)) (the
