@@ -3,11 +3,16 @@
  * machine description and the base fields of every results record.
  */
 #define _POSIX_C_SOURCE 200809L
+#include "ccr_config.h"  // provides: CCR_HAVE_MPI
 #include "common.h"
 #include "outputs.h"
 #include "internal.h"  // provides: ccr_mul_ok, ccr_mem_check
 
 #include <errno.h>
+#if CCR_HAVE_MPI
+#define OMPI_SKIP_MPICXX 1
+#include <mpi.h>
+#endif
 #include <gsl/gsl_errno.h>
 #include <math.h>
 #include <stdarg.h>
@@ -78,6 +83,62 @@ void drv_bad_option(const char *prog, const char *a, const char *v)
     if (v == NULL)
         drv_usage_error(prog, "%s needs a value", a);
     drv_usage_error(prog, "unknown option '%s'", a);
+}
+
+static int drv_env_int(const char *const *names, int fallback)
+{
+    for (size_t i = 0; names[i] != NULL; i++) {
+        const char *v = getenv(names[i]);
+        char *end;
+        long x = v ? strtol(v, &end, 10) : -1;
+        if (v != NULL && end != v && *end == '\0' && x >= 0 && x < 1 << 30)
+            return (int)x;
+    }
+    return fallback;
+}
+
+int drv_launcher_rank(void)
+{
+    static const char *const names[] = {"OMPI_COMM_WORLD_RANK", "PMI_RANK", NULL};
+    return drv_env_int(names, 0);
+}
+
+int drv_launcher_size(void)
+{
+    static const char *const names[] = {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", NULL};
+    int n = drv_env_int(names, 1);
+    return n > 0 ? n : 1;
+}
+
+ccr_comm *drv_comm_start(const char *prog, ccr_ctx *ctx)
+{
+    if (drv_launcher_size() < 2)
+        return NULL;
+#if CCR_HAVE_MPI
+    if (MPI_Init(NULL, NULL) != MPI_SUCCESS) {
+        fprintf(stderr, "%s: MPI: MPI_Init failed\n", prog);
+        exit(1);
+    }
+    ccr_comm *comm;
+    ccr_status s = ccr_comm_mpi_init(ctx, &comm);
+    if (s != CCR_OK)
+        drv_fail(prog, ctx, s, "MPI");
+    return comm;
+#else
+    CCR_UNUSED(ctx);
+    drv_usage_error(prog, "started on %d processes, but ccr was built without MPI "
+                    "(meson -Dmpi=enabled needs libopenmpi-dev)", drv_launcher_size());
+#endif
+}
+
+void drv_comm_end(ccr_comm *comm)
+{
+    if (comm == NULL)
+        return;
+    ccr_comm_free(comm);
+#if CCR_HAVE_MPI
+    MPI_Finalize();
+#endif
 }
 
 bool drv_parse_backend(const char *prog, const char *a, const char *v, bool *cuda)

@@ -96,6 +96,19 @@ bool drv_quick_requested(int argc, char **argv);
 void drv_bad_option(const char *prog, const char *a, const char *v)
     __attribute__((noreturn));
 
+/* Under an MPI launcher (mpirun sets OMPI_COMM_WORLD_RANK): this process's
+ * rank and the number of processes, from the environment, before any MPI
+ * call (0 and 1 otherwise). */
+int drv_launcher_rank(void);
+int drv_launcher_size(void);
+
+/* Under an MPI launcher with more than one process: MPI_Init and the MPI
+ * communicator (exit 1 naming "MPI" when MPI cannot start, exit 2 in a
+ * build without MPI); NULL otherwise (one process, nothing started).
+ * drv_comm_end frees it and finalizes MPI. */
+ccr_comm *drv_comm_start(const char *prog, ccr_ctx *ctx);
+void drv_comm_end(ccr_comm *comm);
+
 /* --backend cpu|cuda: when a is "--backend", sets *cuda from v (anything
  * else exits 2) and returns true (the caller skips v); false otherwise. */
 bool drv_parse_backend(const char *prog, const char *a, const char *v, bool *cuda);

@@ -13,6 +13,18 @@
  * shuffled order (one copy, inside the epoch's time), and every step reads
  * its batch in place (ccr_net_set_input_memory, CCR_INPUT_BACKEND): no host
  * copy per step.
+ *
+ * Under mpirun (-np P > 1, MPI build): every rank loads the data and draws
+ * the same permutations; each global batch of --batch examples is split in
+ * rank order, rank r taking its contiguous share; conditional layers are
+ * expert-parallel and the rest data-parallel (ccr_net_set_comm), so the
+ * run is that of one process to float rounding.  Validation and test sets
+ * are split alike.  A final global batch smaller than P is skipped (no
+ * rank may have an empty share; counted in steps_skipped).  Rank 0 alone
+ * prints and writes --out, with ranks = P and the communication per step
+ * (bytes sent by rank 0, seconds in all-to-alls and all-reduces); the
+ * other ranks write nothing.  --backend cuda and --save (of a sharded bank)
+ * are refused with P > 1.
  */
 #include <gsl/gsl_math.h>
 #include <gsl/gsl_rng.h>
@@ -192,6 +204,18 @@ int main(int argc, char **argv)
 {
     options o;
     parse(argc, argv, &o);
+    const int P = drv_launcher_size(), rank = drv_launcher_rank();
+    const bool lead = rank == 0;
+    if (P > 1 && o.cuda)
+        drv_usage_error(PROG, "--backend cuda under mpirun is not supported yet (%d processes)",
+                        P);
+    if (P > 1 && o.save != NULL && o.cond.gate != NULL)
+        drv_usage_error(PROG, "--save under mpirun: each rank holds a block of the bank; "
+                        "not supported yet");
+    if ((size_t)P > o.batch)
+        drv_usage_error(PROG, "--batch %zu is smaller than the %d processes", o.batch, P);
+    if (!lead)
+        o.out = NULL, o.save = NULL;  /* rank 0 writes */
     drv_io_input_fmnist("--data", o.data);
     drv_io_output("--out", o.out);
     drv_io_output("--save", o.save);
@@ -200,6 +224,7 @@ int main(int argc, char **argv)
     ccr_backend *be;
     gsl_rng *rng;
     drv_setup(PROG, o.cuda, o.seed, &ctx, &be, &rng);
+    ccr_comm *comm = drv_comm_start(PROG, ctx);  /* NULL in one process */
     ccr_status s;
 
     ccr_dataset *full, *test, *train, *valid;
@@ -218,7 +243,10 @@ int main(int argc, char **argv)
     /* INITIALIZE */
     ccr_net *net;
     ccr_optim *opt;
-    if ((s = ccr_net_init(be, train->dim, o.batch, &net)) != CCR_OK)
+    const size_t share_max = (o.batch + (size_t)P - 1) / (size_t)P;  /* this rank's batch */
+    if ((s = ccr_net_init(be, train->dim, share_max, &net)) != CCR_OK)
+        drv_fail(PROG, ctx, s, "network");
+    if (comm != NULL && (s = ccr_net_set_comm(net, comm)) != CCR_OK)
         drv_fail(PROG, ctx, s, "network");
     size_t first_cond = SIZE_MAX;  /* net layer index of the first conditional layer */
     for (size_t i = 0; i < o.n_hidden && s == CCR_OK; i++) {
@@ -255,11 +283,17 @@ int main(int argc, char **argv)
                       o.is_cond[i] ? o.cond.gate->name : "", o.hidden[i],
                       o.is_cond[i] && o.cond.residual ? "+" : "");
     snprintf(arch + w, sizeof arch - (size_t)w, "-%zu", classes);
-    fprintf(stderr, "%s: %s %s (%s), %zu params, %.0f fwd + %.0f bwd FLOPs/example; "
-            "train %zu valid %zu test %zu; %s; %s\n", PROG, o.cond.gate ? "net" : "mlp", arch,
-            ccr_act_name(o.act),
-            ccr_net_n_params(net), fl.fwd, fl.bwd, n_train, valid->n, test->n,
-            ccr_backend_describe(be), drv_machine());
+    if (lead)
+        fprintf(stderr, "%s: %s %s (%s), %zu params, %.0f fwd + %.0f bwd FLOPs/example; "
+                "train %zu valid %zu test %zu; %s; %s; %d process%s\n", PROG,
+                o.cond.gate ? "net" : "mlp", arch, ccr_act_name(o.act), ccr_net_n_params(net),
+                fl.fwd, fl.bwd, n_train, valid->n, test->n, ccr_backend_describe(be),
+                drv_machine(), P, P > 1 ? "es" : "");
+    /* This rank's share of the evaluation sets (all of them in one process). */
+    const size_t va0 = valid->n * (size_t)rank / (size_t)P;
+    const size_t va1 = valid->n * (size_t)(rank + 1) / (size_t)P;
+    const size_t te0 = test->n * (size_t)rank / (size_t)P;
+    const size_t te1 = test->n * (size_t)(rank + 1) / (size_t)P;
 
     ccr_jsonl *out;
     ccr_record *rec;
@@ -296,8 +330,9 @@ int main(int argc, char **argv)
             drv_fail(PROG, ctx, s, "schedule");
         double te = drv_now(), loss_sum = 0.0, aux_sum = 0.0, flops_sum = 0.0;
         double cv_imp = 0.0, cv_load = 0.0, cv_count = 0.0, mm_count = 0.0;
-        size_t correct = 0, seen = 0, dropped = 0, steps = 0;
+        size_t correct = 0, seen = 0, dropped = 0, steps = 0, skipped = 0;
         ccr_permutation(rng, perm, train->n);
+        ccr_comm_stats_reset(comm);
         if (o.cuda) {  /* the epoch's batches in order, one upload */
             ccr_dataset_gather(train, perm, n_train, ex, ey);
             if ((s = ccr_backend_set(be, d_train, ex, n_train * train->dim * sizeof *ex)) != CCR_OK)
@@ -305,22 +340,29 @@ int main(int argc, char **argv)
         }
         for (size_t step = 0; step < steps_per_epoch; step++) {
             size_t b = n_train - step * o.batch < o.batch ? n_train - step * o.batch : o.batch;
+            if (b < (size_t)P) {  /* a share would be empty */
+                skipped++;
+                continue;
+            }
+            /* This rank's share [lo, hi) of the global batch. */
+            const size_t lo = b * (size_t)rank / (size_t)P, hi = b * (size_t)(rank + 1) / (size_t)P;
             const float *bx = xb;
             const int32_t *by = yb;
             if (o.cuda)
                 bx = d_train + step * o.batch * train->dim, by = ey + step * o.batch;
             else
-                ccr_dataset_gather(train, perm + step * o.batch, b, xb, yb);
+                ccr_dataset_gather(train, perm + step * o.batch + lo, hi - lo, xb, yb);
+            b = hi - lo;
             ccr_step_stats st;
             if ((s = ccr_train_step(net, opt, rng, bx, by, b, &st)) != CCR_OK) {
                 if (s == CCR_EDOM && o.save != NULL)
                     diverged(net, ctx, o.save, "train step");
                 drv_fail(PROG, ctx, s, "train step");
             }
-            loss_sum += st.loss * (double)b;
+            loss_sum += st.loss * (double)st.batch;  /* global: every rank's examples */
             aux_sum += st.aux_loss;
             correct += st.correct;
-            seen += b;
+            seen += st.batch;
             steps++;
             /* Diagnostics of the first conditional layer. */
             ccr_gate_stats gs;
@@ -332,7 +374,7 @@ int main(int argc, char **argv)
                 dropped += gs.dropped;
                 flops_sum += gs.flops_counted;
             }
-            if (step % 20 == 0 || step + 1 == steps_per_epoch) {
+            if (lead && (step % 20 == 0 || step + 1 == steps_per_epoch)) {
                 char extra[96], label[48];
                 snprintf(label, sizeof label, "epoch %zu/%zu step", epoch, o.epochs);
                 snprintf(extra, sizeof extra, "loss %.4f acc %.4f", loss_sum / (double)seen,
@@ -341,22 +383,29 @@ int main(int argc, char **argv)
             }
         }
         double train_s = drv_now() - te;
+        ccr_comm_stats cs = {0};
+        if (comm != NULL)
+            ccr_comm_stats_get(comm, &cs);
         /* TEST */
         ccr_step_stats sv, stt;
-        if ((s = ccr_net_eval(net, o.cuda ? d_valid : valid->x, valid->y, valid->n, &sv)) !=
-                CCR_OK ||
-            (s = ccr_net_eval(net, o.cuda ? d_test : test->x, test->y, test->n, &stt)) != CCR_OK) {
+        const size_t dim = train->dim;
+        if ((s = ccr_net_eval(net, o.cuda ? d_valid : valid->x + va0 * dim, valid->y + va0,
+                              va1 - va0, &sv)) != CCR_OK ||
+            (s = ccr_net_eval(net, o.cuda ? d_test : test->x + te0 * dim, test->y + te0,
+                              te1 - te0, &stt)) != CCR_OK) {
             if (s == CCR_EDOM && o.save != NULL)
                 diverged(net, ctx, o.save, "evaluation");
             drv_fail(PROG, ctx, s, "evaluation");
         }
-        drv_progress_end();
+        if (lead)
+            drv_progress_end();
         double tr_loss = loss_sum / (double)seen, tr_acc = (double)correct / (double)seen;
         double va_acc = (double)sv.correct / (double)sv.batch;
         double te_acc = (double)stt.correct / (double)stt.batch;
-        fprintf(stderr, "epoch %zu: train loss %.4f acc %.4f | valid loss %.4f acc %.4f | "
-                "test loss %.4f acc %.4f | %.1fs (%.0f ex/s)\n", epoch, tr_loss, tr_acc,
-                sv.loss, va_acc, stt.loss, te_acc, train_s, (double)seen / train_s);
+        if (lead)
+            fprintf(stderr, "epoch %zu: train loss %.4f acc %.4f | valid loss %.4f acc %.4f | "
+                    "test loss %.4f acc %.4f | %.1fs (%.0f ex/s)\n", epoch, tr_loss, tr_acc,
+                    sv.loss, va_acc, stt.loss, te_acc, train_s, (double)seen / train_s);
         ccr_record_clear(rec);
         s = drv_record_base(rec, PROG, be, o.seed);
         if (s == CCR_OK) s = ccr_record_add_str(rec, "model", o.cond.gate ? "cond-mlp" : "mlp");
@@ -394,6 +443,17 @@ int main(int argc, char **argv)
         if (s == CCR_OK) s = ccr_record_add_double(rec, "flops_bwd_per_example", fl.bwd);
         if (s == CCR_OK) s = ccr_record_add_double(rec, "epoch_seconds", train_s);
         if (s == CCR_OK) s = ccr_record_add_double(rec, "seconds", drv_now() - t0);
+        /* Processes and rank 0's communication during the epoch's training. */
+        const double ns = steps > 0 ? (double)steps : 1.0;
+        if (s == CCR_OK) s = ccr_record_add_int(rec, "ranks", P);
+        if (s == CCR_OK) s = ccr_record_add_int(rec, "steps_skipped", (int64_t)skipped);
+        if (s == CCR_OK) s = ccr_record_add_double(rec, "alltoall_bytes_per_step", cs.alltoall_bytes / ns);
+        if (s == CCR_OK) s = ccr_record_add_double(rec, "allreduce_bytes_per_step", cs.allreduce_bytes / ns);
+        if (s == CCR_OK) s = ccr_record_add_double(rec, "seconds_alltoall", cs.alltoall_seconds);
+        if (s == CCR_OK) s = ccr_record_add_double(rec, "seconds_allreduce", cs.allreduce_seconds);
+        if (s == CCR_OK)
+            s = ccr_record_add_double(rec, "seconds_compute",
+                                      train_s - cs.alltoall_seconds - cs.allreduce_seconds);
         drv_write_record(PROG, ctx, s, out, rec);
     }
     if (o.save && (s = ccr_net_save(net, o.save)) != CCR_OK)
@@ -411,6 +471,7 @@ int main(int argc, char **argv)
     ccr_dataset_free(train);
     ccr_dataset_free(valid);
     ccr_dataset_free(test);
+    drv_comm_end(comm);
     drv_teardown(PROG, ctx, be, rng, out, rec);
     return 0;
 }
