@@ -160,7 +160,8 @@ static void comm_count_allreduce(ccr_comm *c, size_t n, size_t elem, double t0)
     c->stats.calls++;
 }
 
-ccr_status ccr_comm_allreduce_sum(ccr_comm *c, float *x, size_t n)
+/* The shared half of the sums: checks, statistics; f64: doubles. */
+static ccr_status comm_allreduce(ccr_comm *c, void *x, size_t n, bool f64)
 {
     if (c == NULL)
         return CCR_EINVAL;
@@ -168,22 +169,22 @@ ccr_status ccr_comm_allreduce_sum(ccr_comm *c, float *x, size_t n)
         return CCR_OK;
     CCR_CHECK_NULL(c->ctx, x);
     double t0 = comm_now();
-    CCR_TRY(c->iface->allreduce_f32(c, x, n));
-    comm_count_allreduce(c, n, sizeof *x, t0);
+    if (f64)
+        CCR_TRY(c->iface->allreduce_f64(c, x, n));
+    else
+        CCR_TRY(c->iface->allreduce_f32(c, x, n));
+    comm_count_allreduce(c, n, f64 ? sizeof(double) : sizeof(float), t0);
     return CCR_OK;
+}
+
+ccr_status ccr_comm_allreduce_sum(ccr_comm *c, float *x, size_t n)
+{
+    return comm_allreduce(c, x, n, false);
 }
 
 ccr_status ccr_comm_allreduce_sum_f64(ccr_comm *c, double *x, size_t n)
 {
-    if (c == NULL)
-        return CCR_EINVAL;
-    if (n == 0)
-        return CCR_OK;
-    CCR_CHECK_NULL(c->ctx, x);
-    double t0 = comm_now();
-    CCR_TRY(c->iface->allreduce_f64(c, x, n));
-    comm_count_allreduce(c, n, sizeof *x, t0);
-    return CCR_OK;
+    return comm_allreduce(c, x, n, true);
 }
 
 ccr_status ccr_comm_barrier(ccr_comm *c)

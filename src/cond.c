@@ -797,11 +797,10 @@ ccr_status ccr_condi_bank_bwd(ccr_cond *c, size_t m, size_t n, const float *xg,
 
 /* Backward of group g on worker w: dL/d(out) = w dy_b and dL/dw = <dy_b, out>
  * per pair, then the bank's gradients and the gathered input gradient. */
-static ccr_status cond_group_bwd(ccr_cond *c, size_t g, size_t w)
+void ccr_condi_gout(ccr_cond *c, size_t q0, size_t q1, const float *dy)
 {
-    size_t d_in = c->cfg.d_in, d_out = c->cfg.d_out, h = c->h, S = c->slots;
-    size_t q0 = c->goff[g], q1 = c->goff[g + 1], m = (size_t)c->gid[g];
-    const float *dy = c->job_dy, *wts = c->route.weights;
+    const size_t d_out = c->cfg.d_out, S = c->slots;
+    const float *wts = c->route.weights;
     for (size_t q = q0; q < q1; q++) {
         size_t p = (size_t)c->src[q];
         const float *d = dy + (p / S) * d_out, *o = c->out + q * d_out;
@@ -810,6 +809,13 @@ static ccr_status cond_group_bwd(ccr_cond *c, size_t g, size_t w)
             go[j] = wt * d[j];
         c->dweights[p] = (float)ccr_condi_dot(d, o, d_out);
     }
+}
+
+static ccr_status cond_group_bwd(ccr_cond *c, size_t g, size_t w)
+{
+    size_t d_in = c->cfg.d_in, d_out = c->cfg.d_out, h = c->h;
+    size_t q0 = c->goff[g], q1 = c->goff[g + 1], m = (size_t)c->gid[g];
+    ccr_condi_gout(c, q0, q1, c->job_dy);
     return ccr_condi_bank_bwd(c, m, q1 - q0, c->xg + q0 * d_in, c->hid + q0 * h,
                               c->g_out + q0 * d_out, c->g_hid + q0 * h,
                               c->job_dx ? c->g_x + q0 * d_in : NULL, c->acc + w * c->acc_n);

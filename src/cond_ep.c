@@ -377,18 +377,10 @@ ccr_status ccr_condi_ep_backward(ccr_cond *c, const float *dy, float *dx)
     ccr_comm *comm = c->comm;
     const size_t P = (size_t)e->P, S = c->slots, R = e->R;
     const size_t d_in = c->cfg.d_in, d_out = c->cfg.d_out, h = c->h, batch = c->batch;
-    const float *wts = c->route.weights;
 
     /* The source: dL/d(out) = w dy and dL/dw = <dy, out> per pair. */
     memset(c->dweights, 0, batch * S * sizeof *c->dweights);
-    for (size_t q = 0; q < c->n_pairs; q++) {
-        size_t p = (size_t)c->src[q];
-        const float *d = dy + (p / S) * d_out, *o = c->out + q * d_out;
-        float *go = c->g_out + q * d_out, wt = wts[p];
-        for (size_t j = 0; j < d_out; j++)
-            go[j] = wt * d[j];
-        c->dweights[p] = (float)ccr_condi_dot(d, o, d_out);
-    }
+    ccr_condi_gout(c, 0, c->n_pairs, dy);
     ep_elems(e->rows_to, e->rows_to_off, P, d_out, e->sc, e->sd);
     ep_elems(e->rows_from, e->rows_from_off, P, d_out, e->rc, e->rd);
     CCR_TRY(ccr_comm_alltoallv(comm, c->g_out, e->sc, e->sd, e->rg, e->rc, e->rd));

@@ -96,6 +96,8 @@ ccr_status ccr_condi_apply(ccr_cond *c, size_t m, const float *xg, float *hid, f
 void ccr_condi_relu_bwd_bias(float *g, const float *hid, size_t n, size_t cols, double *acc,
                              float *db);
 double ccr_condi_dot(const float *a, const float *b, size_t n);
+/* g_out = w dy and dweights = <dy, out> for the sorted positions [q0, q1). */
+void ccr_condi_gout(ccr_cond *c, size_t q0, size_t q1, const float *dy);
 ccr_status ccr_condi_bank_bwd(ccr_cond *c, size_t m, size_t n, const float *xg,
                               const float *hid, const float *gout, float *ghid, float *gx,
                               double *acc);
