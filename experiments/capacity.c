@@ -34,6 +34,12 @@
  * in device memory; each timed run ends with a device synchronisation).  The
  * gate alone is a CPU-only measurement (a gate's device half has no public
  * entry point): on CUDA the gate_*_seconds_per_example fields are absent.
+ *
+ * Under mpirun (-np P > 1, MPI build) every point's layer is expert-parallel
+ * (ccr_cond_set_comm): each rank runs its share of every batch, the timed
+ * loops run a count agreed by all ranks, and seconds per example are those
+ * of the global batch.  The routing statistics are rank 0's share's; the
+ * gate is not timed alone.  Rank 0 prints and writes --out (ranks = P).
  */
 #define _POSIX_C_SOURCE 200809L
 #include <gsl/gsl_randist.h>
@@ -60,6 +66,7 @@ typedef struct opts {
     size_t d, hidden, batch, k, k2;
     size_t experts[MAXL], n_experts, depths[MAXL], n_depths, dense_h[MAXL], n_dense;
     bool series[S_COUNT], cuda;
+    int ranks;                 /* MPI processes (1: none) */
     double seconds, capacity_factor, eval_capacity_factor, max_gib;
     ccr_grad_mode grad_mode;   /* signtree */
     unsigned long seed;
@@ -317,16 +324,48 @@ static void route_add(const ccr_route *r, size_t *counts, route_stats *rs)
     rs->max = mx > rs->max ? mx : rs->max;
 }
 
+/* Under mpirun every rank must run a timed statement (whose collectives
+ * pair up across ranks) equally often: the runs of one window, from this
+ * rank's time of one run, agreed as the largest over the ranks (one
+ * all-reduce of a P-vector).  At least 1, at most 10^6. */
+static size_t agreed_runs(ccr_comm *comm, double window, double t_one, ccr_status *s)
+{
+    double want = t_one > 0.0 ? ceil(window / t_one) : 1.0;
+    want = want < 1.0 ? 1.0 : want > 1e6 ? 1e6 : want;
+    const size_t P = (size_t)ccr_comm_size(comm);
+    double *v = calloc(P, sizeof *v);
+    if (v == NULL) {
+        *s = CCR_ENOMEM;
+        return 1;
+    }
+    v[ccr_comm_rank(comm)] = want;
+    ccr_status st = ccr_comm_allreduce_sum_f64(comm, v, P);
+    if (*s == CCR_OK)
+        *s = st;
+    double most = 1.0;
+    for (size_t p = 0; p < P; p++)
+        most = v[p] > most ? v[p] : most;
+    free(v);
+    return (size_t)most;
+}
+
 /* Runs the statement(s) once to warm up, then in three windows of
- * seconds/3 each (at least one run each); stores in out the seconds per run
- * of the fastest window (the least disturbed by other processes on a shared
- * machine) and in reps the runs timed.  Each run ends with a backend
- * synchronisation (a no-op on the CPU; its error lands in s). */
+ * seconds/3 each (at least one run each; under mpirun, comm not NULL, a
+ * run count agreed by all ranks, agreed_runs); stores in out the seconds
+ * per run of the fastest window (the least disturbed by other processes on
+ * a shared machine) and in reps the runs timed.  Each run ends with a
+ * backend synchronisation (a no-op on the CPU; its error lands in s). */
 #define TIME_LOOP(seconds, out, reps, ...)                            \
     do {                                                              \
         __VA_ARGS__;                                                  \
         (reps) = 0;                                                   \
         (out) = INFINITY;                                             \
+        size_t fixed_ = 0;                                            \
+        if (comm != NULL) {                                           \
+            double t1_ = drv_now();                                   \
+            __VA_ARGS__;                                              \
+            fixed_ = agreed_runs(comm, (seconds) / 3.0, drv_now() - t1_, &s); \
+        }                                                             \
         for (int w_ = 0; w_ < 3; w_++) {                              \
             size_t n_ = 0;                                            \
             double t0_ = drv_now(), el_;                              \
@@ -337,7 +376,7 @@ static void route_add(const ccr_route *r, size_t *counts, route_stats *rs)
                     s = sy_;                                          \
                 n_++;                                                 \
                 el_ = drv_now() - t0_;                                \
-            } while (el_ < (seconds) / 3.0);                          \
+            } while (fixed_ ? n_ < fixed_ : el_ < (seconds) / 3.0);   \
             (reps) += n_;                                             \
             (out) = el_ / (double)n_ < (out) ? el_ / (double)n_ : (out); \
         }                                                             \
@@ -363,16 +402,27 @@ typedef struct result {
     route_stats ev, tr;
 } result;
 
-static ccr_status measure(const opts *o, const point *p, ccr_backend *be, gsl_rng *rng,
-                          const float *xs, const float *dys, float *y, float *dx, result *res)
+static ccr_status measure(const opts *o, const point *p, ccr_backend *be, ccr_comm *comm,
+                          gsl_rng *rng, const float *xs, const float *dys, float *y, float *dx,
+                          result *res)
 {
     ccr_cond *c = NULL;
     ccr_arena *a = NULL;
-    size_t B = o->batch, d = o->d, *counts = calloc(p->n_matrices, sizeof *counts);
+    /* This rank's share [lo, lo + b) of every batch (the whole of it in one
+     * process); the pool's batches stay the global ones. */
+    const size_t P = comm ? (size_t)ccr_comm_size(comm) : 1;
+    const size_t rk = comm ? (size_t)ccr_comm_rank(comm) : 0;
+    const size_t B = o->batch, d = o->d, lo = B * rk / P, b = B * (rk + 1) / P - lo;
+    size_t *counts = calloc(p->n_matrices, sizeof *counts);
     double t0 = drv_now();
     ccr_status s = counts ? CCR_OK : CCR_ENOMEM;
-    if (s == CCR_OK) s = ccr_cond_alloc(be, &p->cc, B, &c);
+    if (s == CCR_OK) s = ccr_cond_alloc(be, &p->cc, b, &c);
+    if (s == CCR_OK && comm != NULL) s = ccr_cond_set_comm(c, comm);
     if (s == CCR_OK) s = ccr_arena_init(be, &a);
+    if (s == CCR_OK && comm != NULL) {  /* a rank owning no matrix of gate none: not empty */
+        size_t one = 1, idx;
+        s = ccr_arena_add(a, "pad", 1, &one, &idx);
+    }
     if (s == CCR_OK) s = ccr_cond_declare(c, a, "");
     if (s == CCR_OK) s = ccr_arena_finalize(a);
     if (s == CCR_OK) s = ccr_cond_init_params(c, rng);
@@ -383,7 +433,7 @@ static ccr_status measure(const opts *o, const point *p, ccr_backend *be, gsl_rn
     for (int train = 0; train <= 1 && s == CCR_OK; train++) {
         route_stats *rs = train ? &res->tr : &res->ev;
         for (size_t j = 0; j < POOL && s == CCR_OK; j++) {
-            s = ccr_cond_forward(c, xs + j * B * d, B, train, rng, y, &st);
+            s = ccr_cond_forward(c, xs + (j * B + lo) * d, b, train, rng, y, &st);
             if (s != CCR_OK)
                 break;
             route_add(ccr_cond_route(c), counts, rs);
@@ -406,12 +456,12 @@ static ccr_status measure(const opts *o, const point *p, ccr_backend *be, gsl_rn
     size_t turn = 0, reps;
     TIME_LOOP(o->seconds, res->t_fwd, res->reps_fwd, {
         size_t j = turn++ % POOL;
-        if (s == CCR_OK) s = ccr_cond_forward(c, xs + j * B * d, B, false, rng, y, &st);
+        if (s == CCR_OK) s = ccr_cond_forward(c, xs + (j * B + lo) * d, b, false, rng, y, &st);
     });
     TIME_LOOP(o->seconds, res->t_train, res->reps_train, {
         size_t j = turn++ % POOL;
-        if (s == CCR_OK) s = ccr_cond_forward(c, xs + j * B * d, B, true, rng, y, &st);
-        if (s == CCR_OK) s = ccr_cond_backward(c, dys + j * B * d, dx);
+        if (s == CCR_OK) s = ccr_cond_forward(c, xs + (j * B + lo) * d, b, true, rng, y, &st);
+        if (s == CCR_OK) s = ccr_cond_backward(c, dys + (j * B + lo) * d, dx);
     });
     TIME_LOOP(o->seconds / 4, res->t_zero, reps, if (s == CCR_OK) s = ccr_arena_zero_grad(a));
     /* The gate alone (its routing, noise, losses), in both modes: the host
@@ -419,14 +469,14 @@ static ccr_status measure(const opts *o, const point *p, ccr_backend *be, gsl_rn
     ccr_gate *g = ccr_cond_gate(c);
     ccr_route r;
     res->t_gate = res->t_gate_train = NAN;
-    if (!o->cuda) {
+    if (!o->cuda && comm == NULL) {
         TIME_LOOP(o->seconds / 2, res->t_gate, reps, {
             size_t j = turn++ % POOL;
-            if (s == CCR_OK) s = ccr_gate_forward(g, xs + j * B * d, B, false, rng, &r, &st);
+            if (s == CCR_OK) s = ccr_gate_forward(g, xs + (j * B + lo) * d, b, false, rng, &r, &st);
         });
         TIME_LOOP(o->seconds / 2, res->t_gate_train, reps, {
             size_t j = turn++ % POOL;
-            if (s == CCR_OK) s = ccr_gate_forward(g, xs + j * B * d, B, true, rng, &r, &st);
+            if (s == CCR_OK) s = ccr_gate_forward(g, xs + (j * B + lo) * d, b, true, rng, &r, &st);
         });
     }
     res->t_gate /= (double)B;
@@ -473,7 +523,8 @@ static ccr_status record(ccr_record *r, const opts *o, const point *p, const ccr
     ADD_D("fwd_seconds_per_example", x->t_fwd);
     ADD_D("fwdbwd_seconds_per_example", x->t_train);
     ADD_D("zero_grad_seconds_per_example", x->t_zero);
-    if (!o->cuda) {
+    ADD_I("ranks", o->ranks);
+    if (!o->cuda && o->ranks == 1) {
         ADD_D("gate_fwd_seconds_per_example", x->t_gate);
         ADD_D("gate_train_fwd_seconds_per_example", x->t_gate_train);
     }
@@ -507,12 +558,25 @@ int main(int argc, char **argv)
 {
     opts o;
     parse(argc, argv, &o);
+    o.ranks = drv_launcher_size();
+    const bool lead = drv_launcher_rank() == 0;
+    if (o.ranks > 1 && o.cuda)
+        drv_usage_error(PROG, "--backend cuda under mpirun is not supported yet (%d processes)",
+                        o.ranks);
+    if ((size_t)o.ranks > o.batch)
+        drv_usage_error(PROG, "--batch %zu is smaller than the %d processes", o.batch, o.ranks);
+    if (o.ranks > 1 && (o.series[S_PATH] || o.series[S_LEAF]) && o.grad_mode == CCR_GRAD_STE)
+        drv_usage_error(PROG, "under mpirun the sign-bit trees need --grad-mode none (the "
+                        "straight-through backward evaluates matrices of other ranks)");
+    if (!lead)
+        o.out = NULL;  /* rank 0 writes */
     drv_io_output("--out", o.out);
     drv_io_check(PROG);
     ccr_ctx *ctx;
     ccr_backend *be;
     gsl_rng *rng;
     drv_setup(PROG, o.cuda, o.seed, &ctx, &be, &rng);
+    ccr_comm *comm = drv_comm_start(PROG, ctx);  /* NULL in one process */
     ccr_status s;
     static point pts[MAXP];
     size_t np = build_points(&o, be, ctx, pts);
@@ -537,8 +601,12 @@ int main(int argc, char **argv)
     float *y = drv_backend_floats(PROG, ctx, be, 2 * o.batch * o.d, NULL);
     free(hxs);
 
-    fprintf(stderr, "%s: %s | %s | d=%zu h=%zu k=%zu batch=%zu\n", PROG,
-            ccr_backend_describe(be), drv_machine(), o.d, o.hidden, o.k, o.batch);
+    /* Rank 0 prints; the others' errors still reach stderr. */
+    if (!lead && freopen("/dev/null", "w", stdout) == NULL)
+        drv_fail(PROG, ctx, CCR_EIO, "stdout");
+    if (lead)
+        fprintf(stderr, "%s: %s | %s | d=%zu h=%zu k=%zu batch=%zu ranks=%d\n", PROG,
+                ccr_backend_describe(be), drv_machine(), o.d, o.hidden, o.k, o.batch, o.ranks);
     printf("| gate | knob | params | FLOPs/ex analytic | FLOPs/ex counted | fwd µs/ex | "
            "fwd+bwd µs/ex | params/FLOP | params ÷ dense@FLOPs | matrices used | "
            "ex/matrix mean | ex/matrix min | dropped |\n");
@@ -551,13 +619,14 @@ int main(int argc, char **argv)
         snprintf(label, sizeof label, "%s %s=%zu", series_name[p->series],
                  p->series == S_NONE ? "h" : (p->series == S_PATH || p->series == S_LEAF)
                                                  ? "d" : "E", p->knob);
-        drv_progress("points", i, np, t_start, label);
+        if (lead)
+            drv_progress("points", i, np, t_start, label);
         if (p->skip) {
             skipped++;
             continue;
         }
         result x;
-        s = measure(&o, p, be, rng, xs, xs + nx, y, y + o.batch * o.d, &x);
+        s = measure(&o, p, be, comm, rng, xs, xs + nx, y, y + o.batch * o.d, &x);
         if (s != CCR_OK)
             drv_fail(PROG, ctx, s, label);
         printf("| %s | %s | %.0f | %.4g | %.4g | %.3f | %.3f | %.3g | %.3g | %.1f | %.1f | "
@@ -569,8 +638,10 @@ int main(int argc, char **argv)
             (out && (s = ccr_jsonl_write(out, rec)) != CCR_OK))
             drv_fail(PROG, ctx, s, "record");
     }
-    drv_progress("points", np, np, t_start, "done");
-    drv_progress_end();
+    if (lead) {
+        drv_progress("points", np, np, t_start, "done");
+        drv_progress_end();
+    }
     if (skipped > 0) {
         printf("\nSkipped (parameters above --max-gib %.2f GiB):", o.max_gib);
         for (size_t i = 0; i < np; i++)
@@ -583,6 +654,7 @@ int main(int argc, char **argv)
         drv_fail(PROG, ctx, s, "close");
     ccr_backend_free_buffer(be, xs);
     ccr_backend_free_buffer(be, y);
+    drv_comm_end(comm);
     drv_teardown(PROG, ctx, be, rng, NULL, rec);
     return 0;
 }

@@ -21,9 +21,8 @@ args="--quick --gate topk --experts 8 --k 2 --seed 3"
 "$prog" $args --out "$tmp/one.jsonl" 2>"$tmp/err1" || { cat "$tmp/err1"; exit 1; }
 # shellcheck disable=SC2086
 "$run" 3 "$prog" $args --out "$tmp/three.jsonl" 2>"$tmp/err3" || { cat "$tmp/err3"; exit 1; }
-n=0
-for f in "$tmp"/*.jsonl*; do n=$((n + 1)); done
-[ "$n" -eq 2 ] || { echo "more than rank 0's output file"; ls "$tmp"; exit 1; }
+set -- "$tmp"/*.jsonl*
+[ "$#" -eq 2 ] || { echo "more than rank 0's output file"; ls "$tmp"; exit 1; }
 grep -q "3 processes" "$tmp/err3" || { echo "rank 0 did not report 3 processes"; exit 1; }
 [ "$(grep -c '^epoch 1:' "$tmp/err3")" -eq 1 ] || { echo "not one summary line"; exit 1; }
 if [ ! -x "$py" ]; then echo "skip: no $py"; exit 77; fi
