@@ -565,9 +565,6 @@ int main(int argc, char **argv)
                         o.ranks);
     if ((size_t)o.ranks > o.batch)
         drv_usage_error(PROG, "--batch %zu is smaller than the %d processes", o.batch, o.ranks);
-    if (o.ranks > 1 && (o.series[S_PATH] || o.series[S_LEAF]) && o.grad_mode == CCR_GRAD_STE)
-        drv_usage_error(PROG, "under mpirun the sign-bit trees need --grad-mode none (the "
-                        "straight-through backward evaluates matrices of other ranks)");
     if (!lead)
         o.out = NULL;  /* rank 0 writes */
     drv_io_output("--out", o.out);

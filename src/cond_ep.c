@@ -61,6 +61,13 @@ struct cond_ep {
     float *rx, *ox, *hid, *out, *ret, *rg, *ghid;
     double *acc;               /* [max(h, d_out)] */
     bool ready;                /* a forward's exchange is in place for backward */
+    /* eval_dots across ranks (the sign-bit tree's straight-through backward):
+     * one growable block, cap_dots pairs sent and received */
+    void *dots_work;
+    size_t cap_dots;
+    size_t *d_to, *d_from, *d_to_off, *d_from_off;  /* [P] each, in dots_idx */
+    size_t *dots_idx;          /* [4 P + n] the counters above, then pair order by owner */
+    size_t cap_idx;
 };
 
 /* Matrices [*m0, *m1) of rank r of P over n: blocks of n / P, the first
@@ -91,6 +98,8 @@ void ccr_condi_ep_free(ccr_cond *c)
     if (e == NULL)
         return;
     free(e->rows_work);
+    free(e->dots_work);
+    free(e->dots_idx);
     free(e->desc_in);
     free(e->own_off);
     free(e->desc);
@@ -115,11 +124,6 @@ ccr_status ccr_cond_set_comm(ccr_cond *c, ccr_comm *comm)
         CCR_FAIL(c->ctx, CCR_EUNSUP, "expert parallelism runs on the CPU backend");
     if (strcmp(ccr_comm_name(comm), "nccl") == 0)
         CCR_FAIL(c->ctx, CCR_EUNSUP, "expert parallelism moves host memory: comm self or mpi");
-    if (c->cfg.gate_cfg.grad_mode == CCR_GRAD_STE &&
-        (c->cfg.gate->options & CCR_GATE_OPT_GRAD_MODE) != 0)
-        CCR_FAIL(c->ctx, CCR_EUNSUP, "%s with grad_mode ste evaluates matrices of other ranks "
-                 "in its backward: not expert-parallel (use grad_mode none)",
-                 c->cfg.gate->name);
     const size_t P = (size_t)ccr_comm_size(comm), r = (size_t)ccr_comm_rank(comm);
     size_t m0, m1;
     ep_block(c->n_mat, P, r, &m0, &m1);
@@ -369,6 +373,128 @@ ccr_status ccr_condi_ep_forward(ccr_cond *c, const float *x, size_t batch, bool 
     return CCR_OK;
 }
 
+/* The owner of matrix m (ep_block's inverse). */
+static size_t ep_owner(size_t n, size_t P, size_t m)
+{
+    size_t q = n / P, rem = n % P, big = rem * (q + 1);
+    return m < big ? m / (q + 1) : rem + (m - big) / q;
+}
+
+/* Grows *buf to at least `bytes` (doubling); CCR_ENOMEM on failure. */
+static ccr_status ep_grow(ccr_cond *c, void **buf, size_t *cap, size_t bytes)
+{
+    if (bytes <= *cap)
+        return CCR_OK;
+    size_t want = bytes > 2 * *cap ? bytes : 2 * *cap;
+    CCR_TRY(ccr_mem_check(c->ctx, want, "expert-parallel evaluations"));
+    void *p = malloc(want);
+    if (p == NULL)
+        CCR_FAIL(c->ctx, CCR_ENOMEM, "expert parallelism: cannot allocate %zu bytes", want);
+    free(*buf);
+    *buf = p;
+    *cap = want;
+    return CCR_OK;
+}
+
+/* eval_dots across ranks: out[i] = dy[row[i]] . M_mat[i](x[row[i]]) for
+ * matrices anywhere.  Each pair's rows (x | dy) go to the owner of its
+ * matrix (all-to-all of counts, int32 local ids, rows); the owner groups
+ * what it received by matrix (stable), applies ccr_condi_apply per group
+ * and returns each dot (a double as two int32) in the order received.
+ * Every rank calls it once per backward (the gate does). */
+static ccr_status ep_eval_dots(void *bank, size_t n, const size_t *mat, const size_t *row,
+                               const float *x, const float *dy, double *out)
+{
+    ccr_cond *c = bank;
+    cond_ep *e = c->ep;
+    ccr_comm *comm = c->comm;
+    const size_t P = (size_t)e->P, d_in = c->cfg.d_in, d_out = c->cfg.d_out, h = c->h;
+    const size_t w = d_in + d_out;
+    /* Pairs by owner, stable. */
+    size_t need = 4 * P + n, bytes;
+    if (!ccr_mul_ok(need, sizeof(size_t), &bytes))
+        CCR_FAIL(c->ctx, CCR_ENOMEM, "expert parallelism: %zu pairs", n);
+    CCR_TRY(ep_grow(c, (void **)&e->dots_idx, &e->cap_idx, bytes));
+    size_t *to = e->dots_idx, *from = to + P, *to_off = from + P, *from_off = to_off + P;
+    size_t *order = from_off + P;
+    for (size_t p = 0; p < P; p++)
+        to[p] = 0;
+    for (size_t i = 0; i < n; i++)
+        to[ep_owner(c->n_mat, P, mat[i])]++;
+    for (size_t p = 0, o = 0; p < P; o += to[p], p++)
+        to_off[p] = o;
+    CCR_TRY(ccr_comm_alltoall_counts(comm, to, from));
+    size_t R = 0;
+    for (size_t p = 0; p < P; p++)
+        from_off[p] = R, R += from[p];
+    /* One block: sent ids [n], rows [n, w], results back [n] doubles;
+     * received ids [R], rows [R, w], their order [R], gathered x [R, d_in],
+     * hid [R, h], outputs [R, d_out], results [R] doubles. */
+    size_t fl = 0, b2 = 0;
+    bool ok = ccr_mul_ok(n + R, w, &fl) && ccr_add_ok(fl, R * (d_in + h + d_out), &fl) &&
+              ccr_mul_ok(fl, sizeof(float), &b2) &&
+              ccr_add_ok(b2, (n + R) * (sizeof(int32_t) + sizeof(double) + sizeof(size_t)) + 64,
+                         &b2);
+    if (!ok)
+        CCR_FAIL(c->ctx, CCR_ENOMEM, "expert parallelism: %zu + %zu evaluations", n, R);
+    CCR_TRY(ep_grow(c, &e->dots_work, &e->cap_dots, b2));
+    double *res_back = e->dots_work, *res = res_back + n;
+    size_t *rorder = (size_t *)(res + R);
+    int32_t *ids = (int32_t *)(rorder + R), *rids = ids + n;
+    float *rows = (float *)(rids + R), *rrows = rows + n * w, *xg = rrows + R * w;
+    float *hid = xg + R * d_in, *ob = hid + R * h;
+    /* Sources: ids and (x | dy) rows in owner order (to_off as the cursor). */
+    for (size_t i = 0; i < n; i++) {
+        size_t p = ep_owner(c->n_mat, P, mat[i]), k = to_off[p]++;
+        size_t m0, m1;
+        ep_block(c->n_mat, P, p, &m0, &m1);
+        order[k] = i;
+        ids[k] = (int32_t)(mat[i] - m0);
+        memcpy(rows + k * w, x + row[i] * d_in, d_in * sizeof *rows);
+        memcpy(rows + k * w + d_in, dy + row[i] * d_out, d_out * sizeof *rows);
+    }
+    for (size_t p = 0; p < P; p++)
+        to_off[p] -= to[p];  /* back to the starts */
+    CCR_TRY(ccr_comm_alltoallv_i32(comm, ids, to, to_off, rids, from, from_off));
+    ep_elems(to, to_off, P, w, e->sc, e->sd);
+    ep_elems(from, from_off, P, w, e->rc, e->rd);
+    CCR_TRY(ccr_comm_alltoallv(comm, rows, e->sc, e->sd, rrows, e->rc, e->rd));
+    /* Owner: stable counting sort of the received pairs by local matrix. */
+    size_t *ooff = e->own_off, *onext = e->own_next;
+    for (size_t i = 0; i <= e->n_own; i++)
+        ooff[i] = 0;
+    for (size_t j = 0; j < R; j++) {
+        if (rids[j] < 0 || (size_t)rids[j] >= e->n_own)
+            CCR_FAIL(c->ctx, CCR_ECOMM, "an evaluation names matrix %d of %zu here",
+                     (int)rids[j], e->n_own);
+        ooff[rids[j] + 1]++;
+    }
+    for (size_t i = 0; i < e->n_own; i++)
+        ooff[i + 1] += ooff[i], onext[i] = ooff[i];
+    for (size_t j = 0; j < R; j++)
+        rorder[onext[rids[j]]++] = j;
+    for (size_t o = 0; o < R; o++)
+        memcpy(xg + o * d_in, rrows + rorder[o] * w, d_in * sizeof *xg);
+    for (size_t i = 0; i < e->n_own; i++) {
+        size_t o0 = ooff[i], k = ooff[i + 1] - o0;
+        if (k == 0)
+            continue;
+        CCR_TRY(ccr_condi_apply(c, i, xg + o0 * d_in, hid + o0 * h, ob + o0 * d_out, k));
+        for (size_t o = o0; o < o0 + k; o++)
+            res[rorder[o]] = ccr_condi_dot(rrows + rorder[o] * w + d_in, ob + o * d_out, d_out);
+    }
+    /* The dots back, a double as two int32, in the order each source sent. */
+    for (size_t p = 0; p < P; p++) {
+        e->sc[p] = 2 * from[p], e->sd[p] = 2 * from_off[p];
+        e->rc[p] = 2 * to[p], e->rd[p] = 2 * to_off[p];
+    }
+    CCR_TRY(ccr_comm_alltoallv_i32(comm, (const int32_t *)res, e->sc, e->sd,
+                                   (int32_t *)res_back, e->rc, e->rd));
+    for (size_t k = 0; k < n; k++)
+        out[order[k]] = res_back[k];
+    return CCR_OK;
+}
+
 ccr_status ccr_condi_ep_backward(ccr_cond *c, const float *dy, float *dx)
 {
     cond_ep *e = c->ep;
@@ -416,6 +542,6 @@ ccr_status ccr_condi_ep_backward(ccr_cond *c, const float *dy, float *dx)
     }
     ccr_gate_bwd_args ga = {.x = c->xin, .batch = batch, .dweights = c->dweights, .dx = dx,
                             .dy = dy, .d_out = d_out, .eval_matrix = NULL, .bank = c,
-                            .scratch = c->eval_out, .eval_dots = NULL};
+                            .scratch = c->eval_out, .eval_dots = ep_eval_dots};
     return ccr_gate_backward(c->gate, &ga);
 }

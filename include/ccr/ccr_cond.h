@@ -197,11 +197,13 @@ ccr_status ccr_cond_set_timing(ccr_cond *c, double *sec);
  * over the ranks - auxiliary losses, CVs, Switch's capacity and positions -
  * so these are the global batch's (to double rounding; dx and the gate's
  * gradients then to float rounding); the sign-bit tree's and none's
- * diagnostics stay per rank.  All ranks call forward and backward together, all with
- * dx or all without.  CPU backend, host memory (comm "self" or "mpi").
- * CCR_EINVAL after declare; CCR_EUNSUP on a non-CPU backend or for the
- * sign-bit tree's straight-through mode (its backward evaluates matrices
- * that live on other ranks). */
+ * diagnostics stay per rank.  All ranks call forward and backward
+ * together, all with dx or all without.  CPU backend, host memory (comm
+ * "self" or "mpi").
+ * The sign-bit tree's straight-through backward evaluates its sibling
+ * matrices on their owners (dx and its gradients then to float rounding).
+ * CCR_EINVAL after declare or for a second communicator; CCR_EUNSUP on a
+ * non-CPU backend or with an NCCL communicator. */
 ccr_status ccr_cond_set_comm(ccr_cond *c, ccr_comm *comm);
 
 /* This rank's bank matrices [*first, *end) (all of them without a
