@@ -447,8 +447,10 @@ int main(int argc, char **argv)
         const double ns = steps > 0 ? (double)steps : 1.0;
         if (s == CCR_OK) s = ccr_record_add_int(rec, "ranks", P);
         if (s == CCR_OK) s = ccr_record_add_int(rec, "steps_skipped", (int64_t)skipped);
-        if (s == CCR_OK) s = ccr_record_add_double(rec, "alltoall_bytes_per_step", cs.alltoall_bytes / ns);
-        if (s == CCR_OK) s = ccr_record_add_double(rec, "allreduce_bytes_per_step", cs.allreduce_bytes / ns);
+        if (s == CCR_OK)
+            s = ccr_record_add_double(rec, "alltoall_bytes_per_step", cs.alltoall_bytes / ns);
+        if (s == CCR_OK)
+            s = ccr_record_add_double(rec, "allreduce_bytes_per_step", cs.allreduce_bytes / ns);
         if (s == CCR_OK) s = ccr_record_add_double(rec, "seconds_alltoall", cs.alltoall_seconds);
         if (s == CCR_OK) s = ccr_record_add_double(rec, "seconds_allreduce", cs.allreduce_seconds);
         if (s == CCR_OK)

@@ -261,7 +261,8 @@ static ccr_status self_barrier(ccr_comm *c)
 }
 
 static const ccr_comm_i self_iface = {
-    "self", NULL, self_alltoallv, self_alltoallv_i32, self_alltoall_counts, self_allreduce_f32, self_allreduce_f64,
+    "self", NULL, self_alltoallv, self_alltoallv_i32, self_alltoall_counts,
+    self_allreduce_f32, self_allreduce_f64,
     self_barrier,
 };
 

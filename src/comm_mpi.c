@@ -176,7 +176,8 @@ static void mpi_free(ccr_comm *c)
 }
 
 const ccr_comm_i ccr_comm_mpi_iface = {
-    "mpi", mpi_free, mpi_alltoallv, mpi_alltoallv_i32, mpi_alltoall_counts, mpi_allreduce_f32, mpi_allreduce_f64,
+    "mpi", mpi_free, mpi_alltoallv, mpi_alltoallv_i32, mpi_alltoall_counts,
+    mpi_allreduce_f32, mpi_allreduce_f64,
     mpi_barrier,
 };
 
