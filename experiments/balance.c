@@ -142,6 +142,7 @@ int main(int argc, char **argv)
     ccr_ctx *ctx;
     ccr_backend *be;
     gsl_rng *rng;
+    drv_one_process(PROG);
     drv_setup(PROG, false, o.split_seed, &ctx, &be, &rng);   /* seeded for the split */
     ccr_status s;
     if (access(o.corpus, R_OK) != 0)

@@ -453,6 +453,7 @@ int main(int argc, char **argv)
     gsl_rng *rng;
     if (o.threads > 0)  /* before the backend, which describes the thread count */
         openblas_set_num_threads((int)o.threads);
+    drv_one_process(PROG);
     drv_setup(PROG, o.cuda, o.seed, &ctx, &be, &rng);
     ccr_status ms = ccr_backend_set_math(be, o.math);
     if (ms != CCR_OK)

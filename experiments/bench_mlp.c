@@ -124,6 +124,7 @@ int main(int argc, char **argv)
     ccr_ctx *ctx;
     ccr_backend *be;
     gsl_rng *rng;
+    drv_one_process(PROG);
     drv_setup(PROG, cuda, seed, &ctx, &be, &rng);
     ccr_status s;
 

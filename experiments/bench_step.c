@@ -79,6 +79,7 @@ int main(int argc, char **argv)
     ccr_ctx *ctx;
     ccr_backend *be;
     gsl_rng *rng;
+    drv_one_process(PROG);
     drv_setup(PROG, false, 1, &ctx, &be, &rng);
     ccr_cond_config cc = drv_gate_defaults();
     cc.gate = ccr_gate_type_find(gate);

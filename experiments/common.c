@@ -131,6 +131,13 @@ ccr_comm *drv_comm_start(const char *prog, ccr_ctx *ctx)
 #endif
 }
 
+void drv_one_process(const char *prog)
+{
+    if (drv_launcher_size() > 1)
+        drv_usage_error(prog, "runs in one process; started on %d (only ccr-train and "
+                        "ccr-capacity run under mpirun)", drv_launcher_size());
+}
+
 void drv_comm_end(ccr_comm *comm)
 {
     if (comm == NULL)

@@ -107,6 +107,10 @@ int drv_launcher_size(void);
  * build without MPI); NULL otherwise (one process, nothing started).
  * drv_comm_end frees it and finalizes MPI. */
 ccr_comm *drv_comm_start(const char *prog, ccr_ctx *ctx);
+
+/* For the drivers that run in one process only: under an MPI launcher with
+ * more than one process, exit 2 saying so (before any output exists). */
+void drv_one_process(const char *prog);
 void drv_comm_end(ccr_comm *comm);
 
 /* --backend cpu|cuda: when a is "--backend", sets *cuda from v (anything

@@ -248,6 +248,7 @@ int main(int argc, char **argv)
     drv_io_check(PROG);
     ccr_ctx *ctx;
     ccr_backend *be;
+    drv_one_process(PROG);
     drv_setup(PROG, false, o.seed, &ctx, &be, NULL);
     validate(ctx, &o);
     ccr_dataset *train, *test;

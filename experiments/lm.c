@@ -397,6 +397,7 @@ int main(int argc, char **argv)
     ccr_ctx *ctx;
     ccr_backend *be;
     gsl_rng *rng;
+    drv_one_process(PROG);
     drv_setup(PROG, false, o.split_seed, &ctx, &be, &rng);   /* seeded for the split */
     if (o.accounting) {
         int rc = accounting(&o, be);

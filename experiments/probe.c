@@ -186,6 +186,7 @@ int main(int argc, char **argv)
     ccr_ctx *ctx;
     ccr_backend *be;
     gsl_rng *rng;
+    drv_one_process(PROG);
     drv_setup(PROG, false, o.seed, &ctx, &be, &rng);
 
     /* Allocating the layer validates the whole configuration: a bad one is

@@ -518,6 +518,7 @@ int main(int argc, char **argv)
     ccr_ctx *ctx;
     ccr_backend *be;
     gsl_rng *drng;
+    drv_one_process(PROG);
     drv_setup(PROG, false, o.seed, &ctx, &be, &drng);
     ccr_status s;
 
