@@ -69,6 +69,9 @@
  * ccr_backend_set_math).
  * --peer times PyTorch on the CPU and is refused with --backend cuda.
  *
+ * Under mpirun (P > 1): bench_ranks, the expert-parallel layer alone (no
+ * references, no peers).
+ *
  * A summary goes to stdout, one JSONL record per run to --out.
  */
 #define _POSIX_C_SOURCE 200809L
@@ -82,6 +85,7 @@
 
 #include <cblas.h>
 
+#include "arena_impl.h" // provides: ccr_arena_sparse_of (which tensors are banks)
 #include "common.h"
 #include "gate_util.h" // provides: gate_noise_fill (the noisy gates' draws)
 #include "internal.h"  // provides: ccr_malloc3, ccr_mallocn, ccr_mul_ok, ccr_mul3_ok
@@ -440,10 +444,130 @@ static size_t noise_draws_per_example(const ccr_cond_config *cc)
         tv[(slot) * R + r] = drv_now() - t0_;               \
     } while (0)
 
+/* Under mpirun (P > 1 processes): the expert-parallel layer alone.  Each
+ * rank runs its share [lo, lo + b) of the global batch; every round times
+ * the forward, forward + backward and the step (zero_grad, forward,
+ * backward, the gate's gradients summed over the ranks, Adam), one
+ * synchronised round after another (a fixed count: the ranks' collectives
+ * pair up); the single-process references are not run.  Rank 0 records
+ * ranks, the medians, GFLOP/s of the global batch and its own communication
+ * per forward + backward. */
+static void bench_ranks(const opts *o, ccr_ctx *ctx, ccr_backend *be, gsl_rng *rng,
+                        ccr_comm *comm, ccr_jsonl *out, ccr_record *rec)
+{
+    const size_t P = (size_t)ccr_comm_size(comm), rk = (size_t)ccr_comm_rank(comm);
+    const size_t B = o->batch, di = o->cc.d_in, dout = o->cc.d_out, R = o->repeat;
+    const size_t lo = B * rk / P, b = B * (rk + 1) / P - lo;
+    layer L = {0};
+    ccr_status s = ccr_cond_alloc(be, &o->cc, b, &L.c);
+    if (s == CCR_OK) s = ccr_cond_set_comm(L.c, comm);
+    if (s == CCR_OK) s = ccr_arena_init(be, &L.a);
+    if (s == CCR_OK) {  /* a rank owning no matrix of gate none: not empty */
+        size_t one = 1, idx;
+        s = ccr_arena_add(L.a, "pad", 1, &one, &idx);
+    }
+    if (s == CCR_OK) s = ccr_cond_declare(L.c, L.a, "");
+    if (s == CCR_OK) s = ccr_arena_finalize(L.a);
+    if (s == CCR_OK) s = ccr_cond_init_params(L.c, rng);
+    ccr_optim_config oc = ccr_optim_defaults(CCR_OPTIM_ADAM);
+    if (s == CCR_OK) s = ccr_optim_init(L.a, &oc, &L.opt);
+    if (s != CCR_OK)
+        drv_fail(PROG, ctx, s, "layer");
+    size_t nx, ny;
+    if (!ccr_mul_ok(B, di, &nx) || !ccr_mul_ok(B, dout, &ny))
+        drv_fail(PROG, ctx, ccr_mem_check(ctx, SIZE_MAX, "buffers"), "buffers");
+    float *hx = ccr_malloc3(nx, 1, sizeof *hx), *hdy = ccr_malloc3(ny, 1, sizeof *hdy);
+    float *y = ccr_malloc3(b, dout, sizeof *y), *dx = ccr_malloc3(b, di, sizeof *dx);
+    double *tv = ccr_malloc3(3, R, sizeof *tv), *cv = ccr_malloc3(4, R, sizeof *cv);
+    if (!hx || !hdy || !y || !dx || !tv || !cv)
+        drv_fail(PROG, ctx, CCR_ENOMEM, "buffers");
+    for (size_t i = 0; i < nx; i++)  /* the global batch, the same on every rank */
+        hx[i] = unit(rng);
+    for (size_t i = 0; i < ny; i++)
+        hdy[i] = unit(rng);
+    const float *x = hx + lo * di, *dy = hdy + lo * dout;
+    ccr_gate_stats st;
+    const size_t g0 = ccr_arena_count(L.a);
+    for (size_t round = 0; round <= R && s == CCR_OK; round++) {
+        const size_t r = round == 0 ? 0 : round - 1;  /* round 0: warm-up */
+        double t0 = drv_now();
+        s = ccr_cond_forward(L.c, x, b, false, rng, y, &st);
+        tv[r] = drv_now() - t0;
+        ccr_comm_stats_reset(comm);
+        t0 = drv_now();
+        if (s == CCR_OK) s = ccr_cond_forward(L.c, x, b, true, rng, y, &st);
+        if (s == CCR_OK) s = ccr_cond_backward(L.c, dy, dx);
+        tv[R + r] = drv_now() - t0;
+        ccr_comm_stats cs;
+        ccr_comm_stats_get(comm, &cs);
+        cv[r] = cs.alltoall_bytes, cv[R + r] = cs.allreduce_bytes;
+        cv[2 * R + r] = cs.alltoall_seconds, cv[3 * R + r] = cs.allreduce_seconds;
+        t0 = drv_now();
+        if (s == CCR_OK) s = ccr_arena_zero_grad(L.a);
+        if (s == CCR_OK) s = ccr_cond_forward(L.c, x, b, true, rng, y, &st);
+        if (s == CCR_OK) s = ccr_cond_backward(L.c, dy, dx);
+        /* The replicated tensors' gradients (all but the bank's) summed. */
+        for (size_t i = 0; i < g0 && s == CCR_OK; i++)
+            if (ccr_arena_sparse_of(L.a, i) == NULL)
+                s = ccr_comm_allreduce_sum(comm, ccr_arena_grad(L.a, i), ccr_arena_size(L.a, i));
+        if (s == CCR_OK) s = ccr_optim_step(L.opt);
+        tv[2 * R + r] = drv_now() - t0;
+    }
+    if (s != CCR_OK)
+        drv_fail(PROG, ctx, s, "timing");
+    double t[3], c[4];
+    for (int k = 0; k < 3; k++)
+        t[k] = drv_median(tv + (size_t)k * R, R);
+    for (int k = 0; k < 4; k++)
+        c[k] = drv_median(cv + (size_t)k * R, R);
+    const double f = (ccr_cond_flops(L.c, true) + ccr_cond_flops_bwd(L.c, true)) * (double)B;
+    ccr_record_clear(rec);
+    s = drv_record_base(rec, PROG, be, o->seed);
+#define ADD_I(k, v) if (s == CCR_OK) s = ccr_record_add_int(rec, k, (int64_t)(v))
+#define ADD_D(k, v) if (s == CCR_OK) s = ccr_record_add_double(rec, k, v)
+    if (s == CCR_OK) s = drv_record_gate(rec, &o->cc);
+    ADD_I("d_in", di);
+    ADD_I("hidden", o->cc.hidden);
+    ADD_I("d_out", dout);
+    ADD_I("batch", B);
+    ADD_I("ranks", P);
+    ADD_I("repeat", R);
+    if (s == CCR_OK) s = ccr_record_add_bool(rec, "quick", o->quick);
+    ADD_I("params", ccr_cond_n_params(L.c));
+    ADD_D("seconds_fwd", t[0]);
+    ADD_D("seconds_fwdbwd", t[1]);
+    ADD_D("seconds_step", t[2]);
+    ADD_D("flops_fwdbwd", f);
+    ADD_D("gflops", f / t[1] * 1e-9);
+    ADD_D("alltoall_bytes_fwdbwd", c[0]);
+    ADD_D("allreduce_bytes_fwdbwd", c[1]);
+    ADD_D("seconds_alltoall_fwdbwd", c[2]);
+    ADD_D("seconds_allreduce_fwdbwd", c[3]);
+#undef ADD_I
+#undef ADD_D
+    drv_write_record(PROG, ctx, s, out, rec);
+    if (rk == 0) {
+        printf("%s %s B=%zu (%zu ranks) d_in=%zu h=%zu d_out=%zu %s\n", PROG, o->cc.gate->name, B,
+               P, di, o->cc.hidden, dout, ccr_backend_describe(be));
+        printf("  fwd %.3f ms  fwd+bwd %.3f ms (%.1f GFLOP/s)  step %.3f ms; all-to-all %.3f ms, "
+               "all-reduce %.3f ms of fwd+bwd (rank 0)\n", t[0] * 1e3, t[1] * 1e3,
+               f / t[1] * 1e-9, t[2] * 1e3, c[2] * 1e3, c[3] * 1e3);
+    }
+    free(hx), free(hdy), free(y), free(dx), free(tv), free(cv);
+    layer_free(&L);
+}
+
 int main(int argc, char **argv)
 {
     opts o;
     parse(argc, argv, &o);
+    const int P = drv_launcher_size();
+    if (P > 1 && (o.cuda || o.peer))
+        drv_usage_error(PROG, "under mpirun (%d processes): no --backend cuda, no --peer", P);
+    if ((size_t)P > o.batch)
+        drv_usage_error(PROG, "--batch %zu is smaller than the %d processes", o.batch, P);
+    if (P > 1 && drv_launcher_rank() != 0)
+        o.out = NULL;  /* rank 0 writes */
     drv_io_output("--out", o.out);
     drv_io_check(PROG);
     if (o.peer)
@@ -453,8 +577,17 @@ int main(int argc, char **argv)
     gsl_rng *rng;
     if (o.threads > 0)  /* before the backend, which describes the thread count */
         openblas_set_num_threads((int)o.threads);
-    drv_one_process(PROG);
     drv_setup(PROG, o.cuda, o.seed, &ctx, &be, &rng);
+    ccr_comm *comm = drv_comm_start(PROG, ctx);  /* NULL in one process */
+    if (comm != NULL) {
+        ccr_jsonl *out;
+        ccr_record *rec;
+        drv_open_out(PROG, ctx, o.out, &rec, &out);
+        bench_ranks(&o, ctx, be, rng, comm, out, rec);
+        drv_comm_end(comm);
+        drv_teardown(PROG, ctx, be, rng, out, rec);
+        return 0;
+    }
     ccr_status ms = ccr_backend_set_math(be, o.math);
     if (ms != CCR_OK)
         drv_fail(PROG, ctx, ms, "--math");

@@ -134,8 +134,8 @@ ccr_comm *drv_comm_start(const char *prog, ccr_ctx *ctx)
 void drv_one_process(const char *prog)
 {
     if (drv_launcher_size() > 1)
-        drv_usage_error(prog, "runs in one process; started on %d (only ccr-train and "
-                        "ccr-capacity run under mpirun)", drv_launcher_size());
+        drv_usage_error(prog, "runs in one process; started on %d (ccr-train, ccr-capacity "
+                        "and ccr-bench run under mpirun)", drv_launcher_size());
 }
 
 void drv_comm_end(ccr_comm *comm)
