@@ -62,8 +62,11 @@ bundle=${1:-build-gpu/bundle}
 bins="tests/test_cuda tests/test_cuda_cond experiments/ccr-bench experiments/ccr-capacity
       experiments/ccr-bench-mlp cuda/dev/grouped_gemm_lab cuda/dev/combine_lab"
 
-meson setup --reconfigure build-gpu --buildtype=release -Dcuda=enabled >/dev/null 2>&1 ||
-  meson setup build-gpu --buildtype=release -Dcuda=enabled
+# Without MPI and NCCL: the GPU machine has no mpirun, and NCCL's library
+# alone would outgrow what the device tool carries.
+meson setup --reconfigure build-gpu --buildtype=release -Dcuda=enabled -Dmpi=disabled \
+  -Dnccl=disabled >/dev/null 2>&1 ||
+  meson setup build-gpu --buildtype=release -Dcuda=enabled -Dmpi=disabled -Dnccl=disabled
 # shellcheck disable=SC2086  # bins is a list of target names without blanks
 ninja -C build-gpu $bins
 
