@@ -396,6 +396,19 @@ extern "C" ccr_status ccr_cond_dev_bind(ccr_cond_dev *d, ccr_arena *a, const siz
 
 /* ---- the routed matmul --------------------------------------------------------- */
 
+/* ids[0..G) in ascending order (insertion sort: the distinct ids of one
+ * batch, found in pair order, are few and mostly in order already). */
+static void cd_sort_ids(int32_t *ids, size_t G)
+{
+    for (size_t i = 1; i < G; i++) {
+        int32_t v = ids[i];
+        size_t j = i;
+        for (; j > 0 && ids[j - 1] > v; j--)
+            ids[j] = ids[j - 1];
+        ids[j] = v;
+    }
+}
+
 /* Stable counting sort of the used pairs of the host table h_ids[P] by id
  * (cond_sort): h_gid/h_goff, h_src/h_pos, h_qmat; the tiny groups' list. */
 static ccr_status cd_sort(ccr_cond_dev *d, size_t P)
@@ -426,13 +439,7 @@ static ccr_status cd_sort(ccr_cond_dev *d, size_t P)
             if (cnt[m] != 0)
                 d->h_gid[G++] = (int32_t)m;
     } else {
-        for (size_t i = 1; i < G; i++) {
-            int32_t v = d->h_gid[i];
-            size_t j = i;
-            for (; j > 0 && d->h_gid[j - 1] > v; j--)
-                d->h_gid[j] = d->h_gid[j - 1];
-            d->h_gid[j] = v;
-        }
+        cd_sort_ids(d->h_gid, G);
     }
     uint32_t off = 0;
     for (size_t g = 0; g < G; g++) {
@@ -682,13 +689,7 @@ static ccr_status cd_eval_dots(void *bank, size_t n, const size_t *mat, const si
             if (cnt[m]++ == 0)
                 d->h_gid[G++] = (int32_t)m;
         }
-        for (size_t i = 1; i < G; i++) { /* ascending id */
-            int32_t v = d->h_gid[i];
-            size_t j = i;
-            for (; j > 0 && d->h_gid[j - 1] > v; j--)
-                d->h_gid[j] = d->h_gid[j - 1];
-            d->h_gid[j] = v;
-        }
+        cd_sort_ids(d->h_gid, G); /* ascending id */
         uint32_t off = 0;
         for (size_t g = 0; g < G; g++) {
             uint32_t c = cnt[d->h_gid[g]];

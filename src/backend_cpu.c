@@ -119,14 +119,24 @@ static ccr_status ref_sgd_ranges(ccr_backend *be, float *w, const float *g, floa
     return CCR_OK;
 }
 
+/* Adam over the ranges with one table's step kernel. */
+typedef void (*cpu_adam_fn)(float *w, const float *g, float *m, float *v, size_t n, float lr,
+                            float b1, float b2, float eps, float wd, uint64_t t);
+
+static void adam_ranges_with(cpu_adam_fn step, float *w, const float *g, float *m, float *v,
+                             const size_t *off, const uint64_t *t, size_t n, size_t len,
+                             float lr, float b1, float b2, float eps, float wd)
+{
+    for (size_t r = 0; r < n; r++)
+        step(w + off[r], g + off[r], m + off[r], v + off[r], len, lr, b1, b2, eps, wd, t[r]);
+}
+
 static ccr_status ref_adam_ranges(ccr_backend *be, float *w, const float *g, float *m, float *v,
                                   const size_t *off, const uint64_t *t, size_t n, size_t len,
                                   float lr, float b1, float b2, float eps, float wd)
 {
     CCR_UNUSED(be);
-    for (size_t r = 0; r < n; r++)
-        ccr_ref_adam_step(w + off[r], g + off[r], m + off[r], v + off[r], len, lr, b1, b2, eps,
-                          wd, t[r]);
+    adam_ranges_with(ccr_ref_adam_step, w, g, m, v, off, t, n, len, lr, b1, b2, eps, wd);
     return CCR_OK;
 }
 
@@ -135,9 +145,7 @@ static ccr_status cpu_adam_ranges(ccr_backend *be, float *w, const float *g, flo
                                   float lr, float b1, float b2, float eps, float wd)
 {
     CCR_UNUSED(be);
-    for (size_t r = 0; r < n; r++)
-        ccr_cpu_adam_step(w + off[r], g + off[r], m + off[r], v + off[r], len, lr, b1, b2, eps,
-                          wd, t[r]);
+    adam_ranges_with(ccr_cpu_adam_step, w, g, m, v, off, t, n, len, lr, b1, b2, eps, wd);
     return CCR_OK;
 }
 

@@ -1,6 +1,8 @@
 /* comm_impl.h - the layout of struct ccr_comm and its implementations'
  * table (private; comm.c holds the generic half and the self communicator,
- * comm_mpi.c and comm_nccl.c the engines, comm_none.c their stubs). */
+ * comm_mpi.c and cuda/comm_nccl.cu the engines; in a build without an
+ * engine, comm_mpi_none.c / comm_nccl_none.c give its init, which refuses
+ * with CCR_EUNSUP). */
 #ifndef CCR_COMM_IMPL_H
 #define CCR_COMM_IMPL_H
 
