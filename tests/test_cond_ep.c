@@ -305,8 +305,9 @@ START_TEST(test_ep_net)
 END_TEST
 #endif
 
-/* What expert parallelism refuses: after declare, twice; and the owned
- * range of a plain layer is everything. */
+/* What expert parallelism refuses: a layer's communicator after declare or
+ * twice, a gate type without set_comm, a network's after finalize or twice;
+ * and the owned range of a plain layer is everything. */
 START_TEST(test_ep_errors)
 {
     ccr_cond_config cc = make_config(&cases[2]);
@@ -324,6 +325,27 @@ START_TEST(test_ep_errors)
     CCR_CK_STATUS(ctx, ccr_cond_set_comm(c, comm), CCR_EINVAL);
     CCR_CK_STATUS(ctx, ccr_cond_set_comm(c, NULL), CCR_EINVAL);
     ccr_cond_free(c);
+    /* A gate type without set_comm keeps per-rank statistics: refused alone. */
+    ccr_gate_config gc = ccr_gate_config_default();
+    gc.d_in = 4;
+    ccr_gate *g;
+    CCR_CK_OK(ctx, ccr_gate_alloc(ctx, ccr_gate_type_find("none"), &gc, 4, &g));
+    CCR_CK_STATUS(ctx, ccr_gate_set_comm(g, comm), CCR_EUNSUP);
+    ccr_gate_free(g);
+    /* A network: the communicator before finalize, once. */
+    ccr_net *net;
+    gsl_rng *rg = gsl_rng_alloc(gsl_rng_mt19937);
+    CCR_CK_OK(ctx, ccr_net_init(be, 4, 4, &net));
+    CCR_CK_OK(ctx, ccr_net_add_linear(net, 3));
+    CCR_CK_OK(ctx, ccr_net_set_comm(net, comm));
+    CCR_CK_STATUS(ctx, ccr_net_set_comm(net, comm), CCR_EINVAL);
+    ccr_net_free(net);
+    CCR_CK_OK(ctx, ccr_net_init(be, 4, 4, &net));
+    CCR_CK_OK(ctx, ccr_net_add_linear(net, 3));
+    CCR_CK_OK(ctx, ccr_net_finalize(net, rg));
+    CCR_CK_STATUS(ctx, ccr_net_set_comm(net, comm), CCR_EINVAL);
+    ccr_net_free(net);
+    gsl_rng_free(rg);
 }
 END_TEST
 
