@@ -79,6 +79,13 @@ static ccr_status cuda_memset(ccr_backend *be, void *dst, int value, size_t byte
     return CCR_OK;
 }
 
+static ccr_status cuda_copy(ccr_backend *be, void *dst, const void *src, size_t bytes)
+{
+    CCR_CUDA_TRY(be, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice,
+                                     ccr_cuda(be)->stream));
+    return CCR_OK;
+}
+
 static ccr_status cuda_synchronize(ccr_backend *be)
 {
     CCR_CUDA_TRY(be, cudaStreamSynchronize(ccr_cuda(be)->stream));
@@ -103,6 +110,7 @@ static const ccr_backend_i cuda_iface = {
     cuda_set,         /* set */
     cuda_get,         /* get */
     cuda_memset,      /* memset */
+    cuda_copy,        /* copy */
     cuda_synchronize, /* synchronize */
     cuda_set_math,    /* set_math */
 };

@@ -74,7 +74,9 @@ static inline unsigned ccr_grid(size_t n, unsigned block)
     return (unsigned)(g < 65535 * 8 ? (g ? g : 1) : 65535 * 8);
 }
 
-/* Fills the kernel table with the CUDA launchers of cuda/nn.cu. */
+/* Fills the kernel table with the CUDA launchers of cuda/nn.cu, then those
+ * of cuda/seq.cu (ccr_cuda_fill_seq_kernels: the sequence models' ops). */
 void ccr_cuda_fill_kernels(ccr_kernels *k);
+void ccr_cuda_fill_seq_kernels(ccr_kernels *k);
 
 #endif /* CCR_CUDA_COMMON_CUH */

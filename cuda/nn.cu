@@ -427,4 +427,5 @@ void ccr_cuda_fill_kernels(ccr_kernels *k)
     k->adam_ranges = cu_adam_ranges;
     k->zero_ranges = cu_zero_ranges;
     k->sum_squares = cu_sum_squares;
+    ccr_cuda_fill_seq_kernels(k);
 }

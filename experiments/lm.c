@@ -57,6 +57,8 @@ static void usage(void)
         "  --gate NAME [gate options]  train one model with this conditional layer\n"
         "                       instead of the series; gate options:\n%s"
         "  --seed N             GSL RNG seed (init, dropout, noise) [1]\n"
+        "  --backend NAME       cpu | cuda (device 0: parameters and activations on the\n"
+        "                       GPU; dropout masks and gate noise still drawn on the host) [cpu]\n"
         "  --out FILE           JSONL results [none]\n"
         "  --quick              seconds-long smoke run (small model, 30k tokens;\n"
         "                       options given explicitly still apply)\n"
@@ -78,7 +80,7 @@ typedef struct options {
     size_t n_models, vocab, max_tokens, d, hidden, branching, batch, unroll, epochs, warmup;
     double valid_frac, test_frac, lr, clip, dropout;
     unsigned long seed, split_seed;
-    bool sigmoid, accounting, gate_set, optim_sparse;
+    bool sigmoid, accounting, gate_set, optim_sparse, cuda;
     ccr_cond_config cond;
 } options;
 
@@ -142,6 +144,7 @@ static void parse(int argc, char **argv, options *o)
         else if (strcmp(a, "--out") == 0 && v) o->out = v;
         else if (strcmp(a, "--paper") == 0 && v) o->paper = v;
         else if (strcmp(a, "--models") == 0) parse_models(o, v);
+        else if (drv_parse_backend(PROG, a, v, &o->cuda)) { /* o->cuda set */ }
         else if (strcmp(a, "--vocab") == 0) o->vocab = drv_parse_size(PROG, a, v, 3);
         else if (strcmp(a, "--max-tokens") == 0) o->max_tokens = drv_parse_size(PROG, a, v, 0);
         else if (strcmp(a, "--d") == 0) o->d = drv_parse_size(PROG, a, v, 1);
@@ -398,7 +401,7 @@ int main(int argc, char **argv)
     ccr_backend *be;
     gsl_rng *rng;
     drv_one_process(PROG);
-    drv_setup(PROG, false, o.split_seed, &ctx, &be, &rng);   /* seeded for the split */
+    drv_setup(PROG, o.cuda, o.split_seed, &ctx, &be, &rng);   /* seeded for the split */
     if (o.accounting) {
         int rc = accounting(&o, be);
         drv_teardown(PROG, ctx, be, rng, NULL, NULL);

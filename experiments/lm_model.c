@@ -3,10 +3,16 @@
  * / deep blocks with dropout and residuals, full softmax) with its backward
  * pass, and the Tables 7-8 ops/params accounting.  Every buffer is sized
  * for batch x unroll rows in lm_model_alloc; forward and backward allocate
- * nothing.  Matrix products go through ccr_backend_gemm on a CPU backend
- * (OpenBLAS); element-wise loops run in a fixed order, so a run is
- * bitwise reproducible for a fixed seed and thread count.  LSTM gate
- * layout in the 4d columns: input, forget, candidate, output.
+ * nothing.  The model runs on any backend with the sequence ops of
+ * src/ops.h (the CPU and CUDA backends): activations live in backend memory
+ * (device memory on CUDA), matrix products go through ccr_backend_gemm and
+ * every other step through one kernel-table op, so the CPU and the GPU run
+ * the same sequence of ops.  The host keeps the batch's ids, draws the
+ * dropout masks (uploaded, so both backends see the same masks), sums the
+ * per-row NLLs in row order and lists each id's rows for the embedding
+ * gradient.  On the CPU, element-wise loops run in a fixed order, so a run is
+ * bitwise reproducible for a fixed seed and thread count.  LSTM gate layout
+ * in the 4d columns: input, forget, candidate, output.
  */
 #include "lm_model.h"
 
@@ -15,7 +21,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "internal.h"
+#include "internal.h"  // provides: CCR_FAIL, CCR_TRY, ccr_mallocn, ccr_mem_check
+#include "ops.h"       // provides: ccr_op_* (the sequence ops on the backend)
+#include "ref/ref.h"   // provides: ccr_ref_softmax_row
 
 typedef struct block {
     lm_block_kind kind;
@@ -34,9 +42,15 @@ struct lm_model {
     ccr_arena *arena;
     size_t N, p_emb, p_ow, p_ob;
     block b[LM_MAX_BLOCKS];
-    float *mem;                      /* one block for every buffer below */
+    float *mem;                      /* backend memory: every buffer below and the blocks' */
     float *x0, *mask0, *prob, *gbuf, *df, *din, *dz, *dhn, *dcn, *da1, *da2;
-    int32_t *in, *tgt;
+    double *nll;                     /* [N] per-row NLL of the last forward */
+    int32_t *in, *tgt;               /* [N] the batch */
+    int32_t *seg;                    /* embedding-gradient segments: rows [N], start [N+1], dst [N] */
+    /* host */
+    int32_t *h_in, *h_tgt, *h_seg, *h_count; /* batch, segments, per-id counts [vocab + 1] */
+    double *h_nll;                   /* [N] */
+    float *h_mask;                   /* [N, d] one dropout mask (NULL without dropout) */
     size_t n_scored;
     bool fwd_done, drop_active;
 };
@@ -98,20 +112,27 @@ static ccr_status declare(lm_model *m)
     return s;
 }
 
-/* Bytes of the activation buffers (the `total + N` floats carved below), in
- * double precision so that no size product can wrap; SIZE_MAX if they exceed
- * a quarter of the address space, which also makes every size_t product
- * below exact. */
-static size_t lm_activation_bytes(const lm_config *cfg, bool deep)
+/* Floats of backend memory (the `total` carved below) and host bytes, in
+ * double precision so that no size product can wrap; the sum as bytes, or
+ * SIZE_MAX if it exceeds a quarter of the address space, which also makes
+ * every size_t product below exact. */
+static double lm_backend_floats(const lm_config *cfg, bool deep)
 {
     double d = (double)cfg->d, B = (double)cfg->batch, N = B * (double)cfg->unroll;
     double V = (double)cfg->vocab, h = deep ? (double)cfg->deep_hidden : 1.0;
-    double total = 2 * N * d + N * V + 7 * N * d + 2 * B * d + 2 * N * h + 2 * N;
+    double total = 2 * N * d + N * V + 7 * N * d + 2 * B * d + 2 * N * h + 7 * N + 1;
     double lstm = 5 * N * d + 2 * (N + B) * d + 2 * B * d;
     for (size_t i = 0; i < cfg->n_blocks; i++)
         total += 3 * N * d + (cfg->blocks[i] == LM_BLOCK_LSTM ? lstm : 0.0) +
                  (cfg->blocks[i] == LM_BLOCK_DEEP ? (double)cfg->deep_layers * N * h : 0.0);
-    double bytes = total * (double)sizeof(float);
+    return total;
+}
+
+static size_t lm_activation_bytes(const lm_config *cfg, bool deep)
+{
+    double N = (double)cfg->batch * (double)cfg->unroll, V = (double)cfg->vocab;
+    double host = 4 * (5 * N + V + 2) + 8 * N + (cfg->dropout > 0.0 ? 4 * N * (double)cfg->d : 0);
+    double bytes = lm_backend_floats(cfg, deep) * (double)sizeof(float) + host;
     return bytes < (double)(SIZE_MAX / 4) ? (size_t)bytes : SIZE_MAX;
 }
 
@@ -120,11 +141,10 @@ ccr_status lm_model_alloc(ccr_backend *be, const lm_config *cfg, lm_model **out)
     if (be == NULL || cfg == NULL || out == NULL)
         return CCR_EINVAL;
     ccr_ctx *ctx = ccr_backend_ctx(be);
-    if (strncmp(ccr_backend_name(be), "cpu", 3) != 0)
-        CCR_FAIL(ctx, CCR_EUNSUP, "the language model runs on a CPU backend");
-    if (cfg->vocab < 2 || cfg->d == 0 || cfg->batch == 0 || cfg->unroll == 0 ||
-        cfg->n_blocks > LM_MAX_BLOCKS)
-        CCR_FAIL(ctx, CCR_EINVAL, "vocab >= 2, d, batch, unroll > 0, blocks <= %d required",
+    CCR_TRY(ccr_ops_check(be));
+    if (cfg->vocab < 2 || cfg->vocab > INT32_MAX || cfg->d == 0 || cfg->batch == 0 ||
+        cfg->unroll == 0 || cfg->n_blocks > LM_MAX_BLOCKS)
+        CCR_FAIL(ctx, CCR_EINVAL, "2 <= vocab < 2^31, d, batch, unroll > 0, blocks <= %d required",
                  LM_MAX_BLOCKS);
     if (!(cfg->dropout >= 0.0 && cfg->dropout < 1.0))
         CCR_FAIL(ctx, CCR_EINVAL, "dropout must be in [0, 1), got %g", cfg->dropout);
@@ -137,6 +157,8 @@ ccr_status lm_model_alloc(ccr_backend *be, const lm_config *cfg, lm_model **out)
     if (deep && (cfg->deep_layers == 0 || cfg->deep_layers > 16 || cfg->deep_hidden == 0))
         CCR_FAIL(ctx, CCR_EINVAL, "deep block: 1..16 layers of hidden > 0 required");
     CCR_TRY(ccr_mem_check(ctx, lm_activation_bytes(cfg, deep), "language model activations"));
+    if ((double)cfg->batch * (double)cfg->unroll >= (double)INT32_MAX)
+        CCR_FAIL(ctx, CCR_EINVAL, "batch x unroll must be below 2^31");
     lm_model *m = calloc(1, sizeof *m);
     if (m == NULL)
         CCR_FAIL(ctx, CCR_ENOMEM, "model");
@@ -157,29 +179,29 @@ ccr_status lm_model_alloc(ccr_backend *be, const lm_config *cfg, lm_model **out)
     }
     if (s == CCR_OK) s = declare(m);
     if (s == CCR_OK) s = ccr_arena_finalize(m->arena);
+    /* Host: the batch, segments and counts (int32), the NLLs, one mask. */
+    m->h_in = ccr_mallocn(5 * N + V + 2, sizeof *m->h_in); /* bounded: lm_activation_bytes */
+    m->h_nll = ccr_mallocn(N, sizeof *m->h_nll);
+    m->h_mask = cfg->dropout > 0.0 ? ccr_mallocn(N * d, sizeof *m->h_mask) : NULL; /* bounded: as above */
+    if (s == CCR_OK && (m->h_in == NULL || m->h_nll == NULL || (cfg->dropout > 0.0 && m->h_mask == NULL)))
+        s = CCR_FAIL_EXPR(ctx, CCR_ENOMEM, "host buffers of %zu rows", N);
+    /* Backend memory: one block, carved in order (the doubles first). */
+    size_t total = (size_t)lm_backend_floats(cfg, deep);
+    if (s == CCR_OK) s = ccr_backend_alloc(be, total * sizeof(float), (void **)&m->mem); /* bounded: as above */
     if (s != CCR_OK) {
         lm_model_free(m);
         return s;
     }
-    /* Buffer sizes (floats), then one allocation carved in order. */
-    size_t per_block = 3 * N * d, lstm_extra = 4 * N * d + 2 * (N + B) * d + N * d + 2 * B * d;
-    size_t total = 2 * N * d + N * V + 3 * N * d + 4 * N * d + 2 * B * d + 2 * N * h + N;
-    for (size_t i = 0; i < cfg->n_blocks; i++)
-        total += per_block + (cfg->blocks[i] == LM_BLOCK_LSTM ? lstm_extra : 0) +
-                 (cfg->blocks[i] == LM_BLOCK_DEEP ? cfg->deep_layers * N * h : 0);
-    m->mem = calloc(total + N, sizeof(float)); /* bounded: lm_activation_bytes checked it */
-    if (m->mem == NULL) {
-        lm_model_free(m);
-        CCR_FAIL(ctx, CCR_ENOMEM, "%zu floats of activations", total);
-    }
+    m->h_tgt = m->h_in + N;
+    m->h_seg = m->h_tgt + N;
+    m->h_count = m->h_seg + 3 * N + 1;
     float *p = m->mem;
 #define CARVE(ptr, n) ((ptr) = p, p += (n))
+    m->nll = (double *)p, p += 2 * N;
     CARVE(m->x0, N * d); CARVE(m->mask0, N * d); CARVE(m->prob, N * V);
     CARVE(m->gbuf, N * d); CARVE(m->df, N * d); CARVE(m->din, N * d);
     CARVE(m->dz, 4 * N * d); CARVE(m->dhn, B * d); CARVE(m->dcn, B * d);
     CARVE(m->da1, N * h); CARVE(m->da2, N * h);
-    m->in = (int32_t *)p, p += N;
-    m->tgt = (int32_t *)p, p += N;
     for (size_t i = 0; i < cfg->n_blocks; i++) {
         block *bl = &m->b[i];
         CARVE(bl->out, N * d); CARVE(bl->f, N * d); CARVE(bl->mask, N * d);
@@ -191,6 +213,9 @@ ccr_status lm_model_alloc(ccr_backend *be, const lm_config *cfg, lm_model **out)
         }
     }
 #undef CARVE
+    m->in = (int32_t *)p, p += N;
+    m->tgt = (int32_t *)p, p += N;
+    m->seg = (int32_t *)p;
     *out = m;
     return CCR_OK;
 }
@@ -201,8 +226,11 @@ void lm_model_free(lm_model *m)
         return;
     for (size_t i = 0; i < LM_MAX_BLOCKS; i++)
         ccr_cond_free(m->b[i].cond);
+    ccr_backend_free_buffer(m->be, m->mem);
     ccr_arena_free(m->arena);
-    free(m->mem);
+    free(m->h_in);
+    free(m->h_nll);
+    free(m->h_mask);
     free(m);
 }
 
@@ -212,39 +240,55 @@ static void uniform(gsl_rng *rng, float *v, size_t n, double r)
         v[i] = (float)(r * (2.0 * gsl_rng_uniform(rng) - 1.0));
 }
 
+/* Draws tensor i from U(-r, r) into the host buffer and stores it. */
+static ccr_status init_tensor(lm_model *m, gsl_rng *rng, float *host, size_t i, double r)
+{
+    uniform(rng, host, ccr_arena_size(m->arena, i), r);
+    return ccr_arena_set(m->arena, i, host);
+}
+
 ccr_status lm_model_init_params(lm_model *m, gsl_rng *rng)
 {
     if (m == NULL || rng == NULL)
         return CCR_EINVAL;
     const lm_config *c = &m->cfg;
     ccr_arena *a = m->arena;
-    size_t d = c->d;
-    uniform(rng, ccr_arena_value(a, m->p_emb), c->vocab * d, 0.1);
-    for (size_t i = 0; i < c->n_blocks; i++) {
+    size_t d = c->d, most = 0;
+    for (size_t i = 0; i < ccr_arena_count(a); i++)
+        most = ccr_arena_size(a, i) > most ? ccr_arena_size(a, i) : most;
+    float *host = ccr_mallocn(most, sizeof *host);
+    if (host == NULL)
+        CCR_FAIL(m->ctx, CCR_ENOMEM, "%zu floats of initial values", most);
+    ccr_status s = init_tensor(m, rng, host, m->p_emb, 0.1);
+    for (size_t i = 0; i < c->n_blocks && s == CCR_OK; i++) {
         block *bl = &m->b[i];
         double r = 1.0 / sqrt((double)d);
         if (bl->kind == LM_BLOCK_LSTM) {
-            uniform(rng, ccr_arena_value(a, bl->p_wx), 4 * d * d, r);
-            uniform(rng, ccr_arena_value(a, bl->p_wh), 4 * d * d, r);
-            float *b = ccr_arena_value(a, bl->p_b);
-            uniform(rng, b, 4 * d, r);
-            for (size_t j = 0; j < d; j++)
-                b[d + j] += c->forget_bias;
+            s = init_tensor(m, rng, host, bl->p_wx, r);
+            if (s == CCR_OK) s = init_tensor(m, rng, host, bl->p_wh, r);
+            if (s == CCR_OK) {
+                uniform(rng, host, 4 * d, r);
+                for (size_t j = 0; j < d; j++)
+                    host[d + j] += c->forget_bias;
+                s = ccr_arena_set(a, bl->p_b, host);
+            }
         } else if (bl->kind == LM_BLOCK_COND) {
-            CCR_TRY(ccr_cond_init_params(bl->cond, rng));
+            s = ccr_cond_init_params(bl->cond, rng);
         } else {
-            for (size_t l = 0; l <= c->deep_layers; l++) {
+            for (size_t l = 0; l <= c->deep_layers && s == CCR_OK; l++) {
                 r = 1.0 / sqrt((double)(l == 0 ? d : c->deep_hidden));
-                for (size_t q = 0; q < 2; q++)
-                    uniform(rng, ccr_arena_value(a, bl->p_deep[2 * l + q]),
-                            ccr_arena_size(a, bl->p_deep[2 * l + q]), r);
+                for (size_t q = 0; q < 2 && s == CCR_OK; q++)
+                    s = init_tensor(m, rng, host, bl->p_deep[2 * l + q], r);
             }
         }
     }
-    uniform(rng, ccr_arena_value(a, m->p_ow), d * c->vocab, 1.0 / sqrt((double)d));
-    memset(ccr_arena_value(a, m->p_ob), 0, c->vocab * sizeof(float));
-    lm_model_reset_state(m);
-    return CCR_OK;
+    if (s == CCR_OK) s = init_tensor(m, rng, host, m->p_ow, 1.0 / sqrt((double)d));
+    if (s == CCR_OK) {
+        memset(host, 0, c->vocab * sizeof *host);
+        s = ccr_arena_set(a, m->p_ob, host);
+    }
+    free(host);
+    return s == CCR_OK ? lm_model_reset_state(m) : s;
 }
 
 ccr_arena *lm_model_arena(const lm_model *m) { return m->arena; }
@@ -258,14 +302,15 @@ ccr_cond *lm_model_cond(const lm_model *m)
     return NULL;
 }
 
-void lm_model_reset_state(lm_model *m)
+ccr_status lm_model_reset_state(lm_model *m)
 {
-    size_t n = m->cfg.batch * m->cfg.d;
+    size_t bytes = m->cfg.batch * m->cfg.d * sizeof(float);
     for (size_t i = 0; i < m->cfg.n_blocks; i++)
         if (m->b[i].kind == LM_BLOCK_LSTM) {
-            memset(m->b[i].hs, 0, n * sizeof(float));
-            memset(m->b[i].cs, 0, n * sizeof(float));
+            CCR_TRY(ccr_backend_memset(m->be, m->b[i].hs, 0, bytes));
+            CCR_TRY(ccr_backend_memset(m->be, m->b[i].cs, 0, bytes));
         }
+    return CCR_OK;
 }
 
 size_t lm_model_state_len(const lm_model *m)
@@ -276,7 +321,8 @@ size_t lm_model_state_len(const lm_model *m)
     return n;
 }
 
-static void state_copy(lm_model *m, float *buf, bool out)
+/* Host buf <-> the blocks' h and c states, in block order. */
+static ccr_status state_copy(lm_model *m, float *buf, bool out)
 {
     size_t n = m->cfg.batch * m->cfg.d;
     for (size_t i = 0; i < m->cfg.n_blocks; i++) {
@@ -284,57 +330,43 @@ static void state_copy(lm_model *m, float *buf, bool out)
             continue;
         float *st[2] = {m->b[i].hs, m->b[i].cs};
         for (size_t q = 0; q < 2; q++, buf += n)
-            memcpy(out ? buf : st[q], out ? st[q] : buf, n * sizeof(float));
+            CCR_TRY(out ? ccr_backend_get(m->be, buf, st[q], n * sizeof(float))
+                        : ccr_backend_set(m->be, st[q], buf, n * sizeof(float)));
     }
+    return CCR_OK;
 }
 
-void lm_model_state_get(const lm_model *m, float *out) { state_copy((lm_model *)m, out, true); }
-void lm_model_state_set(lm_model *m, const float *in) { state_copy(m, (float *)in, false); }
-
-static float sigm(float x) { return 1.0f / (1.0f + expf(-x)); }
-
-/* y[r] += bias for n rows of width w. */
-static void bias_rows(float *y, const float *bias, size_t n, size_t w)
+ccr_status lm_model_state_get(const lm_model *m, float *out)
 {
-    for (size_t r = 0; r < n; r++)
-        for (size_t j = 0; j < w; j++)
-            y[r * w + j] += bias[j];
+    if (m == NULL || out == NULL)
+        return CCR_EINVAL;
+    return state_copy((lm_model *)m, out, true);
 }
 
-/* g[j] += sum over n rows of dy. */
-static void colsum(float *g, const float *dy, size_t n, size_t w)
+ccr_status lm_model_state_set(lm_model *m, const float *in)
 {
-    for (size_t r = 0; r < n; r++)
-        for (size_t j = 0; j < w; j++)
-            g[j] += dy[r * w + j];
+    if (m == NULL || in == NULL)
+        return CCR_EINVAL;
+    return state_copy(m, (float *)in, false);
 }
 
 static ccr_status lstm_forward(lm_model *m, block *bl, const float *x, double *fl)
 {
     size_t d = m->cfg.d, B = m->cfg.batch, T = m->cfg.unroll, N = m->N, G = 4 * d;
     const ccr_arena *a = m->arena;
-    memcpy(bl->h, bl->hs, B * d * sizeof(float));
-    memcpy(bl->c, bl->cs, B * d * sizeof(float));
+    ccr_backend *be = m->be;
+    CCR_TRY(ccr_op_copy(be, bl->h, bl->hs, B * d));
+    CCR_TRY(ccr_op_copy(be, bl->c, bl->cs, B * d));
     CCR_TRY(gemm(m, false, false, N, G, d, x, d, ccr_arena_value(a, bl->p_wx), G, 0.0f, bl->g, G));
-    bias_rows(bl->g, ccr_arena_value(a, bl->p_b), N, G);
+    CCR_TRY(ccr_op_bias_add(be, bl->g, ccr_arena_value(a, bl->p_b), N, G));
     for (size_t t = 0; t < T; t++) {
         float *g = bl->g + t * B * G, *cp = bl->c + t * B * d, *hp = bl->h + t * B * d;
         CCR_TRY(gemm(m, false, false, B, G, d, hp, d, ccr_arena_value(a, bl->p_wh), G, 1.0f, g, G));
-        for (size_t b = 0; b < B; b++)
-            for (size_t j = 0; j < d; j++) {
-                float *z = g + b * G;
-                float i = sigm(z[j]), f = sigm(z[d + j]), gg = tanhf(z[2 * d + j]);
-                float o = sigm(z[3 * d + j]);
-                z[j] = i, z[d + j] = f, z[2 * d + j] = gg, z[3 * d + j] = o;
-                float c = f * cp[b * d + j] + i * gg, tc = tanhf(c);
-                cp[(B + b) * d + j] = c;
-                bl->tc[(t * B + b) * d + j] = tc;
-                hp[(B + b) * d + j] = o * tc;
-            }
+        CCR_TRY(ccr_op_lstm_fwd(be, g, cp, cp + B * d, bl->tc + t * B * d, hp + B * d, B, d));
     }
-    memcpy(bl->hs, bl->h + N * d, B * d * sizeof(float));
-    memcpy(bl->cs, bl->c + N * d, B * d * sizeof(float));
-    memcpy(bl->f, bl->h + B * d, N * d * sizeof(float));
+    CCR_TRY(ccr_op_copy(be, bl->hs, bl->h + N * d, B * d));
+    CCR_TRY(ccr_op_copy(be, bl->cs, bl->c + N * d, B * d));
+    CCR_TRY(ccr_op_copy(be, bl->f, bl->h + B * d, N * d));
     *fl += (double)N * (4.0 * d * G + G);
     return CCR_OK;
 }
@@ -345,31 +377,21 @@ static ccr_status lstm_backward(lm_model *m, block *bl, const float *x, const fl
 {
     size_t d = m->cfg.d, B = m->cfg.batch, T = m->cfg.unroll, N = m->N, G = 4 * d;
     const ccr_arena *a = m->arena;
-    memset(m->dhn, 0, B * d * sizeof(float));
-    memset(m->dcn, 0, B * d * sizeof(float));
+    ccr_backend *be = m->be;
+    CCR_TRY(ccr_backend_memset(be, m->dhn, 0, B * d * sizeof(float)));
+    CCR_TRY(ccr_backend_memset(be, m->dcn, 0, B * d * sizeof(float)));
     for (size_t t = T; t-- > 0;) {
-        for (size_t b = 0; b < B; b++)
-            for (size_t j = 0; j < d; j++) {
-                size_t r = t * B + b, q = b * d + j;
-                const float *z = bl->g + r * G;
-                float i = z[j], f = z[d + j], gg = z[2 * d + j], o = z[3 * d + j];
-                float tc = bl->tc[r * d + j], dh = dF[r * d + j] + m->dhn[q];
-                float dc = m->dcn[q] + dh * o * (1.0f - tc * tc);
-                float *dz = m->dz + r * G;
-                dz[j] = dc * gg * i * (1.0f - i);
-                dz[d + j] = dc * bl->c[r * d + j] * f * (1.0f - f);
-                dz[2 * d + j] = dc * i * (1.0f - gg * gg);
-                dz[3 * d + j] = dh * tc * o * (1.0f - o);
-                m->dcn[q] = dc * f;
-            }
+        size_t r = t * B;
+        CCR_TRY(ccr_op_lstm_bwd(be, bl->g + r * G, bl->c + r * d, bl->tc + r * d, dF + r * d,
+                                m->dhn, m->dcn, m->dz + r * G, B, d));
         if (t > 0)
-            CCR_TRY(gemm(m, false, true, B, d, G, m->dz + t * B * G, G,
+            CCR_TRY(gemm(m, false, true, B, d, G, m->dz + r * G, G,
                          ccr_arena_value(a, bl->p_wh), G, 0.0f, m->dhn, d));
     }
     CCR_TRY(gemm(m, true, false, d, G, N, x, d, m->dz, G, 1.0f, ccr_arena_grad(a, bl->p_wx), G));
     CCR_TRY(gemm(m, true, false, d, G, N, bl->h, d, m->dz, G, 1.0f,
                  ccr_arena_grad(a, bl->p_wh), G));
-    colsum(ccr_arena_grad(a, bl->p_b), m->dz, N, G);
+    CCR_TRY(ccr_op_bias_grad(be, ccr_arena_grad(a, bl->p_b), m->dz, N, G));
     return gemm(m, false, true, N, d, G, m->dz, G, ccr_arena_value(a, bl->p_wx), G, 0.0f, dIn, d);
 }
 
@@ -382,10 +404,10 @@ static ccr_status deep_forward(lm_model *m, block *bl, const float *x, double *f
         float *y = l == L ? bl->f : bl->acts + l * N * h;
         CCR_TRY(gemm(m, false, false, N, dout, din, xin, din,
                      ccr_arena_value(m->arena, bl->p_deep[2 * l]), dout, 0.0f, y, dout));
-        bias_rows(y, ccr_arena_value(m->arena, bl->p_deep[2 * l + 1]), N, dout);
+        CCR_TRY(ccr_op_bias_add(m->be, y, ccr_arena_value(m->arena, bl->p_deep[2 * l + 1]), N,
+                                dout));
         if (l < L)
-            for (size_t i = 0; i < N * dout; i++)
-                y[i] = y[i] > 0.0f ? y[i] : 0.0f;
+            CCR_TRY(ccr_op_act_fwd(m->be, CCR_ACT_RELU, y, y, N * dout));
         *fl += (double)N * (2.0 * din * dout + dout);
     }
     return CCR_OK;
@@ -402,92 +424,34 @@ static ccr_status deep_backward(lm_model *m, block *bl, const float *x, const fl
         const float *xin = l == 0 ? x : bl->acts + (l - 1) * N * h;
         CCR_TRY(gemm(m, true, false, din, dout, N, xin, din, dy, dout, 1.0f,
                      ccr_arena_grad(m->arena, bl->p_deep[2 * l]), dout));
-        colsum(ccr_arena_grad(m->arena, bl->p_deep[2 * l + 1]), dy, N, dout);
+        CCR_TRY(ccr_op_bias_grad(m->be, ccr_arena_grad(m->arena, bl->p_deep[2 * l + 1]), dy, N,
+                                 dout));
         float *dx = l == 0 ? dIn : bufs[l % 2];
         CCR_TRY(gemm(m, false, true, N, din, dout, dy, dout,
                      ccr_arena_value(m->arena, bl->p_deep[2 * l]), dout, 0.0f, dx, din));
-        if (l > 0)
-            for (size_t i = 0; i < N * h; i++)
-                dx[i] = xin[i] > 0.0f ? dx[i] : 0.0f;
+        if (l > 0)  /* xin is a ReLU output: > 0 exactly where the pre-activation was */
+            CCR_TRY(ccr_op_act_bwd(m->be, CCR_ACT_RELU, xin, dx, dx, N * h));
         dy = dx;
     }
     return CCR_OK;
 }
 
-static void dropout(lm_model *m, gsl_rng *rng, float *mask, float *y)
+/* Inverted dropout of y [N, d] in training: the mask drawn on the host from
+ * rng (one uniform per element, in order), kept in backend memory for the
+ * backward pass. */
+static ccr_status dropout(lm_model *m, gsl_rng *rng, float *mask, float *y)
 {
     if (!m->drop_active)
-        return;
+        return CCR_OK;
     size_t n = m->N * m->cfg.d;
     float keep = (float)(1.0 / (1.0 - m->cfg.dropout));
-    for (size_t i = 0; i < n; i++) {
-        mask[i] = gsl_rng_uniform(rng) < m->cfg.dropout ? 0.0f : keep;
-        y[i] *= mask[i];
-    }
+    for (size_t i = 0; i < n; i++)
+        m->h_mask[i] = gsl_rng_uniform(rng) < m->cfg.dropout ? 0.0f : keep;
+    CCR_TRY(ccr_backend_set(m->be, mask, m->h_mask, n * sizeof(float)));
+    return ccr_op_mul(m->be, y, mask, y, n);
 }
 
-/* exp(x) for x <= 0 as plain arithmetic the compiler vectorises: x = n ln 2
- * + r with |r| <= ln2/2 (two-part ln 2), e^r by Cephes expf's degree-6
- * polynomial, 2^n put into the exponent bits.  Relative error about 2e-7
- * (tested against exp in double); x below ln(2^-126) is clamped there, so no
- * subnormal result can slow the loops that follow (see RESULTS, "Subnormal
- * numbers slowed training").  NaN stays NaN. */
-static inline float exp_nonpos(float x)
-{
-    const float lo = -87.33654f, log2e = 1.44269504089f, shifter = 12582912.0f;  /* 1.5*2^23 */
-    x = x < lo ? lo : x;
-    float n = (x * log2e + shifter) - shifter;  /* round to nearest, |n| <= 126 */
-    float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;  /* NaN stays in r */
-    n = n == n ? n : 0.0f;  /* no float-to-int conversion of a NaN */
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    union { int32_t i; float f; } two_n = {.i = ((int32_t)n + 127) << 23};
-    return p * two_n.f;
-}
-
-double lm_softmax_row(float *z, size_t n)
-{
-    /* Fixed lanes and blocks: the same sums in the same order on every call,
-     * and loops simple enough for the compiler to vectorise. */
-    enum { L = 8, BLOCK = 512 };
-    size_t nv = n - n % L;
-    float mx8[L];
-    for (size_t l = 0; l < L; l++)
-        mx8[l] = z[0];
-    for (size_t j = 0; j < nv; j += L)
-        for (size_t l = 0; l < L; l++)
-            mx8[l] = z[j + l] > mx8[l] ? z[j + l] : mx8[l];
-    float mx = z[0];
-    for (size_t l = 0; l < L; l++)
-        mx = mx8[l] > mx ? mx8[l] : mx;
-    for (size_t j = nv; j < n; j++)
-        mx = z[j] > mx ? z[j] : mx;
-    for (size_t j = 0; j < n; j++)
-        z[j] = exp_nonpos(z[j] - mx);
-    double sum = 0.0;  /* float lanes within a block, double across blocks */
-    for (size_t j0 = 0; j0 < n; j0 += BLOCK) {
-        size_t j1 = n - j0 < BLOCK ? n : j0 + BLOCK, jv = j1 - (j1 - j0) % L;
-        float s8[L] = {0.0f};
-        for (size_t j = j0; j < jv; j += L)
-            for (size_t l = 0; l < L; l++)
-                s8[l] += z[j + l];
-        float bs = 0.0f;
-        for (size_t l = 0; l < L; l++)
-            bs += s8[l];
-        for (size_t j = jv; j < j1; j++)
-            bs += z[j];
-        sum += (double)bs;
-    }
-    float inv = (float)(1.0 / sum);
-    for (size_t j = 0; j < n; j++)
-        z[j] *= inv;
-    return log(sum) + (double)mx;
-}
+double lm_softmax_row(float *z, size_t n) { return ccr_ref_softmax_row(z, n); }
 
 ccr_status lm_model_forward(lm_model *m, const int32_t *in, const int32_t *tgt, bool train,
                             gsl_rng *rng, lm_fwd_stats *st)
@@ -496,6 +460,7 @@ ccr_status lm_model_forward(lm_model *m, const int32_t *in, const int32_t *tgt, 
         return CCR_EINVAL;
     const lm_config *c = &m->cfg;
     size_t N = m->N, d = c->d, V = c->vocab;
+    ccr_backend *be = m->be;
     for (size_t r = 0; r < N; r++)
         if (in[r] < 0 || (size_t)in[r] >= V || tgt[r] < -1 || tgt[r] >= (int32_t)V)
             CCR_FAIL(m->ctx, CCR_EINVAL, "row %zu: input %d / target %d out of range (vocab %zu)",
@@ -503,12 +468,12 @@ ccr_status lm_model_forward(lm_model *m, const int32_t *in, const int32_t *tgt, 
     memset(st, 0, sizeof *st);
     m->fwd_done = false;
     m->drop_active = train && c->dropout > 0.0;
-    memcpy(m->in, in, N * sizeof *in);
-    memcpy(m->tgt, tgt, N * sizeof *tgt);
-    const float *emb = ccr_arena_value(m->arena, m->p_emb);
-    for (size_t r = 0; r < N; r++)
-        memcpy(m->x0 + r * d, emb + (size_t)in[r] * d, d * sizeof(float));
-    dropout(m, rng, m->mask0, m->x0);
+    memcpy(m->h_in, in, N * sizeof *in);
+    memcpy(m->h_tgt, tgt, N * sizeof *tgt);
+    CCR_TRY(ccr_backend_set(be, m->in, in, N * sizeof *in));
+    CCR_TRY(ccr_backend_set(be, m->tgt, tgt, N * sizeof *tgt));
+    CCR_TRY(ccr_op_gather_rows(be, ccr_arena_value(m->arena, m->p_emb), d, m->in, N, m->x0));
+    CCR_TRY(dropout(m, rng, m->mask0, m->x0));
     const float *x = m->x0;
     bool first_cond = true;
     for (size_t i = 0; i < c->n_blocks; i++) {
@@ -526,32 +491,59 @@ ccr_status lm_model_forward(lm_model *m, const int32_t *in, const int32_t *tgt, 
                 st->gate = gs;
             first_cond = false;
             if (c->moe_sigmoid)
-                for (size_t q = 0; q < N * d; q++)
-                    bl->f[q] = sigm(bl->f[q]);
+                CCR_TRY(ccr_op_act_fwd(be, CCR_ACT_SIGMOID, bl->f, bl->f, N * d));
         }
-        memcpy(bl->out, bl->f, N * d * sizeof(float));
-        dropout(m, rng, bl->mask, bl->out);
-        for (size_t q = 0; q < N * d; q++)
-            bl->out[q] += x[q];
+        CCR_TRY(ccr_op_copy(be, bl->out, bl->f, N * d));
+        CCR_TRY(dropout(m, rng, bl->mask, bl->out));
+        CCR_TRY(ccr_op_add(be, bl->out, x, bl->out, N * d));
         x = bl->out;
     }
     /* Full softmax; prob keeps the probabilities for the backward pass. */
     CCR_TRY(gemm(m, false, false, N, V, d, x, d, ccr_arena_value(m->arena, m->p_ow), V, 0.0f,
                  m->prob, V));
-    bias_rows(m->prob, ccr_arena_value(m->arena, m->p_ob), N, V);
+    CCR_TRY(ccr_op_bias_add(be, m->prob, ccr_arena_value(m->arena, m->p_ob), N, V));
+    CCR_TRY(ccr_op_softmax_nll(be, m->prob, m->tgt, N, V, m->nll));
+    CCR_TRY(ccr_backend_get(be, m->h_nll, m->nll, N * sizeof *m->h_nll));
     st->flops_counted += (double)N * (2.0 * d * V + V);
-    for (size_t r = 0; r < N; r++) {
-        float *z = m->prob + r * V;
-        double zt = tgt[r] >= 0 ? (double)z[tgt[r]] : 0.0;
-        double lse = lm_softmax_row(z, V);
+    for (size_t r = 0; r < N; r++)
         if (tgt[r] >= 0) {
-            st->nll_sum += lse - zt;
+            st->nll_sum += m->h_nll[r];
             st->n_scored++;
         }
-    }
     m->n_scored = st->n_scored;
     m->fwd_done = true;
     return CCR_OK;
+}
+
+/* The embedding gradient's segments from the batch's ids (a counting sort
+ * by id, rows in increasing order within an id): h_seg = rows [N], start
+ * [n_seg + 1], dst [n_seg], uploaded packed; returns n_seg. */
+static ccr_status embedding_segments(lm_model *m, size_t *n_seg)
+{
+    size_t N = m->N, V = m->cfg.vocab, n = 0;
+    int32_t *rows = m->h_seg, *start = rows + N, *cnt = m->h_count;
+    memset(cnt, 0, (V + 1) * sizeof *cnt);
+    for (size_t r = 0; r < N; r++)
+        cnt[m->h_in[r] + 1]++;
+    for (size_t v = 0; v < V; v++) {
+        if (cnt[v + 1] > 0)
+            n++;
+        cnt[v + 1] += cnt[v];  /* cnt[v] = first slot of id v */
+    }
+    int32_t *dst = start + n + 1;
+    for (size_t r = 0; r < N; r++)
+        rows[cnt[m->h_in[r]]++] = (int32_t)r;  /* cnt[v] ends at the next id's first slot */
+    size_t s = 0;
+    start[0] = 0;
+    for (size_t v = 0, prev = 0; v < V; v++) {
+        if ((size_t)cnt[v] == prev)
+            continue;
+        dst[s] = (int32_t)v;
+        start[++s] = cnt[v];
+        prev = (size_t)cnt[v];
+    }
+    *n_seg = n;
+    return ccr_backend_set(m->be, m->seg, m->h_seg, (N + 2 * n + 1) * sizeof *m->h_seg);
 }
 
 ccr_status lm_model_backward(lm_model *m)
@@ -562,50 +554,43 @@ ccr_status lm_model_backward(lm_model *m)
         CCR_FAIL(m->ctx, CCR_EINVAL, "backward needs a forward pass first");
     const lm_config *c = &m->cfg;
     size_t N = m->N, d = c->d, V = c->vocab;
+    ccr_backend *be = m->be;
     float scale = m->n_scored ? 1.0f / (float)m->n_scored : 0.0f;
-    for (size_t r = 0; r < N; r++) {
-        float *z = m->prob + r * V;
-        if (m->tgt[r] < 0) {
-            memset(z, 0, V * sizeof(float));
-            continue;
-        }
-        z[m->tgt[r]] -= 1.0f;
-        for (size_t j = 0; j < V; j++)
-            z[j] *= scale;
-    }
-    m->fwd_done = false;  /* prob now holds dL/dlogits */
+    m->fwd_done = false;  /* prob now becomes dL/dlogits */
+    CCR_TRY(ccr_op_softmax_nll_bwd(be, m->prob, m->tgt, N, V, scale));
     const float *xl = c->n_blocks ? m->b[c->n_blocks - 1].out : m->x0;
     CCR_TRY(gemm(m, true, false, d, V, N, xl, d, m->prob, V, 1.0f,
                  ccr_arena_grad(m->arena, m->p_ow), V));
-    colsum(ccr_arena_grad(m->arena, m->p_ob), m->prob, N, V);
+    CCR_TRY(ccr_op_bias_grad(be, ccr_arena_grad(m->arena, m->p_ob), m->prob, N, V));
     CCR_TRY(gemm(m, false, true, N, d, V, m->prob, V, ccr_arena_value(m->arena, m->p_ow), V,
                  0.0f, m->gbuf, d));
     for (size_t i = c->n_blocks; i-- > 0;) {
         block *bl = &m->b[i];
         const float *x = i == 0 ? m->x0 : m->b[i - 1].out;
-        for (size_t q = 0; q < N * d; q++) {
-            float g = m->drop_active ? m->gbuf[q] * bl->mask[q] : m->gbuf[q];
-            if (bl->kind == LM_BLOCK_COND && c->moe_sigmoid)
-                g *= bl->f[q] * (1.0f - bl->f[q]);
-            m->df[q] = g;
-        }
+        if (m->drop_active)
+            CCR_TRY(ccr_op_mul(be, m->gbuf, bl->mask, m->df, N * d));
+        else
+            CCR_TRY(ccr_op_copy(be, m->df, m->gbuf, N * d));
+        if (bl->kind == LM_BLOCK_COND && c->moe_sigmoid)
+            CCR_TRY(ccr_op_act_bwd(be, CCR_ACT_SIGMOID, bl->f, m->df, m->df, N * d));
         if (bl->kind == LM_BLOCK_LSTM)
             CCR_TRY(lstm_backward(m, bl, x, m->df, m->din));
         else if (bl->kind == LM_BLOCK_DEEP)
             CCR_TRY(deep_backward(m, bl, x, m->df, m->din));
         else
             CCR_TRY(ccr_cond_backward(bl->cond, m->df, m->din));
-        for (size_t q = 0; q < N * d; q++)
-            m->gbuf[q] += m->din[q];
+        CCR_TRY(ccr_op_add(be, m->gbuf, m->din, m->gbuf, N * d));
     }
     /* Sparse embedding gradient: only the rows looked up receive one. */
-    float *ge = ccr_arena_grad(m->arena, m->p_emb);
-    for (size_t r = 0; r < N; r++)
-        for (size_t j = 0; j < d; j++) {
-            size_t q = r * d + j;
-            ge[(size_t)m->in[r] * d + j] += m->drop_active ? m->gbuf[q] * m->mask0[q] : m->gbuf[q];
-        }
-    return CCR_OK;
+    const float *src = m->gbuf;
+    if (m->drop_active) {
+        CCR_TRY(ccr_op_mul(be, m->gbuf, m->mask0, m->df, N * d));
+        src = m->df;
+    }
+    size_t n_seg;
+    CCR_TRY(embedding_segments(m, &n_seg));
+    return ccr_op_segment_add_rows(be, ccr_arena_grad(m->arena, m->p_emb), d, src, m->seg,
+                                   m->seg + N, m->seg + N + n_seg + 1, n_seg);
 }
 
 size_t lm_model_n_params(const lm_model *m, bool exclude_emb_softmax)

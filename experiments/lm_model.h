@@ -13,7 +13,9 @@
  * sigmoid before dropout.  The LSTM runs full backpropagation through time
  * over the unroll, with its state carried across batches (truncated BPTT).
  * All parameters live in one ccr_arena (the conditional layer's under
- * "moe.<i>."), so ccr_optim and gradient clipping see one block.
+ * "moe.<i>."), so ccr_optim and gradient clipping see one block.  On a
+ * CUDA backend the parameters and activations stay on the device; the
+ * caller's ids, targets and state buffers are host memory on every backend.
  *
  * Activations are time-major: row t * batch + b holds timestep t of stream b.
  * Target -1 marks a padded position: it is computed but not scored.
@@ -78,10 +80,12 @@ typedef struct lm_fwd_stats {
     double flops_counted;  /* forward FLOPs executed, all rows (multiply-add = 2) */
 } lm_fwd_stats;
 
-/* Validates cfg, declares every parameter in one arena on `be` (a CPU
- * backend) and allocates every buffer for batch x unroll rows.  Returns
- * CCR_EINVAL (zero sizes, COND block without a gate, bad dropout, the gate's
- * configuration errors), CCR_EUNSUP (not a CPU backend), CCR_ENOMEM. */
+/* Validates cfg, declares every parameter in one arena on `be` (the CPU or
+ * the CUDA backend: any with the ops of src/ops.h) and allocates every
+ * buffer for batch x unroll rows, in backend memory.  Returns CCR_EINVAL
+ * (zero sizes, COND block without a gate, bad dropout, the gate's
+ * configuration errors), CCR_EUNSUP (a backend without those ops),
+ * CCR_ENOMEM / CCR_EDEVMEM. */
 ccr_status lm_model_alloc(ccr_backend *be, const lm_config *cfg, lm_model **out);
 void lm_model_free(lm_model *m);
 
@@ -97,11 +101,12 @@ const lm_config *lm_model_config(const lm_model *m);
 ccr_cond *lm_model_cond(const lm_model *m);
 
 /* Recurrent state (h and c of every LSTM block): zero it, or copy it out /
- * back (lm_model_state_len floats), e.g. to repeat a batch exactly. */
-void lm_model_reset_state(lm_model *m);
+ * back (lm_model_state_len floats of host memory), e.g. to repeat a batch
+ * exactly.  Errors: the backend's (a failed device copy). */
+ccr_status lm_model_reset_state(lm_model *m);
 size_t lm_model_state_len(const lm_model *m);
-void lm_model_state_get(const lm_model *m, float *out);
-void lm_model_state_set(lm_model *m, const float *in);
+ccr_status lm_model_state_get(const lm_model *m, float *out);
+ccr_status lm_model_state_set(lm_model *m, const float *in);
 
 /* In-place softmax of one row of n >= 1 logits (vectorised exp, see
  * lm_model.c); returns log(sum(exp(z))) of the input in double. */

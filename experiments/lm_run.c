@@ -153,10 +153,9 @@ ccr_status lm_evaluate(lm_model *m, const int32_t *tok, size_t n, double *nll, s
         return CCR_ENOMEM;
     lm_stream s;
     lm_stream_init(&s, tok, n, c->batch, c->unroll);
-    lm_model_reset_state(m);
     *nll = 0.0;
     *count = 0;
-    ccr_status st = CCR_OK;
+    ccr_status st = lm_model_reset_state(m);
     for (size_t k = 0; k < s.steps && st == CCR_OK; k++) {
         lm_fwd_stats fs;
         lm_stream_batch(&s, k, buf, buf + N);
@@ -165,8 +164,8 @@ ccr_status lm_evaluate(lm_model *m, const int32_t *tok, size_t n, double *nll, s
         *count += fs.n_scored;
     }
     free(buf);
-    lm_model_reset_state(m);
-    return st;
+    ccr_status r = lm_model_reset_state(m);
+    return st != CCR_OK ? st : r;
 }
 
 ccr_status lm_train_run(lm_model *m, ccr_optim *opt, gsl_rng *rng, const lm_train_args *a,
@@ -182,13 +181,12 @@ ccr_status lm_train_run(lm_model *m, ccr_optim *opt, gsl_rng *rng, const lm_trai
     size_t total = s.steps * a->epochs, from = total > a->avg_last ? total - a->avg_last : 0;
     lm_train_summary sum = {.steps = total};
     double nll = 0.0, scored = 0.0, ep_nll = 0.0, ep_scored = 0.0;
-    ccr_status st = CCR_OK;
-    lm_model_reset_state(m);
+    ccr_status st = lm_model_reset_state(m);
     for (size_t k = 0; k < total && st == CCR_OK; k++) {
         lm_fwd_stats fs;
         double norm;
-        if (k % s.steps == 0)
-            lm_model_reset_state(m);
+        if (k % s.steps == 0 && (st = lm_model_reset_state(m)) != CCR_OK)
+            break;
         lm_stream_batch(&s, k % s.steps, buf, buf + N);
         st = ccr_optim_set_lr(opt, (float)lm_lr(a->lr, a->warmup, k));
         if (st == CCR_OK)
@@ -223,9 +221,9 @@ ccr_status lm_train_run(lm_model *m, ccr_optim *opt, gsl_rng *rng, const lm_trai
         }
     }
     free(buf);
-    lm_model_reset_state(m);
-    if (st != CCR_OK)
-        return st;
+    ccr_status r = lm_model_reset_state(m);
+    if (st != CCR_OK || r != CCR_OK)
+        return st != CCR_OK ? st : r;
     double n = sum.averaged ? (double)sum.averaged : 1.0;
     sum.train_nll = scored > 0 ? nll / scored : 0.0;
     sum.aux_loss /= n;

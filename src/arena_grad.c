@@ -3,14 +3,16 @@
  * global-norm clipping (PyTorch's clip_grad_norm_), for custom training
  * loops built on ccr_net_loss_grad_mode.
  *
- * The gradient block lives on the arena's backend, so it is walked in
- * chunks staged through a stack buffer with ccr_backend_get/set: no
- * allocation, any backend, and the same summation order (block order,
- * double accumulator) everywhere, so the norm is deterministic.
+ * On the CPU the gradient block is walked in chunks staged through a stack
+ * buffer (block order, one double accumulator: deterministic).  On a device
+ * each written range is reduced and scaled where it lives, by the kernel
+ * table's sum_squares (a fixed tree: deterministic too) and scale, instead
+ * of a round trip per 1024 floats.
  */
 #include <math.h>
 
 #include "arena_impl.h"    // provides: ccr_arena_backend
+#include "backend_impl.h"  // provides: struct ccr_backend (is_cpu, the kernel table)
 #include "internal.h"      // provides: CCR_FAIL, CCR_TRY
 
 enum { GRAD_CHUNK = 1024 };
@@ -33,6 +35,12 @@ static ccr_status norm_range(void *u, size_t off, size_t n, size_t row)
 {
     CCR_UNUSED(row);
     grad_walk *w = u;
+    if (!w->be->is_cpu && w->be->k->sum_squares != NULL) {
+        double s;
+        CCR_TRY(w->be->k->sum_squares(w->be, w->g + off, n, &s));
+        w->s += s;
+        return CCR_OK;
+    }
     float buf[GRAD_CHUNK];
     for (size_t i0 = 0; i0 < n; i0 += GRAD_CHUNK) {
         size_t m = n - i0 < GRAD_CHUNK ? n - i0 : GRAD_CHUNK;
@@ -47,6 +55,8 @@ static ccr_status scale_range(void *u, size_t off, size_t n, size_t row)
 {
     CCR_UNUSED(row);
     grad_walk *w = u;
+    if (!w->be->is_cpu && w->be->k->scale != NULL)
+        return w->be->k->scale(w->be, w->g + off, n, w->k);
     float buf[GRAD_CHUNK];
     for (size_t i0 = 0; i0 < n; i0 += GRAD_CHUNK) {
         size_t m = n - i0 < GRAD_CHUNK ? n - i0 : GRAD_CHUNK;

@@ -168,6 +168,90 @@ static ccr_status ref_sum_squares(ccr_backend *be, const float *x, size_t n, dou
     return CCR_OK;
 }
 
+/* ---- the sequence models' ops (one implementation for both tables) ---- */
+
+static ccr_status ref_scale(ccr_backend *be, float *x, size_t n, float k)
+{
+    CCR_UNUSED(be);
+    ccr_ref_scale(x, n, k);
+    return CCR_OK;
+}
+
+static ccr_status ref_mul(ccr_backend *be, const float *a, const float *b, float *y, size_t n)
+{
+    CCR_UNUSED(be);
+    ccr_ref_mul(a, b, y, n);
+    return CCR_OK;
+}
+
+static ccr_status ref_add(ccr_backend *be, const float *a, const float *b, float *y, size_t n)
+{
+    CCR_UNUSED(be);
+    ccr_ref_add(a, b, y, n);
+    return CCR_OK;
+}
+
+static ccr_status ref_gather_rows(ccr_backend *be, const float *table, size_t d,
+                                  const int32_t *ids, size_t n, float *out)
+{
+    CCR_UNUSED(be);
+    ccr_ref_gather_rows(table, d, ids, n, out);
+    return CCR_OK;
+}
+
+static ccr_status ref_segment_add_rows(ccr_backend *be, float *dst, size_t d, const float *src,
+                                       const int32_t *rows, const int32_t *start,
+                                       const int32_t *seg_dst, size_t n_seg)
+{
+    CCR_UNUSED(be);
+    ccr_ref_segment_add_rows(dst, d, src, rows, start, seg_dst, n_seg);
+    return CCR_OK;
+}
+
+static ccr_status ref_lstm_fwd(ccr_backend *be, float *z, const float *c_prev, float *c,
+                               float *tc, float *h, size_t batch, size_t d)
+{
+    CCR_UNUSED(be);
+    ccr_ref_lstm_fwd(z, c_prev, c, tc, h, batch, d);
+    return CCR_OK;
+}
+
+static ccr_status ref_lstm_bwd(ccr_backend *be, const float *z, const float *c_prev,
+                               const float *tc, const float *dh_out, const float *dh_rec,
+                               float *dc, float *dz, size_t batch, size_t d)
+{
+    CCR_UNUSED(be);
+    ccr_ref_lstm_bwd(z, c_prev, tc, dh_out, dh_rec, dc, dz, batch, d);
+    return CCR_OK;
+}
+
+static ccr_status ref_softmax_nll(ccr_backend *be, float *z, const int32_t *tgt, size_t rows,
+                                  size_t cols, double *nll)
+{
+    CCR_UNUSED(be);
+    ccr_ref_softmax_nll(z, tgt, rows, cols, nll);
+    return CCR_OK;
+}
+
+static ccr_status ref_softmax_nll_bwd(ccr_backend *be, float *z, const int32_t *tgt, size_t rows,
+                                      size_t cols, float scale)
+{
+    CCR_UNUSED(be);
+    ccr_ref_softmax_nll_bwd(z, tgt, rows, cols, scale);
+    return CCR_OK;
+}
+
+#define CCR_CPU_SEQ_OPS                          \
+    .scale = ref_scale,                          \
+    .mul = ref_mul,                              \
+    .add = ref_add,                              \
+    .gather_rows = ref_gather_rows,              \
+    .segment_add_rows = ref_segment_add_rows,    \
+    .lstm_fwd = ref_lstm_fwd,                    \
+    .lstm_bwd = ref_lstm_bwd,                    \
+    .softmax_nll = ref_softmax_nll,              \
+    .softmax_nll_bwd = ref_softmax_nll_bwd
+
 const ccr_kernels ccr_cpu_ref_kernels = {
     .gemm = ref_gemm,
     .bias_add = ref_bias_add,
@@ -181,6 +265,7 @@ const ccr_kernels ccr_cpu_ref_kernels = {
     .sgd_ranges = ref_sgd_ranges,
     .adam_ranges = ref_adam_ranges,
     .zero_ranges = ref_zero_ranges,
+    CCR_CPU_SEQ_OPS,
 };
 
 const ccr_kernels ccr_cpu_kernels = {
@@ -196,6 +281,7 @@ const ccr_kernels ccr_cpu_kernels = {
     .sgd_ranges = ref_sgd_ranges,
     .adam_ranges = cpu_adam_ranges,
     .zero_ranges = ref_zero_ranges,
+    CCR_CPU_SEQ_OPS,
 };
 
 /* ---- buffers --------------------------------------------------------------- */
@@ -249,6 +335,7 @@ static const ccr_backend_i cpu_iface = {
     .set = cpu_copy,
     .get = cpu_copy,
     .memset = cpu_memset,
+    .copy = cpu_copy,
     .synchronize = cpu_synchronize,
 };
 

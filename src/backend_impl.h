@@ -55,6 +55,27 @@ typedef struct ccr_kernels {
                               float lr, float b1, float b2, float eps, float wd);
     ccr_status (*zero_ranges)(ccr_backend *be, float *x, const size_t *off, size_t n,
                               size_t len);
+    /* The sequence models' ops (specified in src/ref/ref.h, seq_ref.c;
+     * reached through src/ops.h).  Index arrays are backend memory. */
+    /* x[i] *= k (gradient clipping on a device). */
+    ccr_status (*scale)(ccr_backend *be, float *x, size_t n, float k);
+    ccr_status (*mul)(ccr_backend *be, const float *a, const float *b, float *y, size_t n);
+    ccr_status (*add)(ccr_backend *be, const float *a, const float *b, float *y, size_t n);
+    ccr_status (*gather_rows)(ccr_backend *be, const float *table, size_t d, const int32_t *ids,
+                              size_t n, float *out);
+    ccr_status (*segment_add_rows)(ccr_backend *be, float *dst, size_t d, const float *src,
+                                   const int32_t *rows, const int32_t *start,
+                                   const int32_t *seg_dst, size_t n_seg);
+    ccr_status (*lstm_fwd)(ccr_backend *be, float *z, const float *c_prev, float *c, float *tc,
+                           float *h, size_t batch, size_t d);
+    ccr_status (*lstm_bwd)(ccr_backend *be, const float *z, const float *c_prev, const float *tc,
+                           const float *dh_out, const float *dh_rec, float *dc, float *dz,
+                           size_t batch, size_t d);
+    /* nll is backend memory ([rows] doubles). */
+    ccr_status (*softmax_nll)(ccr_backend *be, float *z, const int32_t *tgt, size_t rows,
+                              size_t cols, double *nll);
+    ccr_status (*softmax_nll_bwd)(ccr_backend *be, float *z, const int32_t *tgt, size_t rows,
+                                  size_t cols, float scale);
 } ccr_kernels;
 
 typedef struct ccr_backend_i {
@@ -65,6 +86,8 @@ typedef struct ccr_backend_i {
     ccr_status (*set)(ccr_backend *be, void *dst, const void *src, size_t bytes);
     ccr_status (*get)(ccr_backend *be, void *dst, const void *src, size_t bytes);
     ccr_status (*memset)(ccr_backend *be, void *dst, int value, size_t bytes);
+    /* Backend memory to backend memory; the ranges do not overlap. */
+    ccr_status (*copy)(ccr_backend *be, void *dst, const void *src, size_t bytes);
     ccr_status (*synchronize)(ccr_backend *be);
     /* Selects ccr_math (validated); NULL: FP32 only. */
     ccr_status (*set_math)(ccr_backend *be, ccr_math math);

@@ -5,7 +5,8 @@
 # --accounting-only --paper NAME reproduces every ops/timestep and params
 # value of Shazeer et al.'s Tables 7 and 8 within +-0.1 M (values copied here
 # from PAPERS.md 2.5, independently of the driver); bad arguments exit 2 with
-# one line and leave no output file.  Skips (77) without the GCIDE corpus.
+# one line and leave no output file; --backend cuda trains as on the CPU with
+# a GPU and exits 1 cleanly without one.  Skips (77) without the GCIDE corpus.
 # Usage: driver_lm.sh CCR_LM SOURCE_ROOT
 set -eu
 lm=$1
@@ -92,8 +93,32 @@ assert len(own) == 8, own
 print("driver_lm: accounting ok,", len(table), "models")
 PY
 
+# --backend cuda: with a GPU, one record of a run on the device whose test
+# perplexity is that of the same run on the CPU within 1% (float rounding
+# and expf compound over the steps); without one (or without CUDA in the
+# build), exit 1 naming the backend and no output file.
+rc=0
+small="--quick --gate topk --experts 4 --k 2 --max-tokens 8000"
+# shellcheck disable=SC2086
+"$lm" $small --backend cuda --out "$tmp/cuda.jsonl" >/dev/null 2>"$tmp/err" || rc=$?
+if [ "$rc" -eq 0 ]; then
+  # shellcheck disable=SC2086
+  "$lm" $small --out "$tmp/cpu.jsonl" >/dev/null 2>&1
+  $py - "$tmp/cuda.jsonl" "$tmp/cpu.jsonl" <<'PY'
+import json, sys
+g, c = (json.loads(open(p).read()) for p in sys.argv[1:3])
+assert g["backend"] == "cuda" and c["backend"] == "cpu", (g["backend"], c["backend"])
+assert abs(g["test_ppl"] / c["test_ppl"] - 1) < 0.01, (g["test_ppl"], c["test_ppl"])
+PY
+  echo "driver_lm: --backend cuda ran on the GPU, test perplexity as on the CPU"
+else
+  [ "$rc" -eq 1 ] && grep -q "backend" "$tmp/err" && [ ! -e "$tmp/cuda.jsonl" ] ||
+    { echo "--backend cuda without a GPU: exit $rc, want 1 and no output"; cat "$tmp/err"; exit 1; }
+  echo "driver_lm: --backend cuda refused cleanly (no GPU here)"
+fi
+
 # Bad arguments: exit 2, one line on stderr, no output file.
-for args in "--gate nosuch" "--batch -4" "--d 0" "--corpus /nonexistent" "--models moe-7" \
+for args in "--backend gpu" "--backend" "--gate nosuch" "--batch -4" "--d 0" "--corpus /nonexistent" "--models moe-7" \
             "--paper moe-4" "--dropout 1.5" "--gate topk --experts 4 --k 9" \
             "--accounting-only --paper moe-5"; do
   rc=0

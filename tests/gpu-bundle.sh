@@ -8,8 +8,11 @@
 # (default build-gpu/bundle, checked to stay under 64 MiB) receives
 #   bin/  test_cuda (every CUDA kernel-table op against the CPU reference),
 #         test_cuda_cond (conditional layers, every gate, CPU against CUDA),
-#         ccr-bench, ccr-capacity and ccr-bench-mlp, and the labs of
+#         test_cuda_lm (the language model's ops and the whole model),
+#         ccr-bench, ccr-capacity, ccr-bench-mlp and ccr-lm, and the labs of
 #         cuda/dev (grouped_gemm_lab, combine_lab);
+#   data/ gcide-head.gz: the first 3,000,000 bytes of Debian's GCIDE text
+#         (dict-gcide), gzipped (about 1 MB), ccr-lm's corpus there;
 #   lib/  every shared library they load that is not the C library's own
 #         or CUDA's: GSL, OpenBLAS (and gfortran, quadmath), Check, cJSON,
 #         zlib, libstdc++, as ldd resolves them here;
@@ -28,6 +31,7 @@
 #   test_cuda_cond, test_cuda_cond.memcheck  the conditional-layer parity
 #         suite, each plain and under compute-sanitizer (memcheck) when the
 #         toolkit has it;
+#   test_cuda_lm, test_cuda_lm.memcheck  the language model's parity suite;
 #   bench_topk        ccr-bench --backend cuda, topk, B = 16384, d = 1024,
 #                     h = 4096, E = 64, k = 2 (issue 11's target shape):
 #                     bench_topk_cuda.jsonl;
@@ -46,7 +50,11 @@
 #                     drawn on the host, which is most of its time; batch
 #                     4096): capacity_path_cuda.jsonl, capacity_leaf_cuda.jsonl
 #                     (a run cut short leaves its points in <file>.partial);
-#   bench_mlp         ccr-bench-mlp --backend cuda: bench_mlp_cuda.jsonl.
+#   bench_mlp         ccr-bench-mlp --backend cuda: bench_mlp_cuda.jsonl;
+#   lm_cuda, lm_cpu   ccr-lm, topk E = 64, k = 2, d = 256, expert hidden
+#                     1024, batch 64 x unroll 20, 100k tokens of the GCIDE
+#                     slice, on the GPU and on the machine's CPU cores:
+#                     lm_cuda.jsonl, lm_cpu.jsonl (tokens/s side by side).
 # Every step runs under timeout(1) with its own cap, cut to what is left of
 # RUN_BUDGET seconds (default 470, for the device tool's 600 s per command);
 # a step that finds less than 15 s left is skipped, and says so.  STEPS
@@ -59,8 +67,9 @@ set -eu
 src=$(cd "$(dirname "$0")/.." && pwd)
 cd "$src"
 bundle=${1:-build-gpu/bundle}
-bins="tests/test_cuda tests/test_cuda_cond experiments/ccr-bench experiments/ccr-capacity
-      experiments/ccr-bench-mlp cuda/dev/grouped_gemm_lab cuda/dev/combine_lab"
+bins="tests/test_cuda tests/test_cuda_cond tests/test_cuda_lm experiments/ccr-bench
+      experiments/ccr-capacity experiments/ccr-bench-mlp experiments/ccr-lm
+      cuda/dev/grouped_gemm_lab cuda/dev/combine_lab"
 
 # Without MPI and NCCL: the GPU machine has no mpirun, and NCCL's library
 # alone would outgrow what the device tool carries.
@@ -71,7 +80,11 @@ meson setup --reconfigure build-gpu --buildtype=release -Dcuda=enabled -Dmpi=dis
 ninja -C build-gpu $bins
 
 rm -rf "$bundle"
-mkdir -p "$bundle/bin" "$bundle/lib"
+mkdir -p "$bundle/bin" "$bundle/lib" "$bundle/data"
+gcide=/usr/share/dictd/gcide.dict.dz
+if [ -r "$gcide" ]; then
+  { gzip -dc "$gcide" || true; } | head -c 3000000 | gzip -9 >"$bundle/data/gcide-head.gz"
+fi
 for t in $bins; do
   b=build-gpu/$t
   cp "$b" "$bundle/bin/"
@@ -182,7 +195,9 @@ if [ "$rc" -eq 77 ]; then
 fi
 sanitized test_cuda.memcheck 150 "$here/bin/test_cuda"
 step test_cuda_cond 90 "$here/bin/test_cuda_cond"
+step test_cuda_lm 60 "$here/bin/test_cuda_lm"
 sanitized test_cuda_cond.memcheck 180 "$here/bin/test_cuda_cond"
+sanitized test_cuda_lm.memcheck 120 "$here/bin/test_cuda_lm"
 
 step bench_topk 120 "$here/bin/ccr-bench" --backend cuda --gate topk --experts 64 --k 2 \
   --batch 16384 --d-in 1024 --hidden 4096 --d-out 1024 --repeat 5 --seed 1 \
@@ -217,6 +232,13 @@ step capacity_leaf 70 "$here/bin/ccr-capacity" --backend cuda --gates signtree-l
   --out "$out/capacity_leaf_cuda.jsonl"
 
 step bench_mlp 60 "$here/bin/ccr-bench-mlp" --backend cuda --out "$out/bench_mlp_cuda.jsonl"
+
+lm="--corpus $here/data/gcide-head.gz --gate topk --experts 64 --k 2 --d 256
+    --expert-hidden 1024 --batch 64 --unroll 20 --max-tokens 100000 --seed 1"
+# shellcheck disable=SC2086  # lm is a list of options without blanks
+step lm_cuda 90 "$here/bin/ccr-lm" $lm --backend cuda --out "$out/lm_cuda.jsonl"
+# shellcheck disable=SC2086
+step lm_cpu 90 "$here/bin/ccr-lm" $lm --out "$out/lm_cpu.jsonl"
 
 echo "total: $(($(date +%s) - start))s" | tee -a "$summary"
 if [ "$cuda_rc" -eq 77 ]; then

@@ -78,7 +78,7 @@ typedef struct fd_case {
 static double loss(fd_case *f, int32_t *ids)
 {
     lm_fwd_stats st;
-    lm_model_state_set(f->m, f->state);
+    CCR_CK_OK(ctx, lm_model_state_set(f->m, f->state));
     gsl_rng_set(rng, 99);
     CCR_CK_OK(ctx, lm_model_forward(f->m, f->in, f->tgt, f->train, rng, &st));
     ccr_cond *c = lm_model_cond(f->m);
@@ -109,7 +109,7 @@ static void check_fd(lm_config *cfg, bool train, const char *label)
     lm_fwd_stats st;
     CCR_CK_OK(ctx, lm_model_forward(f.m, f.in, f.in, false, NULL, &st));
     f.state = malloc((lm_model_state_len(f.m) + 1) * sizeof(float));
-    lm_model_state_get(f.m, f.state);
+    CCR_CK_OK(ctx, lm_model_state_get(f.m, f.state));
     ccr_arena *a = lm_model_arena(f.m);
     CCR_CK_OK(ctx, ccr_arena_zero_grad(a));
     int32_t ids1[NN * 16];
