@@ -10,6 +10,16 @@
  * and analytic, wall time.  --accounting-only prints the parameter and ops
  * accounting without training, for our models or (--paper NAME) for a
  * Table 7/8 model at paper scale.
+ *
+ * Under mpirun (-np P > 1, MPI build): the --batch streams are split over
+ * the ranks in rank order (rank r takes its contiguous share; at least one
+ * each), the conditional layer is expert-parallel and the rest
+ * data-parallel (lm_model's cfg.comm), so training gives the perplexities
+ * of one process with the whole batch (to float rounding).  Rank 0 alone
+ * prints and writes --out, with ranks = P and rank 0's communication per
+ * training step (alltoall/allreduce bytes, seconds in each); the other
+ * ranks write nothing.  --backend cuda is refused with P > 1;
+ * --accounting-only prints on rank 0.
  */
 #include <math.h>
 #include <stdio.h>
@@ -289,6 +299,7 @@ static int accounting(const options *o, ccr_backend *be)
 
 typedef struct progress_ud {
     const char *name;
+    bool lead;                  /* rank 0 (or one process): prints */
     double t0, nll, n, eval_s;  /* eval_s: time in epoch_end, not training */
     double valid_nll;           /* mean validation NLL after the last pass (NaN: none) */
     const ccr_corpus *cp;
@@ -312,6 +323,8 @@ static ccr_status epoch_end(void *ud, lm_model *m, size_t epoch, double train_nl
     p->valid_nll = vc ? vn / (double)vc : NAN;
     p->valid_ppl[epoch] = exp(p->valid_nll);
     p->eval_s += drv_now() - t;
+    if (!p->lead)
+        return CCR_OK;
     drv_progress_end();
     fprintf(stderr, "%s: %s epoch %zu/%zu: train ppl %.2f valid ppl %.2f (%.0fs)\n", PROG, p->name,
             epoch + 1, p->epochs, p->train_ppl[epoch], p->valid_ppl[epoch], drv_now() - p->t0);
@@ -323,7 +336,7 @@ static void progress(void *ud, size_t step, size_t total, const lm_fwd_stats *st
     progress_ud *p = ud;
     p->nll += st->nll_sum;
     p->n += (double)st->n_scored;
-    if (step % 10 == 0 || step == total) {
+    if (p->lead && (step % 10 == 0 || step == total)) {
         char label[64], extra[64];
         snprintf(label, sizeof label, "%s step", p->name);
         snprintf(extra, sizeof extra, "train ppl %.1f", exp(p->nll / (p->n > 0 ? p->n : 1)));
@@ -335,7 +348,8 @@ static void progress(void *ud, size_t step, size_t total, const lm_fwd_stats *st
 static void record(ccr_record *r, const options *o, const ccr_backend *be, const char *name,
                    const lm_config *c, const lm_model *m, const ccr_corpus *cp,
                    const lm_train_summary *ts, const progress_ud *pu, double valid_nll,
-                   double test_nll, double test_n, double train_s, double wall_s)
+                   double test_nll, double test_n, double train_s, double wall_s, int ranks,
+                   const ccr_comm_stats *cs)
 {
     double p, ops;
     lm_arch arch = lm_config_arch(c);
@@ -353,7 +367,7 @@ static void record(ccr_record *r, const options *o, const ccr_backend *be, const
     if (s == CCR_OK) s = ccr_record_add_int(r, "n_unk", (int64_t)cp->n_unk);
     if (s == CCR_OK) s = ccr_record_add_int(r, "d", (int64_t)c->d);
     if (s == CCR_OK) s = ccr_record_add_int(r, "hidden", (int64_t)o->hidden);
-    if (s == CCR_OK) s = ccr_record_add_int(r, "batch", (int64_t)c->batch);
+    if (s == CCR_OK) s = ccr_record_add_int(r, "batch", (int64_t)o->batch);  /* global */
     if (s == CCR_OK) s = ccr_record_add_int(r, "unroll", (int64_t)c->unroll);
     if (s == CCR_OK) s = ccr_record_add_int(r, "epochs", (int64_t)o->epochs);
     if (s == CCR_OK) s = ccr_record_add_int(r, "steps", (int64_t)ts->steps);
@@ -386,6 +400,19 @@ static void record(ccr_record *r, const options *o, const ccr_backend *be, const
     if (s == CCR_OK) s = ccr_record_add_double(r, "grad_norm", ts->grad_norm);
     if (s == CCR_OK) s = ccr_record_add_double(r, "train_seconds", train_s);
     if (s == CCR_OK) s = ccr_record_add_double(r, "seconds", wall_s);
+    /* Processes and rank 0's communication during training (zeros in one
+     * process). */
+    const double ns = ts->steps > 0 ? (double)ts->steps : 1.0;
+    if (s == CCR_OK) s = ccr_record_add_int(r, "ranks", ranks);
+    if (s == CCR_OK)
+        s = ccr_record_add_double(r, "alltoall_bytes_per_step", cs->alltoall_bytes / ns);
+    if (s == CCR_OK)
+        s = ccr_record_add_double(r, "allreduce_bytes_per_step", cs->allreduce_bytes / ns);
+    if (s == CCR_OK) s = ccr_record_add_double(r, "seconds_alltoall", cs->alltoall_seconds);
+    if (s == CCR_OK) s = ccr_record_add_double(r, "seconds_allreduce", cs->allreduce_seconds);
+    if (s == CCR_OK)
+        s = ccr_record_add_double(r, "seconds_compute",
+                                  train_s - cs->alltoall_seconds - cs->allreduce_seconds);
     if (s != CCR_OK)
         drv_fail(PROG, ctx, s, "record");
 }
@@ -400,13 +427,24 @@ int main(int argc, char **argv)
     ccr_ctx *ctx;
     ccr_backend *be;
     gsl_rng *rng;
-    drv_one_process(PROG);
+    const int P = drv_launcher_size(), rank = drv_launcher_rank();
+    const bool lead = rank == 0;
+    if (P > 1 && o.cuda)
+        drv_usage_error(PROG, "--backend cuda under mpirun is not supported yet (%d processes)", P);
+    if (P > 1 && !o.accounting && (size_t)P > o.batch)
+        drv_usage_error(PROG, "--batch %zu is smaller than the %d processes", o.batch, P);
+    if (!lead)
+        o.out = NULL;  /* rank 0 writes */
     drv_setup(PROG, o.cuda, o.split_seed, &ctx, &be, &rng);   /* seeded for the split */
     if (o.accounting) {
-        int rc = accounting(&o, be);
+        int rc = lead ? accounting(&o, be) : 0;
         drv_teardown(PROG, ctx, be, rng, NULL, NULL);
         return rc;
     }
+    ccr_comm *comm = drv_comm_start(PROG, ctx);  /* NULL in one process */
+    /* This rank's streams [b_lo, b_hi) of the global batch. */
+    const size_t b_lo = o.batch * (size_t)rank / (size_t)P;
+    const size_t b_hi = o.batch * (size_t)(rank + 1) / (size_t)P;
     ccr_status s;
 
     /* Corpus and every model configuration are checked before --out exists. */
@@ -427,13 +465,18 @@ int main(int argc, char **argv)
     for (size_t i = 0; i < n_models; i++) {
         lm_config c = model_config(&o, o.gate_set ? NULL : o.models[i]);
         c.vocab = cp->vocab_size;
+        c.batch = b_hi - b_lo, c.comm = comm;
         lm_model_free(alloc_model(be, &c, o.gate_set ? o.cond.gate->name : o.models[i]));
     }
-    fprintf(stderr, "%s: %s: %zu tokens (train %zu, valid %zu, test %zu), vocab %zu, "
+    if (lead)
+        fprintf(stderr, "%s: %s: %zu tokens (train %zu, valid %zu, test %zu), vocab %zu, "
             "<unk> %.2f%%, %.1fs; %s; %s\n", PROG, o.corpus, cp->n_tokens, cp->n_train,
             cp->n_valid, cp->n_test, cp->vocab_size,
             cp->n_tokens ? 100.0 * (double)cp->n_unk / (double)cp->n_tokens : 0.0,
             drv_now() - t_load, ccr_backend_describe(be), drv_machine());
+    if (lead && P > 1)
+        fprintf(stderr, "%s: %d processes, %zu streams each (or one more)\n", PROG, P,
+                o.batch / (size_t)P);
     ccr_jsonl *out;
     ccr_record *rec;
     drv_open_out(PROG, ctx, o.out, &rec, &out);
@@ -442,6 +485,7 @@ int main(int argc, char **argv)
         const char *name = o.gate_set ? o.cond.gate->name : o.models[i];
         lm_config c = model_config(&o, o.gate_set ? NULL : o.models[i]);
         c.vocab = cp->vocab_size;
+        c.batch = b_hi - b_lo, c.comm = comm;
         double t0 = drv_now();
         gsl_rng_set(rng, o.seed);
         lm_model *m = alloc_model(be, &c, name);
@@ -452,7 +496,7 @@ int main(int argc, char **argv)
         if ((s = lm_model_init_params(m, rng)) != CCR_OK ||
             (s = ccr_optim_init(lm_model_arena(m), &oc, &opt)) != CCR_OK)
             drv_fail(PROG, ctx, s, "init");
-        progress_ud pu = {.name = name, .t0 = drv_now(), .cp = cp, .epochs = o.epochs,
+        progress_ud pu = {.name = name, .lead = lead, .t0 = drv_now(), .cp = cp, .epochs = o.epochs,
                           .train_ppl = calloc(o.epochs, sizeof(double[2]))};
         if (pu.train_ppl == NULL)
             drv_fail(PROG, ctx, CCR_ENOMEM, "per-epoch perplexities");
@@ -461,13 +505,18 @@ int main(int argc, char **argv)
                             .lr = o.lr, .clip = o.clip, .warmup = o.warmup,
                             .progress = progress, .epoch_end = epoch_end, .ud = &pu};
         lm_stream st;
-        lm_stream_init(&st, cp->train, cp->n_train, c.batch, c.unroll);
+        lm_stream_init(&st, cp->train, cp->n_train, o.batch, c.unroll);
         ta.avg_last = st.steps;  /* diagnostics: the last epoch */
         lm_train_summary ts;
+        ccr_comm_stats_reset(comm);
         if ((s = lm_train_run(m, opt, rng, &ta, &ts)) != CCR_OK)
             drv_fail(PROG, ctx, s, "training");
         double train_s = drv_now() - pu.t0 - pu.eval_s;
-        drv_progress_end();
+        ccr_comm_stats cs = {0};  /* training's, validation passes included */
+        if (comm != NULL)
+            ccr_comm_stats_get(comm, &cs);
+        if (lead)
+            drv_progress_end();
         double tn = 0;
         size_t tc = 0;
         if ((s = lm_evaluate(m, cp->test, cp->n_test, &tn, &tc)) != CCR_OK)
@@ -476,19 +525,21 @@ int main(int argc, char **argv)
         lm_arch arch = lm_config_arch(&c);
         double pp, ops;
         lm_accounting(&arch, &pp, &ops);
-        fprintf(stderr, "%s: %s params %zu (excl. emb/softmax), ops/timestep %.0f, train ppl "
+        if (lead)
+            fprintf(stderr, "%s: %s params %zu (excl. emb/softmax), ops/timestep %.0f, train ppl "
                 "%.2f valid ppl %.2f test ppl %.2f, %.1fs train, %.0f tok/s\n", PROG, name,
                 lm_model_n_params(m, true), ops, exp(ts.train_nll),
                 exp(vnll), exp(tnll), train_s,
-                (double)(ts.steps * c.batch * c.unroll) / train_s);
+                (double)(ts.steps * o.batch * c.unroll) / train_s);
         record(rec, &o, be, name, &c, m, cp, &ts, &pu, vnll, tnll, (double)tc, train_s,
-               drv_now() - t0);
+               drv_now() - t0, P, &cs);
         drv_write_record(PROG, ctx, CCR_OK, out, rec);
         free(pu.train_ppl);
         ccr_optim_free(opt);
         lm_model_free(m);
     }
     ccr_corpus_free(cp);
+    drv_comm_end(comm);
     drv_teardown(PROG, ctx, be, rng, out, rec);
     return 0;
 }

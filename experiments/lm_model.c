@@ -21,6 +21,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "arena_impl.h" // provides: ccr_arena_sparse_of (the bank tensors)
 #include "internal.h"  // provides: CCR_FAIL, CCR_TRY, ccr_mallocn, ccr_mem_check
 #include "ops.h"       // provides: ccr_op_* (the sequence ops on the backend)
 #include "ref/ref.h"   // provides: ccr_ref_softmax_row
@@ -47,6 +48,12 @@ struct lm_model {
     double *nll;                     /* [N] per-row NLL of the last forward */
     int32_t *in, *tgt;               /* [N] the batch */
     int32_t *seg;                    /* embedding-gradient segments: rows [N], start [N+1], dst [N] */
+    int32_t *perm, *inv;             /* [N] stream-major row -> time-major row, and back */
+    float *tmp;                      /* [N, d] a conditional block's rows, stream-major */
+    ccr_comm *comm;                  /* NULL in one process */
+    size_t B_glob, b0;               /* the global batch's streams, this rank's first */
+    size_t n_params, n_params_core;  /* over all ranks: every parameter, without emb/softmax */
+    double *comm_buf;                /* [P + 2] host scratch of the all-reduces */
     /* host */
     int32_t *h_in, *h_tgt, *h_seg, *h_count; /* batch, segments, per-id counts [vocab + 1] */
     double *h_nll;                   /* [N] */
@@ -120,7 +127,7 @@ static double lm_backend_floats(const lm_config *cfg, bool deep)
 {
     double d = (double)cfg->d, B = (double)cfg->batch, N = B * (double)cfg->unroll;
     double V = (double)cfg->vocab, h = deep ? (double)cfg->deep_hidden : 1.0;
-    double total = 2 * N * d + N * V + 7 * N * d + 2 * B * d + 2 * N * h + 7 * N + 1;
+    double total = 2 * N * d + N * V + 8 * N * d + 2 * B * d + 2 * N * h + 9 * N + 1;
     double lstm = 5 * N * d + 2 * (N + B) * d + 2 * B * d;
     for (size_t i = 0; i < cfg->n_blocks; i++)
         total += 3 * N * d + (cfg->blocks[i] == LM_BLOCK_LSTM ? lstm : 0.0) +
@@ -131,9 +138,47 @@ static double lm_backend_floats(const lm_config *cfg, bool deep)
 static size_t lm_activation_bytes(const lm_config *cfg, bool deep)
 {
     double N = (double)cfg->batch * (double)cfg->unroll, V = (double)cfg->vocab;
-    double host = 4 * (5 * N + V + 2) + 8 * N + (cfg->dropout > 0.0 ? 4 * N * (double)cfg->d : 0);
+    double host = 4 * (7 * N + V + 2) + 8 * N + (cfg->dropout > 0.0 ? 4 * N * (double)cfg->d : 0);
     double bytes = lm_backend_floats(cfg, deep) * (double)sizeof(float) + host;
     return bytes < (double)(SIZE_MAX / 4) ? (size_t)bytes : SIZE_MAX;
+}
+
+/* Under a communicator: every rank's stream count, summed into the global
+ * batch, and this rank's first stream (the ranks in order). */
+static ccr_status lm_streams_agree(lm_model *m)
+{
+    size_t P = (size_t)ccr_comm_size(m->comm), r = (size_t)ccr_comm_rank(m->comm);
+    m->comm_buf = ccr_mallocn(P + 2, sizeof *m->comm_buf);
+    if (m->comm_buf == NULL)
+        CCR_FAIL(m->ctx, CCR_ENOMEM, "communicator scratch");
+    for (size_t q = 0; q < P; q++)
+        m->comm_buf[q] = q == r ? (double)m->cfg.batch : 0.0;
+    CCR_TRY(ccr_comm_allreduce_sum_f64(m->comm, m->comm_buf, P));
+    m->B_glob = 0;
+    for (size_t q = 0; q < P; q++) {
+        m->b0 += q < r ? (size_t)m->comm_buf[q] : 0;
+        m->B_glob += (size_t)m->comm_buf[q];
+    }
+    return CCR_OK;
+}
+
+/* The parameter counts over all ranks: the banks are split, the rest is
+ * replicated. */
+static ccr_status lm_count_params(lm_model *m)
+{
+    const ccr_arena *a = m->arena;
+    double c[2] = {0.0, 0.0};  /* replicated, this rank's banks */
+    for (size_t i = 0; i < ccr_arena_count(a); i++)
+        c[ccr_arena_sparse_of(a, i) != NULL] += (double)ccr_arena_size(a, i);
+    if (m->comm != NULL) {
+        m->comm_buf[0] = c[1];
+        CCR_TRY(ccr_comm_allreduce_sum_f64(m->comm, m->comm_buf, 1));
+        c[1] = m->comm_buf[0];
+    }
+    m->n_params = (size_t)(c[0] + c[1]);
+    m->n_params_core = m->n_params - ccr_arena_size(a, m->p_emb) - ccr_arena_size(a, m->p_ow) -
+                       ccr_arena_size(a, m->p_ob);
+    return CCR_OK;
 }
 
 ccr_status lm_model_alloc(ccr_backend *be, const lm_config *cfg, lm_model **out)
@@ -168,19 +213,27 @@ ccr_status lm_model_alloc(ccr_backend *be, const lm_config *cfg, lm_model **out)
     size_t d = cfg->d, B = cfg->batch, N = B * cfg->unroll, V = cfg->vocab;
     size_t h = deep ? cfg->deep_hidden : 1;
     m->N = N;
+    m->comm = cfg->comm;
+    m->B_glob = B;
     ccr_status s = ccr_arena_init(be, &m->arena);
+    if (s == CCR_OK && m->comm != NULL)
+        s = lm_streams_agree(m);
     for (size_t i = 0; i < cfg->n_blocks && s == CCR_OK; i++) {
         m->b[i].kind = cfg->blocks[i];
         if (cfg->blocks[i] == LM_BLOCK_COND) {
             ccr_cond_config cc = cfg->cond;
             cc.d_in = cc.d_out = d;
             s = ccr_cond_alloc(be, &cc, N, &m->b[i].cond);
+            if (s == CCR_OK && m->comm != NULL)
+                s = ccr_cond_set_comm(m->b[i].cond, m->comm);
         }
     }
     if (s == CCR_OK) s = declare(m);
     if (s == CCR_OK) s = ccr_arena_finalize(m->arena);
-    /* Host: the batch, segments and counts (int32), the NLLs, one mask. */
-    m->h_in = ccr_mallocn(5 * N + V + 2, sizeof *m->h_in); /* bounded: lm_activation_bytes */
+    if (s == CCR_OK) s = lm_count_params(m);
+    /* Host: the batch, segments, permutations and counts (int32), the NLLs,
+     * one mask. */
+    m->h_in = ccr_mallocn(7 * N + V + 2, sizeof *m->h_in); /* bounded: lm_activation_bytes */
     m->h_nll = ccr_mallocn(N, sizeof *m->h_nll);
     m->h_mask = cfg->dropout > 0.0 ? ccr_mallocn(N * d, sizeof *m->h_mask) : NULL; /* bounded: as above */
     if (s == CCR_OK && (m->h_in == NULL || m->h_nll == NULL || (cfg->dropout > 0.0 && m->h_mask == NULL)))
@@ -194,12 +247,12 @@ ccr_status lm_model_alloc(ccr_backend *be, const lm_config *cfg, lm_model **out)
     }
     m->h_tgt = m->h_in + N;
     m->h_seg = m->h_tgt + N;
-    m->h_count = m->h_seg + 3 * N + 1;
+    m->h_count = m->h_seg + 3 * N + 1 + 2 * N;
     float *p = m->mem;
 #define CARVE(ptr, n) ((ptr) = p, p += (n))
     m->nll = (double *)p, p += 2 * N;
     CARVE(m->x0, N * d); CARVE(m->mask0, N * d); CARVE(m->prob, N * V);
-    CARVE(m->gbuf, N * d); CARVE(m->df, N * d); CARVE(m->din, N * d);
+    CARVE(m->gbuf, N * d); CARVE(m->df, N * d); CARVE(m->din, N * d); CARVE(m->tmp, N * d);
     CARVE(m->dz, 4 * N * d); CARVE(m->dhn, B * d); CARVE(m->dcn, B * d);
     CARVE(m->da1, N * h); CARVE(m->da2, N * h);
     for (size_t i = 0; i < cfg->n_blocks; i++) {
@@ -215,7 +268,23 @@ ccr_status lm_model_alloc(ccr_backend *be, const lm_config *cfg, lm_model **out)
 #undef CARVE
     m->in = (int32_t *)p, p += N;
     m->tgt = (int32_t *)p, p += N;
+    m->perm = (int32_t *)p, p += N;
+    m->inv = (int32_t *)p, p += N;
     m->seg = (int32_t *)p;
+    /* The conditional blocks' stream-major order: row b * T + t holds
+     * timestep t of stream b (time-major row t * B + b). */
+    size_t T = cfg->unroll;
+    int32_t *hp = m->h_seg + 3 * N + 1, *hi = hp + N;
+    for (size_t b = 0; b < B; b++)
+        for (size_t t = 0; t < T; t++) {
+            hp[b * T + t] = (int32_t)(t * B + b);
+            hi[t * B + b] = (int32_t)(b * T + t);
+        }
+    s = ccr_backend_set(be, m->perm, hp, 2 * N * sizeof *hp);
+    if (s != CCR_OK) {
+        lm_model_free(m);
+        return s;
+    }
     *out = m;
     return CCR_OK;
 }
@@ -231,6 +300,7 @@ void lm_model_free(lm_model *m)
     free(m->h_in);
     free(m->h_nll);
     free(m->h_mask);
+    free(m->comm_buf);
     free(m);
 }
 
@@ -292,6 +362,70 @@ ccr_status lm_model_init_params(lm_model *m, gsl_rng *rng)
 }
 
 ccr_arena *lm_model_arena(const lm_model *m) { return m->arena; }
+
+void lm_model_streams(const lm_model *m, size_t *global, size_t *first)
+{
+    *global = m->B_glob;
+    *first = m->b0;
+}
+
+void lm_model_slice(const lm_model *m, const int32_t *global, int32_t *local)
+{
+    size_t B = m->cfg.batch;
+    for (size_t t = 0; t < m->cfg.unroll; t++)
+        memcpy(local + t * B, global + t * m->B_glob + m->b0, B * sizeof *local);
+}
+
+/* Adds the squares of n floats in order. */
+static double sum_sq(const float *g, size_t n)
+{
+    double s = 0.0;
+    for (size_t i = 0; i < n; i++)
+        s += (double)g[i] * (double)g[i];
+    return s;
+}
+
+ccr_status lm_model_clip_grad(lm_model *m, double max_norm, double *norm)
+{
+    if (m == NULL || norm == NULL)
+        return CCR_EINVAL;
+    if (m->comm == NULL)
+        return lm_grad_clip(m->arena, max_norm, norm);
+    if (!(max_norm > 0.0) || !isfinite(max_norm))
+        CCR_FAIL(m->ctx, CCR_EINVAL, "max_norm %g must be finite and > 0", max_norm);
+    /* Host gradients (a communicator implies the CPU backend): the
+     * replicated tensors are equal on every rank after the backward's
+     * all-reduce; each rank's bank blocks (their touched rows) add theirs. */
+    const ccr_arena *a = m->arena;
+    double rep = 0.0, own = 0.0;
+    for (size_t i = 0; i < ccr_arena_count(a); i++) {
+        const ccr_arena_sparse *sp = ccr_arena_sparse_of(a, i);
+        const float *g = ccr_arena_grad(a, i);
+        if (sp == NULL)
+            rep += sum_sq(g, ccr_arena_size(a, i));
+        else
+            for (size_t q = 0; q < sp->n_touched; q++)
+                own += sum_sq(g + sp->list[q] * sp->row_len, sp->row_len);
+    }
+    m->comm_buf[0] = own;
+    CCR_TRY(ccr_comm_allreduce_sum_f64(m->comm, m->comm_buf, 1));
+    *norm = sqrt(rep + m->comm_buf[0]);
+    if (!isfinite(*norm))
+        CCR_FAIL(m->ctx, CCR_EDOM, "gradient norm is %g", *norm);
+    if (*norm <= max_norm)
+        return CCR_OK;
+    float k = (float)(max_norm / *norm);
+    for (size_t i = 0; i < ccr_arena_count(a); i++) {
+        const ccr_arena_sparse *sp = ccr_arena_sparse_of(a, i);
+        float *g = ccr_arena_grad(a, i);
+        if (sp == NULL)
+            ccr_ref_scale(g, ccr_arena_size(a, i), k);
+        else
+            for (size_t q = 0; q < sp->n_touched; q++)
+                ccr_ref_scale(g + sp->list[q] * sp->row_len, sp->row_len, k);
+    }
+    return CCR_OK;
+}
 const lm_config *lm_model_config(const lm_model *m) { return &m->cfg; }
 
 ccr_cond *lm_model_cond(const lm_model *m)
@@ -443,10 +577,19 @@ static ccr_status dropout(lm_model *m, gsl_rng *rng, float *mask, float *y)
 {
     if (!m->drop_active)
         return CCR_OK;
-    size_t n = m->N * m->cfg.d;
+    size_t n = m->N * m->cfg.d, d = m->cfg.d, B = m->cfg.batch, b1 = m->b0 + B;
     float keep = (float)(1.0 / (1.0 - m->cfg.dropout));
-    for (size_t i = 0; i < n; i++)
-        m->h_mask[i] = gsl_rng_uniform(rng) < m->cfg.dropout ? 0.0f : keep;
+    float *h = m->h_mask;
+    /* The global batch's mask, time-major; this rank keeps its streams'. */
+    for (size_t t = 0; t < m->cfg.unroll; t++)
+        for (size_t b = 0; b < m->B_glob; b++) {
+            bool mine = b >= m->b0 && b < b1;
+            for (size_t j = 0; j < d; j++) {
+                float v = gsl_rng_uniform(rng) < m->cfg.dropout ? 0.0f : keep;
+                if (mine)
+                    *h++ = v;
+            }
+        }
     CCR_TRY(ccr_backend_set(m->be, mask, m->h_mask, n * sizeof(float)));
     return ccr_op_mul(m->be, y, mask, y, n);
 }
@@ -483,8 +626,10 @@ ccr_status lm_model_forward(lm_model *m, const int32_t *in, const int32_t *tgt, 
         } else if (bl->kind == LM_BLOCK_DEEP) {
             CCR_TRY(deep_forward(m, bl, x, &st->flops_counted));
         } else {
-            ccr_gate_stats gs;
-            CCR_TRY(ccr_cond_forward(bl->cond, x, N, train, rng, bl->f, &gs));
+            ccr_gate_stats gs;  /* rows stream-major in the layer: m->tmp in, m->din out */
+            CCR_TRY(ccr_op_gather_rows(be, x, d, m->perm, N, m->tmp));
+            CCR_TRY(ccr_cond_forward(bl->cond, m->tmp, N, train, rng, m->din, &gs));
+            CCR_TRY(ccr_op_gather_rows(be, m->din, d, m->inv, N, bl->f));
             st->aux_loss += gs.aux_loss;
             st->flops_counted += gs.flops_counted * (double)N;
             if (first_cond)
@@ -510,6 +655,11 @@ ccr_status lm_model_forward(lm_model *m, const int32_t *in, const int32_t *tgt, 
             st->nll_sum += m->h_nll[r];
             st->n_scored++;
         }
+    if (m->comm != NULL) {  /* the global batch's */
+        m->comm_buf[0] = st->nll_sum, m->comm_buf[1] = (double)st->n_scored;
+        CCR_TRY(ccr_comm_allreduce_sum_f64(m->comm, m->comm_buf, 2));
+        st->nll_sum = m->comm_buf[0], st->n_scored = (size_t)m->comm_buf[1];
+    }
     m->n_scored = st->n_scored;
     m->fwd_done = true;
     return CCR_OK;
@@ -546,6 +696,16 @@ static ccr_status embedding_segments(lm_model *m, size_t *n_seg)
     return ccr_backend_set(m->be, m->seg, m->h_seg, (N + 2 * n + 1) * sizeof *m->h_seg);
 }
 
+/* A conditional block's backward in its stream-major order: dL/df (m->df,
+ * time-major) -> m->tmp -> the layer -> m->df -> dL/dx in m->din. */
+static ccr_status cond_backward(lm_model *m, block *bl)
+{
+    size_t N = m->N, d = m->cfg.d;
+    CCR_TRY(ccr_op_gather_rows(m->be, m->df, d, m->perm, N, m->tmp));
+    CCR_TRY(ccr_cond_backward(bl->cond, m->tmp, m->df));
+    return ccr_op_gather_rows(m->be, m->df, d, m->inv, N, m->din);
+}
+
 ccr_status lm_model_backward(lm_model *m)
 {
     if (m == NULL)
@@ -578,7 +738,7 @@ ccr_status lm_model_backward(lm_model *m)
         else if (bl->kind == LM_BLOCK_DEEP)
             CCR_TRY(deep_backward(m, bl, x, m->df, m->din));
         else
-            CCR_TRY(ccr_cond_backward(bl->cond, m->df, m->din));
+            CCR_TRY(cond_backward(m, bl));
         CCR_TRY(ccr_op_add(be, m->gbuf, m->din, m->gbuf, N * d));
     }
     /* Sparse embedding gradient: only the rows looked up receive one. */
@@ -589,17 +749,20 @@ ccr_status lm_model_backward(lm_model *m)
     }
     size_t n_seg;
     CCR_TRY(embedding_segments(m, &n_seg));
-    return ccr_op_segment_add_rows(be, ccr_arena_grad(m->arena, m->p_emb), d, src, m->seg,
-                                   m->seg + N, m->seg + N + n_seg + 1, n_seg);
+    CCR_TRY(ccr_op_segment_add_rows(be, ccr_arena_grad(m->arena, m->p_emb), d, src, m->seg,
+                                    m->seg + N, m->seg + N + n_seg + 1, n_seg));
+    /* Replicated gradients summed over the ranks, tensor by tensor in arena
+     * order (every tensor but the banks', whose sizes are the rank's). */
+    const ccr_arena *a = m->arena;
+    for (size_t i = 0; m->comm != NULL && i < ccr_arena_count(a); i++)
+        if (ccr_arena_sparse_of(a, i) == NULL)
+            CCR_TRY(ccr_comm_allreduce_sum(m->comm, ccr_arena_grad(a, i), ccr_arena_size(a, i)));
+    return CCR_OK;
 }
 
 size_t lm_model_n_params(const lm_model *m, bool exclude_emb_softmax)
 {
-    size_t n = ccr_arena_n_params(m->arena);
-    if (exclude_emb_softmax)
-        n -= ccr_arena_size(m->arena, m->p_emb) + ccr_arena_size(m->arena, m->p_ow) +
-             ccr_arena_size(m->arena, m->p_ob);
-    return n;
+    return exclude_emb_softmax ? m->n_params_core : m->n_params;
 }
 
 double lm_model_flops_fwd(const lm_model *m)

@@ -62,7 +62,24 @@ typedef struct lm_config {
     double dropout;                      /* drop probability in [0, 1) */
     bool moe_sigmoid;                    /* sigmoid on the COND output */
     float forget_bias;                   /* added to the LSTM forget-gate bias */
+    ccr_comm *comm;                      /* NULL: one process; else see below */
 } lm_config;
+
+/* Expert and data parallelism (cfg.comm, CPU backend): every rank allocates
+ * the same configuration but for its own streams (cfg.batch), the ranks'
+ * streams in rank order forming the global batch.  Conditional blocks are
+ * expert-parallel (ccr_cond_set_comm: each rank holds its block of every
+ * bank); the rest is replicated.  Each rank passes its streams' ids
+ * (lm_model_streams, lm_model_slice), draws every dropout mask of the
+ * global batch and keeps its rows; the conditional blocks see their rows
+ * stream-major (row b * unroll + t; time-major elsewhere), so the ranks'
+ * rows are contiguous in the global batch.  Forward statistics (NLL,
+ * scored positions) are the global batch's on every rank, the loss's
+ * gradient is the global mean's, lm_model_backward sums the replicated
+ * parameters' gradients over the ranks and lm_model_clip_grad clips by the
+ * global norm, so identical optimiser steps keep the replicas identical and
+ * training equals one process with the whole batch (to float rounding).
+ * All ranks call every function together. */
 
 /* emb -> LSTM -> COND -> LSTM -> softmax, vocab 10000, d 64, batch 32,
  * unroll 20, no gate chosen yet (cond.gate NULL), FFN experts of hidden
@@ -96,6 +113,17 @@ void lm_model_free(lm_model *m);
 ccr_status lm_model_init_params(lm_model *m, gsl_rng *rng);
 
 ccr_arena *lm_model_arena(const lm_model *m);
+/* The global batch's streams and the index of this rank's first (cfg.batch
+ * and 0 without a communicator). */
+void lm_model_streams(const lm_model *m, size_t *global, size_t *first);
+/* This rank's rows [unroll * batch] of a global batch [unroll * global]
+ * (time-major both): the columns first .. first + batch - 1 of every
+ * timestep. */
+void lm_model_slice(const lm_model *m, const int32_t *global, int32_t *local);
+/* Global-norm gradient clipping (lm_grad_clip without a communicator; with
+ * one, the norm over the replicated gradients and every rank's bank
+ * blocks). */
+ccr_status lm_model_clip_grad(lm_model *m, double max_norm, double *norm);
 const lm_config *lm_model_config(const lm_model *m);
 /* The first COND block's layer, or NULL. */
 ccr_cond *lm_model_cond(const lm_model *m);

@@ -140,30 +140,56 @@ ccr_status lm_train_step(lm_model *m, ccr_optim *opt, const int32_t *in, const i
     CCR_TRY(lm_model_backward(m));
     *norm = 0.0;
     if (clip > 0.0)
-        CCR_TRY(lm_grad_clip(a, clip, norm));
+        CCR_TRY(lm_model_clip_grad(m, clip, norm));
     return ccr_optim_step(opt);
+}
+
+/* Batch buffers: the global batch's ids and targets, then this rank's
+ * (without a communicator, one batch twice: the slice is a copy). */
+typedef struct lm_batch {
+    int32_t *buf, *g_in, *g_tgt, *in, *tgt;
+} lm_batch;
+
+static ccr_status lm_batch_alloc(const lm_model *m, const int32_t *tok, size_t n, lm_batch *b,
+                                 lm_stream *s)
+{
+    const lm_config *c = lm_model_config(m);
+    size_t G, first, N = c->batch * c->unroll;
+    lm_model_streams(m, &G, &first);
+    size_t NG = G * c->unroll;
+    b->buf = ccr_mallocn(2 * (NG + N), sizeof *b->buf); /* bounded: the model's buffers hold more */
+    if (b->buf == NULL)
+        return CCR_ENOMEM;
+    b->g_in = b->buf, b->g_tgt = b->g_in + NG, b->in = b->g_tgt + NG, b->tgt = b->in + N;
+    lm_stream_init(s, tok, n, G, c->unroll);
+    return CCR_OK;
+}
+
+/* Step k's global batch, and this rank's columns of it. */
+static void lm_batch_fill(const lm_model *m, const lm_stream *s, size_t k, lm_batch *b)
+{
+    lm_stream_batch(s, k, b->g_in, b->g_tgt);
+    lm_model_slice(m, b->g_in, b->in);
+    lm_model_slice(m, b->g_tgt, b->tgt);
 }
 
 ccr_status lm_evaluate(lm_model *m, const int32_t *tok, size_t n, double *nll, size_t *count)
 {
-    const lm_config *c = lm_model_config(m);
-    size_t N = c->batch * c->unroll;
-    int32_t *buf = ccr_malloc3(2, N, sizeof *buf);
-    if (buf == NULL)
-        return CCR_ENOMEM;
+    lm_batch bb;
     lm_stream s;
-    lm_stream_init(&s, tok, n, c->batch, c->unroll);
+    if (lm_batch_alloc(m, tok, n, &bb, &s) != CCR_OK)
+        return CCR_ENOMEM;
     *nll = 0.0;
     *count = 0;
     ccr_status st = lm_model_reset_state(m);
     for (size_t k = 0; k < s.steps && st == CCR_OK; k++) {
         lm_fwd_stats fs;
-        lm_stream_batch(&s, k, buf, buf + N);
-        st = lm_model_forward(m, buf, buf + N, false, NULL, &fs);
+        lm_batch_fill(m, &s, k, &bb);
+        st = lm_model_forward(m, bb.in, bb.tgt, false, NULL, &fs);
         *nll += fs.nll_sum;
         *count += fs.n_scored;
     }
-    free(buf);
+    free(bb.buf);
     ccr_status r = lm_model_reset_state(m);
     return st != CCR_OK ? st : r;
 }
@@ -173,11 +199,10 @@ ccr_status lm_train_run(lm_model *m, ccr_optim *opt, gsl_rng *rng, const lm_trai
 {
     const lm_config *c = lm_model_config(m);
     size_t N = c->batch * c->unroll;
-    int32_t *buf = ccr_malloc3(2, N, sizeof *buf);
-    if (buf == NULL)
-        return CCR_ENOMEM;
+    lm_batch bb;
     lm_stream s;
-    lm_stream_init(&s, a->tok, a->n, c->batch, c->unroll);
+    if (lm_batch_alloc(m, a->tok, a->n, &bb, &s) != CCR_OK)
+        return CCR_ENOMEM;
     size_t total = s.steps * a->epochs, from = total > a->avg_last ? total - a->avg_last : 0;
     lm_train_summary sum = {.steps = total};
     double nll = 0.0, scored = 0.0, ep_nll = 0.0, ep_scored = 0.0;
@@ -187,10 +212,10 @@ ccr_status lm_train_run(lm_model *m, ccr_optim *opt, gsl_rng *rng, const lm_trai
         double norm;
         if (k % s.steps == 0 && (st = lm_model_reset_state(m)) != CCR_OK)
             break;
-        lm_stream_batch(&s, k % s.steps, buf, buf + N);
+        lm_batch_fill(m, &s, k % s.steps, &bb);
         st = ccr_optim_set_lr(opt, (float)lm_lr(a->lr, a->warmup, k));
         if (st == CCR_OK)
-            st = lm_train_step(m, opt, buf, buf + N, rng, a->clip, &fs, &norm);
+            st = lm_train_step(m, opt, bb.in, bb.tgt, rng, a->clip, &fs, &norm);
         if (st != CCR_OK)
             break;
         if (!isfinite(fs.nll_sum) || !isfinite(fs.aux_loss)) {
@@ -220,7 +245,7 @@ ccr_status lm_train_run(lm_model *m, ccr_optim *opt, gsl_rng *rng, const lm_trai
             ep_nll = ep_scored = 0.0;
         }
     }
-    free(buf);
+    free(bb.buf);
     ccr_status r = lm_model_reset_state(m);
     if (st != CCR_OK || r != CCR_OK)
         return st != CCR_OK ? st : r;
