@@ -152,7 +152,7 @@ ccr_status ccr_cond_set_comm(ccr_cond *c, ccr_comm *comm)
     e->rows_to_off = z + 4 * P, e->rows_from = z + 5 * P, e->rows_from_off = z + 6 * P;
     e->sc = z + 7 * P, e->sd = z + 8 * P, e->rc = z + 9 * P, e->rd = z + 10 * P;
     e->own_next = e->own_off + e->n_own + 1;
-    /* Global statistics where the gate type can (dense, topk, switch). */
+    /* Global statistics where the gate type can (every built-in gate). */
     if (c->cfg.gate->set_comm != NULL) {
         ccr_status s = ccr_gate_set_comm(c->gate, comm);
         if (s != CCR_OK) {

@@ -14,6 +14,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "ccr/ccr_comm.h"
 #include "ccr/ccr_gate.h"
 #include "internal.h"  // provides: CCR_FAIL, CCR_UNUSED
 
@@ -24,6 +25,7 @@ typedef struct none_state {
     float *weights;     /* [max_batch] all 1 */
     float importance;   /* batch of the last forward */
     float load;         /* the same: every example runs matrix 0 */
+    ccr_comm *comm;     /* expert parallelism: the batch over its ranks (or NULL) */
 } none_state;
 
 static ccr_status none_init(void *state, ccr_ctx *ctx, const ccr_gate_config *cfg,
@@ -97,13 +99,22 @@ static ccr_status none_forward(void *state, const float *x, size_t batch, bool t
     *route = (ccr_route){
         .batch = batch, .slots = 1, .n_matrices = 1, .ids = s->ids, .weights = s->weights,
     };
-    s->importance = (float)batch;
-    s->load = (float)batch;
+    double global = (double)batch;
+    if (s->comm != NULL)  /* the exports are the global batch's */
+        CCR_TRY(ccr_comm_allreduce_sum_f64(s->comm, &global, 1));
+    s->importance = (float)global;
+    s->load = (float)global;
     /* One expert: CV of a single entry is 0, max/mean is 1. */
     *stats = (ccr_gate_stats){
         .aux_loss = 0.0, .cv_importance = 0.0, .cv_load = 0.0, .cv_load_count = 0.0,
         .max_mean_load = 1.0, .max_mean_count = 1.0, .dropped = 0, .distinct = 1,
     };
+    return CCR_OK;
+}
+
+static ccr_status none_set_comm(void *state, ccr_comm *comm)
+{
+    ((none_state *)state)->comm = comm;
     return CCR_OK;
 }
 
@@ -161,5 +172,6 @@ const ccr_gate_type ccr_gate_none = {
     .matrices_per_example = none_matrices_per_example,
     .n_exports = none_n_exports,
     .get_export = none_get_export,
+    .set_comm = none_set_comm,
     .options = 0u,
 };

@@ -51,6 +51,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "ccr/ccr_comm.h"
 #include "ccr/ccr_gate.h"
 #include "gate_util.h"
 #include "internal.h"
@@ -74,7 +75,8 @@ typedef struct st_state {
     float *da;         /* [max_batch, d] ste gradient */
     int32_t *ids;      /* [max_batch, slots] */
     float *weights;    /* [max_batch, slots] all 1 */
-    double *counts;    /* [2^d] examples per leaf */
+    double *counts;    /* [2^d] examples per leaf (the global batch's under comm) */
+    ccr_comm *comm;    /* expert parallelism: leaf counts over its ranks (or NULL) */
     float *counts_f;   /* [2^d] the same, exported */
     unsigned char *seen; /* [n_mat] scratch of gate_count_distinct */
     /* ste only: the backward's (sibling, example) pairs, b-major then level */
@@ -263,6 +265,8 @@ static ccr_status st_forward(void *state, const float *x, size_t batch, bool tra
             id[0] = (int32_t)leaf;
         s->counts[leaf] += 1.0;
     }
+    if (s->comm != NULL)  /* statistics and exports of the global batch */
+        CCR_TRY(ccr_comm_allreduce_sum_f64(s->comm, s->counts, s->n_leaves));
     for (size_t i = 0; i < s->n_leaves; i++)
         s->counts_f[i] = (float)s->counts[i];
 
@@ -294,6 +298,12 @@ static ccr_status st_eval_dot(const ccr_gate_bwd_args *a, size_t m, const float 
     for (size_t o = 0; o < a->d_out; o++)
         acc += (double)dy_row[o] * (double)a->scratch[o];
     *out = acc;
+    return CCR_OK;
+}
+
+static ccr_status st_set_comm(void *state, ccr_comm *comm)
+{
+    ((st_state *)state)->comm = comm;
     return CCR_OK;
 }
 
@@ -424,6 +434,7 @@ const ccr_gate_type ccr_gate_signtree = {
     .matrices_per_example = st_matrices_per_example,
     .n_exports = st_n_exports,
     .get_export = st_get_export,
+    .set_comm = st_set_comm,
     .options = CCR_GATE_OPT_DEPTH | CCR_GATE_OPT_COMBINE | CCR_GATE_OPT_BITS_FROM |
                CCR_GATE_OPT_GRAD_MODE | CCR_GATE_OPT_RANDOMIZE,
     .linear_bank = true,

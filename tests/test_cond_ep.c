@@ -168,6 +168,14 @@ static void ep_check(const ep_case *t, bool train, bool aux)
                   1e-12 * fabs(st_ref.cv_importance) + 1e-15);
         ck_assert_uint_eq(st.dropped, st_ref.dropped);
     }
+    /* Every gate's load statistics are the global batch's on every rank. */
+    ck_assert_msg(fabs(st.cv_load_count - st_ref.cv_load_count) <=
+                          1e-12 * fabs(st_ref.cv_load_count) + 1e-15 &&
+                      fabs(st.max_mean_count - st_ref.max_mean_count) <=
+                          1e-12 * fabs(st_ref.max_mean_count) + 1e-15,
+                  "%s train=%d rank %d: statistics %.17g %.17g, one process %.17g %.17g",
+                  t->gate, train, r, st.cv_load_count, st.max_mean_count,
+                  st_ref.cv_load_count, st_ref.max_mean_count);
     ck_assert_msg(gsl_rng_get(n_ref) == gsl_rng_get(n_ep), "%s: the RNGs diverged", t->gate);
 
     /* Parameters and gradients, tensor by tensor. */
@@ -325,11 +333,14 @@ START_TEST(test_ep_errors)
     CCR_CK_STATUS(ctx, ccr_cond_set_comm(c, comm), CCR_EINVAL);
     CCR_CK_STATUS(ctx, ccr_cond_set_comm(c, NULL), CCR_EINVAL);
     ccr_cond_free(c);
-    /* A gate type without set_comm keeps per-rank statistics: refused alone. */
+    /* A gate type without set_comm (a user's; every built-in gate has one)
+     * would keep per-rank statistics: refused alone. */
     ccr_gate_config gc = ccr_gate_config_default();
     gc.d_in = 4;
     ccr_gate *g;
-    CCR_CK_OK(ctx, ccr_gate_alloc(ctx, ccr_gate_type_find("none"), &gc, 4, &g));
+    ccr_gate_type plain = *ccr_gate_type_find("none");
+    plain.set_comm = NULL;
+    CCR_CK_OK(ctx, ccr_gate_alloc(ctx, &plain, &gc, 4, &g));
     CCR_CK_STATUS(ctx, ccr_gate_set_comm(g, comm), CCR_EUNSUP);
     ccr_gate_free(g);
     /* A network: the communicator before finalize, once. */

@@ -193,11 +193,11 @@ ccr_status ccr_cond_set_timing(ccr_cond *c, double *sec);
  * rank draws and discards the other ranks' gate noise).  The replicated
  * gate's gradients are this rank's share: sum them over the ranks
  * (ccr_comm_allreduce_sum) before an optimiser step.  The gates with
- * ccr_gate_type.set_comm (dense, topk, hmoe, switch) sum their statistics
- * over the ranks - auxiliary losses, CVs, Switch's capacity and positions -
- * so these are the global batch's (to double rounding; dx and the gate's
- * gradients then to float rounding); the sign-bit tree's and none's
- * diagnostics stay per rank.  All ranks call forward and backward
+ * ccr_gate_type.set_comm (every built-in one) sum their statistics over
+ * the ranks - auxiliary losses, CVs, the tree's leaf counts, Switch's
+ * capacity and positions - so these are the global batch's (to double
+ * rounding; dx and the gate's gradients then to float rounding); a gate
+ * type without it keeps per-rank diagnostics.  All ranks call forward and backward
  * together, all with dx or all without.  CPU backend, host memory (comm
  * "self" or "mpi").
  * The sign-bit tree's straight-through backward evaluates its sibling
