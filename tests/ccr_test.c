@@ -8,6 +8,7 @@
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -128,6 +129,21 @@ gsl_rng *ccr_test_rng(unsigned long seed)
     ck_assert_ptr_nonnull(r);
     gsl_rng_set(r, seed);
     return r;
+}
+
+ccr_status ccr_test_peer_init(ccr_ctx *ctx, const char *env, ccr_backend **out,
+                              const char **name)
+{
+    const char *peer = getenv(env);
+    if (peer != NULL && (strcmp(peer, "cpu-ref") == 0 || strcmp(peer, "cpu") == 0)) {
+        *name = peer;
+        ccr_status s = ccr_backend_cpu_init(ctx, out);
+        if (s == CCR_OK)
+            s = ccr_backend_cpu_set_use_ref(*out, strcmp(peer, "cpu-ref") == 0);
+        return s;
+    }
+    *name = "cuda";
+    return ccr_backend_cuda_init(ctx, 0, out);
 }
 
 int ccr_test_run(Suite *s)

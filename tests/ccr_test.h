@@ -35,6 +35,15 @@ double ccr_test_nmse(const float *a, const float *b, size_t n);
 void ccr_test_assert_nmse(const float *a, const float *ref, size_t n, double tol,
                           const char *label);
 
+/* The backend a CUDA parity test compares with the CPU: CUDA device 0, or,
+ * when the environment variable env is "cpu" or "cpu-ref", a second CPU
+ * backend (with the reference kernels for "cpu-ref") standing in for the GPU
+ * - a development aid on machines without one.  *name gets "cuda", "cpu"
+ * or "cpu-ref".  Returns ccr_backend_cuda_init's or the CPU's status
+ * (CCR_EUNSUP / CCR_ENODEV: no CUDA, skip the test). */
+ccr_status ccr_test_peer_init(ccr_ctx *ctx, const char *env, ccr_backend **out,
+                              const char **name);
+
 /* Fills v with U(lo, hi) draws from rng. */
 void ccr_test_fill_uniform(gsl_rng *rng, float *v, size_t n, float lo, float hi);
 

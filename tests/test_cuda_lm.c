@@ -426,20 +426,11 @@ int main(void)
 {
     if (ccr_ctx_init(&ctx) != CCR_OK)
         return 1;
-    const char *peer = getenv("CCR_TEST_LM_PEER");
-    ccr_status s;
-    if (peer != NULL && (strcmp(peer, "cpu-ref") == 0 || strcmp(peer, "cpu") == 0)) {
-        peer_name = peer;  /* a development aid: the CPU stands in for the GPU */
-        s = ccr_backend_cpu_init(ctx, &be[GPU]);
-        if (s == CCR_OK)
-            s = ccr_backend_cpu_set_use_ref(be[GPU], strcmp(peer, "cpu-ref") == 0);
-    } else {
-        s = ccr_backend_cuda_init(ctx, 0, &be[GPU]);
-        if (s == CCR_EUNSUP || s == CCR_ENODEV) {
-            printf("test_cuda_lm: skipped: %s\n", ccr_ctx_errmsg(ctx));
-            ccr_ctx_free(ctx);
-            return 77;
-        }
+    ccr_status s = ccr_test_peer_init(ctx, "CCR_TEST_LM_PEER", &be[GPU], &peer_name);
+    if (s == CCR_EUNSUP || s == CCR_ENODEV) {
+        printf("test_cuda_lm: skipped: %s\n", ccr_ctx_errmsg(ctx));
+        ccr_ctx_free(ctx);
+        return 77;
     }
     if (s != CCR_OK || ccr_backend_cpu_init(ctx, &be[CPU]) != CCR_OK) {
         fprintf(stderr, "test_cuda_lm: backend init failed: %s\n", ccr_ctx_errmsg(ctx));
