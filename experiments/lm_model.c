@@ -54,6 +54,8 @@ struct lm_model {
     size_t B_glob, b0;               /* the global batch's streams, this rank's first */
     size_t n_params, n_params_core;  /* over all ranks: every parameter, without emb/softmax */
     double *comm_buf;                /* [P + 2] host scratch of the all-reduces */
+    size_t *rep_rows;                /* [tensors] leading bank rows every rank holds (the
+                                        path tree's replicated top), NULL without comm */
     /* host */
     int32_t *h_in, *h_tgt, *h_seg, *h_count; /* batch, segments, per-id counts [vocab + 1] */
     double *h_nll;                   /* [N] */
@@ -162,14 +164,49 @@ static ccr_status lm_streams_agree(lm_model *m)
     return CCR_OK;
 }
 
-/* The parameter counts over all ranks: the banks are split, the rest is
- * replicated. */
+/* Rows of bank tensor i that every rank holds (a conditional block's
+ * replicated matrices: ccr_cond_held), found by the block's name prefix. */
+static ccr_status lm_replicated_rows(lm_model *m)
+{
+    const ccr_arena *a = m->arena;
+    m->rep_rows = calloc(ccr_arena_count(a) + 1, sizeof *m->rep_rows);
+    if (m->rep_rows == NULL)
+        CCR_FAIL(m->ctx, CCR_ENOMEM, "replicated-row table");
+    for (size_t b = 0; b < m->cfg.n_blocks; b++) {
+        if (m->b[b].kind != LM_BLOCK_COND)
+            continue;
+        size_t n_held, n_rep;
+        CCR_TRY(ccr_cond_held(m->b[b].cond, NULL, 0, &n_held, &n_rep));
+        char prefix[32];
+        int len = snprintf(prefix, sizeof prefix, "moe.%zu.", b);
+        for (size_t i = 0; i < ccr_arena_count(a); i++)
+            if (ccr_arena_sparse_of(a, i) != NULL &&
+                strncmp(ccr_arena_name(a, i), prefix, (size_t)len) == 0)
+                m->rep_rows[i] = n_rep;
+    }
+    return CCR_OK;
+}
+
+/* Whether row `row` of bank tensor i counts on this rank in a sum over the
+ * ranks: replicated rows on rank 0 only. */
+static bool lm_row_counts(const lm_model *m, size_t i, size_t row)
+{
+    return m->rep_rows == NULL || row >= m->rep_rows[i] || ccr_comm_rank(m->comm) == 0;
+}
+
+/* The parameter counts over all ranks: the banks are split (their
+ * replicated rows counted once), the rest is replicated. */
 static ccr_status lm_count_params(lm_model *m)
 {
     const ccr_arena *a = m->arena;
     double c[2] = {0.0, 0.0};  /* replicated, this rank's banks */
-    for (size_t i = 0; i < ccr_arena_count(a); i++)
-        c[ccr_arena_sparse_of(a, i) != NULL] += (double)ccr_arena_size(a, i);
+    if (m->comm != NULL)
+        CCR_TRY(lm_replicated_rows(m));
+    for (size_t i = 0; i < ccr_arena_count(a); i++) {
+        const ccr_arena_sparse *sp = ccr_arena_sparse_of(a, i);
+        size_t skip = sp != NULL && !lm_row_counts(m, i, 0) ? m->rep_rows[i] * sp->row_len : 0;
+        c[sp != NULL] += (double)(ccr_arena_size(a, i) - skip);
+    }
     if (m->comm != NULL) {
         m->comm_buf[0] = c[1];
         CCR_TRY(ccr_comm_allreduce_sum_f64(m->comm, m->comm_buf, 1));
@@ -301,6 +338,7 @@ void lm_model_free(lm_model *m)
     free(m->h_nll);
     free(m->h_mask);
     free(m->comm_buf);
+    free(m->rep_rows);
     free(m);
 }
 
@@ -405,7 +443,8 @@ ccr_status lm_model_clip_grad(lm_model *m, double max_norm, double *norm)
             rep += sum_sq(g, ccr_arena_size(a, i));
         else
             for (size_t q = 0; q < sp->n_touched; q++)
-                own += sum_sq(g + sp->list[q] * sp->row_len, sp->row_len);
+                if (lm_row_counts(m, i, sp->list[q]))  /* replicated rows: once */
+                    own += sum_sq(g + sp->list[q] * sp->row_len, sp->row_len);
     }
     m->comm_buf[0] = own;
     CCR_TRY(ccr_comm_allreduce_sum_f64(m->comm, m->comm_buf, 1));

@@ -294,7 +294,8 @@ ccr_status ccr_cond_declare(ccr_cond *c, ccr_arena *a, const char *prefix)
     prefix = prefix ? prefix : "";
     /* This rank's matrices (all of them in one process); a rank that owns
      * none declares no bank tensors (p_* stay SIZE_MAX). */
-    size_t E = c->m1 - c->m0, d_in = c->cfg.d_in, d_out = c->cfg.d_out, h = c->h;
+    size_t E = c->lrow != NULL ? c->n_local : c->m1 - c->m0;
+    size_t d_in = c->cfg.d_in, d_out = c->cfg.d_out, h = c->h;
     c->p_w1 = c->p_b1 = c->p_w2 = c->p_b2 = SIZE_MAX;
     if (E == 0) {
         /* nothing of the bank here */
@@ -328,13 +329,16 @@ ccr_status ccr_cond_declare(ccr_cond *c, ccr_arena *a, const char *prefix)
 
 /* Fills a bank tensor (row_len floats per matrix) with U(-bound, bound):
  * the draws of all n_mat matrices in order, this rank's [m0, m1) kept (all
- * of them in one process), so every rank advances the RNG alike. */
+ * of them in one process; the rows of lrow in the tree's layout), so every
+ * rank advances the RNG alike. */
 static void cond_uniform(ccr_cond *c, size_t idx, size_t row_len, double bound, gsl_rng *rng)
 {
     float *v = idx != SIZE_MAX ? ccr_arena_value(c->arena, idx) : NULL;
     for (size_t m = 0; m < c->n_mat; m++) {
-        bool mine = v != NULL && m >= c->m0 && m < c->m1;
-        float *row = mine ? v + (m - c->m0) * row_len : NULL;
+        bool mine = v != NULL && (c->lrow != NULL ? c->lrow[m] >= 0 : m >= c->m0 && m < c->m1);
+        float *row = !mine ? NULL
+                     : c->lrow != NULL ? v + (size_t)c->lrow[m] * row_len
+                                       : v + (m - c->m0) * row_len;
         for (size_t i = 0; i < row_len; i++) {
             float u = (float)((2.0 * gsl_rng_uniform(rng) - 1.0) * bound);
             if (mine)

@@ -4,8 +4,17 @@
  * issue 12; ccr_cond_set_comm in ccr_cond.h).
  *
  * Rank r owns the bank matrices [m0, m1) (contiguous blocks, the first
- * n % P ranks one more); the gate is replicated.  A forward on rank r's
- * examples:
+ * n % P ranks one more); the gate is replicated.  The sign-bit tree in path
+ * mode is laid out as Cho & Bengio's tree suggests instead: its top `level`
+ * levels (2^level - 1 nodes, level the least with 2^level >= P, at most the
+ * depth) are replicated - every rank holds them and computes them for its
+ * own examples, their gradients summed over the ranks in the backward - and
+ * the subtrees below are sharded by their prefix at that level (contiguous
+ * blocks of the 2^level prefixes), so an example's deeper rows all go to
+ * one rank and no rank computes every example's root.  Each matrix has an
+ * owner (this rank for a replicated one) and a row there; the sort runs on
+ * keys in (owner, id) order, so the groups of one destination stay
+ * contiguous.  A forward on rank r's examples:
  *   1. the global batch's layout (every rank's batch size, one all-reduce),
  *      and in training the gate noise of the examples of lower ranks drawn
  *      and discarded, so that each rank draws its examples' noise as one
@@ -42,7 +51,17 @@
 
 struct cond_ep {
     int P, rank;
-    size_t n_own;              /* m1 - m0 */
+    size_t n_own;              /* bank rows held here (replicated ones included) */
+    /* The layout: every matrix's owner (this rank for a replicated one), its
+     * row there, and the sort's keys in (owner, id) order with their
+     * inverse - [n_mat] each, one block; lrow [n_mat] is c->lrow's storage. */
+    int32_t *owner, *olid, *key, *kinv, *lrow;
+    bool keyed;                /* the keys are not the ids (the tree's layout) */
+    int32_t *kids;             /* [max_batch slots] the route's ids as keys */
+    size_t n_rep;              /* replicated matrices: rows [0, n_rep) everywhere */
+    double *rep_cnt;           /* [n_rep] rows per replicated matrix, this step */
+    float *rep_save;           /* [n_rep row floats] their gradients before a backward */
+    size_t cap_save;
     size_t dpe;                /* N(0, 1) draws per example of a training forward */
     float *noise;              /* [dpe] the discarded draws */
     double *bsz;               /* [P] every rank's batch this step */
@@ -107,8 +126,76 @@ void ccr_condi_ep_free(ccr_cond *c)
     free(e->g_to);
     free(e->noise);
     free(e->acc);
+    free(e->owner);
+    free(e->kids);
+    free(e->rep_cnt);
+    free(e->rep_save);
     free(e);
     c->ep = NULL;
+    c->lrow = NULL;
+}
+
+/* The owner of matrix m (ep_block's inverse). */
+static size_t ep_owner(size_t n, size_t P, size_t m)
+{
+    size_t q = n / P, rem = n % P, big = rem * (q + 1);
+    return m < big ? m / (q + 1) : rem + (m - big) / q;
+}
+
+/* Every matrix's owner and row there, this rank's rows, and the keys (see
+ * the top of the file); cnt is [P] scratch.  Blocks of matrices, or the
+ * sign-bit path tree's replicated top and prefix-sharded subtrees. */
+static void ep_layout(ccr_cond *c, cond_ep *e, size_t P, size_t r, size_t *cnt)
+{
+    const size_t n = c->n_mat;
+    for (size_t p = 0; p < P; p++)
+        cnt[p] = 0;
+    if (c->tree && c->slots > 1) {
+        size_t depth = c->slots - 1, lv = 0;
+        while (((size_t)1 << lv) < P && lv < depth)
+            lv++;
+        const size_t npre = (size_t)1 << lv;
+        e->n_rep = npre - 1;
+        for (size_t m = 0, L = 0; m < n; m++) {
+            if (m + 1 >= ((size_t)2 << L))
+                L++;  /* m's level: 2^L - 1 <= m < 2^(L+1) - 1 */
+            if (L < lv) {
+                e->owner[m] = (int32_t)r;
+                e->olid[m] = (int32_t)m;
+            } else {
+                size_t prefix = (m + 1 - ((size_t)1 << L)) >> (L - lv);
+                size_t p = ep_owner(npre, P, prefix);
+                e->owner[m] = (int32_t)p;
+                e->olid[m] = (int32_t)(e->n_rep + cnt[p]++);
+            }
+        }
+        e->n_own = e->n_rep + cnt[r];
+    } else {
+        for (size_t m = 0; m < n; m++) {
+            size_t p = ep_owner(n, P, m), b0, b1;
+            ep_block(n, P, p, &b0, &b1);
+            e->owner[m] = (int32_t)p;
+            e->olid[m] = (int32_t)(m - b0);
+        }
+    }
+    /* Keys: matrices by (owner, id). */
+    for (size_t p = 0; p < P; p++)
+        cnt[p] = 0;
+    for (size_t m = 0; m < n; m++)
+        cnt[e->owner[m]]++;
+    for (size_t p = 0, o = 0; p < P; p++) {
+        size_t k = cnt[p];
+        cnt[p] = o;
+        o += k;
+    }
+    e->keyed = false;
+    for (size_t m = 0; m < n; m++) {
+        size_t k = cnt[e->owner[m]]++;
+        e->key[m] = (int32_t)k;
+        e->kinv[k] = (int32_t)m;
+        e->keyed = e->keyed || k != m;
+        e->lrow[m] = (size_t)e->owner[m] == r ? e->olid[m] : -1;
+    }
 }
 
 ccr_status ccr_cond_set_comm(ccr_cond *c, ccr_comm *comm)
@@ -140,10 +227,20 @@ ccr_status ccr_cond_set_comm(ccr_cond *c, ccr_comm *comm)
     e->bsz = ccr_mallocn(P, sizeof *e->bsz);
     e->g_to = ccr_malloc3(P, 11, sizeof(size_t));
     e->desc = ccr_malloc3(G > 0 ? G : 1, 2, sizeof *e->desc);
-    e->own_off = ccr_malloc3(e->n_own + 1, 2, sizeof *e->own_off);
     e->noise = ccr_mallocn(e->dpe > 0 ? e->dpe : 1, sizeof *e->noise);
     e->acc = ccr_mallocn(accn, sizeof *e->acc);
-    if (!e->bsz || !e->g_to || !e->desc || !e->own_off || !e->noise || !e->acc) {
+    e->owner = ccr_malloc3(c->n_mat, 5, sizeof *e->owner);
+    if (!e->bsz || !e->g_to || !e->desc || !e->noise || !e->acc || !e->owner) {
+        ccr_condi_ep_free(c);
+        CCR_FAIL(c->ctx, CCR_ENOMEM, "cannot allocate the expert-parallel state (%zu ranks)", P);
+    }
+    e->olid = e->owner + c->n_mat, e->key = e->olid + c->n_mat;
+    e->kinv = e->key + c->n_mat, e->lrow = e->kinv + c->n_mat;
+    ep_layout(c, e, P, r, e->g_to);
+    e->own_off = ccr_malloc3(e->n_own + 1, 2, sizeof *e->own_off);
+    e->kids = e->keyed ? ccr_malloc3(c->max_batch, c->slots, sizeof *e->kids) : NULL;
+    e->rep_cnt = ccr_mallocn(e->n_rep > 0 ? e->n_rep : 1, sizeof *e->rep_cnt);
+    if (!e->own_off || (e->keyed && !e->kids) || !e->rep_cnt) {
         ccr_condi_ep_free(c);
         CCR_FAIL(c->ctx, CCR_ENOMEM, "cannot allocate the expert-parallel state (%zu ranks)", P);
     }
@@ -163,6 +260,12 @@ ccr_status ccr_cond_set_comm(ccr_cond *c, ccr_comm *comm)
     c->comm = comm;
     c->m0 = m0;
     c->m1 = m1;
+    if (e->keyed || e->n_rep > 0) {  /* the tree's layout: rows by lrow */
+        c->lrow = e->lrow;
+        c->n_local = e->n_own;
+        c->n_rep = e->n_rep;
+        c->m0 = c->m1 = 0;
+    }
     return CCR_OK;
 }
 
@@ -172,8 +275,32 @@ ccr_status ccr_cond_owned(const ccr_cond *c, size_t *first, size_t *end)
         return CCR_EINVAL;
     CCR_CHECK_NULL(c->ctx, first);
     CCR_CHECK_NULL(c->ctx, end);
+    if (c->lrow != NULL)
+        CCR_FAIL(c->ctx, CCR_EUNSUP, "the sign-bit path tree's rows here are not one block "
+                 "of matrices (ccr_cond_held lists them)");
     *first = c->m0;
     *end = c->m1;
+    return CCR_OK;
+}
+
+ccr_status ccr_cond_held(const ccr_cond *c, size_t *ids, size_t cap, size_t *n,
+                         size_t *n_replicated)
+{
+    if (c == NULL)
+        return CCR_EINVAL;
+    CCR_CHECK_NULL(c->ctx, n);
+    CCR_CHECK_NULL(c->ctx, n_replicated);
+    *n = c->lrow != NULL ? c->n_local : c->m1 - c->m0;
+    *n_replicated = c->lrow != NULL ? c->n_rep : 0;
+    if (ids == NULL)
+        return CCR_OK;
+    if (cap < *n)
+        CCR_FAIL(c->ctx, CCR_EINVAL, "room for %zu ids, %zu rows held", cap, *n);
+    for (size_t m = 0; m < c->n_mat; m++) {
+        bool mine = c->lrow != NULL ? c->lrow[m] >= 0 : m >= c->m0 && m < c->m1;
+        if (mine)
+            ids[c->lrow != NULL ? (size_t)c->lrow[m] : m - c->m0] = m;
+    }
     return CCR_OK;
 }
 
@@ -281,20 +408,30 @@ ccr_status ccr_condi_ep_forward(ccr_cond *c, const float *x, size_t batch, bool 
 
     /* 2. Sort the used pairs by id; 3. gather the rows in sorted order. */
     memcpy(c->xin, x, batch * d_in * sizeof *x);
-    CCR_TRY(ccr_condi_sort(c, &rt, batch * S));
+    if (e->keyed) {  /* sort by (owner, id): the ids as keys, then back */
+        ccr_route rk = rt;
+        for (size_t q = 0; q < batch * S; q++) {
+            int32_t id = rt.ids[q];
+            e->kids[q] = id >= 0 && (size_t)id < c->n_mat ? e->key[id] : id;
+        }
+        rk.ids = e->kids;
+        CCR_TRY(ccr_condi_sort(c, &rk, batch * S));
+        for (size_t q = 0; q < c->n_groups; q++)
+            c->gid[q] = e->kinv[c->gid[q]];
+    } else {
+        CCR_TRY(ccr_condi_sort(c, &rt, batch * S));
+    }
     for (size_t q = 0; q < c->n_pairs; q++)
         memcpy(c->xg + q * d_in, x + ((size_t)c->src[q] / S) * d_in, d_in * sizeof *x);
-    /* Groups per owner (ascending id is ascending owner). */
+    /* Groups per owner (the keys' order is ascending owner). */
     size_t g = 0;
     for (size_t p = 0; p < P; p++) {
-        size_t b0, b1;
-        ep_block(c->n_mat, P, p, &b0, &b1);
         e->gfirst[p] = g;
         e->rows_to_off[p] = g < c->n_groups ? c->goff[g] : c->n_pairs;
         e->g_to[p] = e->rows_to[p] = 0;
-        while (g < c->n_groups && (size_t)c->gid[g] < b1) {
+        while (g < c->n_groups && (size_t)e->owner[c->gid[g]] == p) {
             size_t rows = c->goff[g + 1] - c->goff[g];
-            e->desc[2 * g] = c->gid[g] - (int32_t)b0;
+            e->desc[2 * g] = e->olid[c->gid[g]];
             e->desc[2 * g + 1] = (int32_t)rows;
             e->g_to[p]++;
             e->rows_to[p] += rows;
@@ -328,6 +465,8 @@ ccr_status ccr_condi_ep_forward(ccr_cond *c, const float *x, size_t batch, bool 
         }
         R += e->rows_from[p];
     }
+    for (size_t i = 0; i < e->n_rep; i++)  /* replicated: this rank's own rows only */
+        e->rep_cnt[i] = (double)e->own_off[i + 1];
     CCR_TRY(ep_reserve(c, R, nd));
     e->R = R;
     e->own_off[0] = 0;
@@ -373,13 +512,6 @@ ccr_status ccr_condi_ep_forward(ccr_cond *c, const float *x, size_t batch, bool 
     return CCR_OK;
 }
 
-/* The owner of matrix m (ep_block's inverse). */
-static size_t ep_owner(size_t n, size_t P, size_t m)
-{
-    size_t q = n / P, rem = n % P, big = rem * (q + 1);
-    return m < big ? m / (q + 1) : rem + (m - big) / q;
-}
-
 /* Grows *buf to at least `bytes` (doubling); CCR_ENOMEM on failure. */
 static ccr_status ep_grow(ccr_cond *c, void **buf, size_t *cap, size_t bytes)
 {
@@ -420,7 +552,7 @@ static ccr_status ep_eval_dots(void *bank, size_t n, const size_t *mat, const si
     for (size_t p = 0; p < P; p++)
         to[p] = 0;
     for (size_t i = 0; i < n; i++)
-        to[ep_owner(c->n_mat, P, mat[i])]++;
+        to[e->owner[mat[i]]]++;
     for (size_t p = 0, o = 0; p < P; o += to[p], p++)
         to_off[p] = o;
     CCR_TRY(ccr_comm_alltoall_counts(comm, to, from));
@@ -445,11 +577,9 @@ static ccr_status ep_eval_dots(void *bank, size_t n, const size_t *mat, const si
     float *hid = xg + R * d_in, *ob = hid + R * h;
     /* Sources: ids and (x | dy) rows in owner order (to_off as the cursor). */
     for (size_t i = 0; i < n; i++) {
-        size_t p = ep_owner(c->n_mat, P, mat[i]), k = to_off[p]++;
-        size_t m0, m1;
-        ep_block(c->n_mat, P, p, &m0, &m1);
+        size_t p = (size_t)e->owner[mat[i]], k = to_off[p]++;
         order[k] = i;
-        ids[k] = (int32_t)(mat[i] - m0);
+        ids[k] = e->olid[mat[i]];
         memcpy(rows + k * w, x + row[i] * d_in, d_in * sizeof *rows);
         memcpy(rows + k * w + d_in, dy + row[i] * d_out, d_out * sizeof *rows);
     }
@@ -495,6 +625,56 @@ static ccr_status ep_eval_dots(void *bank, size_t n, const size_t *mat, const si
     return CCR_OK;
 }
 
+/* The replicated matrices' gradients (rows [0, n_rep) of every bank
+ * tensor).  Before the backward (done false): set aside what they hold and
+ * zero them, so that the all-reduce sums only this step's contributions.
+ * After it (done true): sum them and the rows each matrix received over the
+ * ranks, add back what was set aside, and touch the rows any rank used (as
+ * one process touches the matrices its batch used), on every rank. */
+static ccr_status ep_replicated_grads(ccr_cond *c, bool done)
+{
+    cond_ep *e = c->ep;
+    ccr_arena *a = c->arena;
+    size_t idx[4] = {c->p_w1, c->p_b1, cond_ffn(c) ? c->p_w2 : SIZE_MAX,
+                     cond_ffn(c) ? c->p_b2 : SIZE_MAX};
+    size_t total = 0, len[4] = {0, 0, 0, 0};
+    for (size_t t = 0; t < 4; t++)
+        if (idx[t] != SIZE_MAX) {
+            len[t] = ccr_arena_size(a, idx[t]) / ccr_arena_shape(a, idx[t])[0] * e->n_rep;
+            total += len[t];
+        }
+    if (!done) {
+        size_t bytes;
+        if (!ccr_mul_ok(total, sizeof(float), &bytes))
+            CCR_FAIL(c->ctx, CCR_ENOMEM, "replicated gradients of %zu floats", total);
+        CCR_TRY(ep_grow(c, (void **)&e->rep_save, &e->cap_save, bytes));
+    }
+    float *save = e->rep_save;
+    for (size_t t = 0; t < 4; t++) {
+        if (idx[t] == SIZE_MAX)
+            continue;
+        float *g = ccr_arena_grad(a, idx[t]);
+        if (!done) {
+            memcpy(save, g, len[t] * sizeof *g);
+            memset(g, 0, len[t] * sizeof *g);
+        } else {
+            CCR_TRY(ccr_comm_allreduce_sum(c->comm, g, len[t]));
+            for (size_t i = 0; i < len[t]; i++)
+                g[i] += save[i];
+        }
+        save += len[t];
+    }
+    if (!done)
+        return CCR_OK;
+    CCR_TRY(ccr_comm_allreduce_sum_f64(c->comm, e->rep_cnt, e->n_rep));
+    for (size_t i = 0; i < e->n_rep; i++)
+        if (e->rep_cnt[i] > 0.0)
+            for (size_t t = 0; t < 4; t++)
+                if (idx[t] != SIZE_MAX)
+                    ccr_arena_touch_row(a, idx[t], i);
+    return CCR_OK;
+}
+
 ccr_status ccr_condi_ep_backward(ccr_cond *c, const float *dy, float *dx)
 {
     cond_ep *e = c->ep;
@@ -516,20 +696,26 @@ ccr_status ccr_condi_ep_backward(ccr_cond *c, const float *dy, float *dx)
     ep_permute(e->perm, R, d_out, e->rg, og, true);
     float *gx = e->rx;   /* nor its received rows */
     ccr_arena *a = c->arena;
+    if (e->n_rep > 0)
+        CCR_TRY(ep_replicated_grads(c, false));
     for (size_t i = 0; i < e->n_own; i++) {
         size_t o0 = e->own_off[i], n = e->own_off[i + 1] - o0;
         if (n == 0)
             continue;
-        ccr_arena_touch_row(a, c->p_w1, i);
-        ccr_arena_touch_row(a, c->p_b1, i);
-        if (cond_ffn(c)) {
-            ccr_arena_touch_row(a, c->p_w2, i);
-            ccr_arena_touch_row(a, c->p_b2, i);
+        if (i >= e->n_rep) {  /* replicated rows: touched below, where any rank used them */
+            ccr_arena_touch_row(a, c->p_w1, i);
+            ccr_arena_touch_row(a, c->p_b1, i);
+            if (cond_ffn(c)) {
+                ccr_arena_touch_row(a, c->p_w2, i);
+                ccr_arena_touch_row(a, c->p_b2, i);
+            }
         }
         CCR_TRY(ccr_condi_bank_bwd(c, i, n, e->ox + o0 * d_in, e->hid + o0 * h,
                                    og + o0 * d_out, e->ghid + o0 * h,
                                    dx != NULL ? gx + o0 * d_in : NULL, e->acc));
     }
+    if (e->n_rep > 0)
+        CCR_TRY(ep_replicated_grads(c, true));
     /* dL/dx rows back to their sources, then the gather per example. */
     if (dx != NULL) {
         ep_permute(e->perm, R, d_in, gx, e->ret, false);

@@ -80,7 +80,13 @@ struct ccr_cond {
     double *dots_out;
     /* expert parallelism (ccr_cond_set_comm, cond_ep.c): NULL = one process */
     ccr_comm *comm;
-    size_t m0, m1;             /* this rank's bank matrices [m0, m1) */
+    size_t m0, m1;             /* this rank's bank matrices [m0, m1) (lrow NULL) */
+    /* The sign-bit path tree's layout (cond_ep.c): the bank rows this rank
+     * holds are not one block; lrow[m] is matrix m's row here or -1, and
+     * n_local rows are held, the n_rep replicated ones first.  NULL: the
+     * rows are matrices m0 .. m1 - 1. */
+    const int32_t *lrow;
+    size_t n_local, n_rep;
     cond_ep *ep;
 };
 

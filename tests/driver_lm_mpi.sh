@@ -5,8 +5,9 @@
 # counts (the bank is split, the counts are global) - with one JSONL file,
 # written by rank 0, whose record says ranks = P and carries the
 # communication per step (non-zero on several ranks, zero in one process).
-# topk on 3 processes (6 streams, 2 each) and Switch on 2 (5 streams: 2 and
-# 3, uneven), dropout on.  Refused on several processes: a batch smaller
+# topk on 3 processes (6 streams, 2 each), Switch on 2 (5 streams: 2 and
+# 3, uneven) and the sign-bit path tree of depth 3 on 3 (its top two levels
+# replicated, the four subtrees below sharded), dropout on.  Refused on several processes: a batch smaller
 # than the process count, --backend cuda.  OpenBLAS runs one thread in every
 # run.  Skips (77) without the GCIDE corpus.  Nothing here depends on time.
 # Usage: driver_lm_mpi.sh CCR_LM MPI_RUN
@@ -51,8 +52,9 @@ PY
 
 compare topk 3 --quick --gate topk --experts 8 --k 2 --max-tokens 6000 --batch 6 --seed 3
 compare switch 2 --quick --gate switch --experts 4 --max-tokens 6000 --batch 5 --seed 3
+compare signtree 3 --quick --gate signtree --depth 3 --max-tokens 6000 --batch 5 --seed 3
 set -- "$tmp"/*.jsonl*
-[ "$#" -eq 4 ] || { echo "more than rank 0's output files"; ls "$tmp"; exit 1; }
+[ "$#" -eq 6 ] || { echo "more than rank 0's output files"; ls "$tmp"; exit 1; }
 
 for bad in "--quick --batch 2" "--quick --backend cuda"; do
   rc=0

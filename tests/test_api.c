@@ -287,6 +287,7 @@ START_TEST(test_nn)
     EINVAL_(ccr_net_set_comm(NULL, NULL));
     size_t own0, own1;
     EINVAL_(ccr_cond_owned(NULL, &own0, &own1));
+    EINVAL_(ccr_cond_held(NULL, NULL, 0, &own0, &own1));
     EINVAL_(ccr_comm_allreduce_sum(NULL, NULL, 0));
     EINVAL_(ccr_comm_allreduce_sum_f64(NULL, NULL, 0));
     EINVAL_(ccr_comm_barrier(NULL));

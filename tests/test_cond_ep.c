@@ -133,8 +133,36 @@ static void ep_check(const ep_case *t, bool train, bool aux)
     ccr_arena *aref, *aep;
     build(&cc, B, NULL, 17, &ref, &aref);
     build(&cc, b1 - b0, comm, 17, &ep, &aep);
-    size_t m0, m1;
-    CCR_CK_OK(ctx, ccr_cond_owned(ep, &m0, &m1));
+    /* The rows held here: a block of matrices, or the path tree's replicated
+     * top levels and prefix subtrees; every matrix somewhere. */
+    size_t n_held, n_rep;
+    CCR_CK_OK(ctx, ccr_cond_held(ep, NULL, 0, &n_held, &n_rep));
+    size_t *held = malloc((n_held + 1) * sizeof *held);
+    CCR_CK_OK(ctx, ccr_cond_held(ep, held, n_held, &n_held, &n_rep));
+    if (n_held > 0)  /* too little room: refused */
+        CCR_CK_STATUS(ctx, ccr_cond_held(ep, held, n_held - 1, &n_held, &n_rep), CCR_EINVAL);
+    CCR_CK_STATUS(ctx, ccr_cond_held(ep, NULL, 0, NULL, &n_rep), CCR_EINVAL);
+    const bool path_tree = t->depth > 0 && !t->leaf;
+    size_t want_rep = 0;
+    while (path_tree && ((size_t)1 << want_rep) < (size_t)P && want_rep < t->depth)
+        want_rep++;
+    ck_assert_uint_eq(n_rep, ((size_t)1 << want_rep) - 1);
+    double own = (double)(n_held - n_rep);
+    CCR_CK_OK(ctx, ccr_comm_allreduce_sum_f64(comm, &own, 1));
+    ck_assert_uint_eq((size_t)own + n_rep, ccr_gate_n_matrices(ccr_cond_gate(ref)));
+    if (n_rep == 0) {
+        size_t m0, m1;
+        CCR_CK_OK(ctx, ccr_cond_owned(ep, &m0, &m1));
+        ck_assert_uint_eq(m1 - m0, n_held);
+        for (size_t k = 0; k < n_held; k++)
+            ck_assert_uint_eq(held[k], m0 + k);
+    } else {
+        size_t m0, m1;
+        CCR_CK_STATUS(ctx, ccr_cond_owned(ep, &m0, &m1), CCR_EUNSUP);
+    }
+    /* Replicated matrices run on each rank's own rows: outputs and dx to
+     * float rounding; everything else bit for bit. */
+    const bool exact = n_rep == 0;
 
     float x[23 * 9], dy[23 * 9], y_ref[23 * 9], dx_ref[23 * 9], y[23 * 9], dx[23 * 9];
     gsl_rng *g = gsl_rng_alloc(gsl_rng_mt19937);
@@ -149,9 +177,14 @@ static void ep_check(const ep_case *t, bool train, bool aux)
     CCR_CK_OK(ctx, ccr_cond_backward(ref, dy, dx_ref));
     CCR_CK_OK(ctx, ccr_cond_forward(ep, x + b0 * d, b1 - b0, train, n_ep, y, &st));
     CCR_CK_OK(ctx, ccr_cond_backward(ep, dy + b0 * d, dx));
-    ck_assert_msg(memcmp(y, y_ref + b0 * d, (b1 - b0) * d * sizeof *y) == 0,
-                  "%s train=%d rank %d: outputs differ", t->gate, train, r);
-    if (!aux && !(t->ste && train)) {
+    if (exact)
+        ck_assert_msg(memcmp(y, y_ref + b0 * d, (b1 - b0) * d * sizeof *y) == 0,
+                      "%s train=%d rank %d: outputs differ", t->gate, train, r);
+    else
+        ccr_test_assert_nmse(y, y_ref + b0 * d, (b1 - b0) * d, 1e-12, "y (replicated top)");
+    if (!exact && !aux) {
+        ccr_test_assert_nmse(dx, dx_ref + b0 * d, (b1 - b0) * d, 1e-12, "dx (replicated top)");
+    } else if (!aux && !(t->ste && train)) {
         ck_assert_msg(memcmp(dx, dx_ref + b0 * d, (b1 - b0) * d * sizeof *dx) == 0,
                       "%s train=%d rank %d: dx differs", t->gate, train, r);
     } else if (!aux) {
@@ -187,10 +220,18 @@ static void ep_check(const ep_case *t, bool train, bool aux)
         const float *vr = ccr_arena_value(aref, j), *gref = ccr_arena_grad(aref, j);
         if (is_bank(name)) {
             size_t row = ccr_arena_size(aref, j) / ccr_arena_shape(aref, j)[0];
-            ck_assert_uint_eq(n, (m1 - m0) * row);
-            ck_assert_msg(memcmp(v, vr + m0 * row, n * sizeof *v) == 0, "%s: values", name);
-            ck_assert_msg(memcmp(gr, gref + m0 * row, n * sizeof *gr) == 0,
-                          "%s train=%d rank %d: bank gradient differs", name, train, r);
+            ck_assert_uint_eq(n, n_held * row);
+            for (size_t k = 0; k < n_held; k++) {
+                const float *vk = v + k * row, *gk = gr + k * row;
+                const float *vrk = vr + held[k] * row, *grk = gref + held[k] * row;
+                ck_assert_msg(memcmp(vk, vrk, row * sizeof *v) == 0, "%s: values", name);
+                if (k < n_rep)  /* summed over the ranks */
+                    ccr_test_assert_nmse(gk, grk, row, 1e-12, "replicated bank gradient");
+                else
+                    ck_assert_msg(memcmp(gk, grk, row * sizeof *gr) == 0,
+                                  "%s train=%d rank %d: bank gradient of matrix %zu differs",
+                                  name, train, r, held[k]);
+            }
         } else {
             ck_assert_uint_eq(n, ccr_arena_size(aref, j));
             ck_assert_msg(memcmp(v, vr, n * sizeof *v) == 0, "%s: values", name);
@@ -201,6 +242,7 @@ static void ep_check(const ep_case *t, bool train, bool aux)
             free(sum);
         }
     }
+    free(held);
     gsl_rng_free(g), gsl_rng_free(n_ref), gsl_rng_free(n_ep);
     ccr_cond_free(ref), ccr_cond_free(ep);
     ccr_arena_free(aref), ccr_arena_free(aep);
@@ -243,8 +285,10 @@ START_TEST(test_ep_net)
             CCR_CK_OK(ctx, ccr_net_set_comm(nets[k], comm));
         CCR_CK_OK(ctx, ccr_net_add_linear(nets[k], 8));
         CCR_CK_OK(ctx, ccr_net_add_act(nets[k], CCR_ACT_RELU));
-        ccr_cond_config cc = make_config(&cases[2]);  /* topk E = 7, k = 2 */
-        cc.gate_cfg.w_importance = cc.gate_cfg.w_load = 0.1;
+        /* topk E = 7, k = 2 with its losses; the path tree of depth 3 */
+        ccr_cond_config cc = make_config(&cases[_i == 0 ? 2 : 6]);
+        if (_i == 0)
+            cc.gate_cfg.w_importance = cc.gate_cfg.w_load = 0.1;
         cc.d_out = 8;
         CCR_CK_OK(ctx, ccr_net_add_cond(nets[k], &cc));
         CCR_CK_OK(ctx, ccr_net_add_linear(nets[k], classes));
@@ -279,13 +323,29 @@ START_TEST(test_ep_net)
         const char *name = ccr_arena_name(a1, i);
         size_t j, n = ccr_arena_size(a1, i);
         CCR_CK_OK(ctx, ccr_arena_find(a0, name, &j));
-        size_t off = 0;
-        if (strstr(name, "experts.") != NULL) {
+        const char *tail = strrchr(name, '.');
+        bool bank = strstr(name, "experts.") != NULL ||
+                    (strstr(name, ".tree.") != NULL && tail != NULL &&
+                     (tail[1] == 'w' || tail[1] == 'b') &&
+                     (tail[2] == '\0' || tail[2] == '1' || tail[2] == '2'));  /* w, b1, ... */
+        if (bank) {
+            /* The bank's rows held here against one process's rows; the
+             * replicated ones (the tree's top) the same bits everywhere. */
             ccr_cond *c;
             CCR_CK_OK(ctx, ccr_net_cond(nets[1], 2, &c, NULL));
-            size_t m0, m1;
-            CCR_CK_OK(ctx, ccr_cond_owned(c, &m0, &m1));
-            off = m0 * (ccr_arena_size(a0, j) / ccr_arena_shape(a0, j)[0]);
+            size_t held[16], n_held, n_rep;
+            CCR_CK_OK(ctx, ccr_cond_held(c, held, 16, &n_held, &n_rep));
+            size_t row = ccr_arena_size(a0, j) / ccr_arena_shape(a0, j)[0];
+            for (size_t k = 0; k < n_held; k++)
+                ccr_test_assert_nmse(ccr_arena_value(a1, i) + k * row,
+                                     ccr_arena_value(a0, j) + held[k] * row, row, 1e-10, name);
+            float *v = malloc((n_rep * row + 1) * sizeof *v);
+            memcpy(v, ccr_arena_value(a1, i), n_rep * row * sizeof *v);
+            MPI_Bcast(v, (int)(n_rep * row), MPI_FLOAT, 0, MPI_COMM_WORLD);
+            ck_assert_msg(memcmp(v, ccr_arena_value(a1, i), n_rep * row * sizeof *v) == 0,
+                          "%s: replicated rows differ between ranks", name);
+            free(v);
+            continue;
         } else {
             /* replicated: the same bits on every rank */
             float *v = malloc(n * sizeof *v);
@@ -295,8 +355,7 @@ START_TEST(test_ep_net)
                           "%s: replicas differ", name);
             free(v);
         }
-        ccr_test_assert_nmse(ccr_arena_value(a1, i), ccr_arena_value(a0, j) + off, n, 1e-10,
-                             name);
+        ccr_test_assert_nmse(ccr_arena_value(a1, i), ccr_arena_value(a0, j), n, 1e-10, name);
     }
     ccr_step_stats e0, e1;
     CCR_CK_OK(ctx, ccr_net_eval(nets[0], x, y, B, &e0));
@@ -390,7 +449,7 @@ int main(int argc, char **argv)
     tcase_add_test(tc, test_ep_errors);
 #if CCR_HAVE_MPI
     if (under_mpirun)
-        tcase_add_test(tc, test_ep_net);
+        tcase_add_loop_test(tc, test_ep_net, 0, 2);
 #endif
     suite_add_tcase(su, tc);
     SRunner *sr = srunner_create(su);

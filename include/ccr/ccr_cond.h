@@ -200,15 +200,31 @@ ccr_status ccr_cond_set_timing(ccr_cond *c, double *sec);
  * type without it keeps per-rank diagnostics.  All ranks call forward and backward
  * together, all with dx or all without.  CPU backend, host memory (comm
  * "self" or "mpi").
- * The sign-bit tree's straight-through backward evaluates its sibling
- * matrices on their owners (dx and its gradients then to float rounding).
+ * The sign-bit tree in path mode is laid out by levels instead: its top
+ * levels (2^l - 1 nodes, l the least with 2^l >= P, at most the depth) are
+ * replicated - each rank holds them and computes them for its own
+ * examples; their gradients are summed over the ranks inside the backward -
+ * and the subtrees below level l are sharded by their prefix (ccr_cond_held
+ * lists a rank's rows); outputs, dx and the replicated rows' gradients then
+ * agree with one process to float rounding, the sharded rows' gradients bit
+ * for bit.  Its straight-through backward evaluates sibling matrices on
+ * their owners (dx and its gradients then to float rounding).
  * CCR_EINVAL after declare or for a second communicator; CCR_EUNSUP on a
  * non-CPU backend or with an NCCL communicator. */
 ccr_status ccr_cond_set_comm(ccr_cond *c, ccr_comm *comm);
 
 /* This rank's bank matrices [*first, *end) (all of them without a
- * communicator).  CCR_EINVAL for NULL arguments. */
+ * communicator).  CCR_EINVAL for NULL arguments; CCR_EUNSUP for the
+ * sign-bit tree in path mode on several ranks, whose rows are not one block
+ * (ccr_cond_held). */
 ccr_status ccr_cond_owned(const ccr_cond *c, size_t *first, size_t *end);
+
+/* The matrix ids of this rank's bank rows, in row order: *n of them, the
+ * first *n_replicated held by every rank (the sign-bit path tree's top
+ * levels under a communicator; 0 otherwise).  ids NULL: the counts only;
+ * else ids has room for cap (CCR_EINVAL if fewer than *n). */
+ccr_status ccr_cond_held(const ccr_cond *c, size_t *ids, size_t cap, size_t *n,
+                         size_t *n_replicated);
 
 /* Threads that ran the last forward's groups side by side: the layer's
  * pool size in CCR_COND_PAR_EXPERTS mode, else 1; 0 before a forward and
