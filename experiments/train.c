@@ -23,8 +23,9 @@
  * rank may have an empty share; counted in steps_skipped).  Rank 0 alone
  * prints and writes --out, with ranks = P and the communication per step
  * (bytes sent by rank 0, seconds in all-to-alls and all-reduces); the
- * other ranks write nothing.  --backend cuda and --save (of a sharded bank)
- * are refused with P > 1.
+ * other ranks write nothing.  --save gathers every bank to rank 0, which
+ * writes the file one process would (ccr_net_save under a communicator).
+ * --backend cuda is refused with P > 1.
  */
 #include <gsl/gsl_math.h>
 #include <gsl/gsl_rng.h>
@@ -209,16 +210,13 @@ int main(int argc, char **argv)
     if (P > 1 && o.cuda)
         drv_usage_error(PROG, "--backend cuda under mpirun is not supported yet (%d processes)",
                         P);
-    if (P > 1 && o.save != NULL && o.cond.gate != NULL)
-        drv_usage_error(PROG, "--save under mpirun: each rank holds a block of the bank; "
-                        "not supported yet");
     if ((size_t)P > o.batch)
         drv_usage_error(PROG, "--batch %zu is smaller than the %d processes", o.batch, P);
     if (!lead)
-        o.out = NULL, o.save = NULL;  /* rank 0 writes */
+        o.out = NULL;  /* rank 0 writes; --save is collective (rank 0 writes the file) */
     drv_io_input_fmnist("--data", o.data);
     drv_io_output("--out", o.out);
-    drv_io_output("--save", o.save);
+    drv_io_output("--save", lead ? o.save : NULL);
     drv_io_check(PROG);
     ccr_ctx *ctx;
     ccr_backend *be;

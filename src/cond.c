@@ -318,6 +318,7 @@ ccr_status ccr_cond_declare(ccr_cond *c, ccr_arena *a, const char *prefix)
         CCR_TRY(ccr_arena_set_row_sparse(a, c->p_w2));
         CCR_TRY(ccr_arena_set_row_sparse(a, c->p_b2));
     }
+    snprintf(c->bank_prefix, sizeof c->bank_prefix, "%s%s", prefix, c->tree ? "tree." : "experts.");
     char *gp = c->gate_prefix;
     snprintf(gp, sizeof c->gate_prefix, "%s%s", prefix, c->cfg.gate->param_group);
     c->gate_first = ccr_arena_count(a);

@@ -41,6 +41,8 @@
  * by P x max_batch x slots: they grow when a batch needs more (amortised:
  * doubling) and are otherwise reused.
  */
+#include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -730,4 +732,141 @@ ccr_status ccr_condi_ep_backward(ccr_cond *c, const float *dy, float *dx)
                             .dy = dy, .d_out = d_out, .eval_matrix = NULL, .bank = c,
                             .scratch = c->eval_out, .eval_dots = ep_eval_dots};
     return ccr_gate_backward(c->gate, &ga);
+}
+
+/* ---- checkpoints: the bank as one process holds it ------------------------ */
+
+void ccr_condi_bank_layout(const ccr_cond *c, ccr_bank_full *b)
+{
+    static const char *const ffn[4] = {"w1", "b1", "w2", "b2"}, *const lin[2] = {"w", "b"};
+    const size_t n = c->n_mat, d_in = c->cfg.d_in, d_out = c->cfg.d_out, h = c->h;
+    memset(b, 0, sizeof *b);
+    b->n = cond_ffn(c) ? 4 : 2;
+    const size_t sh[4][2] = {{d_in, cond_ffn(c) ? h : d_out}, {cond_ffn(c) ? h : d_out, 0},
+                             {h, d_out}, {d_out, 0}};
+    const size_t idx[4] = {c->p_w1, c->p_b1, c->p_w2, c->p_b2};
+    for (size_t t = 0; t < b->n; t++) {
+        snprintf(b->name[t], sizeof b->name[t], "%s%s", c->bank_prefix,
+                 cond_ffn(c) ? ffn[t] : lin[t]);
+        b->rank[t] = sh[t][1] ? 3 : 2;
+        b->shape[t][0] = n, b->shape[t][1] = sh[t][0], b->shape[t][2] = sh[t][1];
+        b->row[t] = sh[t][0] * (sh[t][1] ? sh[t][1] : 1);
+        b->idx[t] = idx[t];
+    }
+}
+
+ccr_status ccr_condi_ep_gather_bank(ccr_cond *c, ccr_bank_full *b)
+{
+    ccr_condi_bank_layout(c, b);
+    ccr_comm *comm = c->comm;
+    const size_t P = (size_t)ccr_comm_size(comm), r = (size_t)ccr_comm_rank(comm);
+    size_t n_held, n_rep, total = 0, rows_in = 0;
+    CCR_TRY(ccr_cond_held(c, NULL, 0, &n_held, &n_rep));
+    const size_t first = r == 0 ? 0 : n_rep, n_send = n_held - first;  /* replicas: rank 0's */
+    for (size_t t = 0; t < b->n; t++)
+        total += b->row[t];
+    /* Per rank: rows sent and received, send displacements (0: only rank
+     * 0 receives), received row offsets, and one tensor's element counts
+     * and displacements. */
+    size_t *z = ccr_malloc3(P, 7, sizeof *z);
+    size_t *held = ccr_mallocn(n_held + 1, sizeof *held);
+    int32_t *ids = ccr_mallocn(n_held + 1, sizeof *ids);
+    ccr_status s = z && held && ids ? CCR_OK : CCR_FAIL_EXPR(c->ctx, CCR_ENOMEM, "bank gather");
+    size_t *to = z, *from = z + P, *sd = z + 2 * P, *rd = z + 3 * P, *sc = z + 4 * P,
+           *rc = z + 5 * P, *re = z + 6 * P;
+    if (s == CCR_OK) s = ccr_cond_held(c, held, n_held, &n_held, &n_rep);
+    for (size_t p = 0; s == CCR_OK && p < P; p++)
+        to[p] = p == 0 ? n_send : 0, sd[p] = 0;
+    if (s == CCR_OK) s = ccr_comm_alltoall_counts(comm, to, from);
+    for (size_t p = 0; s == CCR_OK && p < P; p++)
+        rd[p] = rows_in, rows_in += from[p];
+    int32_t *rid = NULL;
+    float *stage = NULL, *rows = NULL;
+    size_t fl = 0;
+    if (s == CCR_OK && r == 0) {
+        /* the whole bank, then the received rows of one tensor at a time */
+        size_t big = 0;
+        bool ok = ccr_mul_ok(c->n_mat, total, &fl);
+        for (size_t t = 0; t < b->n; t++)
+            big = b->row[t] > big ? b->row[t] : big;
+        size_t stage_fl = 0;
+        ok = ok && ccr_mul_ok(rows_in, big, &stage_fl);
+        if (ok) s = ccr_mem_check(c->ctx, (fl + stage_fl) * sizeof(float), "checkpoint bank"); /* bounded: products checked */
+        else s = CCR_FAIL_EXPR(c->ctx, CCR_ENOMEM, "bank of %zu matrices too large", c->n_mat);
+        if (s == CCR_OK) {
+            b->data[0] = ccr_mallocn(fl + stage_fl + 1, sizeof(float));
+            rid = ccr_mallocn(rows_in + 1, sizeof *rid);
+            if (b->data[0] == NULL || rid == NULL)
+                s = CCR_FAIL_EXPR(c->ctx, CCR_ENOMEM, "checkpoint bank of %zu floats", fl);
+        }
+        if (s == CCR_OK) {
+            for (size_t t = 1; t < b->n; t++)
+                b->data[t] = b->data[t - 1] + c->n_mat * b->row[t - 1];
+            stage = b->data[0] + fl;
+        }
+    }
+    for (size_t k = 0; s == CCR_OK && k < n_send; k++)
+        ids[k] = (int32_t)held[first + k];
+    if (s == CCR_OK) s = ccr_comm_alltoallv_i32(comm, ids, to, sd, rid, from, rd);
+    for (size_t t = 0; s == CCR_OK && t < b->n; t++) {
+        const float *v = b->idx[t] != SIZE_MAX ? ccr_arena_value(c->arena, b->idx[t]) : NULL;
+        rows = v != NULL ? (float *)v + first * b->row[t] : NULL;
+        for (size_t p = 0; p < P; p++)
+            sc[p] = to[p] * b->row[t], rc[p] = from[p] * b->row[t], re[p] = rd[p] * b->row[t];
+        s = ccr_comm_alltoallv(comm, rows, sc, sd, stage, rc, re);
+        for (size_t k = 0; s == CCR_OK && r == 0 && k < rows_in; k++) {
+            if (rid[k] < 0 || (size_t)rid[k] >= c->n_mat) {
+                s = CCR_FAIL_EXPR(c->ctx, CCR_ECOMM, "a rank sent bank row %d of %zu", (int)rid[k],
+                                  c->n_mat);
+                break;
+            }
+            memcpy(b->data[t] + (size_t)rid[k] * b->row[t], stage + k * b->row[t],
+                   b->row[t] * sizeof(float));
+        }
+    }
+    free(z), free(held), free(ids), free(rid);
+    if (s != CCR_OK) {
+        free(b->data[0]);
+        memset(b->data, 0, sizeof b->data);
+    }
+    return s;
+}
+
+ccr_status ccr_condi_load_bank(ccr_cond *c, const ccr_safetensors *f, const char *path,
+                               bool write)
+{
+    ccr_bank_full b;
+    ccr_condi_bank_layout(c, &b);
+    size_t n_held, n_rep;
+    CCR_TRY(ccr_cond_held(c, NULL, 0, &n_held, &n_rep));
+    size_t *held = ccr_mallocn(n_held + 1, sizeof *held);
+    if (held == NULL)
+        CCR_FAIL(c->ctx, CCR_ENOMEM, "bank rows");
+    ccr_status s = ccr_cond_held(c, held, n_held, &n_held, &n_rep);
+    for (size_t t = 0; s == CCR_OK && t < b.n; t++) {
+        char name[CCR_ARENA_MAX_NAME + 16];
+        snprintf(name, sizeof name, "param.%s", b.name[t]);
+        const ccr_st_tensor *st = ccr_safetensors_find(f, name);
+        bool same = st != NULL && st->dtype == CCR_DTYPE_F32 && st->rank == b.rank[t];
+        for (size_t d = 0; same && d < b.rank[t]; d++)
+            same = st->shape[d] == b.shape[t][d];
+        if (!same) {
+            s = CCR_FAIL_EXPR(c->ctx, CCR_EFORMAT, "%s: tensor '%s' %s", path, name,
+                              st == NULL ? "missing" : "is not the whole bank in F32");
+            break;
+        }
+        const float *src = st->data;
+        float *dst = b.idx[t] != SIZE_MAX ? ccr_arena_value(c->arena, b.idx[t]) : NULL;
+        for (size_t k = 0; s == CCR_OK && k < n_held; k++) {
+            const float *row = src + held[k] * b.row[t];
+            for (size_t i = 0; !write && i < b.row[t]; i++)
+                if (!isfinite(row[i]))
+                    s = CCR_FAIL_EXPR(c->ctx, CCR_EDOM, "%s: tensor '%s': matrix %zu holds "
+                                      "NaN or infinity", path, name, held[k]);
+            if (write && dst != NULL)
+                memcpy(dst + k * b.row[t], row, b.row[t] * sizeof *dst);
+        }
+    }
+    free(held);
+    return s;
 }

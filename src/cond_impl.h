@@ -13,6 +13,7 @@
 
 #include "ccr/ccr_comm.h"
 #include "ccr/ccr_cond.h"
+#include "ccr/ccr_safetensors.h"
 #include "cond_dev.h"  // provides: ccr_cond_dev
 #include "pool.h"      // provides: ccr_pool
 
@@ -27,6 +28,7 @@ struct ccr_cond {
     ccr_gate *gate;
     ccr_cond_dev *dev;         /* the device half on a non-CPU backend, else NULL */
     char gate_prefix[CCR_ARENA_MAX_NAME]; /* where the gate declared (device bind) */
+    char bank_prefix[CCR_ARENA_MAX_NAME]; /* the bank's names: prefix + "experts."/"tree." */
     size_t max_batch, slots, n_mat, h;
     bool tree;                 /* the bank is named "tree." */
     ccr_arena *arena;          /* where the bank lives (set by declare) */
@@ -109,6 +111,28 @@ ccr_status ccr_condi_bank_bwd(ccr_cond *c, size_t m, size_t n, const float *xg,
                               double *acc);
 void ccr_condi_combine_job(void *arg, size_t w);
 void ccr_condi_dx_job(void *arg, size_t w);
+
+/* The bank as one process holds it (checkpoints under a communicator,
+ * cond_ep.c): its 2 (linear) or 4 (FFN) tensors' names, shapes and floats
+ * per matrix; data[t] is [n_mat, row[t]] on rank 0 after
+ * ccr_condi_ep_gather_bank (one allocation, data[0]; free it), NULL
+ * elsewhere. */
+typedef struct ccr_bank_full {
+    size_t n;
+    char name[4][CCR_ARENA_MAX_NAME + 8];
+    size_t rank[4], shape[4][3], row[4];
+    size_t idx[4];       /* this rank's arena tensors, SIZE_MAX if none */
+    float *data[4];
+} ccr_bank_full;
+void ccr_condi_bank_layout(const ccr_cond *c, ccr_bank_full *b);
+/* Collective: every rank's rows to rank 0 (the replicated ones from rank 0
+ * alone), placed at their matrix ids. */
+ccr_status ccr_condi_ep_gather_bank(ccr_cond *c, ccr_bank_full *b);
+/* This rank's rows from a checkpoint of the whole bank ("param." + name):
+ * checked (present, F32, the whole bank's shape, finite) without write,
+ * copied with it. */
+ccr_status ccr_condi_load_bank(ccr_cond *c, const ccr_safetensors *f, const char *path,
+                               bool write);
 
 /* cond_ep.c: the layer spread over c->comm's ranks. */
 ccr_status ccr_condi_ep_forward(ccr_cond *c, const float *x, size_t batch, bool train,

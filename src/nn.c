@@ -14,6 +14,7 @@
 
 #include "arena_impl.h"    // provides: ccr_arena_load_from
 #include "backend_impl.h"  // provides: struct ccr_backend (kernel table)
+#include "cond_impl.h"     // provides: ccr_bank_full, ccr_condi_ep_gather_bank, gate_first
 #include "ccr/ccr_safetensors.h"
 #include "internal.h"      // provides: CCR_FAIL, CCR_TRY
 #include "layer_impl.h"    // provides: ccr_layer, layer ops
@@ -678,16 +679,114 @@ static void net_describe(const ccr_net *net, char *buf, size_t len)
     }
 }
 
+/* Under a communicator of P > 1 ranks: every conditional layer's bank
+ * gathered to rank 0, which writes the file one process would - the same
+ * tensors in the same order, the banks whole - and its status reaches every
+ * rank. */
+static ccr_status net_save_ranks(const ccr_net *net, const char *path, const char *const *meta,
+                                 size_t n_meta)
+{
+    const ccr_arena *a = net->params;
+    const size_t n_t = ccr_arena_count(a), r = (size_t)ccr_comm_rank(net->comm);
+    ccr_bank_full *banks = calloc(net->n + 1, sizeof *banks);
+    ccr_st_tensor *t = calloc(n_t + 4 * net->n + 1, sizeof *t);
+    char (*names)[CCR_ARENA_MAX_NAME + 16] = calloc(n_t + 4 * net->n + 1, sizeof *names);
+    ccr_status s = banks && t && names ? CCR_OK
+                                       : CCR_FAIL_EXPR(net->ctx, CCR_ENOMEM, "checkpoint tables");
+    double ok = s == CCR_OK ? 0.0 : 1.0;  /* every rank gathers, or none */
+    if (ccr_comm_allreduce_sum_f64(net->comm, &ok, 1) != CCR_OK || ok != 0.0)
+        s = s != CCR_OK ? s : CCR_FAIL_EXPR(net->ctx, CCR_ECOMM, "a rank cannot save");
+    for (size_t i = 0; s == CCR_OK && i < net->n; i++)
+        if (net->layers[i].cond != NULL)
+            s = ccr_condi_ep_gather_bank(net->layers[i].cond, &banks[i]);
+    size_t n = 0;
+    /* Rank 0: the arena's tensors in order, each bank whole just before its
+     * gate's first tensor (where one process declared it), the rows held
+     * here skipped. */
+    for (size_t k = 0; s == CCR_OK && r == 0 && k <= n_t; k++) {
+        for (size_t i = 0; i < net->n; i++) {
+            const ccr_cond *c = net->layers[i].cond;
+            if (c == NULL || c->gate_first != k)
+                continue;
+            for (size_t b = 0; b < banks[i].n; b++, n++) {
+                snprintf(names[n], sizeof names[n], "param.%s", banks[i].name[b]);
+                t[n] = (ccr_st_tensor){.name = names[n], .dtype = CCR_DTYPE_F32,
+                                       .rank = banks[i].rank[b], .data = banks[i].data[b]};
+                memcpy(t[n].shape, banks[i].shape[b], sizeof banks[i].shape[b]);
+            }
+        }
+        if (k == n_t || ccr_arena_sparse_of(a, k) != NULL)
+            continue;
+        snprintf(names[n], sizeof names[n], "param.%s", ccr_arena_name(a, k));
+        t[n] = (ccr_st_tensor){.name = names[n], .dtype = CCR_DTYPE_F32,
+                               .rank = ccr_arena_rank(a, k), .data = ccr_arena_value(a, k)};
+        memcpy(t[n].shape, ccr_arena_shape(a, k), ccr_arena_rank(a, k) * sizeof(size_t));
+        n++;
+    }
+    if (s == CCR_OK && r == 0)
+        s = ccr_safetensors_write(net->ctx, path, t, n, meta, n_meta);
+    /* Rank 0's outcome on every rank. */
+    double code = r == 0 ? (double)s : 0.0;
+    ccr_status cs = ccr_comm_allreduce_sum_f64(net->comm, &code, 1);
+    if (r != 0 && s == CCR_OK && (cs != CCR_OK || code != 0.0))
+        s = cs != CCR_OK ? cs
+                         : CCR_FAIL_EXPR(net->ctx, (ccr_status)(int)code, "rank 0 could not write %s",
+                                         path);
+    for (size_t i = 0; banks != NULL && i < net->n; i++)
+        free(banks[i].data[0]);
+    free(banks), free(t), free(names);
+    return s;
+}
+
 ccr_status ccr_net_save(const ccr_net *net, const char *path)
 {
     if (net == NULL)
         return CCR_EINVAL;
+    CCR_CHECK_NULL(net->ctx, path);
     if (net->params == NULL)
         CCR_FAIL(net->ctx, CCR_EINVAL, "network not finalized");
     char arch[1024];
     net_describe(net, arch, sizeof arch);
     const char *meta[] = {"format", "ccr.net", "ccr_version", CCR_VERSION, "architecture", arch};
+    if (net->comm != NULL && ccr_comm_size(net->comm) > 1)
+        return net_save_ranks(net, path, meta, 3);
     return ccr_arena_save(net->params, path, 0, meta, 3);
+}
+
+/* Under a communicator of P > 1 ranks: this rank's part of a whole
+ * network's file - every replicated tensor, each bank's rows held here -
+ * checked completely before anything is written. */
+static ccr_status net_load_ranks(ccr_net *net, const ccr_safetensors *f, const char *path)
+{
+    ccr_arena *a = net->params;
+    for (int write = 0; write < 2; write++) {
+        for (size_t k = 0; k < ccr_arena_count(a); k++) {
+            if (ccr_arena_sparse_of(a, k) != NULL)
+                continue;  /* a bank: below */
+            char name[CCR_ARENA_MAX_NAME + 16];
+            snprintf(name, sizeof name, "param.%s", ccr_arena_name(a, k));
+            const ccr_st_tensor *st = ccr_safetensors_find(f, name);
+            size_t n = ccr_arena_size(a, k);
+            bool same = st != NULL && st->dtype == CCR_DTYPE_F32 &&
+                        st->rank == ccr_arena_rank(a, k);
+            for (size_t d = 0; same && d < st->rank; d++)
+                same = st->shape[d] == ccr_arena_shape(a, k)[d];
+            if (!same)
+                CCR_FAIL(net->ctx, CCR_EFORMAT, "%s: tensor '%s' %s", path, name,
+                         st == NULL ? "missing" : "has another shape or type");
+            const float *src = st->data;
+            for (size_t i = 0; !write && i < n; i++)
+                if (!isfinite(src[i]))
+                    CCR_FAIL(net->ctx, CCR_EDOM, "%s: tensor '%s': element %zu is NaN or "
+                             "infinite", path, name, i);
+            if (write)
+                CCR_TRY(ccr_arena_set(a, k, src));
+        }
+        for (size_t i = 0; i < net->n; i++)
+            if (net->layers[i].cond != NULL)
+                CCR_TRY(ccr_condi_load_bank(net->layers[i].cond, f, path, write != 0));
+    }
+    return CCR_OK;
 }
 
 ccr_status ccr_net_load(ccr_net *net, const char *path)
@@ -706,7 +805,9 @@ ccr_status ccr_net_load(ccr_net *net, const char *path)
     if (theirs == NULL || strcmp(theirs, arch) != 0)
         s = CCR_FAIL_EXPR(net->ctx, CCR_EFORMAT, "%s: architecture '%s' differs from '%s'",
                           path, theirs ? theirs : "(none)", arch);
-    if (s == CCR_OK)
+    if (s == CCR_OK && net->comm != NULL && ccr_comm_size(net->comm) > 1)
+        s = net_load_ranks(net, f, path);
+    else if (s == CCR_OK)
         s = ccr_arena_load_from(net->params, f, path);
     ccr_safetensors_free(f);
     return s;

@@ -270,6 +270,88 @@ END_TEST
  * and accuracy are global on every rank; the parameters stay equal to the
  * single process's to float rounding (replicated ones everywhere, the
  * bank's rows on their owners), and the replicas stay bit-identical. */
+/* 9 -> linear 8 -> relu -> conditional 8 (variant 0: topk E = 7, k = 2
+ * with its losses; 1: the path tree of depth 3) -> linear 3, on comm's
+ * ranks or (cm NULL) in one process. */
+static ccr_net *ep_net_build(ccr_comm *cm, size_t max_batch, int variant)
+{
+    ccr_net *net;
+    gsl_rng *g = gsl_rng_alloc(gsl_rng_mt19937);
+    gsl_rng_set(g, 3);
+    CCR_CK_OK(ctx, ccr_net_init(be, 9, max_batch, &net));
+    if (cm != NULL)
+        CCR_CK_OK(ctx, ccr_net_set_comm(net, cm));
+    CCR_CK_OK(ctx, ccr_net_add_linear(net, 8));
+    CCR_CK_OK(ctx, ccr_net_add_act(net, CCR_ACT_RELU));
+    ccr_cond_config cc = make_config(&cases[variant == 0 ? 2 : 6]);
+    if (variant == 0)
+        cc.gate_cfg.w_importance = cc.gate_cfg.w_load = 0.1;
+    cc.d_out = 8;
+    CCR_CK_OK(ctx, ccr_net_add_cond(net, &cc));
+    CCR_CK_OK(ctx, ccr_net_add_linear(net, 3));
+    CCR_CK_OK(ctx, ccr_net_finalize(net, g));
+    gsl_rng_free(g);
+    return net;
+}
+
+/* Checkpoints under a communicator: the expert-parallel network `ep` saved
+ * (collective; rank 0 writes the file one process would) loads into one
+ * process's network, whose tensors equal `one`'s to float rounding and the
+ * rows held here bit for bit, and back into an expert-parallel network bit
+ * for bit. */
+static void ep_checkpoint(ccr_net *ep, const ccr_net *one, int variant, size_t B, size_t share)
+{
+    char path[512];
+    if (ccr_comm_rank(comm) == 0)
+        snprintf(path, sizeof path, "%s", ccr_test_path("ep_net.safetensors"));
+    MPI_Bcast(path, sizeof path, MPI_CHAR, 0, MPI_COMM_WORLD);
+    CCR_CK_OK(ctx, ccr_net_save(ep, path));
+    /* A file rank 0 cannot write: the same error on every rank. */
+    int bad = (int)ccr_net_save(ep, "/nonexistent-ccr-dir/ep.safetensors"), bad0 = bad;
+    MPI_Bcast(&bad0, 1, MPI_INT, 0, MPI_COMM_WORLD);
+    ck_assert_int_ne(bad, CCR_OK);
+    ck_assert_int_eq(bad, bad0);
+    ccr_net *whole = ep_net_build(NULL, B, variant), *back = ep_net_build(comm, share, variant);
+    CCR_CK_OK(ctx, ccr_net_load(whole, path));
+    CCR_CK_OK(ctx, ccr_net_load(back, path));
+    const ccr_arena *a_ep = ccr_net_params(ep), *a_back = ccr_net_params(back);
+    const ccr_arena *a_one = ccr_net_params(one), *a_whole = ccr_net_params(whole);
+    ck_assert_uint_eq(ccr_arena_count(a_back), ccr_arena_count(a_ep));
+    for (size_t i = 0; i < ccr_arena_count(a_ep); i++) {
+        size_t n = ccr_arena_size(a_ep, i);
+        ck_assert_uint_eq(ccr_arena_size(a_back, i), n);
+        ck_assert_msg(memcmp(ccr_arena_value(a_back, i), ccr_arena_value(a_ep, i),
+                             n * sizeof(float)) == 0, "%s: not restored", ccr_arena_name(a_ep, i));
+    }
+    ck_assert_uint_eq(ccr_arena_count(a_whole), ccr_arena_count(a_one));
+    for (size_t j = 0; j < ccr_arena_count(a_one); j++) {
+        const char *name = ccr_arena_name(a_one, j);
+        ck_assert_str_eq(ccr_arena_name(a_whole, j), name);
+        ccr_test_assert_nmse(ccr_arena_value(a_whole, j), ccr_arena_value(a_one, j),
+                             ccr_arena_size(a_one, j), 1e-10, name);
+    }
+    ccr_cond *c;
+    CCR_CK_OK(ctx, ccr_net_cond(ep, 2, &c, NULL));
+    size_t held[16], n_held, n_rep, j, row;
+    CCR_CK_OK(ctx, ccr_cond_held(c, held, 16, &n_held, &n_rep));
+    for (size_t i = 0; i < ccr_arena_count(a_ep) && n_held > 0; i++) {
+        const char *name = ccr_arena_name(a_ep, i);
+        CCR_CK_OK(ctx, ccr_arena_find(a_whole, name, &j));
+        if (ccr_arena_size(a_whole, j) == ccr_arena_size(a_ep, i))
+            continue;  /* not a bank */
+        row = ccr_arena_size(a_whole, j) / ccr_arena_shape(a_whole, j)[0];
+        for (size_t k = 0; k < n_held; k++)
+            ck_assert_msg(memcmp(ccr_arena_value(a_whole, j) + held[k] * row,
+                                 ccr_arena_value(a_ep, i) + k * row, row * sizeof(float)) == 0,
+                          "%s: matrix %zu in the file differs", name, held[k]);
+    }
+    ccr_net_free(whole);
+    ccr_net_free(back);
+    MPI_Barrier(MPI_COMM_WORLD);
+    if (ccr_comm_rank(comm) == 0)
+        remove(path);
+}
+
 START_TEST(test_ep_net)
 {
     const int P = ccr_comm_size(comm), r = ccr_comm_rank(comm);
@@ -278,22 +360,7 @@ START_TEST(test_ep_net)
     ccr_net *nets[2];
     ccr_optim *opts[2];
     for (int k = 0; k < 2; k++) {
-        gsl_rng *g = gsl_rng_alloc(gsl_rng_mt19937);
-        gsl_rng_set(g, 3);
-        CCR_CK_OK(ctx, ccr_net_init(be, d, k == 0 ? B : b1 - b0, &nets[k]));
-        if (k == 1)
-            CCR_CK_OK(ctx, ccr_net_set_comm(nets[k], comm));
-        CCR_CK_OK(ctx, ccr_net_add_linear(nets[k], 8));
-        CCR_CK_OK(ctx, ccr_net_add_act(nets[k], CCR_ACT_RELU));
-        /* topk E = 7, k = 2 with its losses; the path tree of depth 3 */
-        ccr_cond_config cc = make_config(&cases[_i == 0 ? 2 : 6]);
-        if (_i == 0)
-            cc.gate_cfg.w_importance = cc.gate_cfg.w_load = 0.1;
-        cc.d_out = 8;
-        CCR_CK_OK(ctx, ccr_net_add_cond(nets[k], &cc));
-        CCR_CK_OK(ctx, ccr_net_add_linear(nets[k], classes));
-        CCR_CK_OK(ctx, ccr_net_finalize(nets[k], g));
-        gsl_rng_free(g);
+        nets[k] = ep_net_build(k == 1 ? comm : NULL, k == 0 ? B : b1 - b0, _i);
         ccr_optim_config oc = ccr_optim_defaults(CCR_OPTIM_ADAM);
         oc.lr = 1e-2f;
         CCR_CK_OK(ctx, ccr_optim_init(ccr_net_params(nets[k]), &oc, &opts[k]));
@@ -363,6 +430,7 @@ START_TEST(test_ep_net)
     ck_assert_uint_eq(e1.batch, B);
     ck_assert_uint_eq(e1.correct, e0.correct);
     ck_assert(fabs(e1.loss - e0.loss) <= 1e-6 * fabs(e0.loss));
+    ep_checkpoint(nets[1], nets[0], _i, B, b1 - b0);
     gsl_rng_free(g), gsl_rng_free(n0), gsl_rng_free(n1);
     for (int k = 0; k < 2; k++) {
         ccr_optim_free(opts[k]);

@@ -248,7 +248,13 @@ ccr_status ccr_net_eval(ccr_net *net, const float *x, const int32_t *labels, siz
  * with the architecture in __metadata__ (keys "format" = "ccr.net",
  * "ccr_version", "architecture"; the architecture string's grammar is in
  * docs/DESIGN.md, "Checkpoints"); reads them back into a network of the
- * same architecture (CCR_EFORMAT if it differs; values untouched). */
+ * same architecture (CCR_EFORMAT if it differs; values untouched).
+ * Under a communicator of several ranks (ccr_net_set_comm) both are
+ * collective with the same path everywhere: save gathers every bank to
+ * rank 0, which writes the file one process would (the banks whole, the
+ * same tensors in the same order) and whose status every rank returns;
+ * load reads that file on every rank, each keeping its rows of the banks,
+ * so a checkpoint moves between any numbers of processes. */
 ccr_status ccr_net_save(const ccr_net *net, const char *path);
 ccr_status ccr_net_load(ccr_net *net, const char *path);
 
