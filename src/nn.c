@@ -689,8 +689,9 @@ static ccr_status net_save_ranks(const ccr_net *net, const char *path, const cha
     const ccr_arena *a = net->params;
     const size_t n_t = ccr_arena_count(a), r = (size_t)ccr_comm_rank(net->comm);
     ccr_bank_full *banks = calloc(net->n + 1, sizeof *banks);
-    ccr_st_tensor *t = calloc(n_t + 4 * net->n + 1, sizeof *t);
-    char (*names)[CCR_ARENA_MAX_NAME + 16] = calloc(n_t + 4 * net->n + 1, sizeof *names);
+    const size_t n_max = n_t + 4 * net->n + 1;  /* tensors and layers: small counts */
+    ccr_st_tensor *t = calloc(n_max, sizeof *t);
+    char (*names)[CCR_ARENA_MAX_NAME + 16] = calloc(n_max, sizeof *names);
     ccr_status s = banks && t && names ? CCR_OK
                                        : CCR_FAIL_EXPR(net->ctx, CCR_ENOMEM, "checkpoint tables");
     double ok = s == CCR_OK ? 0.0 : 1.0;  /* every rank gathers, or none */
