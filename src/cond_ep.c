@@ -755,6 +755,16 @@ void ccr_condi_bank_layout(const ccr_cond *c, ccr_bank_full *b)
     }
 }
 
+/* Whether every rank may go on: *s becomes an error on every rank if it is
+ * one on any (no rank may wait in a collective the others skip). */
+static void ep_agree(ccr_cond *c, ccr_status *s, const char *what)
+{
+    double fail = *s == CCR_OK ? 0.0 : 1.0;
+    ccr_status as = ccr_comm_allreduce_sum_f64(c->comm, &fail, 1);
+    if (*s == CCR_OK && (as != CCR_OK || fail != 0.0))
+        *s = as != CCR_OK ? as : CCR_FAIL_EXPR(c->ctx, CCR_ECOMM, "another rank failed: %s", what);
+}
+
 ccr_status ccr_condi_ep_gather_bank(ccr_cond *c, ccr_bank_full *b)
 {
     ccr_condi_bank_layout(c, b);
@@ -775,6 +785,7 @@ ccr_status ccr_condi_ep_gather_bank(ccr_cond *c, ccr_bank_full *b)
     size_t *to = z, *from = z + P, *sd = z + 2 * P, *rd = z + 3 * P, *sc = z + 4 * P,
            *rc = z + 5 * P, *re = z + 6 * P;
     if (s == CCR_OK) s = ccr_cond_held(c, held, n_held, &n_held, &n_rep);
+    ep_agree(c, &s, "bank gather tables");
     for (size_t p = 0; s == CCR_OK && p < P; p++)
         to[p] = p == 0 ? n_send : 0, sd[p] = 0;
     if (s == CCR_OK) s = ccr_comm_alltoall_counts(comm, to, from);
@@ -805,6 +816,7 @@ ccr_status ccr_condi_ep_gather_bank(ccr_cond *c, ccr_bank_full *b)
             stage = b->data[0] + fl;
         }
     }
+    ep_agree(c, &s, "rank 0 holding the whole bank");
     for (size_t k = 0; s == CCR_OK && k < n_send; k++)
         ids[k] = (int32_t)held[first + k];
     if (s == CCR_OK) s = ccr_comm_alltoallv_i32(comm, ids, to, sd, rid, from, rd);
