@@ -540,6 +540,11 @@ static void bench_ranks(const opts *o, ccr_ctx *ctx, ccr_backend *be, gsl_rng *r
     ADD_D("flops_fwdbwd", f);
     ADD_D("gflops", f / t[1] * 1e-9);
     ADD_D("alltoall_bytes_fwdbwd", c[0]);
+    ADD_D("alltoall_bytes_per_step", c[0]);   /* the drivers' common names: */
+    ADD_D("allreduce_bytes_per_step", c[1]);  /* one fwd+bwd is the step here */
+    ADD_D("seconds_alltoall", c[2]);
+    ADD_D("seconds_allreduce", c[3]);
+    ADD_D("seconds_compute", t[1] - c[2] - c[3] > 0 ? t[1] - c[2] - c[3] : 0.0);
     ADD_D("allreduce_bytes_fwdbwd", c[1]);
     ADD_D("seconds_alltoall_fwdbwd", c[2]);
     ADD_D("seconds_allreduce_fwdbwd", c[3]);

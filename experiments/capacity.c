@@ -39,7 +39,10 @@
  * (ccr_cond_set_comm): each rank runs its share of every batch, the timed
  * loops run a count agreed by all ranks, and seconds per example are those
  * of the global batch.  The routing statistics are rank 0's share's; the
- * gate is not timed alone.  Rank 0 prints and writes --out (ranks = P).
+ * gate is not timed alone.  Rank 0 prints and writes --out (ranks = P, and
+ * its communication per fwd+bwd step: alltoall/allreduce_bytes_per_step,
+ * seconds_alltoall/allreduce averaged over the loop's runs, seconds_compute
+ * the fastest window's step time less those).
  */
 #define _POSIX_C_SOURCE 200809L
 #include <gsl/gsl_randist.h>
@@ -398,6 +401,9 @@ static double dense_equal_params(const ccr_cond_config *cc, double F)
 typedef struct result {
     double params, f_fwd, f_fwd_cnt, f_train, f_train_cnt, f_bwd, f_gate, f_mat;
     double t_fwd, t_train, t_zero, t_setup, dense_eq, mpe, t_gate, t_gate_train;
+    /* under mpirun: rank 0's communication per fwd+bwd step of the timed
+     * layer (bytes, and seconds averaged over every run of that loop) */
+    double a2a_bytes, ar_bytes, a2a_s, ar_s;
     size_t reps_fwd, reps_train;
     route_stats ev, tr;
 } result;
@@ -458,11 +464,20 @@ static ccr_status measure(const opts *o, const point *p, ccr_backend *be, ccr_co
         size_t j = turn++ % POOL;
         if (s == CCR_OK) s = ccr_cond_forward(c, xs + (j * B + lo) * d, b, false, rng, y, &st);
     });
+    ccr_comm_stats_reset(comm);
     TIME_LOOP(o->seconds, res->t_train, res->reps_train, {
         size_t j = turn++ % POOL;
         if (s == CCR_OK) s = ccr_cond_forward(c, xs + (j * B + lo) * d, b, true, rng, y, &st);
         if (s == CCR_OK) s = ccr_cond_backward(c, dys + (j * B + lo) * d, dx);
     });
+    if (comm != NULL) {  /* the loop ran reps + 2 steps: warm-up and calibration */
+        ccr_comm_stats cs;
+        ccr_status cg = ccr_comm_stats_get(comm, &cs);
+        s = s == CCR_OK ? cg : s;
+        double n = (double)(res->reps_train + 2);
+        res->a2a_bytes = cs.alltoall_bytes / n, res->ar_bytes = cs.allreduce_bytes / n;
+        res->a2a_s = cs.alltoall_seconds / n, res->ar_s = cs.allreduce_seconds / n;
+    }
     TIME_LOOP(o->seconds / 4, res->t_zero, reps, if (s == CCR_OK) s = ccr_arena_zero_grad(a));
     /* The gate alone (its routing, noise, losses), in both modes: the host
      * gate on host memory, so on the CPU only. */
@@ -524,6 +539,16 @@ static ccr_status record(ccr_record *r, const opts *o, const point *p, const ccr
     ADD_D("fwdbwd_seconds_per_example", x->t_train);
     ADD_D("zero_grad_seconds_per_example", x->t_zero);
     ADD_I("ranks", o->ranks);
+    if (o->ranks > 1) {
+        /* one fwd+bwd step of the layer: the fastest window's time split by
+         * the communication seconds averaged over the loop's runs */
+        double step = x->t_train * (double)o->batch;
+        ADD_D("alltoall_bytes_per_step", x->a2a_bytes);
+        ADD_D("allreduce_bytes_per_step", x->ar_bytes);
+        ADD_D("seconds_alltoall", x->a2a_s);
+        ADD_D("seconds_allreduce", x->ar_s);
+        ADD_D("seconds_compute", step - x->a2a_s - x->ar_s > 0 ? step - x->a2a_s - x->ar_s : 0.0);
+    }
     if (!o->cuda && o->ranks == 1) {
         ADD_D("gate_fwd_seconds_per_example", x->t_gate);
         ADD_D("gate_train_fwd_seconds_per_example", x->t_gate_train);

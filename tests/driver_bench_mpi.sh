@@ -30,7 +30,9 @@ import json, sys
 for f in sys.argv[1:]:
     r = json.loads(open(f).readline())
     assert r["ranks"] == 2 and r["batch"] == 64, f
-    for k in ("seconds_fwd", "seconds_fwdbwd", "seconds_step", "gflops", "alltoall_bytes_fwdbwd"):
+    for k in ("seconds_fwd", "seconds_fwdbwd", "seconds_step", "gflops", "alltoall_bytes_fwdbwd",
+              "alltoall_bytes_per_step", "seconds_alltoall"):
         assert r[k] > 0, (f, k, r[k])
+    assert r["seconds_compute"] >= 0 and r["allreduce_bytes_per_step"] >= 0
 print("driver_bench_mpi: topk and signtree on 2 processes")
 PY

@@ -2,7 +2,9 @@
 # ccr-capacity under mpirun (issue 12): on 2 processes every point's layer
 # is expert-parallel; rank 0 alone writes one record per point, with
 # ranks = 2, the same parameters and analytic FLOPs as one process, and
-# positive times (the trees with their default straight-through backward).
+# positive times (the trees with their default straight-through backward),
+# and the communication per fwd+bwd step (bytes and seconds of the
+# all-to-alls and all-reduces, positive) that one process does not report.
 # Nothing here depends on how long anything took.
 # Usage: driver_capacity_mpi.sh CCR_CAPACITY MPI_RUN
 set -eu
@@ -31,5 +33,8 @@ for a, b in zip(one, two):
     assert a["params"] == b["params"] and a["flops_fwd_analytic"] == b["flops_fwd_analytic"]
     assert b["fwd_seconds_per_example"] > 0 and b["fwdbwd_seconds_per_example"] > 0
     assert "gate_fwd_seconds_per_example" not in b
+    for k in ("alltoall_bytes_per_step", "seconds_alltoall", "seconds_allreduce"):
+        assert b[k] > 0 and k not in a, (k, b.get(k))
+    assert b["seconds_compute"] >= 0 and b["allreduce_bytes_per_step"] >= 0
 print("driver_capacity_mpi: %d points on 2 processes" % len(two))
 PY
