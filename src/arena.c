@@ -491,13 +491,16 @@ done:
     return s;
 }
 
-ccr_status ccr_arena_load_from(ccr_arena *a, const ccr_safetensors *f, const char *path)
+ccr_status ccr_arena_load_from(ccr_arena *a, const ccr_safetensors *f, const char *path,
+                               bool skip_sparse)
 {
     ccr_ctx *ctx = a->be->ctx;
     if (a->values == NULL)
         CCR_FAIL(ctx, CCR_EINVAL, "arena not finalized");
     /* Validate every tensor before writing any, so a bad file loses nothing. */
     for (size_t i = 0; i < a->n; i++) {
+        if (skip_sparse && a->t[i].row_sparse)
+            continue;
         char name[CCR_ARENA_MAX_NAME + 8];
         snprintf(name, sizeof name, "param.%s", a->t[i].name);
         const ccr_st_tensor *st = ccr_safetensors_find(f, name);
@@ -516,6 +519,8 @@ ccr_status ccr_arena_load_from(ccr_arena *a, const ccr_safetensors *f, const cha
                      name, bad);
     }
     for (size_t i = 0; i < a->n; i++) {
+        if (skip_sparse && a->t[i].row_sparse)
+            continue;
         char name[CCR_ARENA_MAX_NAME + 8];
         snprintf(name, sizeof name, "param.%s", a->t[i].name);
         const ccr_st_tensor *st = ccr_safetensors_find(f, name);
@@ -534,7 +539,7 @@ ccr_status ccr_arena_load(ccr_arena *a, const char *path)
         CCR_FAIL(a->be->ctx, CCR_EINVAL, "arena not finalized");
     ccr_safetensors *f;
     CCR_TRY(ccr_safetensors_read(a->be->ctx, path, &f));
-    ccr_status s = ccr_arena_load_from(a, f, path);
+    ccr_status s = ccr_arena_load_from(a, f, path, false);
     ccr_safetensors_free(f);
     return s;
 }

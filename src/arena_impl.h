@@ -12,8 +12,11 @@ CCR_BEGIN_DECLS
 /* The backend an arena allocates from. */
 ccr_backend *ccr_arena_backend(const ccr_arena *a);
 
-/* ccr_arena_load from a file already read (path is for messages only). */
-ccr_status ccr_arena_load_from(ccr_arena *a, const ccr_safetensors *f, const char *path);
+/* ccr_arena_load from a file already read (path is for messages only);
+ * with skip_sparse, the row-sparse tensors (banks) are neither checked nor
+ * written (an expert-parallel rank loads its rows of them itself). */
+ccr_status ccr_arena_load_from(ccr_arena *a, const ccr_safetensors *f, const char *path,
+                               bool skip_sparse);
 
 /* Host staging, for initialisers that write values through host pointers
  * (the gates' and the layers' init_params) on a device arena: copies the

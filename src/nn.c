@@ -756,37 +756,16 @@ ccr_status ccr_net_save(const ccr_net *net, const char *path)
 
 /* Under a communicator of P > 1 ranks: this rank's part of a whole
  * network's file - every replicated tensor, each bank's rows held here -
- * checked completely before anything is written. */
+ * the banks checked first, so that nothing is written from a bad file. */
 static ccr_status net_load_ranks(ccr_net *net, const ccr_safetensors *f, const char *path)
 {
-    ccr_arena *a = net->params;
-    for (int write = 0; write < 2; write++) {
-        for (size_t k = 0; k < ccr_arena_count(a); k++) {
-            if (ccr_arena_sparse_of(a, k) != NULL)
-                continue;  /* a bank: below */
-            char name[CCR_ARENA_MAX_NAME + 16];
-            snprintf(name, sizeof name, "param.%s", ccr_arena_name(a, k));
-            const ccr_st_tensor *st = ccr_safetensors_find(f, name);
-            size_t n = ccr_arena_size(a, k);
-            bool same = st != NULL && st->dtype == CCR_DTYPE_F32 &&
-                        st->rank == ccr_arena_rank(a, k);
-            for (size_t d = 0; same && d < st->rank; d++)
-                same = st->shape[d] == ccr_arena_shape(a, k)[d];
-            if (!same)
-                CCR_FAIL(net->ctx, CCR_EFORMAT, "%s: tensor '%s' %s", path, name,
-                         st == NULL ? "missing" : "has another shape or type");
-            const float *src = st->data;
-            for (size_t i = 0; !write && i < n; i++)
-                if (!isfinite(src[i]))
-                    CCR_FAIL(net->ctx, CCR_EDOM, "%s: tensor '%s': element %zu is NaN or "
-                             "infinite", path, name, i);
-            if (write)
-                CCR_TRY(ccr_arena_set(a, k, src));
-        }
-        for (size_t i = 0; i < net->n; i++)
-            if (net->layers[i].cond != NULL)
-                CCR_TRY(ccr_condi_load_bank(net->layers[i].cond, f, path, write != 0));
-    }
+    for (size_t i = 0; i < net->n; i++)
+        if (net->layers[i].cond != NULL)
+            CCR_TRY(ccr_condi_load_bank(net->layers[i].cond, f, path, false));
+    CCR_TRY(ccr_arena_load_from(net->params, f, path, true));
+    for (size_t i = 0; i < net->n; i++)
+        if (net->layers[i].cond != NULL)
+            CCR_TRY(ccr_condi_load_bank(net->layers[i].cond, f, path, true));
     return CCR_OK;
 }
 
@@ -809,7 +788,7 @@ ccr_status ccr_net_load(ccr_net *net, const char *path)
     if (s == CCR_OK && net->comm != NULL && ccr_comm_size(net->comm) > 1)
         s = net_load_ranks(net, f, path);
     else if (s == CCR_OK)
-        s = ccr_arena_load_from(net->params, f, path);
+        s = ccr_arena_load_from(net->params, f, path, false);
     ccr_safetensors_free(f);
     return s;
 }
